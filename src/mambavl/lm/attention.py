@@ -1,0 +1,48 @@
+"""Causal self-attention with grouped-query heads and a KV cache, as in Jamba's attention layers
+(no positional encoding: the Mamba layers carry position)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mambavl.lm.config import LMConfig
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LMConfig):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+
+    def new_state(self, batch: int, device=None) -> dict[str, torch.Tensor]:
+        empty = torch.zeros(batch, self.n_kv, 0, self.head_dim, dtype=torch.float32, device=device)
+        return {"k": empty, "v": empty.clone()}
+
+    def forward(self, hidden: torch.Tensor, state: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        batch, T, _ = hidden.shape
+        q = self.q_proj(hidden).view(batch, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(hidden).view(batch, T, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(hidden).view(batch, T, self.n_kv, self.head_dim).transpose(1, 2)
+        past = 0
+        if state is not None:
+            past = state["k"].shape[2]
+            k = state["k"] = torch.cat([state["k"], k.float()], dim=2)
+            v = state["v"] = torch.cat([state["v"], v.float()], dim=2)
+        # fp32 softmax(QKᵀ)V: the cache is fp32, and the reference must not depend on the weights' dtype.
+        q, k, v = q.float(), k.float(), v.float()
+        if self.n_kv != self.n_heads:
+            k = k.repeat_interleave(self.n_heads // self.n_kv, dim=1)
+            v = v.repeat_interleave(self.n_heads // self.n_kv, dim=1)
+        if past == 0:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
+        else:  # query i sits at position past + i and sees keys 0 .. past + i
+            keys = torch.arange(past + T, device=q.device)
+            mask = keys[None, :] <= (past + torch.arange(T, device=q.device))[:, None]
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = out.transpose(1, 2).reshape(batch, T, -1).to(hidden.dtype)
+        return self.o_proj(out)

@@ -1,0 +1,53 @@
+"""Feed-forward layers of the hybrid models: a SwiGLU MLP and a sparse mixture of SwiGLU experts with
+top-k routing (Jamba: softmax over all experts, the top-k weights used as they are, not renormalised)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mambavl.lm.config import LMConfig
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: LMConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.d_model, cfg.d_ffn, bias=False)
+        self.up_proj = nn.Linear(cfg.d_model, cfg.d_ffn, bias=False)
+        self.down_proj = nn.Linear(cfg.d_ffn, cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MoE(nn.Module):
+    """Experts stored stacked: gate_up_proj [E, 2F, H] (gate rows first), down_proj [E, H, F]."""
+
+    def __init__(self, cfg: LMConfig):
+        super().__init__()
+        self.n_experts, self.top_k = cfg.n_experts, cfg.top_k
+        self.router = nn.Linear(cfg.d_model, cfg.n_experts, bias=False)
+        self.gate_up_proj = nn.Parameter(torch.empty(cfg.n_experts, 2 * cfg.d_ffn, cfg.d_model))
+        self.down_proj = nn.Parameter(torch.empty(cfg.n_experts, cfg.d_model, cfg.d_ffn))
+        nn.init.normal_(self.gate_up_proj, std=0.02)
+        nn.init.normal_(self.down_proj, std=0.02)
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k expert indices and their (softmax over all experts) weights per token."""
+        probs = torch.softmax(self.router(x).float(), dim=-1)
+        weights, experts = torch.topk(probs, self.top_k, dim=-1)
+        return weights.to(x.dtype), experts
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        weights, experts = self.route(x)
+        out = torch.zeros_like(x)
+        # Each expert runs once on exactly the tokens routed to it: no capacity limit, nothing dropped.
+        for e in experts.unique().tolist():
+            token, slot = torch.where(experts == e)
+            gate, up = F.linear(x[token], self.gate_up_proj[e]).chunk(2, dim=-1)
+            y = F.linear(F.silu(gate) * up, self.down_proj[e]) * weights[token, slot, None]
+            out.index_add_(0, token, y.to(out.dtype))
+        return out.view(shape)

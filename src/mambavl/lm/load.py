@@ -1,0 +1,71 @@
+"""`load_lm`: a language model from a directory or hub id, in any layout mambavl reads, with every
+key and shape checked before a single weight is used — nothing half-loads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from mambavl.checkpoints.files import CheckpointError, read_json, read_state_dict, resolve_model_dir
+from mambavl.checkpoints.lm_layouts import lm_config_from_json, rename_keys, stack_experts
+from mambavl.lm.model import LanguageModel
+
+
+def load_lm(path_or_hub_id: str | Path, dtype: torch.dtype | None = None, device=None) -> LanguageModel:
+    """Load a Mamba-1 / FalconMamba / Mamba-2 / Jamba language model.
+
+    `path_or_hub_id`: a directory with config.json and weights (HF or mamba_ssm layout) or a hub id,
+    looked up in the local Hugging Face cache first. `dtype=None` keeps the checkpoint's dtype (that of
+    its embedding); `device=None` means CPU.
+    """
+    directory = resolve_model_dir(path_or_hub_id)
+    config_path = directory / "config.json"
+    config, layout = lm_config_from_json(read_json(config_path), config_path)
+    raw, origin = read_state_dict(directory)
+
+    names = rename_keys(raw, layout)
+    source = {names[k]: f"{origin[k].name}:{k}" for k in raw}  # our key -> "file:original key"
+    sd = {names[k]: v for k, v in raw.items()}
+    if layout == "jamba":
+        sd = stack_experts(sd, config.n_experts, str(directory))
+    if config.tie_embeddings:
+        sd.pop("lm_head.weight", None)  # mamba_ssm saves the tied head; it is the embedding
+
+    with torch.device("meta"):
+        model = LanguageModel(config)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    if config.tie_embeddings:
+        expected.pop("lm_head.weight")
+    _check(sd, expected, source, directory, config_path)
+
+    if dtype is None:
+        dtype = sd["embedding.weight"].dtype
+    model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=False, assign=True)
+    if config.tie_embeddings:
+        model.lm_head.weight = model.embedding.weight
+    return model.to(device=device or "cpu").eval()
+
+
+def _check(sd: dict, expected: dict, source: dict, directory: Path, config_path: Path) -> None:
+    problems = []
+    if missing := [k for k in expected if k not in sd]:
+        listed = ", ".join(f"{k} {tuple(expected[k])}" for k in missing[:8])
+        problems.append(f"{len(missing)} weight(s) missing: {listed}{' ...' if len(missing) > 8 else ''}")
+    if unexpected := [k for k in sd if k not in expected]:
+        listed = ", ".join(source.get(k, k) for k in unexpected[:8])
+        problems.append(
+            f"{len(unexpected)} weight(s) the config has no place for: {listed}"
+            f"{' ...' if len(unexpected) > 8 else ''}"
+        )
+    for k, shape in expected.items():
+        if k in sd and sd[k].shape != shape:
+            problems.append(
+                f"{source.get(k, k)} has shape {tuple(sd[k].shape)}, the config expects {tuple(shape)}"
+            )
+    if problems:
+        raise CheckpointError(
+            f"{directory}: the weights do not match {config_path.name}:\n  - "
+            + "\n  - ".join(problems)
+            + "\nCheck that config.json belongs to these weights (layers, sizes, vocab, tied head)."
+        )

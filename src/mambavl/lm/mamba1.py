@@ -1,0 +1,80 @@
+"""The Mamba-1 mixer (mamba_ssm `Mamba`, HF `MambaMixer`), with the optional RMSNorms on dt, B and C
+that FalconMamba (weight-free) and Jamba (with weights) add. One `forward` serves prefill and decode."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mambavl import ops
+from mambavl.lm.config import LMConfig
+from mambavl.lm.norm import RMSNorm
+
+
+class Mamba1Mixer(nn.Module):
+    def __init__(self, cfg: LMConfig):
+        super().__init__()
+        d, n, r = cfg.d_inner, cfg.d_state, cfg.dt_rank
+        self.d_inner, self.d_state, self.dt_rank, self.d_conv = d, n, r, cfg.d_conv
+        self.in_proj = nn.Linear(cfg.d_model, 2 * d, bias=cfg.proj_bias)
+        self.conv1d = nn.Conv1d(d, d, cfg.d_conv, groups=d, bias=cfg.conv_bias, padding=cfg.d_conv - 1)
+        self.x_proj = nn.Linear(d, r + 2 * n, bias=False)
+        self.dt_proj = nn.Linear(r, d, bias=True)
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, n + 1, dtype=torch.float32)).repeat(d, 1))
+        self.D = nn.Parameter(torch.ones(d))
+        self.out_proj = nn.Linear(d, cfg.d_model, bias=cfg.proj_bias)
+        if cfg.bcdt_norm is not None:
+            weighted = cfg.bcdt_norm == "weighted"
+            self.dt_layernorm = RMSNorm(r, cfg.bcdt_eps, weight=weighted)
+            self.b_layernorm = RMSNorm(n, cfg.bcdt_eps, weight=weighted)
+            self.c_layernorm = RMSNorm(n, cfg.bcdt_eps, weight=weighted)
+        self.bcdt_norm = cfg.bcdt_norm is not None
+
+    def new_state(self, batch: int, device=None) -> dict[str, torch.Tensor]:
+        f32 = dict(dtype=torch.float32, device=device)
+        return {
+            "conv": torch.zeros(batch, self.d_inner, self.d_conv, **f32),
+            "ssm": torch.zeros(batch, self.d_inner, self.d_state, **f32),
+        }
+
+    def forward(self, hidden: torch.Tensor, state: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        T = hidden.shape[1]
+        x, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)  # [B, D, T] each
+        x = conv_step(x, self.conv1d, state)
+
+        dt, B, C = self.x_proj(x.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        if self.bcdt_norm:
+            dt, B, C = self.dt_layernorm(dt), self.b_layernorm(B), self.c_layernorm(C)
+        dt = (dt @ self.dt_proj.weight.T).transpose(1, 2)  # bias added inside the scan, in fp32
+        A = -torch.exp(self.A_log.float())
+        kw = dict(D=self.D, delta_bias=self.dt_proj.bias, delta_softplus=True)
+        if state is None:
+            y = ops.selective_scan(x, dt, A, B.transpose(1, 2), C.transpose(1, 2), z=z, **kw)
+        elif T == 1:
+            y = ops.selective_state_update(
+                state["ssm"], x[..., 0], dt[..., 0], A, B[:, 0], C[:, 0], self.D, z=z[..., 0],
+                dt_bias=self.dt_proj.bias, dt_softplus=True,
+            )[..., None]
+        else:
+            y, last = ops.selective_scan(
+                x, dt, A, B.transpose(1, 2), C.transpose(1, 2), z=z, return_last_state=True,
+                initial_state=state["ssm"], **kw,
+            )
+            state["ssm"].copy_(last)
+        return self.out_proj(y.transpose(1, 2))
+
+
+def conv_step(x: torch.Tensor, conv: nn.Conv1d, state: dict[str, torch.Tensor] | None) -> torch.Tensor:
+    """Causal depthwise conv + silu over x [B, C, T], continuing from and advancing state["conv"]."""
+    weight = conv.weight[:, 0]
+    if state is None:
+        return ops.causal_conv1d_fn(x, weight, conv.bias, activation="silu")
+    if x.shape[-1] == 1:
+        return ops.causal_conv1d_update(x, state["conv"], weight, conv.bias, activation="silu")
+    window = state["conv"]
+    y = ops.causal_conv1d_fn(
+        x, weight, conv.bias, initial_states=window[:, :, window.shape[-1] - (weight.shape[-1] - 1) :],
+        activation="silu",
+    )
+    window.copy_(torch.cat([window, x.float()], dim=-1)[:, :, -window.shape[-1] :])
+    return y

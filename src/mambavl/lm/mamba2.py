@@ -1,0 +1,76 @@
+"""The Mamba-2 mixer (mamba_ssm `Mamba2`, HF `Mamba2Mixer`): SSD over heads and groups, then a gated,
+grouped RMSNorm. One `forward` serves prefill (chunked scan) and decode (state update)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mambavl import ops
+from mambavl.lm.config import LMConfig
+from mambavl.lm.mamba1 import conv_step
+from mambavl.lm.norm import GatedRMSNorm
+
+
+class Mamba2Mixer(nn.Module):
+    def __init__(self, cfg: LMConfig):
+        super().__init__()
+        d, n, g, h = cfg.d_inner, cfg.d_state, cfg.ngroups, cfg.nheads
+        self.d_inner, self.d_state, self.ngroups, self.nheads, self.headdim = d, n, g, h, cfg.headdim
+        self.d_conv, self.chunk_size, self.dt_limit = cfg.d_conv, cfg.chunk_size, cfg.dt_limit
+        self.conv_dim = d + 2 * g * n
+        self.in_proj = nn.Linear(cfg.d_model, d + self.conv_dim + h, bias=cfg.proj_bias)
+        self.conv1d = nn.Conv1d(
+            self.conv_dim, self.conv_dim, cfg.d_conv, groups=self.conv_dim, bias=cfg.conv_bias,
+            padding=cfg.d_conv - 1,
+        )
+        self.dt_bias = nn.Parameter(torch.zeros(h))
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, h + 1, dtype=torch.float32)))
+        self.D = nn.Parameter(torch.ones(d if cfg.d_has_hdim else h))
+        self.norm = (
+            GatedRMSNorm(d, d // g, cfg.gated_norm_eps, cfg.norm_before_gate) if cfg.gated_norm else None
+        )
+        self.out_proj = nn.Linear(d, cfg.d_model, bias=cfg.proj_bias)
+
+    def new_state(self, batch: int, device=None) -> dict[str, torch.Tensor]:
+        f32 = dict(dtype=torch.float32, device=device)
+        return {
+            "conv": torch.zeros(batch, self.conv_dim, self.d_conv, **f32),
+            "ssm": torch.zeros(batch, self.nheads, self.headdim, self.d_state, **f32),
+        }
+
+    def forward(self, hidden: torch.Tensor, state: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        batch, T, _ = hidden.shape
+        h, p, g, n = self.nheads, self.headdim, self.ngroups, self.d_state
+        z, xBC, dt = self.in_proj(hidden).split([self.d_inner, self.conv_dim, h], dim=-1)
+        xBC = conv_step(xBC.transpose(1, 2), self.conv1d, state).transpose(1, 2)
+        x, B, C = xBC.split([self.d_inner, g * n, g * n], dim=-1)
+        A = -torch.exp(self.A_log.float())
+        D = self.D.view(h, p) if self.D.numel() == self.d_inner else self.D
+        # Without the gated norm, mamba_ssm gates inside the scan instead.
+        z_scan = None if self.norm is not None else z
+        if state is not None and T == 1:
+            y = ops.selective_state_update(
+                state["ssm"], x.view(batch, h, p), dt[:, 0, :, None].expand(batch, h, p),
+                A[:, None, None].expand(h, p, n), B.view(batch, g, n), C.view(batch, g, n),
+                D if D.dim() == 2 else D[:, None].expand(h, p),
+                z=None if z_scan is None else z_scan.view(batch, h, p),
+                dt_bias=self.dt_bias[:, None].expand(h, p), dt_softplus=True, dt_limit=self.dt_limit,
+            )
+        else:
+            out = ops.mamba_chunk_scan_combined(
+                x.view(batch, T, h, p), dt, A, B.view(batch, T, g, n), C.view(batch, T, g, n),
+                self.chunk_size, D=D, z=None if z_scan is None else z_scan.view(batch, T, h, p),
+                dt_bias=self.dt_bias, dt_softplus=True, dt_limit=self.dt_limit,
+                initial_states=None if state is None else state["ssm"],
+                return_final_states=state is not None,
+            )
+            if state is not None:
+                y, final = out
+                state["ssm"].copy_(final)
+            else:
+                y = out
+        y = y.reshape(batch, T, self.d_inner)
+        if self.norm is not None:
+            y = self.norm(y, z)
+        return self.out_proj(y)

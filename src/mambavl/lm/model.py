@@ -1,0 +1,124 @@
+"""A language model as a stack of pre-norm residual blocks: embedding → [norm → mixer (+ norm → ffn)]×N
+→ final norm → head. The mixer of a layer is Mamba-1, Mamba-2 or attention, chosen by the config.
+
+`lm(input_ids | inputs_embeds, state)` is the one call for training, prefill and decode: with a
+state it continues from it and advances it, for any number of new tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mambavl.lm.attention import Attention
+from mambavl.lm.config import LMConfig
+from mambavl.lm.ffn import MLP, MoE
+from mambavl.lm.mamba1 import Mamba1Mixer
+from mambavl.lm.mamba2 import Mamba2Mixer
+from mambavl.lm.norm import RMSNorm
+from mambavl.lm.state import LMState
+
+MIXER_CLASSES = {"mamba1": Mamba1Mixer, "mamba2": Mamba2Mixer, "attention": Attention}
+FFN_CLASSES = {"mlp": MLP, "moe": MoE}
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: LMConfig, mixer: str, ffn: str):
+        super().__init__()
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mixer = MIXER_CLASSES[mixer](cfg)
+        if ffn != "none":
+            self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+            self.ffn = FFN_CLASSES[ffn](cfg)
+        else:
+            self.ffn = None
+
+    def forward(self, residual: torch.Tensor, state: dict | None, dtype: torch.dtype) -> torch.Tensor:
+        # The norm reads the residual stream at full precision (as mamba_ssm's fused add+norm does).
+        residual = residual + self.mixer(self.norm(residual).to(dtype), state)
+        if self.ffn is not None:
+            residual = residual + self.ffn(self.ffn_norm(residual).to(dtype))
+        return residual
+
+
+class LanguageModel(nn.Module):
+    def __init__(self, config: LMConfig):
+        super().__init__()
+        self.config = config
+        self.embedding = nn.Embedding(config.vocab_size, config.d_model)
+        self.layers = nn.ModuleList(
+            Block(config, m, f) for m, f in zip(config.mixers, config.ffns, strict=True)
+        )
+        self.norm_f = RMSNorm(config.d_model, config.norm_eps)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embedding.weight
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embedding.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embedding.weight.device
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())  # parameters() counts a tied head once
+
+    def new_state(self, batch_size: int, device=None) -> LMState:
+        """A zero state for `batch_size` new sequences (fp32; on the model's device by default)."""
+        device = self.device if device is None else device
+        return LMState([layer.mixer.new_state(batch_size, device) for layer in self.layers])
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        vocab = self.config.vocab_size
+        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab):
+            raise ValueError(
+                f"input_ids hold values in [{int(input_ids.min())}, {int(input_ids.max())}] but the "
+                f"vocabulary has {vocab} entries: use this model's tokenizer"
+            )
+        return self.embedding(input_ids)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        state: LMState | None = None,
+        return_hidden: bool = False,
+    ) -> torch.Tensor:
+        """Logits [B, T, vocab] (or the final hidden states [B, T, d_model] with `return_hidden`)."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids [B, T] or inputs_embeds [B, T, d_model]")
+        if input_ids is not None:
+            if input_ids.dim() != 2:
+                raise ValueError(f"input_ids must be [batch, tokens], got shape {tuple(input_ids.shape)}")
+            hidden = self.embed(input_ids)
+        else:
+            if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.d_model:
+                raise ValueError(
+                    f"inputs_embeds must be [batch, tokens, {self.config.d_model}], "
+                    f"got shape {tuple(inputs_embeds.shape)}"
+                )
+            hidden = inputs_embeds.to(self.dtype)
+        if state is not None:
+            self._check_state(state, hidden.shape[0])
+        dtype = self.dtype
+        residual = hidden.float() if self.config.residual_in_fp32 else hidden
+        for i, layer in enumerate(self.layers):
+            residual = layer(residual, None if state is None else state.layers[i], dtype)
+        if state is not None:
+            state.seqlen += hidden.shape[1]
+        hidden = self.norm_f(residual).to(dtype)
+        return hidden if return_hidden else self.lm_head(hidden)
+
+    def _check_state(self, state: LMState, batch: int) -> None:
+        if len(state.layers) != len(self.layers):
+            raise ValueError(
+                f"state has {len(state.layers)} layers, the model {len(self.layers)}: "
+                "make it with this model's new_state()"
+            )
+        if state.batch_size != batch:
+            raise ValueError(
+                f"state holds {state.batch_size} sequences but the input has {batch}: "
+                "make it with new_state(batch_size) or select() its rows"
+            )

@@ -1,0 +1,49 @@
+"""The recurrent state of a language model: fixed size per sequence for Mamba layers (conv window and
+SSM state), a growing KV cache for attention layers. Always fp32, whatever the weights' dtype."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class LMState:
+    """Per-layer tensors, each with the batch as its first dimension.
+
+    Mamba layers: {"conv": [B, C, d_conv], "ssm": [B, D, N] (Mamba-1) or [B, H, P, N] (Mamba-2)}.
+    Attention layers: {"k": [B, KV, T, Dh], "v": [B, KV, T, Dh]}.
+    `seqlen` counts the tokens consumed so far.
+    """
+
+    layers: list[dict[str, torch.Tensor]]
+    seqlen: int = 0
+
+    @property
+    def batch_size(self) -> int:
+        for layer in self.layers:
+            for t in layer.values():
+                return t.shape[0]
+        return 0
+
+    def map(self, fn) -> LMState:
+        return LMState([{k: fn(t) for k, t in layer.items()} for layer in self.layers], self.seqlen)
+
+    def clone(self) -> LMState:
+        """An independent copy: a snapshot to resume from later (e.g. after a shared prefix)."""
+        return self.map(torch.clone)
+
+    def select(self, index: torch.Tensor | list[int] | slice) -> LMState:
+        """The state of some rows of the batch, as a new state."""
+        if isinstance(index, slice):
+            return self.map(lambda t: t[index].clone())
+        idx = torch.as_tensor(index, dtype=torch.long)
+        return self.map(lambda t: t.index_select(0, idx.to(t.device)))
+
+    def to(self, device) -> LMState:
+        return self.map(lambda t: t.to(device))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for layer in self.layers for t in layer.values())
