@@ -1,0 +1,20 @@
+"""Test set-up: no network, ever (the hub is switched off before anything imports it), and seeded RNGs."""
+
+import os
+import tempfile
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+# An empty private cache, so that nothing a developer has downloaded can make a test pass.
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="mambavl-test-hf-")
+os.environ.pop("HF_HUB_CACHE", None)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield

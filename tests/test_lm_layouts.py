@@ -1,0 +1,144 @@
+"""Weights written in the other layouts users have on disk load to the same logits: mamba_ssm's original
+layout (Cobra's and ML-Mamba's LMs), sharded safetensors, pytorch_model.bin, and the HF cache."""
+
+import json
+from pathlib import Path
+
+import pytest
+import refmodels
+import torch
+
+from mambavl.lm import load_lm
+
+
+def write_mamba_ssm(ref, directory: Path, config: dict) -> Path:
+    """The layout of mamba_ssm's `MambaLMHeadModel.save_pretrained`: config.json without model_type,
+    pytorch_model.bin with `backbone.embedding.weight` and the tied `lm_head.weight` both present."""
+    directory.mkdir(parents=True, exist_ok=True)
+    sd = {k.replace("backbone.embeddings.", "backbone.embedding."): v for k, v in ref.state_dict().items()}
+    sd["lm_head.weight"] = sd["backbone.embedding.weight"]
+    torch.save(sd, directory / "pytorch_model.bin")
+    (directory / "config.json").write_text(json.dumps(config))
+    return directory
+
+
+def mamba_ssm_config(d_model, n_layer, vocab, multiple, ssm_cfg):
+    return {
+        "d_model": d_model, "d_intermediate": 0, "n_layer": n_layer, "vocab_size": vocab, "ssm_cfg": ssm_cfg,
+        "attn_layer_idx": [], "attn_cfg": {}, "rms_norm": True, "residual_in_fp32": True,
+        "fused_add_norm": True, "pad_vocab_size_multiple": multiple, "tie_embeddings": True,
+    }
+
+
+@torch.no_grad()
+def test_mamba1_original_layout(tmp_path):
+    # vocab 101 padded to a multiple of 8 = 104 rows, as mamba_ssm does for 50277 -> 50280
+    ref = refmodels.perturb(
+        refmodels.tf.MambaForCausalLM(
+            refmodels.tf.MambaConfig(vocab_size=104, hidden_size=32, state_size=16, num_hidden_layers=2)
+        )
+    )
+    path = write_mamba_ssm(ref, tmp_path / "m1", mamba_ssm_config(32, 2, 101, 8, {}))
+    lm = load_lm(path)
+    assert lm.config.vocab_size == 104 and lm.config.family == "mamba"
+    ids = torch.randint(0, 101, (2, 29))
+    assert (lm(ids) - ref(ids).logits).abs().max() <= 1e-4
+
+
+@torch.no_grad()
+def test_mamba2_original_layout(tmp_path):
+    ref = refmodels.perturb(
+        refmodels.tf.Mamba2ForCausalLM(
+            refmodels.tf.Mamba2Config(
+                vocab_size=112, hidden_size=32, state_size=8, num_hidden_layers=2, num_heads=8, head_dim=8,
+                n_groups=1, chunk_size=16, tie_word_embeddings=True,
+            )
+        )
+    )
+    ssm_cfg = {"layer": "Mamba2", "d_state": 8, "headdim": 8, "chunk_size": 16, "ngroups": 1}
+    path = write_mamba_ssm(ref, tmp_path / "m2", mamba_ssm_config(32, 2, 101, 16, ssm_cfg))
+    lm = load_lm(path)
+    assert lm.config.vocab_size == 112 and lm.config.mixers == ("mamba2", "mamba2")
+    ids = torch.randint(0, 101, (1, 40))
+    assert (lm(ids) - ref(ids).logits).abs().max() <= 1e-4
+
+
+def test_mamba_ssm_features_we_do_not_implement_are_refused(tmp_path):
+    ref = refmodels.make("mamba-tied-bias-rank5")
+    cfg = mamba_ssm_config(48, 3, 64, 8, {})
+    cfg["attn_layer_idx"] = [1]
+    path = write_mamba_ssm(ref, tmp_path / "attn", cfg)
+    with pytest.raises(ValueError, match="attn_layer_idx"):
+        load_lm(path)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", ["jamba-attn-moe-gqa", "mamba2-groups2-untied"])
+def test_sharded_safetensors_and_bin(tmp_path, name):
+    ref = refmodels.make(name)
+    ids = torch.randint(0, 75, (1, 21))
+    want = ref(ids).logits
+    sharded = refmodels.save(ref, tmp_path / "sharded", max_shard_size="20KB")
+    assert (Path(sharded) / "model.safetensors.index.json").is_file()
+    assert (load_lm(sharded)(ids) - want).abs().max() <= 1e-4
+    # a single pytorch_model.bin, as older checkpoints ship
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "config.json").write_text((Path(sharded) / "config.json").read_text())
+    torch.save(load_sd(Path(sharded)), bindir / "pytorch_model.bin")
+    assert (load_lm(bindir)(ids) - want).abs().max() <= 1e-4
+
+
+def load_sd(directory: Path) -> dict:
+    from safetensors.torch import load_file
+
+    sd = {}
+    for f in sorted(directory.glob("*.safetensors")):
+        sd.update(load_file(f))
+    return sd
+
+
+@torch.no_grad()
+def test_jamba_fused_expert_keys(tmp_path):
+    """transformers >= 5 keeps experts stacked in memory; such a state dict loads too."""
+    ref = refmodels.make("jamba-attn-moe-gqa")
+    path = Path(refmodels.save(ref, tmp_path / "j"))
+    sd = load_sd(path)
+    for i in (1, 3):
+        p = f"model.layers.{i}.feed_forward.experts"
+        gate_up = [torch.cat([sd.pop(f"{p}.{e}.gate_proj.weight"), sd.pop(f"{p}.{e}.up_proj.weight")]) for e in range(4)]
+        sd[f"{p}.gate_up_proj"] = torch.stack(gate_up)
+        sd[f"{p}.down_proj"] = torch.stack([sd.pop(f"{p}.{e}.down_proj.weight") for e in range(4)])
+    for f in path.glob("*.safetensors"):
+        f.unlink()
+    from safetensors.torch import save_file
+
+    save_file(sd, path / "model.safetensors")
+    ids = torch.randint(0, 101, (2, 15))
+    assert (load_lm(path)(ids) - ref(ids).logits).abs().max() <= 1e-4
+
+
+@torch.no_grad()
+def test_hub_id_is_resolved_from_the_local_cache(tmp_path, monkeypatch):
+    """A hub id already in the HF cache loads offline (the cache is looked at before the network)."""
+    import huggingface_hub.constants as hub_constants
+
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--acme--tiny-mamba" / "snapshots" / ("0" * 40)
+    ref = refmodels.make("mamba-untied-conv3-vocab101")
+    refmodels.save(ref, snapshot)
+    (cache / "models--acme--tiny-mamba" / "refs").mkdir()
+    (cache / "models--acme--tiny-mamba" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache))
+    lm = load_lm("acme/tiny-mamba")
+    ids = torch.randint(0, 101, (1, 9))
+    assert (lm(ids) - ref(ids).logits).abs().max() <= 1e-4
+
+
+@torch.no_grad()
+def test_dtype_and_device_arguments(tmp_path):
+    path = refmodels.save(refmodels.make("mamba2-groups2-untied"), tmp_path / "m")
+    lm = load_lm(path, dtype=torch.bfloat16, device="cpu")
+    assert lm.dtype == torch.bfloat16 and all(p.dtype == torch.bfloat16 for p in lm.parameters())
+    assert not any(p.is_meta for p in lm.parameters())
+    assert load_lm(path).dtype == torch.float32  # None keeps the checkpoint's dtype

@@ -1,0 +1,64 @@
+"""The recurrent state as serving will use it: rows of a batch are independent, a snapshot taken after a
+shared prefix and reused equals recomputing, and selected rows carry on as if run alone."""
+
+import pytest
+import refmodels
+import torch
+
+from mambavl.lm import LMConfig, LanguageModel, load_lm
+
+
+@pytest.fixture(scope="module", params=["mamba-tied-bias-rank5", "mamba2-groups2-untied", "jamba-attn-moe-gqa"])
+def lm(request, tmp_path_factory):
+    return load_lm(refmodels.save(refmodels.make(request.param), tmp_path_factory.mktemp("m")))
+
+
+@torch.no_grad()
+def test_rows_are_independent(lm):
+    ids = torch.randint(0, 60, (3, 19))
+    batched = lm(ids)
+    for b in range(3):
+        torch.testing.assert_close(batched[b : b + 1], lm(ids[b : b + 1]), atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_snapshot_after_shared_prefix_equals_recomputing(lm):
+    prefix, a, b = torch.randint(0, 60, (1, 13)), torch.randint(0, 60, (1, 6)), torch.randint(0, 60, (1, 9))
+    state = lm.new_state(1)
+    lm(prefix, state=state)
+    snapshot = state.clone()
+    out_a = lm(a, state=state)
+    out_b = lm(b, state=snapshot.clone())  # the snapshot itself was not advanced by the first use
+    torch.testing.assert_close(out_a, lm(torch.cat([prefix, a], 1))[:, 13:], atol=1e-5, rtol=0)
+    torch.testing.assert_close(out_b, lm(torch.cat([prefix, b], 1))[:, 13:], atol=1e-5, rtol=0)
+    assert snapshot.seqlen == 13 and state.seqlen == 19
+
+
+@torch.no_grad()
+def test_selected_rows_continue_alone(lm):
+    ids = torch.randint(0, 60, (4, 11))
+    nxt = torch.randint(0, 60, (2, 5))
+    state = lm.new_state(4)
+    lm(ids, state=state)
+    sub = state.select([3, 1])
+    assert sub.batch_size == 2
+    got = lm(nxt, state=sub)
+    want = lm(torch.cat([ids[[3, 1]], nxt], 1))[:, 11:]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_state_size_does_not_grow_for_mamba():
+    cfg = LMConfig(family="mamba", d_model=16, n_layer=2, vocab_size=32, d_state=4)
+    lm = LanguageModel(cfg).eval()
+    state = lm.new_state(1)
+    before = state.nbytes
+    with torch.no_grad():
+        lm(torch.randint(0, 32, (1, 300)), state=state)
+    assert state.nbytes == before == 2 * (32 * 4 + 32 * 4) * 4  # conv [32, 4] + ssm [32, 4], fp32, 2 layers
+
+
+def test_config_validation_names_the_problem():
+    with pytest.raises(ValueError, match="not a multiple of headdim"):
+        LMConfig(family="mamba2", d_model=20, n_layer=1, vocab_size=8, default_mixer="mamba2", headdim=16)
+    with pytest.raises(ValueError, match="n_kv_heads"):
+        LMConfig(family="jamba", d_model=16, n_layer=1, vocab_size=8, mixers=("attention",), n_heads=4, n_kv_heads=3)
