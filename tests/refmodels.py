@@ -13,47 +13,95 @@ import transformers as tf
 CASES = {
     "mamba-untied-conv3-vocab101": lambda: tf.MambaForCausalLM(
         tf.MambaConfig(
-            vocab_size=101, hidden_size=32, state_size=8, num_hidden_layers=2, conv_kernel=3,
+            vocab_size=101,
+            hidden_size=32,
+            state_size=8,
+            num_hidden_layers=2,
+            conv_kernel=3,
             tie_word_embeddings=False,
         )
     ),
     "mamba-tied-bias-rank5": lambda: tf.MambaForCausalLM(
         tf.MambaConfig(
-            vocab_size=64, hidden_size=48, state_size=16, num_hidden_layers=3, time_step_rank=5,
-            use_bias=True, use_conv_bias=False,
+            vocab_size=64,
+            hidden_size=48,
+            state_size=16,
+            num_hidden_layers=3,
+            time_step_rank=5,
+            use_bias=True,
+            use_conv_bias=False,
         )
     ),
     "falcon_mamba-conv5-vocab99": lambda: tf.FalconMambaForCausalLM(
         tf.FalconMambaConfig(
-            vocab_size=99, hidden_size=32, state_size=8, num_hidden_layers=2, conv_kernel=5,
+            vocab_size=99,
+            hidden_size=32,
+            state_size=8,
+            num_hidden_layers=2,
+            conv_kernel=5,
             tie_word_embeddings=False,
         )
     ),
     "mamba2-groups2-untied": lambda: tf.Mamba2ForCausalLM(
         tf.Mamba2Config(
-            vocab_size=101, hidden_size=32, state_size=8, num_hidden_layers=2, num_heads=8, head_dim=8,
-            n_groups=2, chunk_size=16,
+            vocab_size=101,
+            hidden_size=32,
+            state_size=8,
+            num_hidden_layers=2,
+            num_heads=8,
+            head_dim=8,
+            n_groups=2,
+            chunk_size=16,
         )
     ),
     "mamba2-groups4-conv2-tied": lambda: tf.Mamba2ForCausalLM(
         tf.Mamba2Config(
-            vocab_size=75, hidden_size=32, state_size=16, num_hidden_layers=2, num_heads=16, head_dim=4,
-            n_groups=4, chunk_size=8, conv_kernel=2, tie_word_embeddings=True,
+            vocab_size=75,
+            hidden_size=32,
+            state_size=16,
+            num_hidden_layers=2,
+            num_heads=16,
+            head_dim=4,
+            n_groups=4,
+            chunk_size=8,
+            conv_kernel=2,
+            tie_word_embeddings=True,
         )
     ),
     "jamba-attn-moe-gqa": lambda: tf.JambaForCausalLM(
         tf.JambaConfig(
-            vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
-            num_key_value_heads=2, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2,
-            expert_layer_offset=1, num_experts=4, num_experts_per_tok=2, mamba_d_state=8, mamba_dt_rank=4,
-            mamba_expand=2, mamba_d_conv=3,
+            vocab_size=101,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            attn_layer_period=2,
+            attn_layer_offset=1,
+            expert_layer_period=2,
+            expert_layer_offset=1,
+            num_experts=4,
+            num_experts_per_tok=2,
+            mamba_d_state=8,
+            mamba_dt_rank=4,
+            mamba_expand=2,
+            mamba_d_conv=3,
         )
     ),
     "jamba-dense-mha-tied": lambda: tf.JambaForCausalLM(
         tf.JambaConfig(
-            vocab_size=90, hidden_size=32, intermediate_size=40, num_hidden_layers=3, num_attention_heads=2,
-            num_key_value_heads=2, attn_layer_period=3, attn_layer_offset=0, num_experts=1,
-            mamba_d_state=4, mamba_expand=2, tie_word_embeddings=True,
+            vocab_size=90,
+            hidden_size=32,
+            intermediate_size=40,
+            num_hidden_layers=3,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            attn_layer_period=3,
+            attn_layer_offset=0,
+            num_experts=1,
+            mamba_d_state=4,
+            mamba_expand=2,
+            tie_word_embeddings=True,
         )
     ),
 }

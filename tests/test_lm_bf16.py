@@ -4,9 +4,9 @@ follows the bf16 full forward."""
 import copy
 
 import pytest
-import refmodels
 import torch
 
+import refmodels
 from mambavl.lm import load_lm
 
 
@@ -28,7 +28,10 @@ def test_bf16_long_sequence_close_to_fp32(tmp_path, name, max_err):
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
     err = (out.float() - ref).abs()
     scale = ref.abs().max()
-    print(f"{name}: bf16 vs fp32 over 2048 tokens: max {err.max() / scale:.2e}, mean {err.mean() / scale:.2e} of max|logit|")
+    print(
+        f"{name}: bf16 vs fp32 over 2048 tokens, relative to max|logit|: "
+        f"max {err.max() / scale:.2e}, mean {err.mean() / scale:.2e}"
+    )
     assert err.max() <= max_err * scale and err.mean() <= 0.005 * scale
     # the next-token choice agrees almost everywhere
     agree = (out.float().argmax(-1) == ref.argmax(-1)).float().mean()
@@ -36,6 +39,8 @@ def test_bf16_long_sequence_close_to_fp32(tmp_path, name, max_err):
 
     # decoding in bf16 continues the bf16 forward: prefill 2000 tokens, then 48 single steps
     state = lm16.new_state(1)
-    parts = [lm16(ids[:, :2000], state=state)] + [lm16(ids[:, t : t + 1], state=state) for t in range(2000, 2048)]
+    parts = [lm16(ids[:, :2000], state=state)] + [
+        lm16(ids[:, t : t + 1], state=state) for t in range(2000, 2048)
+    ]
     step_err = (torch.cat(parts, 1).float() - out.float()).abs().max()
     assert step_err <= max_err * scale

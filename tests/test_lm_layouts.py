@@ -5,9 +5,9 @@ import json
 from pathlib import Path
 
 import pytest
-import refmodels
 import torch
 
+import refmodels
 from mambavl.lm import load_lm
 
 
@@ -24,9 +24,18 @@ def write_mamba_ssm(ref, directory: Path, config: dict) -> Path:
 
 def mamba_ssm_config(d_model, n_layer, vocab, multiple, ssm_cfg):
     return {
-        "d_model": d_model, "d_intermediate": 0, "n_layer": n_layer, "vocab_size": vocab, "ssm_cfg": ssm_cfg,
-        "attn_layer_idx": [], "attn_cfg": {}, "rms_norm": True, "residual_in_fp32": True,
-        "fused_add_norm": True, "pad_vocab_size_multiple": multiple, "tie_embeddings": True,
+        "d_model": d_model,
+        "d_intermediate": 0,
+        "n_layer": n_layer,
+        "vocab_size": vocab,
+        "ssm_cfg": ssm_cfg,
+        "attn_layer_idx": [],
+        "attn_cfg": {},
+        "rms_norm": True,
+        "residual_in_fp32": True,
+        "fused_add_norm": True,
+        "pad_vocab_size_multiple": multiple,
+        "tie_embeddings": True,
     }
 
 
@@ -50,8 +59,15 @@ def test_mamba2_original_layout(tmp_path):
     ref = refmodels.perturb(
         refmodels.tf.Mamba2ForCausalLM(
             refmodels.tf.Mamba2Config(
-                vocab_size=112, hidden_size=32, state_size=8, num_hidden_layers=2, num_heads=8, head_dim=8,
-                n_groups=1, chunk_size=16, tie_word_embeddings=True,
+                vocab_size=112,
+                hidden_size=32,
+                state_size=8,
+                num_hidden_layers=2,
+                num_heads=8,
+                head_dim=8,
+                n_groups=1,
+                chunk_size=16,
+                tie_word_embeddings=True,
             )
         )
     )
@@ -106,7 +122,10 @@ def test_jamba_fused_expert_keys(tmp_path):
     sd = load_sd(path)
     for i in (1, 3):
         p = f"model.layers.{i}.feed_forward.experts"
-        gate_up = [torch.cat([sd.pop(f"{p}.{e}.gate_proj.weight"), sd.pop(f"{p}.{e}.up_proj.weight")]) for e in range(4)]
+        gate_up = [
+            torch.cat([sd.pop(f"{p}.{e}.gate_proj.weight"), sd.pop(f"{p}.{e}.up_proj.weight")])
+            for e in range(4)
+        ]
         sd[f"{p}.gate_up_proj"] = torch.stack(gate_up)
         sd[f"{p}.down_proj"] = torch.stack([sd.pop(f"{p}.{e}.down_proj.weight") for e in range(4)])
     for f in path.glob("*.safetensors"):

@@ -4,9 +4,9 @@ decoding from a fresh state, and prefill-then-continue."""
 import copy
 
 import pytest
-import refmodels
 import torch
 
+import refmodels
 from mambavl.lm import load_lm
 
 TOL = 1e-4

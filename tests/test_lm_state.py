@@ -2,13 +2,15 @@
 shared prefix and reused equals recomputing, and selected rows carry on as if run alone."""
 
 import pytest
-import refmodels
 import torch
 
-from mambavl.lm import LMConfig, LanguageModel, load_lm
+import refmodels
+from mambavl.lm import LanguageModel, LMConfig, load_lm
 
 
-@pytest.fixture(scope="module", params=["mamba-tied-bias-rank5", "mamba2-groups2-untied", "jamba-attn-moe-gqa"])
+@pytest.fixture(
+    scope="module", params=["mamba-tied-bias-rank5", "mamba2-groups2-untied", "jamba-attn-moe-gqa"]
+)
 def lm(request, tmp_path_factory):
     return load_lm(refmodels.save(refmodels.make(request.param), tmp_path_factory.mktemp("m")))
 
@@ -61,4 +63,12 @@ def test_config_validation_names_the_problem():
     with pytest.raises(ValueError, match="not a multiple of headdim"):
         LMConfig(family="mamba2", d_model=20, n_layer=1, vocab_size=8, default_mixer="mamba2", headdim=16)
     with pytest.raises(ValueError, match="n_kv_heads"):
-        LMConfig(family="jamba", d_model=16, n_layer=1, vocab_size=8, mixers=("attention",), n_heads=4, n_kv_heads=3)
+        LMConfig(
+            family="jamba",
+            d_model=16,
+            n_layer=1,
+            vocab_size=8,
+            mixers=("attention",),
+            n_heads=4,
+            n_kv_heads=3,
+        )

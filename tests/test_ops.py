@@ -85,7 +85,9 @@ def test_selective_scan_equals_recurrence(length, groups):
 def test_selective_scan_split_continues_exactly():
     u, delta, A, B, C = mamba1_inputs(length=50)
     y, last = ops.selective_scan(u, delta, A, B, C, return_last_state=True)
-    y1, h = ops.selective_scan(u[..., :21], delta[..., :21], A, B[..., :21], C[..., :21], return_last_state=True)
+    y1, h = ops.selective_scan(
+        u[..., :21], delta[..., :21], A, B[..., :21], C[..., :21], return_last_state=True
+    )
     y2, h = ops.selective_scan(
         u[..., 21:], delta[..., 21:], A, B[..., 21:], C[..., 21:], return_last_state=True, initial_state=h
     )
@@ -113,7 +115,9 @@ def test_selective_scan_gradients_equal_recurrence():
 
 def test_bf16_inputs_give_bf16_output_and_fp32_state():
     u, delta, A, B, C = mamba1_inputs()
-    y, h = ops.selective_scan(u.bfloat16(), delta.bfloat16(), A, B.bfloat16(), C.bfloat16(), return_last_state=True)
+    y, h = ops.selective_scan(
+        u.bfloat16(), delta.bfloat16(), A, B.bfloat16(), C.bfloat16(), return_last_state=True
+    )
     assert y.dtype == torch.bfloat16 and h.dtype == torch.float32
 
 
@@ -149,7 +153,17 @@ def test_chunk_scan_equals_recurrence(length, chunk, d_per_channel):
     D = torch.randn(6, 3) if d_per_channel else torch.randn(6)
     z, bias, h0 = torch.randn_like(x), torch.randn(6), torch.randn(2, 6, 3, 5)
     y, final = ops.mamba_chunk_scan_combined(
-        x, dt, A, B, C, chunk, D=D, z=z, dt_bias=bias, dt_softplus=True, initial_states=h0,
+        x,
+        dt,
+        A,
+        B,
+        C,
+        chunk,
+        D=D,
+        z=z,
+        dt_bias=bias,
+        dt_softplus=True,
+        initial_states=h0,
         return_final_states=True,
     )
     y_ref, final_ref = loop_ssd(x, dt, A, B, C, D, z, bias, softplus=True, h=h0)
@@ -161,7 +175,9 @@ def test_chunk_scan_dt_limit_is_applied():
     x, dt, A, B, C = ssd_inputs()
     limit = (0.05, 0.3)
     y = ops.mamba_chunk_scan_combined(x, dt, A, B, C, 8, dt_softplus=True, dt_limit=limit)
-    torch.testing.assert_close(y, loop_ssd(x, dt, A, B, C, softplus=True, limit=limit)[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        y, loop_ssd(x, dt, A, B, C, softplus=True, limit=limit)[0], atol=1e-5, rtol=1e-5
+    )
 
 
 def test_state_update_mamba2_layout_equals_chunk_scan():
@@ -173,8 +189,15 @@ def test_state_update_mamba2_layout_equals_chunk_scan():
     state = torch.zeros(2, 6, 3, 5)
     ys = [
         ops.selective_state_update(
-            state, x[:, t], dt[:, t, :, None].expand(-1, -1, 3), A[:, None, None].expand(6, 3, 5),
-            B[:, t], C[:, t], D[:, None].expand(6, 3), dt_bias=bias[:, None].expand(6, 3), dt_softplus=True,
+            state,
+            x[:, t],
+            dt[:, t, :, None].expand(-1, -1, 3),
+            A[:, None, None].expand(6, 3, 5),
+            B[:, t],
+            C[:, t],
+            D[:, None].expand(6, 3),
+            dt_bias=bias[:, None].expand(6, 3),
+            dt_softplus=True,
         )
         for t in range(6)
     ]
@@ -194,7 +217,12 @@ def test_causal_conv1d_sequence_update_and_continuation(width):
     torch.testing.assert_close(state, x[..., -width:])
     # a sequence continued from the inputs before it
     y2, final = ops.causal_conv1d_fn(
-        x[..., 6:], w, bias, initial_states=x[..., 6 - (width - 1) : 6], return_final_states=True, activation="silu"
+        x[..., 6:],
+        w,
+        bias,
+        initial_states=x[..., 6 - (width - 1) : 6],
+        return_final_states=True,
+        activation="silu",
     )
     torch.testing.assert_close(y2, want[..., 6:])
     torch.testing.assert_close(final, x[..., 13 - (width - 1) :])

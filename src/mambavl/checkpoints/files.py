@@ -75,9 +75,7 @@ def weight_files(directory: Path) -> list[Path]:
         if missing := [s.name for s in shards if not s.is_file()]:
             raise CheckpointError(f"{path} lists shard(s) that are missing: {missing}; download them again")
         return shards
-    raise CheckpointError(
-        f"{directory}: no weights found; expected one of {', '.join(WEIGHT_FILES)}"
-    )
+    raise CheckpointError(f"{directory}: no weights found; expected one of {', '.join(WEIGHT_FILES)}")
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:

@@ -90,12 +90,11 @@ class LMConfig:
                 problems.append(f"ngroups {self.ngroups} does not divide {self.nheads} heads")
             if self.d_inner % self.ngroups:
                 problems.append(f"ngroups {self.ngroups} does not divide d_inner {self.d_inner}")
-        if "attention" in self.mixers:
-            if self.n_heads <= 0 or self.n_kv_heads <= 0 or self.n_heads % self.n_kv_heads:
-                problems.append(
-                    f"attention needs n_heads ({self.n_heads}) a positive multiple of n_kv_heads "
-                    f"({self.n_kv_heads})"
-                )
+        heads_ok = self.n_heads > 0 and self.n_kv_heads > 0 and self.n_heads % self.n_kv_heads == 0
+        if "attention" in self.mixers and not heads_ok:
+            problems.append(
+                f"attention needs n_heads ({self.n_heads}) a multiple of n_kv_heads ({self.n_kv_heads}) > 0"
+            )
         if any(f != "none" for f in self.ffns) and self.d_ffn <= 0:
             problems.append("a feed-forward layer needs d_ffn > 0")
         if "moe" in self.ffns and not 1 <= self.top_k <= self.n_experts:

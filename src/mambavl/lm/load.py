@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from mambavl.checkpoints.files import CheckpointError, read_json, read_state_dict, resolve_model_dir
-from mambavl.checkpoints.lm_layouts import lm_config_from_json, rename_keys, stack_experts
+from mambavl.lm.layouts import lm_config_from_json, rename_keys, stack_experts
 from mambavl.lm.model import LanguageModel
 
 

@@ -52,13 +52,28 @@ class Mamba1Mixer(nn.Module):
             y = ops.selective_scan(x, dt, A, B.transpose(1, 2), C.transpose(1, 2), z=z, **kw)
         elif T == 1:
             y = ops.selective_state_update(
-                state["ssm"], x[..., 0], dt[..., 0], A, B[:, 0], C[:, 0], self.D, z=z[..., 0],
-                dt_bias=self.dt_proj.bias, dt_softplus=True,
+                state["ssm"],
+                x[..., 0],
+                dt[..., 0],
+                A,
+                B[:, 0],
+                C[:, 0],
+                self.D,
+                z=z[..., 0],
+                dt_bias=self.dt_proj.bias,
+                dt_softplus=True,
             )[..., None]
         else:
             y, last = ops.selective_scan(
-                x, dt, A, B.transpose(1, 2), C.transpose(1, 2), z=z, return_last_state=True,
-                initial_state=state["ssm"], **kw,
+                x,
+                dt,
+                A,
+                B.transpose(1, 2),
+                C.transpose(1, 2),
+                z=z,
+                return_last_state=True,
+                initial_state=state["ssm"],
+                **kw,
             )
             state["ssm"].copy_(last)
         return self.out_proj(y.transpose(1, 2))
@@ -73,7 +88,10 @@ def conv_step(x: torch.Tensor, conv: nn.Conv1d, state: dict[str, torch.Tensor] |
         return ops.causal_conv1d_update(x, state["conv"], weight, conv.bias, activation="silu")
     window = state["conv"]
     y = ops.causal_conv1d_fn(
-        x, weight, conv.bias, initial_states=window[:, :, window.shape[-1] - (weight.shape[-1] - 1) :],
+        x,
+        weight,
+        conv.bias,
+        initial_states=window[:, :, window.shape[-1] - (weight.shape[-1] - 1) :],
         activation="silu",
     )
     window.copy_(torch.cat([window, x.float()], dim=-1)[:, :, -window.shape[-1] :])

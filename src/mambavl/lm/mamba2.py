@@ -21,7 +21,11 @@ class Mamba2Mixer(nn.Module):
         self.conv_dim = d + 2 * g * n
         self.in_proj = nn.Linear(cfg.d_model, d + self.conv_dim + h, bias=cfg.proj_bias)
         self.conv1d = nn.Conv1d(
-            self.conv_dim, self.conv_dim, cfg.d_conv, groups=self.conv_dim, bias=cfg.conv_bias,
+            self.conv_dim,
+            self.conv_dim,
+            cfg.d_conv,
+            groups=self.conv_dim,
+            bias=cfg.conv_bias,
             padding=cfg.d_conv - 1,
         )
         self.dt_bias = nn.Parameter(torch.zeros(h))
@@ -51,17 +55,31 @@ class Mamba2Mixer(nn.Module):
         z_scan = None if self.norm is not None else z
         if state is not None and T == 1:
             y = ops.selective_state_update(
-                state["ssm"], x.view(batch, h, p), dt[:, 0, :, None].expand(batch, h, p),
-                A[:, None, None].expand(h, p, n), B.view(batch, g, n), C.view(batch, g, n),
+                state["ssm"],
+                x.view(batch, h, p),
+                dt[:, 0, :, None].expand(batch, h, p),
+                A[:, None, None].expand(h, p, n),
+                B.view(batch, g, n),
+                C.view(batch, g, n),
                 D if D.dim() == 2 else D[:, None].expand(h, p),
                 z=None if z_scan is None else z_scan.view(batch, h, p),
-                dt_bias=self.dt_bias[:, None].expand(h, p), dt_softplus=True, dt_limit=self.dt_limit,
+                dt_bias=self.dt_bias[:, None].expand(h, p),
+                dt_softplus=True,
+                dt_limit=self.dt_limit,
             )
         else:
             out = ops.mamba_chunk_scan_combined(
-                x.view(batch, T, h, p), dt, A, B.view(batch, T, g, n), C.view(batch, T, g, n),
-                self.chunk_size, D=D, z=None if z_scan is None else z_scan.view(batch, T, h, p),
-                dt_bias=self.dt_bias, dt_softplus=True, dt_limit=self.dt_limit,
+                x.view(batch, T, h, p),
+                dt,
+                A,
+                B.view(batch, T, g, n),
+                C.view(batch, T, g, n),
+                self.chunk_size,
+                D=D,
+                z=None if z_scan is None else z_scan.view(batch, T, h, p),
+                dt_bias=self.dt_bias,
+                dt_softplus=True,
+                dt_limit=self.dt_limit,
                 initial_states=None if state is None else state["ssm"],
                 return_final_states=state is not None,
             )

@@ -54,7 +54,7 @@ def _hf_mamba(raw: dict, source: Path) -> LMConfig:
         d_state=raw.get("state_size", 16),
         d_conv=raw.get("conv_kernel", 4),
         expand=expand,
-        # FalconMamba-7B's config says expand 16 yet intermediate_size 8192: the size is what the weights have.
+        # FalconMamba-7B's config says expand 16 yet intermediate_size 8192: the weights have the latter.
         d_inner=raw.get("intermediate_size") or expand * d_model,
         conv_bias=raw.get("use_conv_bias", True),
         proj_bias=raw.get("use_bias", False),
@@ -142,8 +142,18 @@ def _hf_jamba(raw: dict, source: Path) -> LMConfig:
 MAMBA_SSM_DEFAULTS = {
     "Mamba1": dict(d_state=16, d_conv=4, expand=2, dt_rank="auto", conv_bias=True, bias=False),
     "Mamba2": dict(
-        d_state=128, d_conv=4, expand=2, headdim=64, ngroups=1, chunk_size=256, rmsnorm=True,
-        norm_before_gate=False, D_has_hdim=False, dt_limit=INF_LIMIT, conv_bias=True, bias=False,
+        d_state=128,
+        d_conv=4,
+        expand=2,
+        headdim=64,
+        ngroups=1,
+        chunk_size=256,
+        rmsnorm=True,
+        norm_before_gate=False,
+        D_has_hdim=False,
+        dt_limit=INF_LIMIT,
+        conv_bias=True,
+        bias=False,
     ),
 }
 
@@ -240,7 +250,7 @@ def rename_keys(keys, layout: str) -> dict[str, str]:
 
 
 def stack_experts(sd: dict[str, torch.Tensor], n_experts: int, where: str) -> dict[str, torch.Tensor]:
-    """Per-expert Jamba weights (the hub layout) -> our stacked gate_up_proj [E, 2F, H], down_proj [E, H, F]."""
+    """Per-expert Jamba weights (hub layout) -> stacked gate_up_proj [E, 2F, H] and down_proj [E, H, F]."""
     groups: dict[str, dict[tuple[int, str], torch.Tensor]] = {}
     out = {}
     for key, value in sd.items():
@@ -251,7 +261,9 @@ def stack_experts(sd: dict[str, torch.Tensor], n_experts: int, where: str) -> di
     for prefix, parts in groups.items():
         want = [(e, p) for e in range(n_experts) for p in ("gate_proj", "up_proj", "down_proj")]
         if missing := [f"{prefix}.experts.{e}.{p}.weight" for e, p in want if (e, p) not in parts]:
-            raise CheckpointError(f"{where}: missing expert weights {missing[:6]} (config: {n_experts} experts)")
+            raise CheckpointError(
+                f"{where}: missing expert weights {missing[:6]} (config: {n_experts} experts)"
+            )
         if extra := sorted({e for e, _ in parts} - set(range(n_experts))):
             raise CheckpointError(f"{where}: {prefix} has experts {extra} beyond the config's {n_experts}")
         try:

@@ -1,0 +1,61 @@
+"""The `mambavl` command line."""
+
+from __future__ import annotations
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+import mambavl
+
+app = typer.Typer(help="Multimodal LLMs on Mamba state-space language models.", no_args_is_help=True)
+console = Console()
+
+
+@app.command()
+def version() -> None:
+    """Print the mambavl version."""
+    console.print(mambavl.__version__)
+
+
+@app.command()
+def info(
+    model: str = typer.Argument(
+        ..., help="Model directory or hub id (config.json is read, not the weights)."
+    ),
+):
+    """Describe a language-model checkpoint: layout, layers, sizes and parameter count."""
+    import torch
+
+    from mambavl.checkpoints.files import CheckpointError, read_json, resolve_model_dir
+    from mambavl.lm import LanguageModel
+    from mambavl.lm.layouts import lm_config_from_json
+
+    try:
+        directory = resolve_model_dir(model)
+        cfg, layout = lm_config_from_json(read_json(directory / "config.json"), directory / "config.json")
+    except CheckpointError as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(1) from e
+    with torch.device("meta"):
+        params = LanguageModel(cfg).num_parameters()
+    table = Table(title=str(directory), show_header=False)
+    mixers = {m: cfg.mixers.count(m) for m in dict.fromkeys(cfg.mixers)}
+    ffns = {f: cfg.ffns.count(f) for f in dict.fromkeys(cfg.ffns) if f != "none"}
+    rows = [
+        ("layout", layout),
+        ("family", cfg.family),
+        ("layers", f"{cfg.n_layer}  " + ", ".join(f"{n}× {m}" for m, n in mixers.items())),
+        ("feed-forward", ", ".join(f"{n}× {f}" for f, n in ffns.items()) or "none"),
+        ("d_model / d_inner / d_state", f"{cfg.d_model} / {cfg.d_inner} / {cfg.d_state}"),
+        ("vocab (embedding rows)", str(cfg.vocab_size)),
+        ("tied head", str(cfg.tie_embeddings)),
+        ("parameters", f"{params:,}"),
+    ]
+    for k, v in rows:
+        table.add_row(k, v)
+    console.print(table)
+
+
+if __name__ == "__main__":
+    app()
