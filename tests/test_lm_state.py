@@ -72,3 +72,40 @@ def test_config_validation_names_the_problem():
             n_heads=4,
             n_kv_heads=3,
         )
+
+
+@pytest.mark.parametrize(
+    "raw,published",
+    [
+        # Cobra's LM, xiuyul/mamba-2.8b-zephyr (mamba_ssm config): 2.768B
+        (
+            {
+                "d_model": 2560,
+                "n_layer": 64,
+                "vocab_size": 50277,
+                "ssm_cfg": {},
+                "pad_vocab_size_multiple": 8,
+            },
+            2.768e9,
+        ),
+        # ML-Mamba's LM, state-spaces/mamba2-2.7b
+        (
+            {
+                "d_model": 2560,
+                "n_layer": 64,
+                "vocab_size": 50277,
+                "ssm_cfg": {"layer": "Mamba2"},
+                "pad_vocab_size_multiple": 16,
+            },
+            2.70e9,
+        ),
+    ],
+)
+def test_full_size_parameter_counts(raw, published):
+    from mambavl.lm.layouts import lm_config_from_json
+
+    cfg, layout = lm_config_from_json(raw, "config.json")
+    assert layout == "mamba_ssm"
+    with torch.device("meta"):
+        n = LanguageModel(cfg).num_parameters()
+    assert abs(n - published) / published < 0.002, n

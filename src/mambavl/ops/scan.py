@@ -9,39 +9,60 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# Time steps processed together by one parallel scan; bounds the [B, D, block, N] working set.
-SCAN_BLOCK = 256
+# Time steps processed together (bounds the [B, block, D, N] working set) and the chunk length inside.
+SCAN_BLOCK = 2048
+SCAN_CHUNK = 16
 
 
-def linear_scan(a: torch.Tensor, x: torch.Tensor, h0: torch.Tensor | None = None) -> torch.Tensor:
-    """All states of h_t = a_t * h_{t-1} + x_t along dim 2, by a Hillis-Steele parallel scan.
+def linear_scan(a: torch.Tensor, x: torch.Tensor, h0: torch.Tensor | None = None, chunk: int | None = None):
+    """All states of h_t = a_t * h_{t-1} + x_t along dim 1, as a chunked parallel scan.
 
-    a, x: [B, D, L, N]; h0: [B, D, N] or None (zeros). Returns h: [B, D, L, N].
-    log2(L) vectorised steps; every factor is a product of decays in [0, 1], so nothing can overflow
-    (unlike the cumsum/exp(-cumsum) trick, which does for long chunks with large |dt·A|).
+    a, x: [B, L, ...]; h0: [B, ...] or None (zeros). Returns h: [B, L, ...].
+    Inside chunks of `chunk` steps, a Hillis-Steele scan (log2(chunk) vectorised steps over all chunks
+    at once) gives each chunk's local states and prefix decays; a short recurrence over chunk ends then
+    gives every chunk's start state, added back through the prefix decays. All factors are products of
+    decays in [0, 1], so nothing overflows (unlike exp(-cumsum) tricks for strong decay).
+    Time is the outer dimension so that every shifted slice is one contiguous block.
     """
-    if h0 is not None:
-        x = torch.cat([torch.addcmul(x[:, :, :1], a[:, :, :1], h0[:, :, None]), x[:, :, 1:]], dim=2)
-    length = x.shape[2]
+    chunk = chunk or SCAN_CHUNK
+    batch, length = x.shape[:2]
+    rest = x.shape[2:]
+    pad = (-length) % chunk
+    if pad:  # identity steps: decay 1, input 0
+        a = torch.cat([a, a.new_ones(batch, pad, *rest)], dim=1)
+        x = torch.cat([x, x.new_zeros(batch, pad, *rest)], dim=1)
+    n_chunks = (length + pad) // chunk
+    a = a.reshape(batch, n_chunks, chunk, *rest)
+    x = x.reshape(batch, n_chunks, chunk, *rest)
+    # Each step writes fresh tensors (clone, then update the shifted part in place): a step's inputs
+    # stay untouched, so autograd can differentiate through it.
     k = 1
-    while k < length:
-        x = torch.cat([x[:, :, :k], torch.addcmul(x[:, :, k:], a[:, :, k:], x[:, :, :-k])], dim=2)
-        if 2 * k < length:
-            a = torch.cat([a[:, :, :k], a[:, :, k:] * a[:, :, :-k]], dim=2)
+    while k < chunk:
+        new_x = x.clone()
+        new_x[:, :, k:].addcmul_(a[:, :, k:], x[:, :, :-k])
+        new_a = a.clone()
+        new_a[:, :, k:].mul_(a[:, :, :-k])
+        x, a = new_x, new_a
         k *= 2
-    return x
+    h = torch.zeros_like(x[:, 0, 0]) if h0 is None else h0.to(x.dtype)
+    starts = []
+    for c in range(n_chunks):
+        starts.append(h)
+        h = torch.addcmul(x[:, c, -1], a[:, c, -1], h)
+    x = torch.addcmul(x, a, torch.stack(starts, dim=1)[:, :, None])
+    return x.reshape(batch, n_chunks * chunk, *rest)[:, :length]
 
 
 def _per_channel(M: torch.Tensor, dim: int) -> torch.Tensor:
-    """B or C as [B, D or 1, L, N] from mamba_ssm's accepted layouts ([D, N], [B, N, L], [B, G, N, L])."""
+    """B or C as [B, L, D or 1, N] from mamba_ssm's accepted layouts ([D, N], [B, N, L], [B, G, N, L])."""
     if M.dim() == 2:  # input-independent: [D, N]
-        return M[None, :, None, :]
+        return M[None, None]
     if M.dim() == 3:  # [B, N, L]
-        return M.transpose(1, 2)[:, None]
+        return M.transpose(1, 2)[:, :, None]
     groups = M.shape[1]
     if dim % groups:
         raise ValueError(f"selective_scan: {groups} groups do not divide {dim} channels")
-    return M.repeat_interleave(dim // groups, dim=1).transpose(2, 3)
+    return M.repeat_interleave(dim // groups, dim=1).permute(0, 3, 1, 2)
 
 
 def selective_scan(
@@ -72,8 +93,10 @@ def selective_scan(
     if delta_softplus:
         delta = F.softplus(delta)
     A = A.float()
-    Bc = _per_channel(B.float(), dim)
-    Cc = _per_channel(C.float(), dim)
+    Bt = _per_channel(B.float(), dim)  # [B, L, D|1, N]
+    Ct = _per_channel(C.float(), dim)
+    dt = delta.transpose(1, 2)[..., None]  # [B, L, D, 1]
+    du = (delta * u).transpose(1, 2)[..., None]
     h = (
         initial_state.float()
         if initial_state is not None
@@ -82,13 +105,10 @@ def selective_scan(
     ys = []
     for t0 in range(0, length, SCAN_BLOCK):
         sl = slice(t0, min(t0 + SCAN_BLOCK, length))
-        d_blk = delta[:, :, sl, None]
-        a = torch.exp(d_blk * A[:, None, :])
-        x = (d_blk * u[:, :, sl, None]) * Bc[:, :, sl]
-        hs = linear_scan(a, x, h)
-        ys.append((hs * Cc[:, :, sl]).sum(-1))
-        h = hs[:, :, -1]
-    y = torch.cat(ys, dim=2) if ys else u.new_zeros(batch, dim, 0)
+        hs = linear_scan(torch.exp(dt[:, sl] * A), du[:, sl] * Bt[:, sl], h)  # [B, l, D, N]
+        ys.append((hs * Ct[:, sl]).sum(-1))
+        h = hs[:, -1]
+    y = torch.cat(ys, dim=1).transpose(1, 2) if ys else u.new_zeros(batch, dim, 0)
     if D is not None:
         y = y + u * D.float()[:, None]
     if z is not None:
