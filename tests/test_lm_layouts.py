@@ -161,3 +161,38 @@ def test_dtype_and_device_arguments(tmp_path):
     assert lm.dtype == torch.bfloat16 and all(p.dtype == torch.bfloat16 for p in lm.parameters())
     assert not any(p.is_meta for p in lm.parameters())
     assert load_lm(path).dtype == torch.float32  # None keeps the checkpoint's dtype
+
+
+@torch.no_grad()
+def test_mamba2_options_without_a_transformers_counterpart(tmp_path):
+    """mamba_ssm's Mamba2(rmsnorm=False, D_has_hdim=True): z gates inside the scan, D per channel.
+    Loaded from the original layout; decoding from the state equals the full forward."""
+    from mambavl.lm import LanguageModel
+    from mambavl.lm.layouts import lm_config_from_json
+
+    ssm_cfg = {
+        "layer": "Mamba2",
+        "d_state": 8,
+        "headdim": 8,
+        "chunk_size": 8,
+        "rmsnorm": False,
+        "D_has_hdim": True,
+    }
+    raw = mamba_ssm_config(32, 2, 60, 16, ssm_cfg)
+    cfg, _ = lm_config_from_json(raw, "config.json")
+    model = refmodels.perturb(LanguageModel(cfg))
+    assert model.layers[0].mixer.norm is None and model.layers[0].mixer.D.shape == (64,)
+    directory = tmp_path / "m"
+    directory.mkdir()
+    sd = {("backbone." + k if not k.startswith("lm_head") else k): v for k, v in model.state_dict().items()}
+    torch.save(sd, directory / "pytorch_model.bin")
+    (directory / "config.json").write_text(json.dumps(raw))
+    lm = load_lm(directory)
+    ids = torch.randint(0, 60, (2, 19))
+    full = lm(ids)
+    torch.testing.assert_close(full, model(ids), atol=0, rtol=0)
+    state = lm.new_state(2)
+    steps = torch.cat(
+        [lm(ids[:, :7], state=state)] + [lm(ids[:, t : t + 1], state=state) for t in range(7, 19)], 1
+    )
+    torch.testing.assert_close(steps, full, atol=1e-4, rtol=0)

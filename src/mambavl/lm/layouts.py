@@ -17,8 +17,7 @@ import torch
 
 from mambavl.checkpoints.files import CheckpointError
 from mambavl.lm.config import LMConfig, pad_vocab
-
-INF_LIMIT = (0.0, math.inf)
+from mambavl.ops.timestep import NO_LIMIT
 
 
 def _auto_rank(value, d_model: int) -> int:
@@ -90,7 +89,7 @@ def _hf_mamba2(raw: dict, source: Path) -> LMConfig:
         headdim=headdim,
         ngroups=raw.get("n_groups", 8),
         chunk_size=raw.get("chunk_size", 256),
-        dt_limit=_limit(raw.get("time_step_limit", INF_LIMIT)),
+        dt_limit=_limit(raw.get("time_step_limit", NO_LIMIT)),
         conv_bias=raw.get("use_conv_bias", True),
         proj_bias=raw.get("use_bias", False),
         gated_norm_eps=eps,
@@ -151,7 +150,7 @@ MAMBA_SSM_DEFAULTS = {
         rmsnorm=True,
         norm_before_gate=False,
         D_has_hdim=False,
-        dt_limit=INF_LIMIT,
+        dt_limit=NO_LIMIT,
         conv_bias=True,
         bias=False,
     ),

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from mambavl.ops.timestep import NO_LIMIT, timestep
+
 # Time steps processed together (bounds the [B, block, D, N] working set) and the chunk length inside.
 SCAN_BLOCK = 2048
 SCAN_CHUNK = 16
@@ -87,11 +89,7 @@ def selective_scan(
     dtype = u.dtype
     batch, dim, length = u.shape
     u = u.float()
-    delta = delta.float()
-    if delta_bias is not None:
-        delta = delta + delta_bias.float()[:, None]
-    if delta_softplus:
-        delta = F.softplus(delta)
+    delta = timestep(delta, None if delta_bias is None else delta_bias[:, None], delta_softplus)
     A = A.float()
     Bt = _per_channel(B.float(), dim)  # [B, L, D|1, N]
     Ct = _per_channel(C.float(), dim)
@@ -128,7 +126,7 @@ def selective_state_update(
     z: torch.Tensor | None = None,
     dt_bias: torch.Tensor | None = None,
     dt_softplus: bool = False,
-    dt_limit: tuple[float, float] = (0.0, float("inf")),
+    dt_limit: tuple[float, float] = NO_LIMIT,
 ) -> torch.Tensor:
     """One recurrent step, updating `state` in place (mamba_ssm's `selective_state_update`).
 
@@ -147,13 +145,7 @@ def selective_state_update(
         state_v = state
     dtype = x.dtype
     nheads, groups = state_v.shape[1], B.shape[1]
-    dt = dt.float()
-    if dt_bias is not None:
-        dt = dt + dt_bias.float()
-    if dt_softplus:
-        dt = F.softplus(dt)
-    if dt_limit != (0.0, float("inf")):
-        dt = dt.clamp(min=dt_limit[0], max=dt_limit[1])
+    dt = timestep(dt, dt_bias, dt_softplus, dt_limit)
     B = B.float().repeat_interleave(nheads // groups, dim=1)  # [B, H, N]
     C = C.float().repeat_interleave(nheads // groups, dim=1)
     xf = x.float()

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from mambavl.ops.timestep import NO_LIMIT, timestep
+
 
 def segsum(x: torch.Tensor) -> torch.Tensor:
     """[..., T] -> [..., T, T] with out[i, j] = x[j+1] + ... + x[i] for j <= i, else -inf.
@@ -37,7 +39,7 @@ def mamba_chunk_scan_combined(
     dt_softplus: bool = False,
     initial_states: torch.Tensor | None = None,
     return_final_states: bool = False,
-    dt_limit: tuple[float, float] = (0.0, float("inf")),
+    dt_limit: tuple[float, float] = NO_LIMIT,
 ):
     """x: [B, L, H, P]; dt: [B, L, H]; A: [H]; B, C: [B, L, G, N]; D: [H] or [H, P]; z like x;
     dt_bias: [H]; initial_states: [B, H, P, N]. Returns y like x (and the fp32 final state)."""
@@ -46,13 +48,7 @@ def mamba_chunk_scan_combined(
     groups = B.shape[2]
     if nheads % groups:
         raise ValueError(f"mamba_chunk_scan_combined: {groups} groups do not divide {nheads} heads")
-    dt = dt.float()
-    if dt_bias is not None:
-        dt = dt + dt_bias.float()
-    if dt_softplus:
-        dt = F.softplus(dt)
-    if dt_limit != (0.0, float("inf")):
-        dt = dt.clamp(min=dt_limit[0], max=dt_limit[1])
+    dt = timestep(dt, dt_bias, dt_softplus, dt_limit)
     xf = x.float()
     Bh = B.float().repeat_interleave(nheads // groups, dim=2)
     Ch = C.float().repeat_interleave(nheads // groups, dim=2)
