@@ -71,17 +71,17 @@ def test_state_is_fp32_and_fixed_size_for_mamba_layers(pair):
     state = lm.new_state(3)
     sizes = {}
     for i, layer in enumerate(state.layers):
-        for key, t in layer.items():
-            assert t.dtype == torch.float32 and t.shape[0] == 3
+        for key, t in layer.items():  # every tensor is fp32 but the attention cache's padding mask
+            assert t.dtype == (torch.bool if key == "valid" else torch.float32) and t.shape[0] == 3
             sizes[(i, key)] = t.shape
     lm(_ids(lm, batch=3, length=20), state=state)
     for i, layer in enumerate(state.layers):
         for key, t in layer.items():
-            assert t.dtype == torch.float32
+            assert t.dtype == (torch.bool if key == "valid" else torch.float32)
             if key in ("conv", "ssm"):  # Mamba layers never grow; attention caches do
                 assert t.shape == sizes[(i, key)]
             else:
-                assert t.shape[2] == 20
+                assert t.shape[-1 if key == "valid" else 2] == 20
 
 
 def test_num_parameters_equals_transformers(pair):

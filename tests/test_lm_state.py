@@ -109,3 +109,47 @@ def test_full_size_parameter_counts(raw, published):
     with torch.device("meta"):
         n = LanguageModel(cfg).num_parameters()
     assert abs(n - published) / published < 0.002, n
+
+
+@torch.no_grad()
+def test_ragged_batch_equals_rows_alone(lm):
+    """Right-padded rows with `lengths`: logits at real positions and the states after the call equal
+    each row run alone, whatever tokens the padding holds; then decoding carries on identically."""
+    lengths = torch.tensor([5, 12, 1])
+    ids = torch.randint(0, 60, (3, 12))  # the padding holds random tokens on purpose
+    state = lm.new_state(3)
+    out = lm(ids, state=state, lengths=lengths)
+    nxt = torch.randint(0, 60, (3, 1))
+    step = lm(nxt, state=state)
+    for b, n in enumerate(lengths.tolist()):
+        alone = lm.new_state(1)
+        want = lm(ids[b : b + 1, :n], state=alone)
+        torch.testing.assert_close(out[b : b + 1, :n], want, atol=1e-5, rtol=0)
+        torch.testing.assert_close(step[b : b + 1], lm(nxt[b : b + 1], state=alone), atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_ragged_chunk_continues_a_nonzero_state(lm):
+    """Continuous batching: rows with different histories take ragged chunks (one row takes none)."""
+    first = torch.randint(0, 60, (3, 7))
+    chunk = torch.randint(0, 60, (3, 6))
+    lengths = torch.tensor([6, 0, 3])
+    state = lm.new_state(3)
+    lm(first, state=state)
+    before = state.clone()
+    out = lm(chunk, state=state, lengths=lengths)
+    for key, t in before.layers[0].items():  # row 1 took no tokens: its Mamba state is untouched
+        if key in ("conv", "ssm"):
+            torch.testing.assert_close(state.layers[0][key][1], t[1], atol=0, rtol=0)
+    probe = torch.randint(0, 60, (3, 2))
+    after = lm(probe, state=state)
+    for b, n in enumerate(lengths.tolist()):
+        full = lm(torch.cat([first[b : b + 1], chunk[b : b + 1, :n], probe[b : b + 1]], 1))
+        if n:
+            torch.testing.assert_close(out[b : b + 1, :n], full[:, 7 : 7 + n], atol=1e-5, rtol=0)
+        torch.testing.assert_close(after[b : b + 1], full[:, 7 + n :], atol=1e-5, rtol=0)
+
+
+def test_bad_lengths_are_refused(lm):
+    with pytest.raises(ValueError, match=r"lengths must be \[2\] integers in \[0, 4\]"):
+        lm(torch.zeros(2, 4, dtype=torch.long), lengths=torch.tensor([5, 1]))

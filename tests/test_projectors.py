@@ -23,7 +23,11 @@ KEYS = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(PROJECTORS))
+def test_every_projector_is_covered():
+    assert set(PROJECTORS) == set(KEYS) | {"msc"}  # the MSC has its own tests below
+
+
+@pytest.mark.parametrize("name", sorted(KEYS))
 def test_parameter_names_and_shapes(name):
     sd = create_projector(name, 12, 16).state_dict()
     for key, shape in KEYS[name].items():
@@ -68,3 +72,76 @@ def test_ldp_pools_the_grid_and_adds_the_positional_residual():
 def test_unknown_projector():
     with pytest.raises(KeyError, match="unknown projector 'mlp3'"):
         create_projector("mlp3", 4, 4)
+
+
+# --- ML-Mamba's Mamba-2 Scan Connector --------------------------------------------------------------------
+
+TINY_MSC = dict(d_state=8, headdim=8, chunk_size=8)
+
+
+def test_msc_keys_and_shapes_match_the_release():
+    with torch.device("meta"):
+        msc = create_projector("msc", 2176, 2560)
+    sd = msc.state_dict()
+    bi = {
+        k.removeprefix("bidirectional_mamba."): v.shape
+        for k, v in sd.items()
+        if k.startswith("bidirectional_mamba.")
+    }
+    assert sum(v.numel() for k, v in sd.items() if k.startswith("bidirectional_mamba.")) == 119_834_560
+    expected = {
+        "layers.0.norm.weight": (2560,),
+        "layers.0.mixer.in_proj.weight": (10576, 2560),
+        "layers.0.mixer.conv1d.weight": (5376, 1, 4),
+        "layers.0.mixer.conv1d_b.bias": (5376,),
+        "layers.0.mixer.dt_bias_b": (80,),
+        "layers.0.mixer.A_log_b": (80,),
+        "layers.0.mixer.D_b": (80,),
+        "layers.0.mixer.norm.weight": (5120,),
+        "layers.0.mixer.out_proj.weight": (2560, 5120),
+        "layers.1.mlp.w3.bias": (2560,),
+        "norm_f.bias": (2560,),
+    }
+    for key, shape in expected.items():
+        assert tuple(bi[key]) == shape, key
+    assert len(bi) == 2 * 21 + 2
+    assert tuple(sd["mlp.0.weight"].shape) == (2560, 2176)
+    assert tuple(sd["projector.projector.0.weight"].shape) == (10240, 2560)
+
+
+@torch.no_grad()
+def test_bidirectional_mixer_is_the_mean_of_two_mamba2_scans():
+    """fwd(x) and flip(bwd(flip(x))) through our single-direction Mamba-2 mixer (itself equal to
+    transformers'), sharing in_proj, the gated norm and out_proj (no bias, so averaging commutes)."""
+    import copy
+
+    from mambavl.lm.mamba2 import Mamba2Mixer
+    from mambavl.projectors.msc import BiMamba2Mixer, connector_config
+
+    cfg = connector_config(32, **TINY_MSC)
+    bi = BiMamba2Mixer(cfg)
+    for p in bi.parameters():
+        p.add_(torch.randn_like(p) * 0.1)
+    fwd = Mamba2Mixer(cfg)
+    fwd.load_state_dict({k: v for k, v in bi.state_dict().items() if not k.endswith("_b") and "_b." not in k})
+    bwd = copy.deepcopy(fwd)
+    for name in ("dt_bias", "A_log", "D"):
+        getattr(bwd, name).copy_(getattr(bi, name + "_b"))
+    bwd.conv1d.load_state_dict(bi.conv1d_b.state_dict())
+    x = torch.randn(2, 19, 32)
+    want = (fwd(x) + bwd(x.flip(1)).flip(1)) / 2
+    torch.testing.assert_close(bi(x), want, atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_msc_is_time_reversal_symmetric_when_both_directions_agree():
+    msc = create_projector("msc", 12, 32, **TINY_MSC)
+    for layer in msc.bidirectional_mamba.layers:
+        m = layer.mixer
+        m.conv1d_b.load_state_dict(m.conv1d.state_dict())
+        for name in ("dt_bias", "A_log", "D"):
+            getattr(m, name + "_b").copy_(getattr(m, name))
+    x = torch.randn(1, 16, 12)
+    # every part is token-wise except the mixers, which are now symmetric under reversing time
+    torch.testing.assert_close(msc(x.flip(1)), msc(x).flip(1), atol=1e-5, rtol=1e-5)
+    assert msc(x).shape == (1, 16, 32)

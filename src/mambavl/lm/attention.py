@@ -21,28 +21,44 @@ class Attention(nn.Module):
 
     def new_state(self, batch: int, device=None) -> dict[str, torch.Tensor]:
         empty = torch.zeros(batch, self.n_kv, 0, self.head_dim, dtype=torch.float32, device=device)
-        return {"k": empty, "v": empty.clone()}
+        # "valid" marks cached positions that hold real tokens (padding in ragged batches does not)
+        return {
+            "k": empty,
+            "v": empty.clone(),
+            "valid": torch.zeros(batch, 0, dtype=torch.bool, device=device),
+        }
 
-    def forward(self, hidden: torch.Tensor, state: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        state: dict[str, torch.Tensor] | None = None,
+        valid: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         batch, T, _ = hidden.shape
         q = self.q_proj(hidden).view(batch, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(hidden).view(batch, T, self.n_kv, self.head_dim).transpose(1, 2)
         v = self.v_proj(hidden).view(batch, T, self.n_kv, self.head_dim).transpose(1, 2)
         past = 0
+        new_valid = torch.ones(batch, T, dtype=torch.bool, device=hidden.device) if valid is None else valid
+        keys_valid = new_valid
         if state is not None:
             past = state["k"].shape[2]
             k = state["k"] = torch.cat([state["k"], k.float()], dim=2)
             v = state["v"] = torch.cat([state["v"], v.float()], dim=2)
+            keys_valid = state["valid"] = torch.cat([state["valid"], new_valid], dim=1)
         # fp32 softmax(QKᵀ)V: the cache is fp32, and the reference must not depend on the weights' dtype.
         q, k, v = q.float(), k.float(), v.float()
         if self.n_kv != self.n_heads:
             k = k.repeat_interleave(self.n_heads // self.n_kv, dim=1)
             v = v.repeat_interleave(self.n_heads // self.n_kv, dim=1)
-        if past == 0:
+        if past == 0 and bool(keys_valid.all()):
             out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
-        else:  # query i sits at position past + i and sees keys 0 .. past + i
+        else:  # query i sits at position past + i and sees the real keys among 0 .. past + i
             keys = torch.arange(past + T, device=q.device)
-            mask = keys[None, :] <= (past + torch.arange(T, device=q.device))[:, None]
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            queries = past + torch.arange(T, device=q.device)
+            mask = (keys[None, :] <= queries[:, None]) & keys_valid[:, None, :]  # [B, T, S]
+            # a padding query sees at least itself, so no row of the softmax is empty (no NaN)
+            mask = mask | (keys[None, :] == queries[:, None])
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])
         out = out.transpose(1, 2).reshape(batch, T, -1).to(hidden.dtype)
         return self.o_proj(out)

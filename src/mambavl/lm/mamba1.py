@@ -37,17 +37,26 @@ class Mamba1Mixer(nn.Module):
             "ssm": torch.zeros(batch, self.d_inner, self.d_state, **f32),
         }
 
-    def forward(self, hidden: torch.Tensor, state: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        state: dict[str, torch.Tensor] | None = None,
+        valid: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         T = hidden.shape[1]
         x, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)  # [B, D, T] each
-        x = conv_step(x, self.conv1d, state)
+        x = conv_step(x, self.conv1d, state, valid)
 
         dt, B, C = self.x_proj(x.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         if self.bcdt_norm:
             dt, B, C = self.dt_layernorm(dt), self.b_layernorm(B), self.c_layernorm(C)
         dt = (dt @ self.dt_proj.weight.T).transpose(1, 2)  # bias added inside the scan, in fp32
+        dt_bias, softplus = self.dt_proj.bias, True
+        if valid is not None:  # padding: Δ = 0 is an exact identity step (decay 1, no input)
+            dt = ops.timestep(dt, dt_bias[:, None], True) * valid[:, None, :]
+            dt_bias, softplus = None, False
         A = -torch.exp(self.A_log.float())
-        kw = dict(D=self.D, delta_bias=self.dt_proj.bias, delta_softplus=True)
+        kw = dict(D=self.D, delta_bias=dt_bias, delta_softplus=softplus)
         if state is None:
             y = ops.selective_scan(x, dt, A, B.transpose(1, 2), C.transpose(1, 2), z=z, **kw)
         elif T == 1:
@@ -60,8 +69,8 @@ class Mamba1Mixer(nn.Module):
                 C[:, 0],
                 self.D,
                 z=z[..., 0],
-                dt_bias=self.dt_proj.bias,
-                dt_softplus=True,
+                dt_bias=dt_bias,
+                dt_softplus=softplus,
             )[..., None]
         else:
             y, last = ops.selective_scan(
@@ -79,14 +88,19 @@ class Mamba1Mixer(nn.Module):
         return self.out_proj(y.transpose(1, 2))
 
 
-def conv_step(x: torch.Tensor, conv: nn.Conv1d, state: dict[str, torch.Tensor] | None) -> torch.Tensor:
-    """Causal depthwise conv + silu over x [B, C, T], continuing from and advancing state["conv"]."""
+def conv_step(
+    x: torch.Tensor, conv: nn.Conv1d, state: dict[str, torch.Tensor] | None, valid: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Causal depthwise conv + silu over x [B, C, T], continuing from and advancing state["conv"].
+
+    With `valid` [B, T] (right padding), each row's window ends at its last real input.
+    """
     weight = conv.weight[:, 0]
     if state is None:
         return ops.causal_conv1d_fn(x, weight, conv.bias, activation="silu")
-    if x.shape[-1] == 1:
-        return ops.causal_conv1d_update(x, state["conv"], weight, conv.bias, activation="silu")
     window = state["conv"]
+    if x.shape[-1] == 1 and valid is None:
+        return ops.causal_conv1d_update(x, window, weight, conv.bias, activation="silu")
     y = ops.causal_conv1d_fn(
         x,
         weight,
@@ -94,5 +108,14 @@ def conv_step(x: torch.Tensor, conv: nn.Conv1d, state: dict[str, torch.Tensor] |
         initial_states=window[:, :, window.shape[-1] - (weight.shape[-1] - 1) :],
         activation="silu",
     )
-    window.copy_(torch.cat([window, x.float()], dim=-1)[:, :, -window.shape[-1] :])
+    seq = torch.cat([window, x.float()], dim=-1)  # [B, C, S + T]
+    width = window.shape[-1]
+    if valid is None:
+        window.copy_(seq[:, :, -width:])
+    else:  # the S inputs ending at each row's last real token
+        ends = valid.sum(-1)  # [B]
+        index = (ends[:, None] + torch.arange(width, device=x.device))[:, None, :].expand(
+            -1, seq.shape[1], -1
+        )
+        window.copy_(seq.gather(2, index))
     return y

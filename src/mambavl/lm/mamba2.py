@@ -43,11 +43,20 @@ class Mamba2Mixer(nn.Module):
             "ssm": torch.zeros(batch, self.nheads, self.headdim, self.d_state, **f32),
         }
 
-    def forward(self, hidden: torch.Tensor, state: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        state: dict[str, torch.Tensor] | None = None,
+        valid: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         batch, T, _ = hidden.shape
         h, p, g, n = self.nheads, self.headdim, self.ngroups, self.d_state
         z, xBC, dt = self.in_proj(hidden).split([self.d_inner, self.conv_dim, h], dim=-1)
-        xBC = conv_step(xBC.transpose(1, 2), self.conv1d, state).transpose(1, 2)
+        xBC = conv_step(xBC.transpose(1, 2), self.conv1d, state, valid).transpose(1, 2)
+        dt_bias, softplus, limit = self.dt_bias, True, self.dt_limit
+        if valid is not None:  # padding: Δ = 0 is an exact identity step (decay 1, no input)
+            dt = ops.timestep(dt, dt_bias, True, self.dt_limit) * valid[..., None]
+            dt_bias, softplus, limit = None, False, ops.NO_LIMIT
         x, B, C = xBC.split([self.d_inner, g * n, g * n], dim=-1)
         A = -torch.exp(self.A_log.float())
         D = self.D.view(h, p) if self.D.numel() == self.d_inner else self.D
@@ -63,9 +72,9 @@ class Mamba2Mixer(nn.Module):
                 C.view(batch, g, n),
                 D if D.dim() == 2 else D[:, None].expand(h, p),
                 z=None if z_scan is None else z_scan.view(batch, h, p),
-                dt_bias=self.dt_bias[:, None].expand(h, p),
-                dt_softplus=True,
-                dt_limit=self.dt_limit,
+                dt_bias=None if dt_bias is None else dt_bias[:, None].expand(h, p),
+                dt_softplus=softplus,
+                dt_limit=limit,
             )
         else:
             out = ops.mamba_chunk_scan_combined(
@@ -77,9 +86,9 @@ class Mamba2Mixer(nn.Module):
                 self.chunk_size,
                 D=D,
                 z=None if z_scan is None else z_scan.view(batch, T, h, p),
-                dt_bias=self.dt_bias,
-                dt_softplus=True,
-                dt_limit=self.dt_limit,
+                dt_bias=dt_bias,
+                dt_softplus=softplus,
+                dt_limit=limit,
                 initial_states=None if state is None else state["ssm"],
                 return_final_states=state is not None,
             )

@@ -33,9 +33,15 @@ class Block(nn.Module):
         else:
             self.ffn = None
 
-    def forward(self, residual: torch.Tensor, state: dict | None, dtype: torch.dtype) -> torch.Tensor:
+    def forward(
+        self,
+        residual: torch.Tensor,
+        state: dict | None,
+        dtype: torch.dtype,
+        valid: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         # The norm reads the residual stream at full precision (as mamba_ssm's fused add+norm does).
-        residual = residual + self.mixer(self.norm(residual).to(dtype), state)
+        residual = residual + self.mixer(self.norm(residual).to(dtype), state, valid)
         if self.ffn is not None:
             residual = residual + self.ffn(self.ffn_norm(residual).to(dtype))
         return residual
@@ -85,8 +91,17 @@ class LanguageModel(nn.Module):
         inputs_embeds: torch.Tensor | None = None,
         state: LMState | None = None,
         return_hidden: bool = False,
+        lengths: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits [B, T, vocab] (or the final hidden states [B, T, d_model] with `return_hidden`)."""
+        """Logits [B, T, vocab] (or the final hidden states [B, T, d_model] with `return_hidden`).
+
+        Ragged batches are right-padded, with `lengths` [B] giving each row's real tokens (0 ≤ n ≤ T).
+        An SSM would otherwise run its padding through the scan and carry it in the state; here a
+        padding position is an exact identity step (Δ = 0: decay 1, no input), each conv window ends at
+        its row's last real token, and attention never sees padding keys. So the state after the call is
+        each row's state after its real tokens, whatever the padding holds, and from any starting state
+        (prefill or continuous batching alike). Logits at padding positions are meaningless.
+        """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids [B, T] or inputs_embeds [B, T, d_model]")
         if input_ids is not None:
@@ -102,14 +117,23 @@ class LanguageModel(nn.Module):
             hidden = inputs_embeds.to(self.dtype)
         if state is not None:
             self._check_state(state, hidden.shape[0])
+        valid = None if lengths is None else self._valid(lengths, hidden.shape[:2], hidden.device)
         dtype = self.dtype
         residual = hidden.float() if self.config.residual_in_fp32 else hidden
         for i, layer in enumerate(self.layers):
-            residual = layer(residual, None if state is None else state.layers[i], dtype)
+            residual = layer(residual, None if state is None else state.layers[i], dtype, valid)
         if state is not None:
             state.seqlen += hidden.shape[1]
         hidden = self.norm_f(residual).to(dtype)
         return hidden if return_hidden else self.lm_head(hidden)
+
+    @staticmethod
+    def _valid(lengths: torch.Tensor, shape: torch.Size, device) -> torch.Tensor:
+        lengths = torch.as_tensor(lengths, device=device)
+        batch, T = shape
+        if lengths.shape != (batch,) or bool((lengths < 0).any()) or bool((lengths > T).any()):
+            raise ValueError(f"lengths must be [{batch}] integers in [0, {T}], got {lengths.tolist()}")
+        return torch.arange(T, device=device)[None, :] < lengths[:, None]
 
     def _check_state(self, state: LMState, batch: int) -> None:
         if len(state.layers) != len(self.layers):

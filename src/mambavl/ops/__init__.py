@@ -8,8 +8,10 @@ from mambavl.ops.conv import causal_conv1d_fn, causal_conv1d_update
 from mambavl.ops.norms import rms_norm, rms_norm_gated
 from mambavl.ops.scan import linear_scan, selective_scan, selective_state_update
 from mambavl.ops.ssd import mamba_chunk_scan_combined
+from mambavl.ops.timestep import NO_LIMIT, timestep
 
 __all__ = [
+    "NO_LIMIT",
     "causal_conv1d_fn",
     "causal_conv1d_update",
     "linear_scan",
@@ -18,4 +20,5 @@ __all__ = [
     "rms_norm_gated",
     "selective_scan",
     "selective_state_update",
+    "timestep",
 ]

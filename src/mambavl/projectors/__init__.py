@@ -6,19 +6,22 @@ from torch import nn
 
 from mambavl.projectors.ldp import FusedLDPProjector
 from mambavl.projectors.mlp import FusedMLPProjector, LinearProjector, MLPProjector
+from mambavl.projectors.msc import MSCProjector
 
 PROJECTORS: dict[str, type[nn.Module]] = {
     "linear": LinearProjector,
     "gelu-mlp": MLPProjector,
     "fused-gelu-mlp": FusedMLPProjector,
     "fused-ldpnet": FusedLDPProjector,
+    "msc": MSCProjector,  # ML-Mamba's Mamba-2 Scan Connector
 }
 
 
-def create_projector(name: str, vision_dim: int, llm_dim: int) -> nn.Module:
+def create_projector(name: str, vision_dim: int, llm_dim: int, **options) -> nn.Module:
+    """`options` go to the projector (e.g. the MSC's Mamba-2 sizes, for tiny test models)."""
     if name not in PROJECTORS:
         raise KeyError(f"unknown projector {name!r}; known: {sorted(PROJECTORS)}")
-    return PROJECTORS[name](vision_dim, llm_dim)
+    return PROJECTORS[name](vision_dim, llm_dim, **options)
 
 
 __all__ = [
@@ -27,5 +30,6 @@ __all__ = [
     "FusedMLPProjector",
     "LinearProjector",
     "MLPProjector",
+    "MSCProjector",
     "create_projector",
 ]
