@@ -18,3 +18,10 @@ def test_info_reports_the_parameter_count(tmp_path):
 def test_info_on_a_bad_path_fails_cleanly(tmp_path):
     result = CliRunner().invoke(app, ["info", str(tmp_path / "nope")])
     assert result.exit_code == 1 and "no such directory" in " ".join(result.output.split())
+
+
+def test_models_lists_presets_with_counts():
+    result = CliRunner().invoke(app, ["models"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "cobra+3b" in result.output and "3,548,076,096" in result.output
+    assert "tiny-mlmamba" in result.output

@@ -19,6 +19,24 @@ def version() -> None:
 
 
 @app.command()
+def models() -> None:
+    """List the named presets with their parts and parameter counts."""
+    import torch
+
+    from mambavl.presets import PRESETS, create
+
+    table = Table(title="mambavl presets")
+    for col in ("preset", "vision", "projector", "LM", "parameters"):
+        table.add_column(col, justify="right" if col == "parameters" else "left")
+    for name, cfg in PRESETS.items():
+        with torch.device("meta"):
+            n = create(name, device="meta").num_parameters()
+        lm = f"{cfg.lm.family} {cfg.lm.n_layer}×{cfg.lm.d_model}"
+        table.add_row(name, cfg.tower, cfg.projector, lm, f"{n:,}")
+    console.print(table)
+
+
+@app.command()
 def info(
     model: str = typer.Argument(
         ..., help="Model directory or hub id (config.json is read, not the weights)."

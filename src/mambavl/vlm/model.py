@@ -1,0 +1,197 @@
+"""The VLM: image → vision tower → projector → spliced into the LM's embeddings (image first, as in
+Cobra and ML-Mamba) → LM → next token. Generation runs on the LM's recurrent state: the prompt is
+prefilled once, each new token is one O(1) step, and ragged batches are exact (see `vlm.sequence`)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from mambavl.lm import LanguageModel, LMConfig
+from mambavl.projectors import create_projector
+from mambavl.vision import create_tower, load_image
+from mambavl.vision.images import DEFAULT_MAX_PIXELS
+from mambavl.vlm.prompts import PromptBuilder
+from mambavl.vlm.sampling import SamplingParams, next_tokens
+from mambavl.vlm.sequence import MultimodalBatch, pack
+from mambavl.vlm.tokenizer import TextTokenizer, load_tokenizer
+
+
+@dataclass(frozen=True)
+class VLMConfig:
+    name: str
+    tower: str  # a name in mambavl.vision.TOWER_SETS
+    projector: str  # a name in mambavl.projectors.PROJECTORS
+    lm: LMConfig
+    tokenizer: str  # a hub repo with tokenizer.json, or "bytes" (built in, offline)
+    prompt_format: str = "zephyr"  # a name in mambavl.vlm.prompts.PROMPT_FORMATS
+    projector_options: dict = field(default_factory=dict)
+    resize: str = "resize-naive"
+    max_length: int = 2048  # image + text positions the model was trained on
+    hub_id: str | None = None  # where the released weights live
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+
+class VLM(nn.Module):
+    def __init__(
+        self, config: VLMConfig, tokenizer: TextTokenizer | None = None, pretrained_tower: bool = False
+    ):
+        super().__init__()
+        self.config = config
+        self.vision = create_tower(config.tower, pretrained=pretrained_tower)
+        self.projector = create_projector(
+            config.projector, self.vision.embed_dim, config.lm.d_model, **config.projector_options
+        )
+        self.lm = LanguageModel(config.lm)
+        self.image_transform = self.vision.transform(config.resize)
+        self._tokenizer = tokenizer
+
+    @property
+    def tokenizer(self) -> TextTokenizer:
+        if self._tokenizer is None:  # loaded on first use: building a model needs no tokenizer
+            self._tokenizer = load_tokenizer(self.config.tokenizer)
+        return self._tokenizer
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm.dtype
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def get_prompt_builder(self, system_prompt: str | None = None) -> PromptBuilder:
+        return PromptBuilder(self.config.prompt_format, system_prompt)
+
+    # ---- inputs --------------------------------------------------------------------------------------------
+    def pixel_values(self, images: list) -> torch.Tensor | dict[str, torch.Tensor]:
+        """Images (PIL, paths or bytes) -> the tower's batched input, on the model's device and dtype."""
+        tensors = [self.image_transform(load_image(im, self.config.max_pixels)) for im in images]
+        move = dict(device=self.device, dtype=self.vision_dtype)
+        if isinstance(tensors[0], dict):
+            return {k: torch.stack([t[k] for t in tensors]).to(**move) for k in tensors[0]}
+        return torch.stack(tensors).to(**move)
+
+    @property
+    def vision_dtype(self) -> torch.dtype:
+        return next(self.vision.parameters()).dtype
+
+    def encode_images(self, pixel_values) -> torch.Tensor:
+        """[B, P, d_model]: the projected image embeddings."""
+        return self.projector(self.vision(pixel_values)).to(self.dtype)
+
+    def prepare(self, images: list, prompts: list[str]) -> tuple[MultimodalBatch, list[list[int]]]:
+        """Rows of (image or None, prompt) -> a packed batch, and each row's prompt ids."""
+        ids = [self.tokenizer.encode(p) for p in prompts]
+        for b, (image, row) in enumerate(zip(images, ids, strict=True)):
+            if not row and image is None:
+                raise ValueError(f"prompt {b} is empty and has no image: there is nothing to continue from")
+        with_image = [b for b, im in enumerate(images) if im is not None]
+        image_embeds: list[torch.Tensor | None] = [None] * len(images)
+        if with_image:
+            encoded = self.encode_images(self.pixel_values([images[b] for b in with_image]))
+            for b, e in zip(with_image, encoded, strict=True):
+                image_embeds[b] = e
+        text = [self.lm.embed(torch.tensor([row], dtype=torch.long, device=self.device))[0] for row in ids]
+        batch = pack(text, image_embeds)
+        longest = int(batch.lengths.max())
+        if longest > self.config.max_length:
+            raise ValueError(
+                f"the input is {longest} positions (image + prompt) but {self.config.name} takes at most "
+                f"{self.config.max_length}; shorten the prompt"
+            )
+        return batch, ids
+
+    # ---- generation ------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate(self, image, prompt_text, **kwargs) -> str | list[str]:
+        """Text continuing `prompt_text` (build it with `get_prompt_builder()`), given `image`
+        (PIL image, path, bytes, or None for text only). Lists of images and prompts are generated as
+        one batch, equal to generating them one by one (greedy).
+
+        Keyword arguments: those of `SamplingParams` (max_new_tokens, do_sample, temperature, top_k,
+        top_p, repetition_penalty, min_length, stop, seed). The seeds' `use_cache` / `cg` flags are
+        accepted and ignored: decoding always runs on the recurrent state.
+        """
+        batched = isinstance(prompt_text, list | tuple)
+        images = list(image) if batched else [image]
+        prompts = list(prompt_text) if batched else [prompt_text]
+        if len(images) != len(prompts):
+            raise ValueError(
+                f"{len(images)} images for {len(prompts)} prompts: pass one image (or None) per prompt"
+            )
+        params = _params(kwargs)
+        *_, texts = self._decode(images, prompts, params)  # the last step holds the finished texts
+        return texts if batched else texts[0]
+
+    @torch.inference_mode()
+    def stream(self, image, prompt_text: str, **kwargs) -> Iterator[str]:
+        """Yields the generated text piece by piece (same arguments as `generate`, one prompt)."""
+        sent = ""
+        for (text,) in self._decode([image], [prompt_text], _params(kwargs), final_strip=False):
+            stable = text[: len(text) - 1] if text.endswith("\ufffd") else text  # an unfinished UTF-8 char
+            if len(stable) > len(sent):
+                yield stable[len(sent) :]
+                sent = stable
+
+    def _decode(
+        self, images, prompts, params: SamplingParams, final_strip: bool = True
+    ) -> Iterator[list[str]]:
+        batch, prompt_ids = self.prepare(images, prompts)
+        tok, eos = self.tokenizer, self.tokenizer.eos_token_id
+        B = len(prompts)
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        state = self.lm.new_state(B)
+        hidden = self.lm(
+            inputs_embeds=batch.embeds.to(self.device),
+            state=state,
+            lengths=batch.lengths.to(self.device),
+            return_hidden=True,
+        )
+        rows = torch.arange(B, device=self.device)
+        logits = self.lm.lm_head(hidden[rows, batch.lengths.to(self.device) - 1])
+        generated: list[list[int]] = [[] for _ in range(B)]
+        texts, done = [""] * B, [False] * B
+        for step in range(params.max_new_tokens):
+            history = [p + g for p, g in zip(prompt_ids, generated, strict=True)]
+            chosen = next_tokens(logits, params, history, step, eos, tok.vocab_size, generator).tolist()
+            for b in range(B):
+                if done[b]:
+                    continue
+                if chosen[b] == eos:
+                    done[b] = True
+                    continue
+                generated[b].append(chosen[b])
+                texts[b] = tok.decode(generated[b])
+                if any(s in texts[b] for s in params.stop):
+                    texts[b] = texts[b][: min(texts[b].find(s) for s in params.stop if s in texts[b])]
+                    done[b] = True
+            yield [t.strip() if final_strip else t for t in texts]
+            if all(done):
+                return
+            feed = torch.tensor(chosen, device=self.device)[:, None]
+            live = torch.tensor([not d for d in done], device=self.device)
+            hidden = self.lm(
+                feed, state=state, lengths=None if bool(live.all()) else live.long(), return_hidden=True
+            )
+            logits = self.lm.lm_head(hidden[:, -1])
+
+
+_SEED_ONLY = ("use_cache", "cg")
+
+
+def _params(kwargs: dict) -> SamplingParams:
+    kwargs = {k: v for k, v in kwargs.items() if k not in _SEED_ONLY}
+    try:
+        return SamplingParams(**kwargs)
+    except TypeError as e:
+        known = sorted(SamplingParams.__dataclass_fields__)
+        raise TypeError(f"{e}; generate takes {known} (and the seeds' use_cache / cg, ignored)") from None

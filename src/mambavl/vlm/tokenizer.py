@@ -1,0 +1,60 @@
+"""Text ↔ ids for the VLMs: a thin wrapper over a `tokenizers.Tokenizer`, from a hub repo's
+tokenizer.json (the real LMs: GPT-NeoX BPE for Cobra / ML-Mamba) or built in code (the tiny presets:
+byte-level, no merges, so it needs nothing from the network and encodes any text)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+EOS = "<|endoftext|>"
+
+
+@dataclass
+class TextTokenizer:
+    tokenizer: Tokenizer
+    eos_token: str = EOS
+
+    @property
+    def eos_token_id(self) -> int:
+        token_id = self.tokenizer.token_to_id(self.eos_token)
+        if token_id is None:
+            raise ValueError(f"the tokenizer has no {self.eos_token!r} token")
+        return token_id
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+
+def byte_tokenizer() -> TextTokenizer:
+    """257 ids: `<|endoftext|>` = 0 (as in GPT-NeoX), then the 256 byte symbols."""
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {EOS: 0} | {ch: i + 1 for i, ch in enumerate(alphabet)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([EOS])
+    return TextTokenizer(tok)
+
+
+def hub_tokenizer(repo_id: str) -> TextTokenizer:
+    """tokenizer.json of a hub repo (local cache first)."""
+    from huggingface_hub import hf_hub_download
+
+    try:
+        path = hf_hub_download(repo_id, "tokenizer.json", local_files_only=True)
+    except Exception:
+        path = hf_hub_download(repo_id, "tokenizer.json")
+    return TextTokenizer(Tokenizer.from_file(path))
+
+
+def load_tokenizer(name: str) -> TextTokenizer:
+    return byte_tokenizer() if name == "bytes" else hub_tokenizer(name)

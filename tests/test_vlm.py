@@ -1,0 +1,140 @@
+"""The assembled VLM: presets, generation on the recurrent state against a naive re-run of the whole
+sequence, batched = one by one, streaming, sampling controls, and bad inputs."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import mambavl
+from mambavl.vision import ImageError
+from mambavl.vlm.sampling import SamplingParams, next_tokens
+
+
+@pytest.fixture(scope="module", params=["tiny-cobra", "tiny-mlmamba"])
+def vlm(request):
+    torch.manual_seed(0)
+    model = mambavl.create(request.param)
+    with torch.no_grad():  # random weights, spread out so that greedy outputs are not all alike
+        for p in model.lm.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    return model
+
+
+def image(seed, size=(64, 48)):
+    return Image.fromarray(
+        np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    )
+
+
+def prompt(vlm, text):
+    pb = vlm.get_prompt_builder()
+    pb.add_turn("human", text)
+    return pb.get_prompt()
+
+
+@pytest.mark.parametrize("name,params", [("cobra+3b", 3_548_076_096), ("mlmamba+3b", 3.619e9)])
+def test_full_size_presets(name, params):
+    n = mambavl.create(name, device="meta").num_parameters()
+    assert abs(n - params) / params < 1e-3, n
+
+
+def test_prompt_builder_is_zephyr(vlm):
+    assert prompt(vlm, "<image>\nHi") == "<|user|>\nHi<|endoftext|>\n<|assistant|>\n"
+
+
+@torch.no_grad()
+def naive_greedy(vlm, img, text, n):
+    """No state: the whole sequence [image | prompt | generated] re-run for every new token."""
+    ids = vlm.tokenizer.encode(text)
+    prefix = [] if img is None else [vlm.encode_images(vlm.pixel_values([img]))[0]]
+    out = []
+    for _ in range(n):
+        embeds = torch.cat([*prefix, vlm.lm.embed(torch.tensor([ids + out]))[0]])[None]
+        logits = vlm.lm(inputs_embeds=embeds)[0, -1, : vlm.tokenizer.vocab_size]
+        logits[vlm.tokenizer.eos_token_id] = float("-inf")  # min_length = n below
+        out.append(int(logits.argmax()))
+    return vlm.tokenizer.decode(out).strip()
+
+
+def test_generate_on_the_state_equals_rerunning_the_sequence(vlm):
+    for img, text in [(image(1), "What is this?"), (None, "Text only, no image.")]:
+        got = vlm.generate(img, prompt(vlm, text), max_new_tokens=6, min_length=6)
+        assert got == naive_greedy(vlm, img, prompt(vlm, text), 6)
+
+
+def test_batched_generation_equals_one_by_one(vlm):
+    images = [image(2), None, image(3, (30, 90)), image(4)]
+    prompts = [prompt(vlm, t) for t in ("Describe.", "Just text, a longer prompt here.", "Colour?", "Hm")]
+    kw = dict(max_new_tokens=7, min_length=3)
+    batched = vlm.generate(images, prompts, **kw)
+    assert batched == [vlm.generate(i, p, **kw) for i, p in zip(images, prompts, strict=True)]
+
+
+def test_stream_yields_the_generated_text(vlm):
+    p = prompt(vlm, "Go on.")
+    pieces = list(vlm.stream(image(5), p, max_new_tokens=6, min_length=6))
+    assert "".join(pieces).strip() == vlm.generate(image(5), p, max_new_tokens=6, min_length=6)
+
+
+def test_sampling_is_seeded(vlm):
+    p = prompt(vlm, "Tell me.")
+    kw = dict(max_new_tokens=8, min_length=8, do_sample=True, temperature=1.5, seed=7)
+    assert vlm.generate(image(6), p, **kw) == vlm.generate(image(6), p, **kw)
+    others = {vlm.generate(image(6), p, **(kw | {"seed": s})) for s in range(5)}
+    assert len(others) > 1
+
+
+def test_stop_strings_cut_the_text(vlm):
+    p = prompt(vlm, "Say something long.")
+    full = vlm.generate(None, p, max_new_tokens=10, min_length=10)
+    stop = next(c for c in full[3:] if not c.isspace())  # a character from the middle of the answer
+    cut = vlm.generate(None, p, max_new_tokens=10, min_length=10, stop=[stop])
+    assert cut == full[: full.find(stop)].strip()
+
+
+def test_seed_flags_are_accepted(vlm):
+    p = prompt(vlm, "x")
+    assert vlm.generate(None, p, max_new_tokens=3, use_cache=True, cg=True) == vlm.generate(
+        None, p, max_new_tokens=3
+    )
+
+
+def test_bad_inputs(vlm):
+    with pytest.raises(ValueError, match="temperature=0 is invalid"):
+        vlm.generate(None, "x", do_sample=True, temperature=0)
+    with pytest.raises(ValueError, match=r"top_p=1.5 is invalid: it must be in \(0, 1\]"):
+        vlm.generate(None, "x", top_p=1.5)
+    with pytest.raises(ValueError, match="max_new_tokens=0"):
+        vlm.generate(None, "x", max_new_tokens=0)
+    with pytest.raises(TypeError, match="generate takes"):
+        vlm.generate(None, "x", beams=4)
+    with pytest.raises(ValueError, match="empty and has no image"):
+        vlm.generate(None, "")
+    with pytest.raises(ValueError, match="takes at most 2048"):
+        vlm.generate(image(0), "word " * 2500)
+    with pytest.raises(ValueError, match="2 images for 1 prompts"):
+        vlm.generate([None, None], ["x"])
+    with pytest.raises(ImageError, match="not an image file"):
+        vlm.generate(b"not an image", "x")
+    assert isinstance(vlm.generate(image(0), ""), str)  # an image alone is a valid start
+
+
+def test_sampling_controls():
+    logits = torch.tensor([[1.0, 3.0, 2.0, 9.0]])  # id 3 is a padded vocabulary row
+    p = SamplingParams()
+    assert next_tokens(logits, p, [[]], 0, eos_id=0, vocab_size=3).item() == 1  # padding never chosen
+    assert next_tokens(logits, SamplingParams(repetition_penalty=3.0), [[1]], 0, 0, 3).item() == 2
+    assert (
+        next_tokens(torch.tensor([[5.0, 1.0, 0.0]]), SamplingParams(min_length=2), [[]], 1, 0, 3).item() == 1
+    )
+    g = torch.Generator().manual_seed(0)
+    for params in (SamplingParams(do_sample=True, top_k=1), SamplingParams(do_sample=True, top_p=0.01)):
+        assert next_tokens(logits, params, [[]], 0, 0, 3, g).item() == 1
+    with pytest.raises(ValueError, match="stop strings must be non-empty"):
+        SamplingParams(stop=("",))
+
+
+def test_unknown_preset():
+    with pytest.raises(KeyError, match="unknown preset 'cobra'"):
+        mambavl.create("cobra")
