@@ -21,16 +21,13 @@ def version() -> None:
 @app.command()
 def models() -> None:
     """List the named presets with their parts and parameter counts."""
-    import torch
-
     from mambavl.presets import PRESETS, create
 
     table = Table(title="mambavl presets")
     for col in ("preset", "vision", "projector", "LM", "parameters"):
         table.add_column(col, justify="right" if col == "parameters" else "left")
     for name, cfg in PRESETS.items():
-        with torch.device("meta"):
-            n = create(name, device="meta").num_parameters()
+        n = create(name, device="meta").num_parameters()
         lm = f"{cfg.lm.family} {cfg.lm.n_layer}×{cfg.lm.d_model}"
         table.add_row(name, cfg.tower, cfg.projector, lm, f"{n:,}")
     console.print(table)

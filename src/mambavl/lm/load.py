@@ -34,20 +34,35 @@ def load_lm(path_or_hub_id: str | Path, dtype: torch.dtype | None = None, device
 
     with torch.device("meta"):
         model = LanguageModel(config)
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    if config.tie_embeddings:
-        expected.pop("lm_head.weight")
-    _check(sd, expected, source, directory, config_path)
-
     if dtype is None:
         dtype = sd["embedding.weight"].dtype
-    model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=False, assign=True)
-    if config.tie_embeddings:
-        model.lm_head.weight = model.embedding.weight
+    assign_lm_weights(model, sd, source, f"{directory}: the weights do not match {config_path.name}", dtype)
     return model.to(device=device or "cpu").eval()
 
 
-def _check(sd: dict, expected: dict, source: dict, directory: Path, config_path: Path) -> None:
+def from_mamba_ssm_keys(raw: dict[str, torch.Tensor], tied: bool) -> dict[str, torch.Tensor]:
+    """mamba_ssm `MambaLMHeadModel` keys (backbone.embedding..., lm_head) -> ours."""
+    names = rename_keys(raw, "mamba_ssm")
+    sd = {names[k]: v for k, v in raw.items()}
+    if tied:
+        sd.pop("lm_head.weight", None)
+    return sd
+
+
+def assign_lm_weights(model: LanguageModel, sd: dict, source: dict, what: str, dtype=None) -> None:
+    """Check `sd` (our keys) against the model, then make its tensors the model's parameters."""
+    tied = model.config.tie_embeddings
+    expected = {k: v.shape for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
+    check_weights(sd, expected, source, what)
+    model.load_state_dict(
+        {k: v if dtype is None else v.to(dtype) for k, v in sd.items()}, strict=False, assign=True
+    )
+    if tied:
+        model.lm_head.weight = model.embedding.weight
+
+
+def check_weights(sd: dict, expected: dict, source: dict, what: str) -> None:
+    """Every expected key present with its shape, nothing extra; else one error listing all problems."""
     problems = []
     if missing := [k for k in expected if k not in sd]:
         listed = ", ".join(f"{k} {tuple(expected[k])}" for k in missing[:8])
@@ -65,7 +80,7 @@ def _check(sd: dict, expected: dict, source: dict, directory: Path, config_path:
             )
     if problems:
         raise CheckpointError(
-            f"{directory}: the weights do not match {config_path.name}:\n  - "
+            f"{what}:\n  - "
             + "\n  - ".join(problems)
-            + "\nCheck that config.json belongs to these weights (layers, sizes, vocab, tied head)."
+            + "\nCheck that the config belongs to these weights (layers, sizes, vocab, tied head)."
         )

@@ -32,6 +32,7 @@ class VLMConfig:
     resize: str = "resize-naive"
     max_length: int = 2048  # image + text positions the model was trained on
     hub_id: str | None = None  # where the released weights live
+    hub_layout: str | None = None  # their layout: "cobra" (run dir per model) or "mlmamba" (repo root)
     max_pixels: int = DEFAULT_MAX_PIXELS
 
 
@@ -41,7 +42,7 @@ class VLM(nn.Module):
     ):
         super().__init__()
         self.config = config
-        self.vision = create_tower(config.tower, pretrained=pretrained_tower)
+        self.vision = build_tower(config.tower, pretrained_tower)
         self.projector = create_projector(
             config.projector, self.vision.embed_dim, config.lm.d_model, **config.projector_options
         )
@@ -133,12 +134,16 @@ class VLM(nn.Module):
     @torch.inference_mode()
     def stream(self, image, prompt_text: str, **kwargs) -> Iterator[str]:
         """Yields the generated text piece by piece (same arguments as `generate`, one prompt)."""
-        sent = ""
+        sent, text = "", ""
         for (text,) in self._decode([image], [prompt_text], _params(kwargs), final_strip=False):
-            stable = text[: len(text) - 1] if text.endswith("\ufffd") else text  # an unfinished UTF-8 char
+            stable = (
+                text[: len(text) - 1] if text.endswith("\ufffd") else text
+            )  # maybe an unfinished UTF-8 char
             if len(stable) > len(sent):
                 yield stable[len(sent) :]
                 sent = stable
+        if len(text) > len(sent):  # the end: whatever is left, finished character or not
+            yield text[len(sent) :]
 
     def _decode(
         self, images, prompts, params: SamplingParams, final_strip: bool = True
@@ -183,6 +188,16 @@ class VLM(nn.Module):
                 feed, state=state, lengths=None if bool(live.all()) else live.long(), return_hidden=True
             )
             logits = self.lm.lm_head(hidden[:, -1])
+
+
+def build_tower(name: str, pretrained: bool):
+    """A tower with timm's pretrained weights, or else a fixed random init: layouts that do not store
+    vision weights (Cobra's, ML-Mamba's) then rebuild the same tiny tower every time."""
+    if pretrained:
+        return create_tower(name, pretrained=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return create_tower(name, pretrained=False)
 
 
 _SEED_ONLY = ("use_cache", "cg")
