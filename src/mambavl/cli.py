@@ -34,6 +34,25 @@ def models() -> None:
 
 
 @app.command()
+def convert(
+    source: str = typer.Argument(
+        ..., help="An original checkpoint (Cobra / ML-Mamba run dir) or a preset name."
+    ),
+    destination: str = typer.Argument(..., help="Directory for mambavl's own layout."),
+) -> None:
+    """Convert an original checkpoint into mambavl's layout (config, safetensors weights, tokenizer)."""
+    from mambavl.checkpoints.files import CheckpointError
+    from mambavl.checkpoints.vlm import convert as run
+
+    try:
+        out = run(source, destination)
+    except CheckpointError as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(1) from e
+    console.print(f"wrote {out}")
+
+
+@app.command()
 def info(
     model: str = typer.Argument(
         ..., help="Model directory or hub id (config.json is read, not the weights)."
