@@ -17,7 +17,7 @@ class Mamba1Mixer(nn.Module):
         d, n, r = cfg.d_inner, cfg.d_state, cfg.dt_rank
         self.d_inner, self.d_state, self.dt_rank, self.d_conv = d, n, r, cfg.d_conv
         self.in_proj = nn.Linear(cfg.d_model, 2 * d, bias=cfg.proj_bias)
-        self.conv1d = nn.Conv1d(d, d, cfg.d_conv, groups=d, bias=cfg.conv_bias, padding=cfg.d_conv - 1)
+        self.conv1d = depthwise_conv(d, cfg)
         self.x_proj = nn.Linear(d, r + 2 * n, bias=False)
         self.dt_proj = nn.Linear(r, d, bias=True)
         self.A_log = nn.Parameter(torch.log(torch.arange(1, n + 1, dtype=torch.float32)).repeat(d, 1))
@@ -86,6 +86,13 @@ class Mamba1Mixer(nn.Module):
             )
             state["ssm"].copy_(last)
         return self.out_proj(y.transpose(1, 2))
+
+
+def depthwise_conv(channels: int, cfg: LMConfig) -> nn.Conv1d:
+    """The mixers' causal depthwise conv (weights [C, 1, d_conv]; run through `conv_step`)."""
+    return nn.Conv1d(
+        channels, channels, cfg.d_conv, groups=channels, bias=cfg.conv_bias, padding=cfg.d_conv - 1
+    )
 
 
 def conv_step(

@@ -8,7 +8,7 @@ from torch import nn
 
 from mambavl import ops
 from mambavl.lm.config import LMConfig
-from mambavl.lm.mamba1 import conv_step
+from mambavl.lm.mamba1 import conv_step, depthwise_conv
 from mambavl.lm.norm import GatedRMSNorm
 
 
@@ -20,14 +20,7 @@ class Mamba2Mixer(nn.Module):
         self.d_conv, self.chunk_size, self.dt_limit = cfg.d_conv, cfg.chunk_size, cfg.dt_limit
         self.conv_dim = d + 2 * g * n
         self.in_proj = nn.Linear(cfg.d_model, d + self.conv_dim + h, bias=cfg.proj_bias)
-        self.conv1d = nn.Conv1d(
-            self.conv_dim,
-            self.conv_dim,
-            cfg.d_conv,
-            groups=self.conv_dim,
-            bias=cfg.conv_bias,
-            padding=cfg.d_conv - 1,
-        )
+        self.conv1d = depthwise_conv(self.conv_dim, cfg)
         self.dt_bias = nn.Parameter(torch.zeros(h))
         self.A_log = nn.Parameter(torch.log(torch.arange(1, h + 1, dtype=torch.float32)))
         self.D = nn.Parameter(torch.ones(d if cfg.d_has_hdim else h))

@@ -19,7 +19,7 @@ from torch import nn
 
 from mambavl import ops
 from mambavl.lm.config import LMConfig
-from mambavl.lm.mamba1 import conv_step
+from mambavl.lm.mamba1 import conv_step, depthwise_conv
 from mambavl.lm.mamba2 import Mamba2Mixer
 from mambavl.projectors.mlp import FusedMLPProjector
 
@@ -27,14 +27,7 @@ from mambavl.projectors.mlp import FusedMLPProjector
 class BiMamba2Mixer(Mamba2Mixer):
     def __init__(self, cfg: LMConfig):
         super().__init__(cfg)
-        self.conv1d_b = nn.Conv1d(
-            self.conv_dim,
-            self.conv_dim,
-            cfg.d_conv,
-            groups=self.conv_dim,
-            bias=cfg.conv_bias,
-            padding=cfg.d_conv - 1,
-        )
+        self.conv1d_b = depthwise_conv(self.conv_dim, cfg)
         self.dt_bias_b = nn.Parameter(self.dt_bias.detach().clone())
         self.A_log_b = nn.Parameter(self.A_log.detach().clone())
         self.D_b = nn.Parameter(self.D.detach().clone())
