@@ -88,3 +88,38 @@ def test_full_size_bf16_prefill_and_decode(name):
     parts = [lm(ids[:, :2000], state=state)] + [lm(ids[:, t : t + 1], state=state) for t in range(2000, 2048)]
     err = (torch.cat(parts, 1).float() - full.float()).abs()
     assert err.mean() <= 0.01 * full.float().abs().max()
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", ["mamba-tied-bias-rank5", "mamba2-groups2-untied", "jamba-attn-moe-gqa"])
+def test_cuda_ragged_batch_equals_rows_alone(tmp_path, name):
+    lm = load_lm(refmodels.save(refmodels.make(name), tmp_path / name), device="cuda")
+    lengths = torch.tensor([5, 12, 1], device="cuda")
+    ids = torch.randint(0, 60, (3, 12), device="cuda")
+    state = lm.new_state(3)
+    out = lm(ids, state=state, lengths=lengths)
+    nxt = torch.randint(0, 60, (3, 1), device="cuda")
+    step = lm(nxt, state=state)
+    for b, n in enumerate(lengths.tolist()):
+        alone = lm.new_state(1)
+        torch.testing.assert_close(out[b : b + 1, :n], lm(ids[b : b + 1, :n], state=alone), atol=1e-4, rtol=0)
+        torch.testing.assert_close(step[b : b + 1], lm(nxt[b : b + 1], state=alone), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("preset", ["tiny-cobra", "tiny-mlmamba"])
+def test_cuda_vlm_batched_generation_equals_one_by_one(preset):
+    import numpy as np
+    from PIL import Image
+
+    import mambavl
+
+    torch.manual_seed(0)
+    vlm = mambavl.create(preset, device="cuda")
+    with torch.no_grad():
+        for p in vlm.lm.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (40, 60, 3), dtype=np.uint8)), None]
+    prompts = ["<|user|>\nWhat?<|endoftext|>\n<|assistant|>\n", "In: a longer text-only prompt\nOut: "]
+    kw = dict(max_new_tokens=6, min_length=6)
+    assert vlm.generate(images, prompts, **kw) == [vlm.generate(i, p, **kw) for i, p in zip(images, prompts)]
