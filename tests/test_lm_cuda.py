@@ -122,4 +122,6 @@ def test_cuda_vlm_batched_generation_equals_one_by_one(preset):
     images = [Image.fromarray(rng.integers(0, 255, (40, 60, 3), dtype=np.uint8)), None]
     prompts = ["<|user|>\nWhat?<|endoftext|>\n<|assistant|>\n", "In: a longer text-only prompt\nOut: "]
     kw = dict(max_new_tokens=6, min_length=6)
-    assert vlm.generate(images, prompts, **kw) == [vlm.generate(i, p, **kw) for i, p in zip(images, prompts)]
+    assert vlm.generate(images, prompts, **kw) == [
+        vlm.generate(i, p, **kw) for i, p in zip(images, prompts, strict=True)
+    ]
