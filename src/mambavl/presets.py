@@ -7,7 +7,9 @@ import torch
 
 from mambavl.lm.config import LMConfig
 from mambavl.lm.layouts import lm_config_from_json
+from mambavl.vision.anyres import grid_pinpoints
 from mambavl.vlm.model import VLM, VLMConfig
+from mambavl.vlm.prompts import CHATML_TEMPLATE
 
 
 def _mamba_ssm(**raw) -> LMConfig:
@@ -48,6 +50,79 @@ LLM_BACKBONES: dict[str, tuple[LMConfig, str, str]] = {
     "tiny-mamba2": (TINY_MAMBA2, "bytes", "zephyr"),
 }
 
+# Viper's LMs (transformers configs, as on the hub) and AnyRes grids (its training code: x, y ≤ 15, x·y ≤ 16)
+FALCON_MAMBA_7B = lm_config_from_json(
+    dict(
+        model_type="falcon_mamba",
+        hidden_size=4096,
+        num_hidden_layers=64,
+        state_size=16,
+        expand=16,
+        intermediate_size=8192,
+        time_step_rank=256,
+        vocab_size=65024,
+        tie_word_embeddings=False,
+    ),
+    "preset",
+)[0]
+JAMBA_1_5_MINI = lm_config_from_json(
+    dict(
+        model_type="jamba",
+        hidden_size=4096,
+        num_hidden_layers=32,
+        intermediate_size=14336,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        num_experts=16,
+        num_experts_per_tok=2,
+        mamba_d_state=16,
+        mamba_expand=2,
+        mamba_dt_rank=256,
+        vocab_size=65536,
+        tie_word_embeddings=False,
+    ),
+    "preset",
+)[0]
+TINY_FALCON_MAMBA = lm_config_from_json(
+    dict(model_type="falcon_mamba", hidden_size=64, num_hidden_layers=2, state_size=8, vocab_size=264),
+    "preset",
+)[0]
+TINY_JAMBA = lm_config_from_json(
+    dict(
+        model_type="jamba",
+        hidden_size=64,
+        num_hidden_layers=4,
+        intermediate_size=96,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        attn_layer_period=2,
+        attn_layer_offset=1,
+        num_experts=4,
+        num_experts_per_tok=2,
+        mamba_d_state=8,
+        vocab_size=264,
+    ),
+    "preset",
+)[0]
+VIPER_SYSTEM = "You are a helpful language and vision assistant. "
+_VIPER = dict(
+    tower="clip-vit-l-336px",
+    projector="linear",
+    prompt_format="chat-template",
+    system_prompt=VIPER_SYSTEM,
+    image_placement="placeholder",
+    anyres=tuple(grid_pinpoints(336, 16, max_side=15)),
+    image_newline=True,
+    max_length=32768,
+)
+_TINY_VIPER = _VIPER | dict(
+    tower="tiny-clip",
+    tokenizer="bytes",
+    chat_template=CHATML_TEMPLATE,
+    anyres=tuple(grid_pinpoints(56, 4)),
+    max_length=4096,
+)
+
 PRESETS: dict[str, VLMConfig] = {
     "cobra+3b": VLMConfig(
         name="cobra+3b",
@@ -85,6 +160,22 @@ PRESETS: dict[str, VLMConfig] = {
         lm=TINY_MAMBA2,
         tokenizer="bytes",
     ),
+    "viper-mamba-7b": VLMConfig(
+        name="viper-mamba-7b",
+        lm=FALCON_MAMBA_7B,
+        tokenizer="tiiuae/falcon-mamba-7b-instruct",
+        eos_token="<|im_end|>",
+        **_VIPER,
+    ),
+    "viper-jamba-52b": VLMConfig(
+        name="viper-jamba-52b",
+        lm=JAMBA_1_5_MINI,
+        tokenizer="ai21labs/AI21-Jamba-1.5-Mini",
+        eos_token="<|eom|>",
+        **_VIPER,
+    ),
+    "tiny-viper-mamba": VLMConfig(name="tiny-viper-mamba", lm=TINY_FALCON_MAMBA, **_TINY_VIPER),
+    "tiny-viper-jamba": VLMConfig(name="tiny-viper-jamba", lm=TINY_JAMBA, **_TINY_VIPER),
 }
 
 

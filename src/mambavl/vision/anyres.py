@@ -13,13 +13,13 @@ import torch
 from PIL import Image
 
 
-def grid_pinpoints(base: int = 336, max_cells: int = 16) -> list[tuple[int, int]]:
-    """Every (base·x, base·y) with x·y ≤ max_cells: LLaVA-NeXT's anyres_max grids."""
+def grid_pinpoints(
+    base: int = 336, max_cells: int = 16, max_side: int | None = None
+) -> list[tuple[int, int]]:
+    """Every (base·x, base·y) with x·y ≤ max_cells and x, y ≤ max_side (Viper's training uses 15)."""
+    side = max_side or max_cells
     return [
-        (base * x, base * y)
-        for x in range(1, max_cells + 1)
-        for y in range(1, max_cells + 1)
-        if x * y <= max_cells
+        (base * x, base * y) for x in range(1, side + 1) for y in range(1, side + 1) if x * y <= max_cells
     ]
 
 

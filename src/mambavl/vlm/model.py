@@ -13,11 +13,18 @@ from torch import nn
 from mambavl.lm import LanguageModel, LMConfig
 from mambavl.projectors import create_projector
 from mambavl.vision import create_tower, load_image
+from mambavl.vision.anyres import anyres_views, merge_anyres
 from mambavl.vision.images import DEFAULT_MAX_PIXELS
-from mambavl.vlm.prompts import PromptBuilder
+from mambavl.vlm.prompts import ChatTemplateBuilder, PromptBuilder
 from mambavl.vlm.sampling import SamplingParams, next_tokens
-from mambavl.vlm.sequence import MultimodalBatch, pack
-from mambavl.vlm.tokenizer import TextTokenizer, load_tokenizer
+from mambavl.vlm.sequence import (
+    IMAGE_PLACEHOLDER,
+    MultimodalBatch,
+    pack,
+    splice_image_first,
+    split_at_placeholder,
+)
+from mambavl.vlm.tokenizer import TextTokenizer, hub_chat_template, load_tokenizer
 
 
 @dataclass(frozen=True)
@@ -34,6 +41,13 @@ class VLMConfig:
     hub_id: str | None = None  # where the released weights live
     hub_layout: str | None = None  # their layout: "cobra" (run dir per model) or "mlmamba" (repo root)
     max_pixels: int = DEFAULT_MAX_PIXELS
+    # LLaVA-style models (Viper)
+    image_placement: str = "first"  # "first" (Cobra, ML-Mamba) or "placeholder": at `<image>` in the prompt
+    anyres: tuple[tuple[int, int], ...] | None = None  # AnyRes grid pinpoints; None = one view
+    image_newline: bool = False  # LLaVA-NeXT spatial_unpad: a learned embedding after every grid row
+    eos_token: str = "<|endoftext|>"  # the token that ends an answer
+    system_prompt: str | None = None  # default system prompt of chat-template formats
+    chat_template: str | None = None  # jinja template; None = the tokenizer repo's own (chat-template format)
 
 
 class VLM(nn.Module):
@@ -47,13 +61,14 @@ class VLM(nn.Module):
             config.projector, self.vision.embed_dim, config.lm.d_model, **config.projector_options
         )
         self.lm = LanguageModel(config.lm)
+        self.image_newline = nn.Parameter(torch.zeros(config.lm.d_model)) if config.image_newline else None
         self.image_transform = self.vision.transform(config.resize)
         self._tokenizer = tokenizer
 
     @property
     def tokenizer(self) -> TextTokenizer:
         if self._tokenizer is None:  # loaded on first use: building a model needs no tokenizer
-            self._tokenizer = load_tokenizer(self.config.tokenizer)
+            self._tokenizer = load_tokenizer(self.config.tokenizer, self.config.eos_token)
         return self._tokenizer
 
     @property
@@ -67,47 +82,88 @@ class VLM(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def get_prompt_builder(self, system_prompt: str | None = None) -> PromptBuilder:
+    def get_prompt_builder(self, system_prompt: str | None = None) -> PromptBuilder | ChatTemplateBuilder:
+        if self.config.prompt_format == "chat-template":
+            template = self.config.chat_template or hub_chat_template(self.config.tokenizer)
+            return ChatTemplateBuilder(
+                template, self.config.system_prompt if system_prompt is None else system_prompt
+            )
         return PromptBuilder(self.config.prompt_format, system_prompt)
 
     # ---- inputs --------------------------------------------------------------------------------------------
-    def pixel_values(self, images: list) -> torch.Tensor | dict[str, torch.Tensor]:
-        """Images (PIL, paths or bytes) -> the tower's batched input, on the model's device and dtype."""
-        tensors = [self.image_transform(load_image(im, self.config.max_pixels)) for im in images]
+    def _stack(self, tensors: list) -> torch.Tensor | dict[str, torch.Tensor]:
         move = dict(device=self.device, dtype=self.vision_dtype)
         if isinstance(tensors[0], dict):
             return {k: torch.stack([t[k] for t in tensors]).to(**move) for k in tensors[0]}
         return torch.stack(tensors).to(**move)
+
+    def pixel_values(self, images: list) -> torch.Tensor | dict[str, torch.Tensor]:
+        """Images (PIL, paths or bytes) -> the tower's batched input, on the model's device and dtype."""
+        return self._stack([self.image_transform(load_image(im, self.config.max_pixels)) for im in images])
 
     @property
     def vision_dtype(self) -> torch.dtype:
         return next(self.vision.parameters()).dtype
 
     def encode_images(self, pixel_values) -> torch.Tensor:
-        """[B, P, d_model]: the projected image embeddings."""
+        """[B, P, d_model]: the projected image embeddings of single-view images."""
         return self.projector(self.vision(pixel_values)).to(self.dtype)
 
+    def image_embeddings(self, images: list) -> list[torch.Tensor]:
+        """Each image's embedding sequence [N_i, d_model]; with AnyRes, N_i depends on the image's shape."""
+        if self.config.anyres is None:
+            return list(self.encode_images(self.pixel_values(images)))
+        out = []
+        for image in images:
+            img = load_image(image, self.config.max_pixels)
+            views, grid = anyres_views(img, list(self.config.anyres), self.vision.image_size)
+            features = self.encode_images(self._stack([self.image_transform(v) for v in views]))
+            if self.image_newline is not None:
+                out.append(merge_anyres(features, grid, img.size, self.image_newline.to(features.dtype)))
+            else:
+                out.append(features.flatten(0, 1))
+        return out
+
     def prepare(self, images: list, prompts: list[str]) -> tuple[MultimodalBatch, list[list[int]]]:
-        """Rows of (image or None, prompt) -> a packed batch, and each row's prompt ids."""
-        ids = [self.tokenizer.encode(p) for p in prompts]
-        for b, (image, row) in enumerate(zip(images, ids, strict=True)):
-            if not row and image is None:
-                raise ValueError(f"prompt {b} is empty and has no image: there is nothing to continue from")
+        """Rows of (image or None, prompt) -> a packed batch, and each row's prompt ids. The image goes
+        first (Cobra, ML-Mamba) or where the prompt says `<image>` (Viper, LLaVA-style)."""
         with_image = [b for b, im in enumerate(images) if im is not None]
-        image_embeds: list[torch.Tensor | None] = [None] * len(images)
-        if with_image:
-            encoded = self.encode_images(self.pixel_values([images[b] for b in with_image]))
-            for b, e in zip(with_image, encoded, strict=True):
-                image_embeds[b] = e
-        text = [self.lm.embed(torch.tensor([row], dtype=torch.long, device=self.device))[0] for row in ids]
-        batch = pack(text, image_embeds)
+        encoded = dict(
+            zip(
+                with_image,
+                self.image_embeddings([images[b] for b in with_image]) if with_image else [],
+                strict=True,
+            )
+        )
+
+        def embed(ids: list[int]) -> torch.Tensor:
+            return self.lm.embed(torch.tensor([ids], dtype=torch.long, device=self.device))[0]
+
+        rows, all_ids = [], []
+        for b, prompt in enumerate(prompts):
+            image = encoded.get(b)
+            if self.config.image_placement == "placeholder" and image is not None:
+                before, after = (self.tokenizer.encode(t) for t in split_at_placeholder(prompt))
+                row, ids = torch.cat([embed(before), image, embed(after)]), before + after
+            else:
+                if self.config.image_placement == "placeholder" and IMAGE_PLACEHOLDER in prompt:
+                    raise ValueError(f"prompt {b} has '{IMAGE_PLACEHOLDER}' but no image was given for it")
+                ids = self.tokenizer.encode(prompt)
+                if not ids and image is None:
+                    raise ValueError(
+                        f"prompt {b} is empty and has no image: there is nothing to continue from"
+                    )
+                row = splice_image_first(embed(ids), image)[0]
+            rows.append(row)
+            all_ids.append(ids)
+        batch = pack(rows, [None] * len(rows))
         longest = int(batch.lengths.max())
         if longest > self.config.max_length:
             raise ValueError(
                 f"the input is {longest} positions (image + prompt) but {self.config.name} takes at most "
                 f"{self.config.max_length}; shorten the prompt"
             )
-        return batch, ids
+        return batch, all_ids
 
     # ---- generation ------------------------------------------------------------------------------------
     @torch.inference_mode()

@@ -71,3 +71,47 @@ class PromptBuilder:
 
     def get_prompt(self) -> str:
         return self.prompt
+
+
+# A ChatML template for the tiny chat-template presets (the real ones use their tokenizer's own).
+CHATML_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+class ChatTemplateBuilder:
+    """Prompts rendered by a jinja chat template, as Viper does through `tokenizer.apply_chat_template`
+    (messages: the system prompt, then user / assistant turns; `<image>` stays where the image goes)."""
+
+    def __init__(self, template: str, system_prompt: str | None = None):
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = _raise
+        self.template = env.from_string(template)
+        self.messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+        self.turn_count = 0
+
+    def add_turn(self, role: str, message: str) -> str:
+        expected = "human" if self.turn_count % 2 == 0 else "gpt"
+        if role != expected:
+            raise ValueError(f"turn {self.turn_count} must be role {expected!r}, got {role!r}")
+        self.messages.append({"role": "user" if role == "human" else "assistant", "content": message.strip()})
+        self.turn_count += 1
+        return message
+
+    def _render(self, messages) -> str:
+        return self.template.render(messages=messages, add_generation_prompt=messages[-1]["role"] == "user")
+
+    def get_prompt(self) -> str:
+        return self._render(self.messages)
+
+    def get_potential_prompt(self, message: str) -> str:
+        if self.turn_count % 2:
+            raise ValueError("the next turn is the model's ('gpt'), not a user message")
+        return self._render([*self.messages, {"role": "user", "content": message.strip()}])
+
+
+def _raise(message: str):
+    raise ValueError(f"chat template: {message}")

@@ -73,3 +73,18 @@ def pack(
         if out_labels is not None:
             out_labels[i, : row.shape[0]] = label_rows[i]
     return MultimodalBatch(embeds, lengths, out_labels, positions)
+
+
+IMAGE_PLACEHOLDER = "<image>"
+
+
+def split_at_placeholder(prompt: str) -> tuple[str, str]:
+    """LLaVA-style prompts mark the image with one `<image>`: the text before and after it."""
+    count = prompt.count(IMAGE_PLACEHOLDER)
+    if count != 1:
+        raise ValueError(
+            f"the prompt holds {count} '{IMAGE_PLACEHOLDER}' markers; this model needs exactly one where the "
+            "image goes (none for a text-only prompt)"
+        )
+    before, after = prompt.split(IMAGE_PLACEHOLDER)
+    return before, after

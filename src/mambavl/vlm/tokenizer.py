@@ -47,14 +47,32 @@ def byte_tokenizer() -> TextTokenizer:
 
 def hub_tokenizer(repo_id: str) -> TextTokenizer:
     """tokenizer.json of a hub repo (local cache first)."""
+    return TextTokenizer(Tokenizer.from_file(_hub_file(repo_id, "tokenizer.json")))
+
+
+def load_tokenizer(name: str, eos_token: str = EOS) -> TextTokenizer:
+    tok = byte_tokenizer() if name == "bytes" else hub_tokenizer(name)
+    tok.eos_token = eos_token
+    return tok
+
+
+def _hub_file(repo_id: str, filename: str) -> str:
     from huggingface_hub import hf_hub_download
 
     try:
-        path = hf_hub_download(repo_id, "tokenizer.json", local_files_only=True)
+        return hf_hub_download(repo_id, filename, local_files_only=True)
     except Exception:
-        path = hf_hub_download(repo_id, "tokenizer.json")
-    return TextTokenizer(Tokenizer.from_file(path))
+        return hf_hub_download(repo_id, filename)
 
 
-def load_tokenizer(name: str) -> TextTokenizer:
-    return byte_tokenizer() if name == "bytes" else hub_tokenizer(name)
+def hub_chat_template(repo_id: str) -> str:
+    """The `chat_template` of a hub repo's tokenizer_config.json (what `apply_chat_template` renders)."""
+    import json
+    from pathlib import Path
+
+    template = json.loads(Path(_hub_file(repo_id, "tokenizer_config.json")).read_text()).get("chat_template")
+    if isinstance(template, list):  # several named templates: the default one
+        template = next((t["template"] for t in template if t.get("name") == "default"), None)
+    if not template:
+        raise ValueError(f"{repo_id}: tokenizer_config.json has no chat_template")
+    return template
