@@ -114,3 +114,109 @@ def test_placeholder_errors(vlm):
         vlm.generate(image(5, (60, 60)), "<image><image>")
     with pytest.raises(ValueError, match="has '<image>' but no image was given"):
         vlm.generate(None, prompt(vlm, "<image>\nWhat?"))
+
+
+# --- Viper's LLaVA-style checkpoints -----------------------------------------------------------------------
+
+LLAVA = {
+    "llava_falcon_mamba": ("backbone.", "mlp2x_gelu"),
+    "llava_jamba": ("model.", "linear"),
+}
+
+
+def write_llava(tmp_path, model_type):
+    """A Viper checkpoint as its code saves one: the LM's transformers weights under its prefix, the
+    projector and newline beside them, LLaVA's mm_* fields in config.json, the tokenizer files."""
+    import json
+
+    from safetensors.torch import save_file
+
+    import refmodels
+    from mambavl.vlm.tokenizer import byte_tokenizer
+
+    prefix, projector = LLAVA[model_type]
+    tf = refmodels.tf
+    if model_type == "llava_falcon_mamba":
+        lm = tf.FalconMambaForCausalLM(
+            tf.FalconMambaConfig(vocab_size=264, hidden_size=64, state_size=8, num_hidden_layers=2)
+        )
+    else:
+        lm = tf.JambaForCausalLM(
+            tf.JambaConfig(
+                vocab_size=264,
+                hidden_size=64,
+                intermediate_size=96,
+                num_hidden_layers=4,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                attn_layer_period=2,
+                attn_layer_offset=1,
+                num_experts=4,
+                num_experts_per_tok=2,
+                mamba_d_state=8,
+            )
+        )
+    refmodels.perturb(lm)
+    directory = tmp_path / model_type
+    lm.save_pretrained(directory)
+    from safetensors.torch import load_file
+
+    sd = {}
+    for f in directory.glob("*.safetensors"):
+        sd.update(load_file(f))
+        f.unlink()
+    torch.manual_seed(3)
+    if projector == "linear":
+        mm = {"mm_projector.weight": torch.randn(64, 32), "mm_projector.bias": torch.randn(64)}
+    else:
+        mm = {
+            f"mm_projector.{i}.{n}": torch.randn(64, 32 if i == 0 and n == "weight" else 64)
+            if n == "weight"
+            else torch.randn(64)
+            for i in (0, 2)
+            for n in ("weight", "bias")
+        }
+    mm["image_newline"] = torch.randn(64)
+    sd |= {prefix + k: v for k, v in mm.items()}
+    sd[prefix + "vision_tower.vision_tower.unused.weight"] = torch.zeros(2)  # saved, never used
+    save_file(sd, directory / "model.safetensors")
+    cfg = json.loads((directory / "config.json").read_text())
+    cfg |= {
+        "model_type": model_type,
+        "mm_vision_tower": "tiny-clip",
+        "mm_vision_select_layer": -2,
+        "mm_projector_type": projector,
+        "mm_hidden_size": 32,
+        "image_aspect_ratio": "anyres",
+        "image_grid_pinpoints": [[56, 56], [112, 56], [56, 112], [112, 112]],
+        "mm_patch_merge_type": "spatial_unpad",
+    }
+    (directory / "config.json").write_text(json.dumps(cfg))
+    byte_tokenizer().tokenizer.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(
+        json.dumps({"chat_template": CHATML_TEMPLATE, "eos_token": "<|endoftext|>"})
+    )
+    return directory, lm, mm
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("model_type", sorted(LLAVA))
+def test_viper_checkpoint_loads_and_converts(tmp_path, model_type):
+    from mambavl.checkpoints.vlm import convert, load
+
+    directory, ref, mm = write_llava(tmp_path, model_type)
+    vlm = load(directory)
+    ids = torch.randint(0, 257, (2, 19))
+    assert (vlm.lm(ids) - ref(ids).logits).abs().max() <= 1e-4  # the LM equals transformers'
+    torch.testing.assert_close(vlm.image_newline.data, mm["image_newline"])
+    proj = {k.replace("mm_projector", "projector"): v for k, v in mm.items() if k.startswith("mm_projector")}
+    for k, v in proj.items():
+        torch.testing.assert_close(vlm.projector.state_dict()[k], v)
+    assert vlm.config.anyres == ((56, 56), (112, 56), (56, 112), (112, 112)) and vlm.config.image_newline
+    p = prompt(vlm, "<image>\nWhat is it?")
+    assert p.startswith("<|im_start|>system\nYou are a helpful language and vision assistant. <|im_end|>")
+    img = image(7, (100, 60))
+    want = vlm.generate(img, p, max_new_tokens=5, min_length=5)
+    assert (
+        load(convert(directory, tmp_path / "ours")).generate(img, p, max_new_tokens=5, min_length=5) == want
+    )

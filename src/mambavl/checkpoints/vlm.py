@@ -80,7 +80,7 @@ def _from_ours(directory: Path, raw: dict) -> VLM:
     from tokenizers import Tokenizer
 
     config = config_from_dict(raw["config"])
-    tokenizer = TextTokenizer(Tokenizer.from_file(str(directory / "tokenizer.json")))
+    tokenizer = TextTokenizer(Tokenizer.from_file(str(directory / "tokenizer.json")), config.eos_token)
     with torch.device("meta"):
         vlm = VLM(config, tokenizer=tokenizer)
     try:
@@ -150,7 +150,9 @@ def _from_seed(directory: Path, preset: VLMConfig | None, pretrained_tower: bool
     config = _seed_config(directory, set(groups), preset)
     with torch.device("meta"):
         vlm = VLM(config, pretrained_tower=False)
-    vlm.vision = build_tower(config.tower, pretrained_tower)  # not stored: timm's weights (or the fixed init)
+    vlm.vision = build_tower(
+        config.tower, pretrained_tower, config.feature_layer
+    )  # not stored: timm's weights (or the fixed init)
 
     # LM: strip FSDP's `llm.` prefix (Cobra), then mamba_ssm's key names -> ours
     llm = {k.removeprefix("llm."): v for k, v in groups["llm_backbone"].items()}
@@ -172,6 +174,114 @@ def _from_seed(directory: Path, preset: VLMConfig | None, pretrained_tower: bool
         expected = {k: v.shape for k, v in module.state_dict().items()}
         check_weights(sd, expected, {k: f"{path.name}:{group}.{k}" for k in sd}, f"{path}: {group}")
         module.load_state_dict(sd, strict=True, assign=True)
+    return vlm
+
+
+# ---- Viper's LLaVA-style layout --------------------------------------------------------------------------
+# model_type -> (the LM's transformers model_type, the prefix its weights live under)
+LLAVA_TYPES = {"llava_falcon_mamba": ("falcon_mamba", "backbone."), "llava_jamba": ("jamba", "model.")}
+LLAVA_TOWERS = {"openai/clip-vit-large-patch14-336": "clip-vit-l-336px"}
+LLAVA_PROJECTORS = {"linear": "linear", "mlp2x_gelu": "gelu-mlp"}
+LLAVA_EOS = {"falcon_mamba": "<|im_end|>", "jamba": "<|eom|>"}
+
+
+def _llava_config(directory: Path, raw: dict, preset: VLMConfig | None) -> VLMConfig:
+    from mambavl.lm.layouts import lm_config_from_json
+    from mambavl.vision import TOWER_SETS
+
+    where = directory / "config.json"
+    lm_type, _ = LLAVA_TYPES[raw["model_type"]]
+    lm, _ = lm_config_from_json(raw | {"model_type": lm_type}, where)
+    tower_id = raw.get("mm_vision_tower", "openai/clip-vit-large-patch14-336")
+    tower = LLAVA_TOWERS.get(tower_id, tower_id)
+    if tower not in TOWER_SETS:
+        raise CheckpointError(
+            f"{where}: mm_vision_tower {tower_id!r} is not a tower mambavl knows ({sorted(LLAVA_TOWERS)})"
+        )
+    projector = LLAVA_PROJECTORS.get(raw.get("mm_projector_type", "linear"))
+    if projector is None:
+        raise CheckpointError(
+            f"{where}: mm_projector_type {raw['mm_projector_type']!r}; known: {sorted(LLAVA_PROJECTORS)}"
+        )
+    if raw.get("mm_vision_select_feature", "patch") != "patch":
+        raise CheckpointError(f"{where}: only mm_vision_select_feature 'patch' (CLS dropped) is supported")
+    anyres = None
+    if raw.get("image_aspect_ratio") == "anyres":
+        anyres = tuple(tuple(p) for p in raw["image_grid_pinpoints"])
+    tokenizer_config = directory / "tokenizer_config.json"
+    tok_cfg = read_json(tokenizer_config) if tokenizer_config.is_file() else {}
+    eos = preset.eos_token if preset else tok_cfg.get("eos_token") or LLAVA_EOS[lm_type]
+    if isinstance(eos, dict):
+        eos = eos.get("content")
+    has_tokenizer = (directory / "tokenizer.json").is_file()
+    if not has_tokenizer and preset is None:
+        raise CheckpointError(f"{directory}: no tokenizer.json beside the weights")
+    return VLMConfig(
+        name=raw.get("_name_or_path") or directory.name,
+        tower=tower,
+        projector=projector,
+        lm=lm,
+        tokenizer=str(directory / "tokenizer.json") if has_tokenizer else preset.tokenizer,
+        prompt_format="chat-template",
+        feature_layer=raw.get("mm_vision_select_layer", -2),
+        image_placement="placeholder",
+        anyres=anyres,
+        image_newline="unpad" in raw.get("mm_patch_merge_type", "flat"),
+        eos_token=eos,
+        system_prompt=preset.system_prompt if preset else "You are a helpful language and vision assistant. ",
+        chat_template=tok_cfg.get("chat_template") or (preset.chat_template if preset else None),
+        max_length=raw.get("tokenizer_model_max_length", 32768),
+    )
+
+
+def _from_llava(directory: Path, raw: dict, preset: VLMConfig | None, pretrained_tower: bool) -> VLM:
+    from mambavl.checkpoints.files import read_state_dict
+    from mambavl.lm.layouts import rename_keys, stack_experts
+
+    config = _llava_config(directory, raw, preset)
+    lm_type, prefix = LLAVA_TYPES[raw["model_type"]]
+    with torch.device("meta"):
+        vlm = VLM(config)
+    vlm.vision = build_tower(config.tower, pretrained_tower, config.feature_layer)  # reloaded, as Viper does
+
+    tensors, origin = read_state_dict(directory)
+    lm_sd, mm = {}, {}
+    for key, value in tensors.items():
+        rest = key.removeprefix(prefix)
+        if rest.startswith(("mm_projector.", "image_newline")):
+            mm[rest] = value
+        elif rest.startswith(("vision_tower.", "pos_emb.")):
+            continue  # the tower comes from its own weights; Viper's Jamba keeps an unused rotary table
+        else:
+            lm_sd[key] = value
+    names = rename_keys(lm_sd, lm_type)
+    source = {names[k]: f"{origin[k].name}:{k}" for k in lm_sd}
+    sd = {names[k]: v for k, v in lm_sd.items()}
+    if lm_type == "jamba":
+        sd = stack_experts(sd, config.lm.n_experts, str(directory))
+    if config.lm.tie_embeddings:
+        sd.pop("lm_head.weight", None)
+    assign_lm_weights(vlm.lm, sd, source, f"{directory}: language model")
+
+    projector = {
+        "projector." + k.removeprefix("mm_projector."): v
+        for k, v in mm.items()
+        if k.startswith("mm_projector.")
+    }
+    expected = {k: v.shape for k, v in vlm.projector.state_dict().items()}
+    check_weights(
+        projector,
+        expected,
+        {k: f"mm_projector.{k.removeprefix('projector.')}" for k in projector},
+        f"{directory}: mm_projector",
+    )
+    vlm.projector.load_state_dict(projector, assign=True)
+    if config.image_newline:
+        if "image_newline" not in mm:
+            raise CheckpointError(
+                f"{directory}: mm_patch_merge_type asks for {prefix}image_newline, which is missing"
+            )
+        vlm.image_newline = torch.nn.Parameter(mm["image_newline"])
     return vlm
 
 
@@ -213,6 +323,8 @@ def load(
     raw = read_json(directory / "config.json") if (directory / "config.json").is_file() else {}
     if raw.get("format") == FORMAT:
         vlm = _from_ours(directory, raw)
+    elif raw.get("model_type") in LLAVA_TYPES:
+        vlm = _from_llava(directory, raw, preset, pretrained_tower and not _tiny_tower(directory, preset))
     else:
         vlm = _from_seed(directory, preset, pretrained_tower and not _tiny_tower(directory, preset))
     if dtype is not None:
@@ -222,7 +334,8 @@ def load(
 
 def _tiny_tower(directory: Path, preset: VLMConfig | None) -> bool:
     cfg = read_json(directory / "config.json") if (directory / "config.json").is_file() else {}
-    tower = (cfg.get("model") or {}).get("vision_backbone_id") or (preset.tower if preset else "")
+    tower = (cfg.get("model") or {}).get("vision_backbone_id") or cfg.get("mm_vision_tower")
+    tower = tower or (preset.tower if preset else "")
     return tower.startswith("tiny-")
 
 

@@ -7,6 +7,7 @@ transform, and concatenates their features on the channel axis.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -138,13 +139,21 @@ _SHORT = {
 }
 
 
-def create_tower(name: str, pretrained: bool = False) -> VisionTower | FusedTower:
-    """A tower or fused tower set by name (TOWER_SETS or TOWERS)."""
-    if name in TOWERS:
-        return VisionTower(TOWERS[name], pretrained)
-    if name not in TOWER_SETS:
+def create_tower(
+    name: str, pretrained: bool = False, feature_layer: int | None = None
+) -> VisionTower | FusedTower:
+    """A tower or fused tower set by name (TOWER_SETS or TOWERS); `feature_layer` overrides where the
+    features are taken (LLaVA-style configs say it: `mm_vision_select_layer`)."""
+    if name not in TOWERS and name not in TOWER_SETS:
         raise KeyError(f"unknown vision tower {name!r}; known: {sorted(TOWER_SETS | TOWERS)}")
-    members = TOWER_SETS[name]
+    members = (name,) if name in TOWERS else TOWER_SETS[name]
+
+    def one(member: str) -> VisionTower:
+        cfg = TOWERS[member]
+        if feature_layer is not None:
+            cfg = dataclasses.replace(cfg, feature_layer=feature_layer)
+        return VisionTower(cfg, pretrained)
+
     if len(members) == 1:
-        return VisionTower(TOWERS[members[0]], pretrained)
-    return FusedTower({_SHORT.get(m, m): VisionTower(TOWERS[m], pretrained) for m in members})
+        return one(members[0])
+    return FusedTower({_SHORT.get(m, m): one(m) for m in members})

@@ -42,6 +42,7 @@ class VLMConfig:
     hub_layout: str | None = None  # their layout: "cobra" (run dir per model) or "mlmamba" (repo root)
     max_pixels: int = DEFAULT_MAX_PIXELS
     # LLaVA-style models (Viper)
+    feature_layer: int | None = None  # tower block the features come from (None: the tower's default, -2)
     image_placement: str = "first"  # "first" (Cobra, ML-Mamba) or "placeholder": at `<image>` in the prompt
     anyres: tuple[tuple[int, int], ...] | None = None  # AnyRes grid pinpoints; None = one view
     image_newline: bool = False  # LLaVA-NeXT spatial_unpad: a learned embedding after every grid row
@@ -56,7 +57,7 @@ class VLM(nn.Module):
     ):
         super().__init__()
         self.config = config
-        self.vision = build_tower(config.tower, pretrained_tower)
+        self.vision = build_tower(config.tower, pretrained_tower, config.feature_layer)
         self.projector = create_projector(
             config.projector, self.vision.embed_dim, config.lm.d_model, **config.projector_options
         )
@@ -246,14 +247,14 @@ class VLM(nn.Module):
             logits = self.lm.lm_head(hidden[:, -1])
 
 
-def build_tower(name: str, pretrained: bool):
+def build_tower(name: str, pretrained: bool, feature_layer: int | None = None):
     """A tower with timm's pretrained weights, or else a fixed random init: layouts that do not store
     vision weights (Cobra's, ML-Mamba's) then rebuild the same tiny tower every time."""
     if pretrained:
-        return create_tower(name, pretrained=True)
+        return create_tower(name, pretrained=True, feature_layer=feature_layer)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        return create_tower(name, pretrained=False)
+        return create_tower(name, pretrained=False, feature_layer=feature_layer)
 
 
 _SEED_ONLY = ("use_cache", "cg")

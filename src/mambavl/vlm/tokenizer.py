@@ -51,7 +51,15 @@ def hub_tokenizer(repo_id: str) -> TextTokenizer:
 
 
 def load_tokenizer(name: str, eos_token: str = EOS) -> TextTokenizer:
-    tok = byte_tokenizer() if name == "bytes" else hub_tokenizer(name)
+    """ "bytes" (built in), a local tokenizer.json, or a hub repo."""
+    from pathlib import Path
+
+    if name == "bytes":
+        tok = byte_tokenizer()
+    elif Path(name).is_file():
+        tok = TextTokenizer(Tokenizer.from_file(name))
+    else:
+        tok = hub_tokenizer(name)
     tok.eos_token = eos_token
     return tok
 
