@@ -145,3 +145,50 @@ def test_msc_is_time_reversal_symmetric_when_both_directions_agree():
     # every part is token-wise except the mixers, which are now symmetric under reversing time
     torch.testing.assert_close(msc(x.flip(1)), msc(x).flip(1), atol=1e-5, rtol=1e-5)
     assert msc(x).shape == (1, 16, 32)
+
+
+@torch.no_grad()
+def test_four_direction_cross_scan_is_the_mean_of_four_mamba2_scans():
+    """Row-major, reversed, column-major, reversed column-major: each through our (transformers-verified)
+    single-direction mixer with that direction's parameters, mapped back to row-major positions."""
+    import copy
+
+    from mambavl.lm.mamba2 import Mamba2Mixer
+    from mambavl.projectors.msc import SUFFIXES, BiMamba2Mixer, connector_config
+
+    cfg = connector_config(32, **TINY_MSC)
+    mixer = BiMamba2Mixer(cfg, directions=4)
+    for p in mixer.parameters():
+        p.add_(torch.randn_like(p) * 0.1)
+    side = 4
+    x = torch.randn(2, side * side, 32)
+    cols = torch.arange(side * side).view(side, side).t().flatten()
+    orders = [torch.arange(side * side), torch.arange(side * side).flip(0), cols, cols.flip(0)]
+    want = 0
+    for suffix, order in zip(SUFFIXES, orders, strict=True):
+        single = Mamba2Mixer(cfg)
+        single.load_state_dict({k: v for k, v in mixer.state_dict().items() if k in single.state_dict()})
+        for name in ("dt_bias", "A_log", "D"):
+            getattr(single, name).copy_(getattr(mixer, name + suffix))
+        single.conv1d = copy.deepcopy(getattr(mixer, "conv1d" + suffix))
+        y = single(x[:, order])
+        want = want + torch.empty_like(y).index_copy_(1, order, y)
+    torch.testing.assert_close(mixer(x), want / 4, atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_four_direction_msc_is_transpose_equivariant_when_directions_agree():
+    msc = create_projector("msc", 12, 32, directions=4, **TINY_MSC)
+    for layer in msc.bidirectional_mamba.layers:
+        m = layer.mixer
+        for suffix in ("_b", "_c", "_d"):
+            getattr(m, "conv1d" + suffix).load_state_dict(m.conv1d.state_dict())
+            for name in ("dt_bias", "A_log", "D"):
+                getattr(m, name + suffix).copy_(getattr(m, name))
+    grid = torch.randn(1, 4, 4, 12)
+    transposed = grid.transpose(1, 2)
+    out = msc(grid.flatten(1, 2)).view(1, 4, 4, 32)
+    out_t = msc(transposed.flatten(1, 2)).view(1, 4, 4, 32)
+    torch.testing.assert_close(out_t, out.transpose(1, 2), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="square patch grid"):
+        msc(torch.randn(1, 10, 12))

@@ -13,6 +13,8 @@ multi-direction scans are not in the released code).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -23,29 +25,52 @@ from mambavl.lm.mamba1 import conv_step, depthwise_conv
 from mambavl.lm.mamba2 import Mamba2Mixer
 from mambavl.projectors.mlp import FusedMLPProjector
 
+# Scan orders over a square patch grid; each direction after the first has its own conv / dt_bias / A_log / D
+# with a suffix (the release's second direction is `_b`; `_c`, `_d` are our 4-direction option's).
+SUFFIXES = ("", "_b", "_c", "_d")
+
+
+def scan_orders(n_tokens: int, directions: int) -> list[torch.Tensor | None]:
+    """Token permutations for each direction: row-major, its reverse, then column-major and its reverse
+    (None: the identity)."""
+    rev = torch.arange(n_tokens - 1, -1, -1)
+    if directions == 2:
+        return [None, rev]
+    side = math.isqrt(n_tokens)
+    if side * side != n_tokens:
+        raise ValueError(f"a 4-direction cross-scan needs a square patch grid, got {n_tokens} tokens")
+    cols = torch.arange(n_tokens).view(side, side).t().flatten()
+    return [None, rev, cols, cols.flip(0)]
+
 
 class BiMamba2Mixer(Mamba2Mixer):
-    def __init__(self, cfg: LMConfig):
-        super().__init__(cfg)
-        self.conv1d_b = depthwise_conv(self.conv_dim, cfg)
-        self.dt_bias_b = nn.Parameter(self.dt_bias.detach().clone())
-        self.A_log_b = nn.Parameter(self.A_log.detach().clone())
-        self.D_b = nn.Parameter(self.D.detach().clone())
+    """`directions=2`: the released bidirectional mixer; `directions=4`: also column-major scans."""
 
-    def _direction(self, z, xBC, dt, conv, dt_bias, A_log, D) -> torch.Tensor:
+    def __init__(self, cfg: LMConfig, directions: int = 2):
+        super().__init__(cfg)
+        if directions not in (2, 4):
+            raise ValueError(f"directions must be 2 (as released) or 4 (cross-scan), got {directions}")
+        self.directions = directions
+        for suffix in SUFFIXES[1:directions]:
+            setattr(self, "conv1d" + suffix, depthwise_conv(self.conv_dim, cfg))
+            for name in ("dt_bias", "A_log", "D"):
+                setattr(self, name + suffix, nn.Parameter(getattr(self, name).detach().clone()))
+
+    def _direction(self, z, xBC, dt, suffix: str) -> torch.Tensor:
         batch, T, _ = z.shape
         h, p, g, n = self.nheads, self.headdim, self.ngroups, self.d_state
+        conv = getattr(self, "conv1d" + suffix)
         xBC = conv_step(xBC.transpose(1, 2), conv, None).transpose(1, 2)
         x, B, C = xBC.split([self.d_inner, g * n, g * n], dim=-1)
         y = ops.mamba_chunk_scan_combined(
             x.reshape(batch, T, h, p),
             dt,
-            -torch.exp(A_log.float()),
+            -torch.exp(getattr(self, "A_log" + suffix).float()),
             B.reshape(batch, T, g, n),
             C.reshape(batch, T, g, n),
             self.chunk_size,
-            D=D,
-            dt_bias=dt_bias,
+            D=getattr(self, "D" + suffix),
+            dt_bias=getattr(self, "dt_bias" + suffix),
             dt_softplus=True,
             dt_limit=self.dt_limit,
         )
@@ -54,11 +79,16 @@ class BiMamba2Mixer(Mamba2Mixer):
     def forward(self, hidden: torch.Tensor, state=None, valid=None) -> torch.Tensor:
         if state is not None or valid is not None:
             raise ValueError("the bidirectional connector reads whole images: it takes no state or padding")
-        z, xBC, dt = self.in_proj(hidden).split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
-        fwd = self._direction(z, xBC, dt, self.conv1d, self.dt_bias, self.A_log, self.D)
-        flip = [t.flip(1) for t in (z, xBC, dt)]
-        bwd = self._direction(*flip, self.conv1d_b, self.dt_bias_b, self.A_log_b, self.D_b).flip(1)
-        return self.out_proj((fwd + bwd) / 2)
+        parts = self.in_proj(hidden).split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
+        total = 0
+        for suffix, order in zip(SUFFIXES, scan_orders(hidden.shape[1], self.directions), strict=False):
+            if order is None:
+                total = total + self._direction(*parts, suffix)
+                continue
+            order = order.to(hidden.device)
+            y = self._direction(*(t[:, order] for t in parts), suffix)
+            total = total + torch.empty_like(y).index_copy_(1, order, y)  # back to row-major positions
+        return self.out_proj(total / self.directions)
 
 
 class SwiGLU(nn.Module):
@@ -71,10 +101,10 @@ class SwiGLU(nn.Module):
 
 
 class BiMambaBlock(nn.Module):
-    def __init__(self, cfg: LMConfig):
+    def __init__(self, cfg: LMConfig, directions: int = 2):
         super().__init__()
         self.norm = nn.LayerNorm(cfg.d_model, eps=1e-5)
-        self.mixer = BiMamba2Mixer(cfg)
+        self.mixer = BiMamba2Mixer(cfg, directions)
         self.mlp = SwiGLU(cfg.d_model, cfg.d_model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -83,9 +113,9 @@ class BiMambaBlock(nn.Module):
 
 
 class BidirectionalMamba(nn.Module):
-    def __init__(self, cfg: LMConfig):
+    def __init__(self, cfg: LMConfig, directions: int = 2):
         super().__init__()
-        self.layers = nn.ModuleList(BiMambaBlock(cfg) for _ in range(cfg.n_layer))
+        self.layers = nn.ModuleList(BiMambaBlock(cfg, directions) for _ in range(cfg.n_layer))
         self.norm_f = nn.LayerNorm(cfg.d_model, eps=1e-5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -103,12 +133,15 @@ def connector_config(llm_dim: int, n_layer: int = 2, **mamba2) -> LMConfig:
 
 
 class MSCProjector(nn.Module):
-    """`msc`: checkpoint groups `mlp`, `bidirectional_mamba`, `projector` map to these submodules."""
+    """`msc`: checkpoint groups `mlp`, `bidirectional_mamba`, `projector` map to these submodules.
+    `directions=4` adds column-major scans over the patch grid (the paper's 2-D idea; not in the release)."""
 
-    def __init__(self, vision_dim: int, llm_dim: int, n_layer: int = 2, **mamba2):
+    def __init__(self, vision_dim: int, llm_dim: int, n_layer: int = 2, directions: int = 2, **mamba2):
         super().__init__()
         self.mlp = nn.Sequential(nn.Linear(vision_dim, llm_dim), nn.GELU())
-        self.bidirectional_mamba = BidirectionalMamba(connector_config(llm_dim, n_layer, **mamba2))
+        self.bidirectional_mamba = BidirectionalMamba(
+            connector_config(llm_dim, n_layer, **mamba2), directions
+        )
         self.projector = FusedMLPProjector(llm_dim, llm_dim)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
