@@ -141,3 +141,12 @@ def test_top_level_api_as_the_seeds_call_it(tmp_path):
     write_cobra(perturbed("tiny-cobra"), tmp_path / "run")
     vlm = mambavl.load(str(tmp_path / "run"))
     assert isinstance(vlm, mambavl.VLM)
+
+
+def test_align_stage_checkpoint_is_explained(tmp_path):
+    run = write_cobra(perturbed("tiny-cobra"), tmp_path / "run")
+    ckpt = run / "checkpoints" / "latest-checkpoint.pt"
+    groups = torch.load(ckpt, weights_only=True)["model"]
+    torch.save({"model": {"projector": groups["projector"]}}, ckpt)
+    with pytest.raises(CheckpointError, match="an align-stage checkpoint"):
+        load(run)

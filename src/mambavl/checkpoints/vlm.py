@@ -150,10 +150,14 @@ def _from_seed(directory: Path, preset: VLMConfig | None, pretrained_tower: bool
     config = _seed_config(directory, set(groups), preset)
     with torch.device("meta"):
         vlm = VLM(config, pretrained_tower=False)
-    vlm.vision = build_tower(
-        config.tower, pretrained_tower, config.feature_layer
-    )  # not stored: timm's weights (or the fixed init)
+    # the tower is not stored: timm's pretrained weights (or the fixed init of a tiny tower)
+    vlm.vision = build_tower(config.tower, pretrained_tower, config.feature_layer)
 
+    if "llm_backbone" not in groups:
+        raise CheckpointError(
+            f"{path}: only {sorted(groups)} saved (an align-stage checkpoint?); it holds no language model. "
+            "Load the finetuned run directory instead."
+        )
     # LM: strip FSDP's `llm.` prefix (Cobra), then mamba_ssm's key names -> ours
     llm = {k.removeprefix("llm."): v for k, v in groups["llm_backbone"].items()}
     sd = from_mamba_ssm_keys(llm, config.lm.tie_embeddings)
