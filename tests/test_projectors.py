@@ -24,7 +24,7 @@ KEYS = {
 
 
 def test_every_projector_is_covered():
-    assert set(PROJECTORS) == set(KEYS) | {"msc"}  # the MSC has its own tests below
+    assert set(PROJECTORS) == set(KEYS) | {"msc", "vss-l2"}  # these two have their own tests below
 
 
 @pytest.mark.parametrize("name", sorted(KEYS))
@@ -192,3 +192,61 @@ def test_four_direction_msc_is_transpose_equivariant_when_directions_agree():
     torch.testing.assert_close(out_t, out.transpose(1, 2), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="square patch grid"):
         msc(torch.randn(1, 10, 12))
+
+
+# --- VL-Mamba's VSS connector (SS2D cross-scan) -------------------------------------------------------------
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("directions", [2, 4])
+def test_ss2d_equals_independent_scans_per_direction(directions):
+    """Each direction: its own scan order over a 3×4 grid, its own x_proj / dt_proj / A / D, the textbook
+    recurrence (test_ops), mapped back to row-major and summed; then LayerNorm, the silu(z) gate, out_proj."""
+    from mambavl.projectors.vss import SS2D
+    from test_ops import loop_selective_scan
+
+    ss = SS2D(16, d_state=4, directions=directions)
+    for p in ss.parameters():
+        p.add_(torch.randn_like(p) * 0.1)
+    h, w, b = 3, 4, 2
+    grid = torch.randn(b, h, w, 16)
+    x, z = ss.in_proj(grid).chunk(2, dim=-1)
+    x = F.silu(ss.conv2d(x.permute(0, 3, 1, 2))).reshape(b, ss.d_inner, h * w)  # row-major
+    cols = torch.arange(h * w).view(h, w).t().flatten()
+    orders = [torch.arange(h * w), torch.arange(h * w).flip(0), cols, cols.flip(0)]
+    orders = orders[:2] if directions == 2 else [orders[0], orders[2], orders[1], orders[3]]
+    total = 0
+    d = ss.d_inner
+    for k, order in enumerate(orders):
+        xs = x[:, :, order]
+        dbl = torch.einsum("bdl,cd->bcl", xs, ss.x_proj_weight[k])
+        dt, B, C = dbl.split([ss.rank, ss.d_state, ss.d_state], dim=1)
+        dt = torch.einsum("brl,dr->bdl", dt, ss.dt_projs_weight[k])
+        A = -torch.exp(ss.A_logs[k * d : (k + 1) * d])
+        y, _ = loop_selective_scan(
+            xs, dt, A, B, C, ss.Ds[k * d : (k + 1) * d], None, ss.dt_projs_bias[k], softplus=True
+        )
+        total = total + torch.empty_like(y).index_copy_(2, order, y)
+    y = total.transpose(1, 2).reshape(b, h, w, d)
+    want = ss.out_proj(ss.out_norm(y) * F.silu(z))
+    torch.testing.assert_close(ss(grid), want, atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_vss_connector_is_transpose_equivariant_when_directions_agree():
+    p = create_projector("vss-l2", 12, 32, d_state=4)
+    ss = p.vss
+    for name in ("x_proj_weight", "dt_projs_weight", "dt_projs_bias"):
+        getattr(ss, name).copy_(getattr(ss, name)[:1].expand_as(getattr(ss, name)))
+    d = ss.d_inner
+    ss.A_logs.copy_(ss.A_logs[:d].repeat(4, 1))
+    ss.Ds.copy_(ss.Ds[:d].repeat(4))
+    ss.conv2d.weight.copy_((ss.conv2d.weight + ss.conv2d.weight.transpose(2, 3)) / 2)  # a symmetric kernel
+    grid = torch.randn(1, 4, 4, 12)
+    out = p(grid.flatten(1, 2)).view(1, 4, 4, 32)
+    out_t = p(grid.transpose(1, 2).flatten(1, 2)).view(1, 4, 4, 32)
+    torch.testing.assert_close(out_t, out.transpose(1, 2), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="square patch grid"):
+        p(torch.randn(1, 10, 12))
+    with pytest.raises(ValueError, match="directions must be 2"):
+        create_projector("vss-l2", 12, 32, directions=3)

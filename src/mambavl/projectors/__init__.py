@@ -7,6 +7,7 @@ from torch import nn
 from mambavl.projectors.ldp import FusedLDPProjector
 from mambavl.projectors.mlp import FusedMLPProjector, LinearProjector, MLPProjector
 from mambavl.projectors.msc import MSCProjector
+from mambavl.projectors.vss import VSSProjector
 
 PROJECTORS: dict[str, type[nn.Module]] = {
     "linear": LinearProjector,
@@ -14,6 +15,7 @@ PROJECTORS: dict[str, type[nn.Module]] = {
     "fused-gelu-mlp": FusedMLPProjector,
     "fused-ldpnet": FusedLDPProjector,
     "msc": MSCProjector,  # ML-Mamba's Mamba-2 Scan Connector
+    "vss-l2": VSSProjector,  # VL-Mamba's connector (its paper; no code was released)
 }
 
 
@@ -31,5 +33,6 @@ __all__ = [
     "LinearProjector",
     "MLPProjector",
     "MSCProjector",
+    "VSSProjector",
     "create_projector",
 ]
