@@ -138,3 +138,28 @@ def test_sampling_controls():
 def test_unknown_preset():
     with pytest.raises(KeyError, match="unknown preset 'cobra'"):
         mambavl.create("cobra")
+
+
+@pytest.mark.parametrize("name", sorted(mambavl.PRESETS))
+def test_every_preset_builds_and_tiny_ones_run(name):
+    meta = mambavl.create(name, device="meta")
+    assert meta.projector(
+        torch.empty(1, meta.vision.num_patches, meta.vision.embed_dim, device="meta")
+    ).shape[-1] == (meta.config.lm.d_model)
+    if not name.startswith("tiny-"):
+        return
+    vlm = mambavl.create(name)
+    text = "<image>\nWhat?" if vlm.config.image_placement == "placeholder" else "What?"
+    p = prompt(vlm, text)
+    batch, _ = vlm.prepare([image(9), None], [p, prompt(vlm, "text only")])
+    logits = vlm.lm(inputs_embeds=batch.embeds, lengths=batch.lengths)
+    assert logits.shape[:2] == batch.embeds.shape[:2] and torch.isfinite(logits).all()
+    assert isinstance(vlm.generate(image(9), p, max_new_tokens=2), str)
+
+
+def test_save_and_from_pretrained_methods(tmp_path):
+    vlm = mambavl.create("tiny-cobra")
+    vlm.save_pretrained(tmp_path / "m")
+    again = mambavl.VLM.from_pretrained(tmp_path / "m")
+    for k, v in vlm.state_dict().items():
+        torch.testing.assert_close(again.state_dict()[k], v, atol=0, rtol=0)

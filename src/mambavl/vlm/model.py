@@ -83,6 +83,19 @@ class VLM(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    def save_pretrained(self, directory):
+        """mambavl's own layout: config.json, model.safetensors (all weights), tokenizer.json."""
+        from mambavl.checkpoints.vlm import save_pretrained
+
+        return save_pretrained(self, directory)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, dtype=None, device=None) -> VLM:
+        """Same as `mambavl.load`: our layout, the seeds' layouts, or a preset's released weights."""
+        from mambavl.checkpoints.vlm import load
+
+        return load(name_or_path, dtype=dtype, device=device)
+
     def get_prompt_builder(self, system_prompt: str | None = None) -> PromptBuilder | ChatTemplateBuilder:
         if self.config.prompt_format == "chat-template":
             template = self.config.chat_template or hub_chat_template(self.config.tokenizer)
