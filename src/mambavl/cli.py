@@ -52,6 +52,50 @@ def convert(
     console.print(f"wrote {out}")
 
 
+data_app = typer.Typer(help="Datasets: validation before training.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("check")
+def data_check(
+    dataset: str = typer.Option(None, help="A registered dataset id (with --data-root), e.g. llava-v15."),
+    data_root: str = typer.Option(None, help="The directory the dataset's `download/...` paths live in."),
+    annotations: str = typer.Option(None, help="A LLaVA JSON / JSONL file (instead of --dataset)."),
+    images: str = typer.Option(None, help="The image root for --annotations."),
+    stage: str = typer.Option("finetune", help="align or finetune: how samples are tokenized."),
+    model: str = typer.Option(
+        "cobra+3b", help="Preset or model directory: tokenizer, prompt format, limits."
+    ),
+    decode: bool = typer.Option(True, help="Decode every image (slower, catches corrupt files)."),
+) -> None:
+    """Report every sample that cannot train (broken JSON, malformed turns, missing or corrupt images,
+    over-long), with its id. Exits with status 1 when any is found."""
+    from pathlib import Path
+
+    import mambavl
+    from mambavl.data import check_file, dataset_paths
+
+    if dataset:
+        if not data_root:
+            raise typer.BadParameter("--dataset needs --data-root")
+        ann, img_root = dataset_paths(dataset, data_root, stage)
+    elif annotations:
+        ann, img_root = Path(annotations), Path(images) if images else None
+    else:
+        raise typer.BadParameter("pass --dataset with --data-root, or --annotations")
+    vlm = mambavl.create(model, device="meta") if model in mambavl.PRESETS else mambavl.load(model)
+    try:
+        good, problems = check_file(ann, img_root, vlm, stage, decode)
+    except FileNotFoundError as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(1) from e
+    for problem in problems:
+        console.print(f"[yellow]{problem}[/yellow]", markup=True, highlight=False)
+    console.print(f"{ann}: {len(good)} usable samples, {len(problems)} with problems")
+    if problems:
+        raise typer.Exit(1)
+
+
 @app.command()
 def info(
     model: str = typer.Argument(
