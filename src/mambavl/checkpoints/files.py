@@ -51,6 +51,16 @@ def resolve_model_dir(path_or_hub_id: str | Path) -> Path:
         ) from e
 
 
+def hub_file(repo_id: str, filename: str) -> Path:
+    """One file of a hub repo: from the local Hugging Face cache if it is there, else downloaded."""
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(repo_id, filename, local_files_only=True))
+    except Exception:  # not cached: fall through to a download
+        return Path(hf_hub_download(repo_id, filename))
+
+
 def read_json(path: Path) -> dict:
     if not path.is_file():
         raise CheckpointError(f"{path}: file not found; a model directory needs a config.json")

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from mambavl.checkpoints.files import CheckpointError, read_json
+from mambavl.checkpoints.files import CheckpointError, hub_file, read_json
 from mambavl.lm.config import LMConfig
-from mambavl.lm.load import assign_lm_weights, check_weights, from_mamba_ssm_keys
+from mambavl.lm.load import assign_lm_weights, check_weights, to_our_keys
 from mambavl.vlm.model import VLM, VLMConfig, build_tower
 from mambavl.vlm.tokenizer import TextTokenizer
 
@@ -160,8 +160,9 @@ def _from_seed(directory: Path, preset: VLMConfig | None, pretrained_tower: bool
         )
     # LM: strip FSDP's `llm.` prefix (Cobra), then mamba_ssm's key names -> ours
     llm = {k.removeprefix("llm."): v for k, v in groups["llm_backbone"].items()}
-    sd = from_mamba_ssm_keys(llm, config.lm.tie_embeddings)
-    assign_lm_weights(vlm.lm, sd, {k: f"{path.name}:llm_backbone.{k}" for k in sd}, f"{path}: llm_backbone")
+    labels = {k: f"{path.name}:llm_backbone.{k}" for k in llm}
+    sd, source = to_our_keys(llm, "mamba_ssm", config.lm, labels, str(path))
+    assign_lm_weights(vlm.lm, sd, source, f"{path}: llm_backbone")
 
     # projector groups: Cobra stores one ("projector"); ML-Mamba three (mlp, bidirectional_mamba, projector)
     if config.projector == "msc":
@@ -240,7 +241,6 @@ def _llava_config(directory: Path, raw: dict, preset: VLMConfig | None) -> VLMCo
 
 def _from_llava(directory: Path, raw: dict, preset: VLMConfig | None, pretrained_tower: bool) -> VLM:
     from mambavl.checkpoints.files import read_state_dict
-    from mambavl.lm.layouts import rename_keys, stack_experts
 
     config = _llava_config(directory, raw, preset)
     lm_type, prefix = LLAVA_TYPES[raw["model_type"]]
@@ -258,13 +258,8 @@ def _from_llava(directory: Path, raw: dict, preset: VLMConfig | None, pretrained
             continue  # the tower comes from its own weights; Viper's Jamba keeps an unused rotary table
         else:
             lm_sd[key] = value
-    names = rename_keys(lm_sd, lm_type)
-    source = {names[k]: f"{origin[k].name}:{k}" for k in lm_sd}
-    sd = {names[k]: v for k, v in lm_sd.items()}
-    if lm_type == "jamba":
-        sd = stack_experts(sd, config.lm.n_experts, str(directory))
-    if config.lm.tie_embeddings:
-        sd.pop("lm_head.weight", None)
+    labels = {k: f"{origin[k].name}:{k}" for k in lm_sd}
+    sd, source = to_our_keys(lm_sd, lm_type, config.lm, labels, str(directory))
     assign_lm_weights(vlm.lm, sd, source, f"{directory}: language model")
 
     projector = {
@@ -291,14 +286,12 @@ def _from_llava(directory: Path, raw: dict, preset: VLMConfig | None, pretrained
 
 # ---- entry point -----------------------------------------------------------------------------------------
 def _download_preset(config: VLMConfig) -> Path:
-    from huggingface_hub import hf_hub_download
-
     files = {
         "cobra": [f"{config.name}/config.json", f"{config.name}/checkpoints/latest-checkpoint.pt"],
         "mlmamba": ["latest-checkpoint.pt"],
     }[config.hub_layout]
     try:
-        paths = [Path(hf_hub_download(config.hub_id, f)) for f in files]
+        paths = [hub_file(config.hub_id, f) for f in files]
     except Exception as e:
         raise CheckpointError(
             f"{config.name}: could not fetch {files} from {config.hub_id} ({type(e).__name__}: {e}); "
@@ -328,16 +321,16 @@ def load(
     if raw.get("format") == FORMAT:
         vlm = _from_ours(directory, raw)
     elif raw.get("model_type") in LLAVA_TYPES:
-        vlm = _from_llava(directory, raw, preset, pretrained_tower and not _tiny_tower(directory, preset))
+        vlm = _from_llava(directory, raw, preset, pretrained_tower and not _tiny_tower(raw, preset))
     else:
-        vlm = _from_seed(directory, preset, pretrained_tower and not _tiny_tower(directory, preset))
+        vlm = _from_seed(directory, preset, pretrained_tower and not _tiny_tower(raw, preset))
     if dtype is not None:
         vlm = vlm.to(dtype)
     return vlm.to(device or "cpu").eval()
 
 
-def _tiny_tower(directory: Path, preset: VLMConfig | None) -> bool:
-    cfg = read_json(directory / "config.json") if (directory / "config.json").is_file() else {}
+def _tiny_tower(cfg: dict, preset: VLMConfig | None) -> bool:
+    """Tiny towers have no pretrained weights (`cfg`: the directory's config.json, or {})."""
     tower = (cfg.get("model") or {}).get("vision_backbone_id") or cfg.get("mm_vision_tower")
     tower = tower or (preset.tower if preset else "")
     return tower.startswith("tiny-")

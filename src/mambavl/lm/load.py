@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from mambavl.checkpoints.files import CheckpointError, read_json, read_state_dict, resolve_model_dir
+from mambavl.lm.config import LMConfig
 from mambavl.lm.layouts import lm_config_from_json, rename_keys, stack_experts
 from mambavl.lm.model import LanguageModel
 
@@ -24,13 +25,7 @@ def load_lm(path_or_hub_id: str | Path, dtype: torch.dtype | None = None, device
     config, layout = lm_config_from_json(read_json(config_path), config_path)
     raw, origin = read_state_dict(directory)
 
-    names = rename_keys(raw, layout)
-    source = {names[k]: f"{origin[k].name}:{k}" for k in raw}  # our key -> "file:original key"
-    sd = {names[k]: v for k, v in raw.items()}
-    if layout == "jamba":
-        sd = stack_experts(sd, config.n_experts, str(directory))
-    if config.tie_embeddings:
-        sd.pop("lm_head.weight", None)  # mamba_ssm saves the tied head; it is the embedding
+    sd, source = to_our_keys(raw, layout, config, {k: f"{origin[k].name}:{k}" for k in raw}, str(directory))
 
     with torch.device("meta"):
         model = LanguageModel(config)
@@ -40,13 +35,20 @@ def load_lm(path_or_hub_id: str | Path, dtype: torch.dtype | None = None, device
     return model.to(device=device or "cpu").eval()
 
 
-def from_mamba_ssm_keys(raw: dict[str, torch.Tensor], tied: bool) -> dict[str, torch.Tensor]:
-    """mamba_ssm `MambaLMHeadModel` keys (backbone.embedding..., lm_head) -> ours."""
-    names = rename_keys(raw, "mamba_ssm")
+def to_our_keys(
+    raw: dict[str, torch.Tensor], layout: str, config: LMConfig, labels: dict[str, str], where: str
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A checkpoint's LM tensors in `layout` -> ours, and for each of our keys the label of its source
+    (`labels`: original key -> "file:key", for error messages). Jamba's per-expert weights are stacked; a
+    tied head is dropped (mamba_ssm saves it; it is the embedding)."""
+    names = rename_keys(raw, layout)
     sd = {names[k]: v for k, v in raw.items()}
-    if tied:
+    source = {names[k]: labels[k] for k in raw}
+    if layout == "jamba":
+        sd = stack_experts(sd, config.n_experts, where)
+    if config.tie_embeddings:
         sd.pop("lm_head.weight", None)
-    return sd
+    return sd, source
 
 
 def assign_lm_weights(model: LanguageModel, sd: dict, source: dict, what: str, dtype=None) -> None:

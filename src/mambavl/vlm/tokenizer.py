@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
+from mambavl.checkpoints.files import hub_file
+
 EOS = "<|endoftext|>"
 
 
@@ -47,7 +49,7 @@ def byte_tokenizer() -> TextTokenizer:
 
 def hub_tokenizer(repo_id: str) -> TextTokenizer:
     """tokenizer.json of a hub repo (local cache first)."""
-    return TextTokenizer(Tokenizer.from_file(_hub_file(repo_id, "tokenizer.json")))
+    return TextTokenizer(Tokenizer.from_file(str(hub_file(repo_id, "tokenizer.json"))))
 
 
 def load_tokenizer(name: str, eos_token: str = EOS) -> TextTokenizer:
@@ -64,21 +66,11 @@ def load_tokenizer(name: str, eos_token: str = EOS) -> TextTokenizer:
     return tok
 
 
-def _hub_file(repo_id: str, filename: str) -> str:
-    from huggingface_hub import hf_hub_download
-
-    try:
-        return hf_hub_download(repo_id, filename, local_files_only=True)
-    except Exception:
-        return hf_hub_download(repo_id, filename)
-
-
 def hub_chat_template(repo_id: str) -> str:
     """The `chat_template` of a hub repo's tokenizer_config.json (what `apply_chat_template` renders)."""
     import json
-    from pathlib import Path
 
-    template = json.loads(Path(_hub_file(repo_id, "tokenizer_config.json")).read_text()).get("chat_template")
+    template = json.loads(hub_file(repo_id, "tokenizer_config.json").read_text()).get("chat_template")
     if isinstance(template, list):  # several named templates: the default one
         template = next((t["template"] for t in template if t.get("name") == "default"), None)
     if not template:
