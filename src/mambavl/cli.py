@@ -90,8 +90,8 @@ def data_check(
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(1) from e
     for problem in problems:
-        console.print(f"[yellow]{problem}[/yellow]", markup=True, highlight=False)
-    console.print(f"{ann}: {len(good)} usable samples, {len(problems)} with problems")
+        console.print(f"[yellow]{problem}[/yellow]", markup=True, highlight=False, soft_wrap=True)
+    console.print(f"{ann}: {len(good)} usable samples, {len(problems)} with problems", soft_wrap=True)
     if problems:
         raise typer.Exit(1)
 
@@ -133,6 +133,131 @@ def info(
     for k, v in rows:
         table.add_row(k, v)
     console.print(table)
+
+
+@app.command(context_settings={"help_option_names": ["-h", "--help"]})
+def train(
+    model: str = typer.Option(
+        None, help="Preset (random init, or --from-parts), model dir, run dir or hub id."
+    ),
+    stage: str = typer.Option(None, help="align (projector), finetune (projector + LM) or full (all)."),
+    dataset: str = typer.Option(None, help="Registered dataset id, e.g. llava-v15, llava-lvis4v-lrv."),
+    data_root: str = typer.Option(None, help="Directory holding the registered dataset's download/..."),
+    data: list[str] = typer.Option(None, help="ANNOTATIONS[:IMAGE_ROOT[:WEIGHT]] (repeatable: a mixture)."),  # noqa: B008
+    run_dir: str = typer.Option(None, help="Run directory (default: RUN_ROOT_DIR/RUN_ID)."),
+    run_root_dir: str = typer.Option("runs", help="Where run directories go."),
+    run_id: str = typer.Option(None, help="Run name (default as Cobra: [dataset+]model+stage-S+xSEED)."),
+    config: str = typer.Option(None, help="JSON / TOML file of options; flags given here override it."),
+    epochs: int = typer.Option(None, help="Epochs (stage default: align 1, finetune 2)."),
+    max_steps: int = typer.Option(None, help="Stop after this many optimizer steps."),
+    global_batch_size: int = typer.Option(None, help="Samples per optimizer step, over all processes."),
+    per_device_batch_size: int = typer.Option(None, help="Samples per forward pass per process."),
+    learning_rate: float = typer.Option(None, help="Peak learning rate (align 1e-3, finetune 2e-5)."),
+    weight_decay: float = typer.Option(None, help="AdamW weight decay (align 0, finetune 0.1)."),
+    max_grad_norm: float = typer.Option(None, help="Gradient clipping norm (1.0)."),
+    warmup_ratio: float = typer.Option(None, help="Warmup steps as a fraction of all steps (0.03)."),
+    resize_strategy: str = typer.Option(None, help="resize-naive, resize-crop or letterbox."),
+    seed: int = typer.Option(None, help="Random seed (7)."),
+    lora_rank: int = typer.Option(None, help="Train LoRA adapters of this rank instead of the whole LM."),
+    train_vision: bool = typer.Option(None, "--train-vision", help="Unfreeze the vision tower."),
+    precision: str = typer.Option(None, help="auto (bf16 on GPUs), bf16 or fp32."),
+    gradient_checkpointing: bool = typer.Option(None, help="Recompute LM blocks in backward (default on)."),
+    skip_bad: bool = typer.Option(None, "--skip-bad", help="Train without unusable samples (listed)."),
+    verify_images: bool = typer.Option(None, "--verify-images", help="Decode every image before training."),
+    num_workers: int = typer.Option(None, help="Data loader worker processes."),
+    save_every: int = typer.Option(None, help="Checkpoint every N steps (and at each epoch's end)."),
+    resume: bool = typer.Option(None, "--resume", help="Continue the run in the run directory."),
+    from_parts: bool = typer.Option(
+        False, "--from-parts", help="Preset with pretrained tower(s) and LM (as the seeds start)."
+    ),
+) -> None:
+    """Train a VLM stage (as Cobra's scripts/pretrain.py). Run under torchrun for several processes."""
+    from pathlib import Path
+
+    from mambavl.data.mixture import DataError
+    from mambavl.train import RunDirError, TrainConfig, read_config_file
+    from mambavl.train import train as run
+
+    options = read_config_file(config) if config else {}
+    given = dict(
+        model=model,
+        stage=stage,
+        dataset=dataset,
+        data_root=data_root,
+        data=tuple(data) if data else None,
+        epochs=epochs,
+        max_steps=max_steps,
+        global_batch_size=global_batch_size,
+        per_device_batch_size=per_device_batch_size,
+        learning_rate=learning_rate,
+        weight_decay=weight_decay,
+        max_grad_norm=max_grad_norm,
+        warmup_ratio=warmup_ratio,
+        resize=resize_strategy,
+        seed=seed,
+        train_vision=train_vision,
+        precision=precision,
+        gradient_checkpointing=gradient_checkpointing,
+        skip_bad=skip_bad,
+        verify_images=verify_images,
+        num_workers=num_workers,
+        save_every=save_every,
+        resume=resume,
+    )
+    options |= {k: v for k, v in given.items() if v is not None}
+    if lora_rank is not None:
+        options["lora"] = dict(options.get("lora") or {}) | {"rank": lora_rank, "alpha": 2 * lora_rank}
+    if not options.get("model"):
+        raise typer.BadParameter("--model is required (here or in --config)")
+    options.setdefault("stage", "finetune")
+    options.setdefault("seed", 7)
+    if run_dir is None and "run_dir" not in options:
+        name = run_id or "+".join(
+            p
+            for p in (
+                options.get("dataset") if options.get("dataset") not in (None, "llava-v15") else None,
+                Path(options["model"]).name,
+                f"stage-{options['stage']}",
+                f"x{options['seed']}",
+            )
+            if p
+        )
+        run_dir = str(Path(run_root_dir) / name)
+    if run_dir is not None:
+        options["run_dir"] = run_dir
+    try:
+        cfg = TrainConfig.from_dict(options)
+        run(cfg, console=console, from_parts=from_parts)
+    except (DataError, RunDirError, ValueError, FileNotFoundError) as e:
+        console.print(f"[red]error:[/red] {e}", highlight=False)
+        raise typer.Exit(1) from e
+
+
+@app.command()
+def demo(
+    out: str = typer.Option("mambavl-demo", help="Directory for the data, runs, model/ and report.json."),
+    preset: str = typer.Option(None, help="The tiny preset to train (default: the demo's own choice)."),
+    finetune_steps: int = typer.Option(None, help="Finetune steps (fewer: faster, less accurate)."),
+    blind: bool = typer.Option(True, help="Also train the blind baseline (images blanked)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out directory."),
+    seed: int = typer.Option(0, help="Seed of the data and the training."),
+) -> None:
+    """Offline end-to-end run: synthetic shapes VQA data, a tiny model trained on the CPU through both
+    stages, held-out accuracy against a blind baseline, the model saved for every other command."""
+    from pathlib import Path
+
+    from mambavl.demo import DemoConfig, run_demo
+
+    cfg = DemoConfig(out=Path(out), blind=blind, overwrite=overwrite, seed=seed)
+    if preset is not None:
+        cfg = DemoConfig(**{**cfg.__dict__, "preset": preset})
+    if finetune_steps is not None:
+        cfg = DemoConfig(**{**cfg.__dict__, "finetune_steps": finetune_steps})
+    try:
+        run_demo(cfg, console)
+    except FileExistsError as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(1) from e
 
 
 if __name__ == "__main__":

@@ -119,6 +119,7 @@ _TINY_VIPER = _VIPER | dict(
     tower="tiny-clip",
     tokenizer="bytes",
     chat_template=CHATML_TEMPLATE,
+    eos_token="<|im_end|>",  # ChatML ends a turn with it (one id of the byte tokenizer)
     anyres=tuple(grid_pinpoints(56, 4)),
     max_length=4096,
 )
@@ -133,6 +134,7 @@ PRESETS: dict[str, VLMConfig] = {
         prompt_format="zephyr",
         hub_id="han1997/cobra",
         hub_layout="cobra",
+        lm_hub_id="xiuyul/mamba-2.8b-zephyr",
     ),
     "mlmamba+3b": VLMConfig(
         name="mlmamba+3b",
@@ -144,6 +146,7 @@ PRESETS: dict[str, VLMConfig] = {
         prompt_format="zephyr",  # ML-Mamba's builder selector returns the zephyr builder for every mamba LM
         hub_id="huangwenjun1994/ML-Mamba",
         hub_layout="mlmamba",
+        lm_hub_id="state-spaces/mamba2-2.7b",
     ),
     "tiny-cobra": VLMConfig(
         name="tiny-cobra",
@@ -165,6 +168,7 @@ PRESETS: dict[str, VLMConfig] = {
         lm=FALCON_MAMBA_7B,
         tokenizer="tiiuae/falcon-mamba-7b-instruct",
         eos_token="<|im_end|>",
+        lm_hub_id="tiiuae/falcon-mamba-7b-instruct",
         **_VIPER,
     ),
     "viper-jamba-52b": VLMConfig(
@@ -172,6 +176,7 @@ PRESETS: dict[str, VLMConfig] = {
         lm=JAMBA_1_5_MINI,
         tokenizer="ai21labs/AI21-Jamba-1.5-Mini",
         eos_token="<|eom|>",
+        lm_hub_id="ai21labs/AI21-Jamba-1.5-Mini",
         **_VIPER,
     ),
     "tiny-viper-mamba": VLMConfig(name="tiny-viper-mamba", lm=TINY_FALCON_MAMBA, **_TINY_VIPER),
@@ -188,3 +193,18 @@ def create(preset: str, device=None, dtype: torch.dtype | None = None) -> VLM:
     if dtype is not None:
         vlm = vlm.to(dtype)
     return vlm.eval()
+
+
+def create_from_parts(config: VLMConfig, dtype: torch.dtype | None = None) -> VLM:
+    """A preset as the seeds start training it: pretrained vision tower(s) (timm), the pretrained LM
+    (`lm_hub_id`, HF cache first), a freshly initialised projector."""
+    from mambavl.lm.load import load_lm
+
+    if config.lm_hub_id is None:
+        raise ValueError(f"{config.name} names no pretrained LM (lm_hub_id): it trains from random weights")
+    vlm = VLM(config, pretrained_tower=True)
+    lm = load_lm(config.lm_hub_id, dtype=torch.float32)
+    if lm.config != config.lm:
+        raise ValueError(f"{config.lm_hub_id}'s config does not match {config.name}'s LM")
+    vlm.lm = lm
+    return vlm if dtype is None else vlm.to(dtype)

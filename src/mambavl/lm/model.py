@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from mambavl.lm.attention import Attention
 from mambavl.lm.config import LMConfig
 from mambavl.lm.ffn import MLP, MoE
+from mambavl.lm.init import init_weights
 from mambavl.lm.mamba1 import Mamba1Mixer
 from mambavl.lm.mamba2 import Mamba2Mixer
 from mambavl.lm.norm import RMSNorm
@@ -59,6 +61,9 @@ class LanguageModel(nn.Module):
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embedding.weight
+        init_weights(self)
+        # Training: recompute each block in the backward pass instead of storing its activations.
+        self.gradient_checkpointing = False
 
     @property
     def dtype(self) -> torch.dtype:
@@ -120,8 +125,12 @@ class LanguageModel(nn.Module):
         valid = None if lengths is None else self._valid(lengths, hidden.shape[:2], hidden.device)
         dtype = self.dtype
         residual = hidden.float() if self.config.residual_in_fp32 else hidden
+        recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
-            residual = layer(residual, None if state is None else state.layers[i], dtype, valid)
+            if recompute and state is None:
+                residual = checkpoint(layer, residual, None, dtype, valid, use_reentrant=False)
+            else:
+                residual = layer(residual, None if state is None else state.layers[i], dtype, valid)
         if state is not None:
             state.seqlen += hidden.shape[1]
         hidden = self.norm_f(residual).to(dtype)

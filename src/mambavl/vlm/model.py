@@ -18,6 +18,7 @@ from mambavl.vision.images import DEFAULT_MAX_PIXELS
 from mambavl.vlm.prompts import ChatTemplateBuilder, PromptBuilder
 from mambavl.vlm.sampling import SamplingParams, next_tokens
 from mambavl.vlm.sequence import (
+    IGNORE_INDEX,
     IMAGE_PLACEHOLDER,
     MultimodalBatch,
     pack,
@@ -40,6 +41,7 @@ class VLMConfig:
     max_length: int = 2048  # image + text positions the model was trained on
     hub_id: str | None = None  # where the released weights live
     hub_layout: str | None = None  # their layout: "cobra" (run dir per model) or "mlmamba" (repo root)
+    lm_hub_id: str | None = None  # the pretrained LM the seed started training from
     max_pixels: int = DEFAULT_MAX_PIXELS
     # LLaVA-style models (Viper)
     feature_layer: int | None = None  # tower block the features come from (None: the tower's default, -2)
@@ -49,6 +51,12 @@ class VLMConfig:
     eos_token: str = "<|endoftext|>"  # the token that ends an answer
     system_prompt: str | None = None  # default system prompt of chat-template formats
     chat_template: str | None = None  # jinja template; None = the tokenizer repo's own (chat-template format)
+
+
+@dataclass
+class LossSum:
+    loss: torch.Tensor  # summed over the learned tokens
+    tokens: int  # how many tokens were learned
 
 
 class VLM(nn.Module):
@@ -102,7 +110,9 @@ class VLM(nn.Module):
             return ChatTemplateBuilder(
                 template, self.config.system_prompt if system_prompt is None else system_prompt
             )
-        return PromptBuilder(self.config.prompt_format, system_prompt)
+        return PromptBuilder(
+            self.config.prompt_format, system_prompt, keep_image=self.config.image_placement == "placeholder"
+        )
 
     # ---- inputs --------------------------------------------------------------------------------------------
     def _stack(self, tensors: list) -> torch.Tensor | dict[str, torch.Tensor]:
@@ -178,6 +188,42 @@ class VLM(nn.Module):
                 f"{self.config.max_length}; shorten the prompt"
             )
         return batch, all_ids
+
+    # ---- training --------------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        lengths: torch.Tensor,
+        pixel_values=None,
+        image_rows: torch.Tensor | None = None,
+        image_at: torch.Tensor | None = None,
+    ) -> LossSum:
+        """The training forward of a collated batch (`mambavl.data.collate`): text ids and labels [B, T]
+        right-padded to `lengths`; the images of rows `image_rows` (single-view: stacked pixels; AnyRes:
+        a list of images) spliced in before text position `image_at[row]`. Returns the summed
+        next-token cross-entropy and the number of learned tokens, so callers normalise over a whole
+        global batch however it is split into micro-batches and processes."""
+        B = input_ids.shape[0]
+        text = self.lm.embed(input_ids)
+        images: list[torch.Tensor | None] = [None] * B
+        if image_rows is not None and len(image_rows):
+            if isinstance(pixel_values, list):
+                encoded = self.image_embeddings(pixel_values)
+            else:
+                encoded = list(self.encode_images(pixel_values))
+            for row, emb in zip(image_rows.tolist(), encoded, strict=True):
+                images[row] = emb
+        at = [0] * B if image_at is None else image_at.tolist()
+        n = lengths.tolist()
+        batch = pack([text[b, : n[b]] for b in range(B)], images, [labels[b, : n[b]] for b in range(B)], at)
+        hidden = self.lm(inputs_embeds=batch.embeds, return_hidden=True)
+        # Position t predicts label t + 1; the head runs only where something is learned.
+        targets = batch.labels[:, 1:].to(hidden.device)
+        learn = targets != IGNORE_INDEX
+        logits = self.lm.lm_head(hidden[:, :-1][learn]).float()
+        loss = torch.nn.functional.cross_entropy(logits, targets[learn], reduction="sum")
+        return LossSum(loss, int(learn.sum()))
 
     # ---- generation ------------------------------------------------------------------------------------
     @torch.inference_mode()

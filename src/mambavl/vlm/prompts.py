@@ -37,16 +37,16 @@ def prompt_format_for(llm_id: str) -> str:
 
 
 class PromptBuilder:
-    def __init__(self, fmt: PromptFormat | str, system_prompt: str | None = None):
+    def __init__(self, fmt: PromptFormat | str, system_prompt: str | None = None, keep_image: bool = False):
+        self.keep_image = keep_image  # models that take the image where the prompt says `<image>`
         self.format = PROMPT_FORMATS[fmt] if isinstance(fmt, str) else fmt
         if system_prompt is not None and not self.format.allow_system_prompt and system_prompt != "":
             raise ValueError("this prompt format has no system prompt (the model was trained without one)")
         self.system = self.format.system if system_prompt is None else system_prompt
         self.prompt, self.turn_count = "", 0
 
-    @staticmethod
-    def _clean(message: str) -> str:
-        return message.replace("<image>", "").strip()
+    def _clean(self, message: str) -> str:
+        return (message if self.keep_image else message.replace("<image>", "")).strip()
 
     def _human(self, message: str) -> str:
         wrapped = self.format.human.format(msg=self._clean(message))

@@ -24,10 +24,14 @@ class MultimodalBatch:
     image_positions: torch.Tensor | None = None  # [B, L] bool, True where an image embedding sits
 
 
-def splice_image_first(
-    text_embeds: torch.Tensor, image_embeds: torch.Tensor | None, labels: torch.Tensor | None = None
+def splice(
+    text_embeds: torch.Tensor,
+    image_embeds: torch.Tensor | None,
+    labels: torch.Tensor | None = None,
+    at: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One row: [P, D] image + [T, D] text -> [P + T, D] (and labels with IGNORE_INDEX on the image)."""
+    """One row: [T, D] text with [P, D] image embeddings inserted before text position `at` ->
+    [P + T, D] (and labels with IGNORE_INDEX on the image). `at=0`: image first (Cobra, ML-Mamba)."""
     if image_embeds is None:
         return text_embeds, labels
     if image_embeds.shape[-1] != text_embeds.shape[-1]:
@@ -35,18 +39,31 @@ def splice_image_first(
             f"image embeddings have width {image_embeds.shape[-1]}, "
             f"the LM's embeddings {text_embeds.shape[-1]}"
         )
-    embeds = torch.cat([image_embeds.to(text_embeds.dtype), text_embeds], dim=0)
+    if not 0 <= at <= text_embeds.shape[0]:
+        raise ValueError(f"image position {at} is outside the text's {text_embeds.shape[0]} tokens")
+    image_embeds = image_embeds.to(text_embeds.dtype)
+    embeds = torch.cat([text_embeds[:at], image_embeds, text_embeds[at:]], dim=0)
     if labels is not None:
-        labels = torch.cat([labels.new_full((image_embeds.shape[0],), IGNORE_INDEX), labels])
+        ignore = labels.new_full((image_embeds.shape[0],), IGNORE_INDEX)
+        labels = torch.cat([labels[:at], ignore, labels[at:]])
     return embeds, labels
+
+
+def splice_image_first(
+    text_embeds: torch.Tensor, image_embeds: torch.Tensor | None, labels: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One row: [P, D] image + [T, D] text -> [P + T, D] (and labels with IGNORE_INDEX on the image)."""
+    return splice(text_embeds, image_embeds, labels, 0)
 
 
 def pack(
     text_embeds: list[torch.Tensor],
     image_embeds: list[torch.Tensor | None],
     labels: list[torch.Tensor] | None = None,
+    image_at: list[int] | None = None,
 ) -> MultimodalBatch:
-    """Rows of (text [T_i, D], image [P, D] or None, labels [T_i]) -> one right-padded batch."""
+    """Rows of (text [T_i, D], image [P_i, D] or None, labels [T_i]) -> one right-padded batch; each
+    image goes before its row's text position `image_at[i]` (default 0: image first)."""
     if len(text_embeds) != len(image_embeds) or (labels is not None and len(labels) != len(text_embeds)):
         raise ValueError("pack needs one image (or None) and one label row per text row")
     if labels is not None and any(
@@ -55,11 +72,13 @@ def pack(
         raise ValueError("every label row must be as long as its text")
     rows, label_rows, image_masks = [], [], []
     for i, (text, image) in enumerate(zip(text_embeds, image_embeds, strict=True)):
-        row, lab = splice_image_first(text, image, None if labels is None else labels[i])
+        at = 0 if image_at is None else int(image_at[i])
+        row, lab = splice(text, image, None if labels is None else labels[i], at)
         n_image = 0 if image is None else image.shape[0]
         rows.append(row)
         label_rows.append(lab)
-        image_masks.append(torch.arange(row.shape[0]) < n_image)
+        where = torch.arange(row.shape[0])
+        image_masks.append((where >= at) & (where < at + n_image))
     lengths = torch.tensor([r.shape[0] for r in rows])
     if int(lengths.min()) == 0:
         raise ValueError("a row is empty: every sample needs at least one token or an image")

@@ -11,6 +11,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from mambavl.checkpoints.files import hub_file
 
 EOS = "<|endoftext|>"
+# Chat markers of the prompt formats the tiny presets use (zephyr, ChatML): one id each, as a real chat
+# tokenizer would have them, instead of a dozen bytes.
+CHAT_MARKERS = ("<|user|>", "<|assistant|>", "<|system|>", "<|im_start|>", "<|im_end|>")
 
 
 @dataclass
@@ -37,13 +40,13 @@ class TextTokenizer:
 
 
 def byte_tokenizer() -> TextTokenizer:
-    """257 ids: `<|endoftext|>` = 0 (as in GPT-NeoX), then the 256 byte symbols."""
+    """262 ids: `<|endoftext|>` = 0 (as in GPT-NeoX), the 256 byte symbols, then the chat markers."""
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     vocab = {EOS: 0} | {ch: i + 1 for i, ch in enumerate(alphabet)}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens([EOS])
+    tok.add_special_tokens([EOS, *CHAT_MARKERS])
     return TextTokenizer(tok)
 
 

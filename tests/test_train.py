@@ -1,0 +1,261 @@
+"""Training: batching, the recipe, the loop, checkpoints and resume, the CLI."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import mambavl
+from mambavl.data.batching import micro_batches, plan_epoch
+from mambavl.data.collate import TrainDataset, collate
+from mambavl.data.mixture import DataError, DataSource, load_training_data
+from mambavl.data.shapes import write_shapes
+from mambavl.train import RunDirError, TrainConfig, train
+from mambavl.train import checkpoint as ckpt
+from mambavl.train.metrics import read_metrics
+from mambavl.train.recipe import lr_factor
+from mambavl.train.trainer import learned_tokens
+
+SRC = str(Path(mambavl.__file__).parents[1])
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    return write_shapes(tmp_path_factory.mktemp("shapes"), train_scenes=24, heldout_scenes=4, image_size=56)
+
+
+def tiny_cfg(shapes, run_dir, **kw) -> TrainConfig:
+    base = dict(
+        model="tiny-cobra",
+        run_dir=Path(run_dir),
+        stage="finetune",
+        data=(f"{shapes['finetune']}:{shapes['images']}",),
+        max_steps=6,
+        global_batch_size=8,
+        per_device_batch_size=4,
+        learning_rate=3e-3,
+        precision="fp32",
+        progress=False,
+        seed=3,
+    )
+    return TrainConfig(**(base | kw))
+
+
+# ---- data order ---------------------------------------------------------------------------------------
+def test_plan_epoch_is_seeded_complete_and_modality_pure():
+    lengths = [5, 9, 3, 7, 2, 8, 6, 4, 1, 10, 11]
+    has_image = [True, True, False, True, False, True, True, False, True, True, False]
+    a = plan_epoch(lengths, has_image, 4, seed=1, epoch=0)
+    assert a == plan_epoch(lengths, has_image, 4, seed=1, epoch=0)
+    assert a != plan_epoch(lengths, has_image, 4, seed=1, epoch=1)
+    flat = [i for b in a.batches for i in b]
+    assert set(flat) == set(range(len(lengths)))  # every sample, each epoch
+    assert len(flat) == len(lengths) + a.repeated and all(len(b) == 4 for b in a.batches)
+    for b in a.batches:
+        assert len({has_image[i] for i in b}) == 1  # one modality per step
+        assert [lengths[i] for i in b] == sorted((lengths[i] for i in b), reverse=True)
+    assert max(lengths) in [lengths[i] for i in a.batches[0]]  # the longest batch first
+
+
+def test_micro_batches_split_the_same_micro_batches_over_ranks():
+    batch = list(range(16))
+    single = micro_batches(batch, 4, 0, 1)
+    split = [micro_batches(batch, 4, r, 2) for r in range(2)]
+    assert sorted(mb for rank in split for mb in rank) == sorted(single)
+    with pytest.raises(ValueError, match="multiple"):
+        micro_batches(list(range(10)), 4, 0, 1)
+
+
+def test_learned_tokens_is_what_the_model_learns(shapes):
+    vlm = mambavl.create("tiny-cobra")
+    for stage, key in (("finetune", "finetune"), ("align", "align")):
+        data = load_training_data([DataSource(shapes[key], shapes["images"])], vlm, stage)
+        items = [TrainDataset(data.examples, vlm.image_transform)[i] for i in range(5)]
+        out = vlm(**collate(items).model_inputs())
+        assert out.tokens == sum(learned_tokens(ex) for ex, _ in items)
+
+
+def test_collated_batch_loss_equals_row_by_row(shapes):
+    """Right padding and the image splice leave each row's loss as if it were alone."""
+    torch.manual_seed(0)
+    vlm = mambavl.create("tiny-cobra")
+    data = load_training_data([DataSource(shapes["finetune"], shapes["images"])], vlm, "finetune")
+    items = [TrainDataset(data.examples, vlm.image_transform)[i] for i in range(4)]
+    whole = vlm(**collate(items).model_inputs())
+    rows = [vlm(**collate([it]).model_inputs()) for it in items]
+    assert whole.tokens == sum(r.tokens for r in rows)
+    torch.testing.assert_close(whole.loss, sum(r.loss for r in rows), rtol=1e-5, atol=1e-5)
+
+
+def test_lr_schedule_warms_up_then_decays_to_the_floor():
+    total, warmup = 100, 10
+    f = [lr_factor(s, total, warmup) for s in range(total)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in itertools.pairwise(f[9:]))
+    assert lr_factor(total, total, warmup) == pytest.approx(0.0)
+    assert lr_factor(total, total, warmup, min_ratio=0.1) == pytest.approx(0.1)
+
+
+# ---- bad data -----------------------------------------------------------------------------------------
+def test_bad_samples_are_refused_or_skipped_and_listed(shapes, tmp_path):
+    records = json.loads(Path(shapes["finetune"]).read_text())[:6]
+    records[1]["image"] = "missing.png"
+    records[2]["conversations"] = []
+    records[3]["conversations"][0]["value"] = records[3]["conversations"][0]["value"].replace("<image>", "")
+    path = tmp_path / "bad.jsonl"
+    lines = [json.dumps(r) for r in records] + ["{broken"]
+    path.write_text("\n".join(lines) + "\n")
+    source = f"{path}:{shapes['images']}"
+    with pytest.raises(DataError) as err:
+        train(tiny_cfg(shapes, tmp_path / "run1", data=(source,)))
+    for where in (records[1]["id"], records[2]["id"], records[3]["id"], "line 7"):
+        assert where in str(err.value)
+    assert "4 samples cannot be used" in str(err.value)
+    result = train(tiny_cfg(shapes, tmp_path / "run2", data=(source,), skip_bad=True, max_steps=1))
+    skipped = [json.loads(x) for x in (tmp_path / "run2" / "skipped.jsonl").read_text().splitlines()]
+    assert result.skipped == 4 and len(skipped) == 4
+
+
+# ---- the loop, the run dir, checkpoints ------------------------------------------------------------------
+def test_training_learns_and_writes_a_loadable_model(shapes, tmp_path):
+    cfg = tiny_cfg(shapes, tmp_path / "run", max_steps=12, save_every=5, learning_rate=1e-2)
+    result = train(cfg)
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(1, 13))
+    assert records[-1]["loss"] < 0.5 * records[0]["loss"]
+    assert {"lr", "grad_norm", "tokens_per_s", "epoch"} <= set(records[0])
+    assert (tmp_path / "run" / "loss.png").stat().st_size > 1000
+    assert ckpt.latest(tmp_path / "run" / "checkpoints").name == "step-0000012"
+    vlm = mambavl.load(result.model_dir)  # every command can use it
+    pb = vlm.get_prompt_builder()
+    pb.add_turn("human", "How many objects are there?")
+    assert isinstance(vlm.generate(str(shapes["images"] / "train-00000.png"), pb.get_prompt()), str)
+
+
+def test_align_trains_only_the_projector(shapes, tmp_path):
+    before = mambavl.create("tiny-cobra")
+    torch.manual_seed(3)
+    cfg = tiny_cfg(shapes, tmp_path / "run", stage="align", data=(f"{shapes['align']}:{shapes['images']}",))
+    after = mambavl.load(train(cfg).model_dir)
+    reference = train.__globals__["build_model"]("tiny-cobra", 3)
+    for name, p in after.state_dict().items():
+        same = torch.equal(p, reference.state_dict()[name])
+        assert same != name.startswith("projector."), name
+    del before
+
+
+def test_run_dir_is_never_overwritten(shapes, tmp_path):
+    cfg = tiny_cfg(shapes, tmp_path / "run", max_steps=1)
+    train(cfg)
+    with pytest.raises(RunDirError, match="--resume"):
+        train(cfg)
+    with pytest.raises(RunDirError, match="learning_rate"):
+        train(tiny_cfg(shapes, tmp_path / "run", max_steps=1, learning_rate=1e-4, resume=True))
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(RunDirError, match="not empty"):
+        train(tiny_cfg(shapes, tmp_path / "other", max_steps=1))
+
+
+def test_interrupted_checkpoint_write_keeps_the_previous_one(shapes, tmp_path, monkeypatch):
+    train(tiny_cfg(shapes, tmp_path / "run", max_steps=2))
+    directory = tmp_path / "run" / "checkpoints"
+    before = ckpt.latest(directory)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ckpt.torch, "save", disk_full)
+    vlm = mambavl.create("tiny-cobra")
+    opt = torch.optim.AdamW(vlm.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    with pytest.raises(OSError, match="No space"):
+        ckpt.save(directory, vlm, opt, sched, ckpt.Position(3, 0, 3, 0, 0.0), ckpt.World())
+    assert ckpt.latest(directory) == before
+    assert not [p for p in directory.iterdir() if p.name.startswith(".tmp")]
+
+
+def _cli(args, **kw):
+    env = os.environ | {"PYTHONPATH": SRC, "OMP_NUM_THREADS": "1", "MAMBAVL_DEVICE": "cpu"}
+    return subprocess.Popen([sys.executable, "-m", "mambavl.cli", "train", *args], env=env, **kw)
+
+
+def _cli_args(shapes, run_dir, steps=10):
+    return [
+        "--model", "tiny-cobra", "--stage", "finetune", "--data", f"{shapes['finetune']}:{shapes['images']}",
+        "--run-dir", str(run_dir), "--max-steps", str(steps), "--global-batch-size", "8",
+        "--per-device-batch-size", "4", "--learning-rate", "3e-3", "--precision", "fp32",
+        "--save-every", "2", "--seed", "5",
+    ]  # fmt: skip
+
+
+def test_resume_after_sigkill_is_bit_exact(shapes, tmp_path):
+    """A run killed with SIGKILL mid-run and resumed logs exactly the losses of an uninterrupted run."""
+    whole = _cli(_cli_args(shapes, tmp_path / "whole"), stdout=subprocess.DEVNULL)
+    assert whole.wait(timeout=300) == 0
+    victim = _cli(_cli_args(shapes, tmp_path / "killed"), stdout=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        latest = ckpt.latest(tmp_path / "killed" / "checkpoints")
+        if latest is not None and latest.name >= "step-0000004":
+            break
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    killed_at = [r["step"] for r in read_metrics(tmp_path / "killed" / "metrics.jsonl")][-1]
+    assert killed_at < 10, "the run finished before it could be killed"
+    resumed = _cli([*_cli_args(shapes, tmp_path / "killed"), "--resume"], stdout=subprocess.DEVNULL)
+    assert resumed.wait(timeout=300) == 0
+    a = read_metrics(tmp_path / "whole" / "metrics.jsonl")
+    b = read_metrics(tmp_path / "killed" / "metrics.jsonl")
+    assert [r["step"] for r in b] == list(range(1, 11))
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]
+    assert [r["grad_norm"] for r in a] == [r["grad_norm"] for r in b]
+
+
+def test_two_processes_train_like_one(shapes, tmp_path):
+    """torchrun with 2 CPU processes (gloo, FSDP2) follows the single-process loss curve, same global batch;
+    its checkpoint resumes in a single process."""
+    env = os.environ | {"PYTHONPATH": SRC, "OMP_NUM_THREADS": "1", "MAMBAVL_DEVICE": "cpu"}
+    one = _cli(_cli_args(shapes, tmp_path / "one", steps=6), stdout=subprocess.DEVNULL)
+    assert one.wait(timeout=300) == 0
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", port,
+        "-m", "mambavl.cli", "train", *_cli_args(shapes, tmp_path / "two", steps=6),
+    ]  # fmt: skip
+    two = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[:3000] + "\n...\n" + two.stderr[-2000:]
+    a = [r["loss"] for r in read_metrics(tmp_path / "one" / "metrics.jsonl")]
+    b = [r["loss"] for r in read_metrics(tmp_path / "two" / "metrics.jsonl")]
+    assert len(a) == len(b) == 6
+    torch.testing.assert_close(torch.tensor(b), torch.tensor(a), rtol=1e-4, atol=1e-5)
+    m1, m2 = mambavl.load(tmp_path / "one" / "model"), mambavl.load(tmp_path / "two" / "model")
+    for (name, p), q in zip(m1.state_dict().items(), m2.state_dict().values(), strict=True):
+        torch.testing.assert_close(q, p, rtol=1e-3, atol=1e-4, msg=name)
+
+
+def test_lora_trains_adapters_and_exports_merged(shapes, tmp_path):
+    pytest.importorskip("peft")
+    from mambavl.train.config import LoraConfig
+
+    cfg = tiny_cfg(shapes, tmp_path / "run", lora=LoraConfig(rank=4, alpha=8, dropout=0.0), max_steps=3)
+    result = train(cfg)
+    merged = mambavl.load(result.model_dir)
+    base = train.__globals__["build_model"]("tiny-cobra", 3)
+    assert not any("lora" in k for k in merged.state_dict())
+    changed = [k for k, v in merged.state_dict().items() if not torch.equal(v, base.state_dict()[k])]
+    assert changed and all(k.startswith(("projector.", "lm.layers.")) for k in changed)
+    assert any(k.endswith("in_proj.weight") for k in changed)
