@@ -24,7 +24,7 @@ from mambavl.train import RunDirError, TrainConfig, train
 from mambavl.train import checkpoint as ckpt
 from mambavl.train.metrics import read_metrics
 from mambavl.train.recipe import lr_factor
-from mambavl.train.trainer import learned_tokens
+from mambavl.train.trainer import build_model, learned_tokens
 
 SRC = str(Path(mambavl.__file__).parents[1])
 
@@ -147,7 +147,7 @@ def test_align_trains_only_the_projector(shapes, tmp_path):
     torch.manual_seed(3)
     cfg = tiny_cfg(shapes, tmp_path / "run", stage="align", data=(f"{shapes['align']}:{shapes['images']}",))
     after = mambavl.load(train(cfg).model_dir)
-    reference = train.__globals__["build_model"]("tiny-cobra", 3)
+    reference = build_model("tiny-cobra", 3)
     for name, p in after.state_dict().items():
         same = torch.equal(p, reference.state_dict()[name])
         assert same != name.startswith("projector."), name
@@ -254,7 +254,7 @@ def test_lora_trains_adapters_and_exports_merged(shapes, tmp_path):
     cfg = tiny_cfg(shapes, tmp_path / "run", lora=LoraConfig(rank=4, alpha=8, dropout=0.0), max_steps=3)
     result = train(cfg)
     merged = mambavl.load(result.model_dir)
-    base = train.__globals__["build_model"]("tiny-cobra", 3)
+    base = build_model("tiny-cobra", 3)
     assert not any("lora" in k for k in merged.state_dict())
     changed = [k for k, v in merged.state_dict().items() if not torch.equal(v, base.state_dict()[k])]
     assert changed and all(k.startswith(("projector.", "lm.layers.")) for k in changed)

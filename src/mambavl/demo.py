@@ -28,14 +28,14 @@ from mambavl.data.shapes import QUESTION_TYPES, write_shapes
 @dataclass(frozen=True)
 class DemoConfig:
     out: Path = Path("mambavl-demo")
-    preset: str = "tiny-mlmamba"
+    preset: str = "tiny-cobra"
     train_scenes: int = 1000
     heldout_scenes: int = 200
     image_size: int = 112
-    align_steps: int = 60
-    finetune_steps: int = 1000
-    batch_size: int = 16
-    align_lr: float = 1e-3
+    align_steps: int = 600
+    finetune_steps: int = 800
+    batch_size: int = 32
+    align_lr: float = 3e-3
     finetune_lr: float = 3e-3
     seed: int = 0
     blind: bool = True  # also train the blind baseline
@@ -104,8 +104,13 @@ def _stage(cfg: DemoConfig, model: str, stage: str, data: str, run_dir: Path, co
             global_batch_size=cfg.batch_size,
             per_device_batch_size=cfg.batch_size,
             learning_rate=cfg.align_lr if align else cfg.finetune_lr,
-            weight_decay=0.0 if align else 0.01,
-            warmup_ratio=0.05,
+            weight_decay=0.0,
+            warmup_ratio=0.03,
+            # The tiny LM starts from random weights: its align stage trains it too, so that it learns
+            # to describe the image right after seeing it (with a pretrained LM, align trains the
+            # projector only).
+            train_lm=True,
+            cache_images=True,
             precision="fp32",
             gradient_checkpointing=False,
             blank_images=blank,
@@ -158,7 +163,9 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict:
         torch.set_num_threads(cfg.threads)
     t_start = time.perf_counter()
     console.rule("[bold]1/4 data")
-    paths = write_shapes(out / "data", cfg.train_scenes, cfg.heldout_scenes, cfg.image_size, cfg.seed)
+    paths = write_shapes(
+        out / "data", cfg.train_scenes, cfg.heldout_scenes, cfg.image_size, cfg.seed, multi_turn=False
+    )
     console.print(
         f"{cfg.train_scenes} training scenes, {cfg.heldout_scenes} held-out scenes (never seen in training), "
         f"in {out / 'data'}"

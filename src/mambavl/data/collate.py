@@ -63,12 +63,14 @@ class TrainDataset(torch.utils.data.Dataset):
         anyres: bool = False,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         blank_images: bool = False,
+        cache: bool = False,
     ):
         self.examples = examples
         self.transform = transform
         self.anyres = anyres
         self.max_pixels = max_pixels
         self.blank_images = blank_images
+        self.cache: dict[int, object] | None = {} if cache else None
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -77,10 +79,17 @@ class TrainDataset(torch.utils.data.Dataset):
         ex = self.examples[i]
         if ex.image is None:
             return ex, None
+        if self.cache is not None:
+            if i not in self.cache:
+                self.cache[i] = self._image(ex)
+            return ex, self.cache[i]
+        return ex, self._image(ex)
+
+    def _image(self, ex: Encoded):
         img = load_image(Path(ex.image), self.max_pixels)
         if self.blank_images:
             img = Image.new("RGB", img.size, (128, 128, 128))
-        return ex, img if self.anyres else self.transform(img)
+        return img if self.anyres else self.transform(img)
 
 
 def _stack(pixels: list):

@@ -67,6 +67,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.0  # cosine decays to this fraction of the peak
     # model
     train_vision: bool = False  # the vision tower stays frozen unless asked
+    train_lm: bool = False  # align: train the LM too (an LM that starts from random weights needs it)
     lora: LoraConfig | None = None  # LoRA on the LM instead of training it whole (finetune / full)
     precision: str = "auto"  # "bf16" (autocast, fp32 master weights), "fp32", "auto": bf16 on GPUs
     gradient_checkpointing: bool = True
@@ -76,6 +77,7 @@ class TrainConfig:
     verify_images: bool = False
     group_by_length: bool = True
     blank_images: bool = False  # replace every image by a grey one: the blind baseline
+    cache_images: bool = False  # keep every transformed image in memory after its first use
     num_workers: int = 0
     # run
     seed: int = 7  # Cobra's default

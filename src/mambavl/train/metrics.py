@@ -56,8 +56,10 @@ def plot_loss(records: list[dict], path: Path, title: str = "") -> Path | None:
     points = [(r["step"], r["loss"]) for r in records if "loss" in r]
     if not points:
         return None
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError:  # the run is done and metrics.jsonl holds everything; only the picture is missing
+        return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

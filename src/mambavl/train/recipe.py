@@ -22,7 +22,7 @@ def configure_trainable(vlm: nn.Module, cfg: TrainConfig) -> None:
     vlm.projector.requires_grad_(True)
     if vlm.image_newline is not None:
         vlm.image_newline.requires_grad_(True)  # learned with the projector (LLaVA-NeXT)
-    if cfg.stage in ("finetune", "full"):
+    if cfg.stage in ("finetune", "full") or cfg.train_lm:
         if cfg.lora is not None:
             add_lora(vlm.lm, cfg.lora)
         else:

@@ -169,6 +169,7 @@ def train(
         vlm.config.anyres is not None,
         vlm.config.max_pixels,
         cfg.blank_images,
+        cfg.cache_images,
     )
     tokens_of = [learned_tokens(ex) for ex in data.examples]
     autocast = (
