@@ -125,13 +125,13 @@ def train(
     world = world or setup()
     console = console or Console()
     say = console.print if world.main else (lambda *a, **k: None)
-    resume_from = _prepare_run_dir(cfg, world)
     precision = (
         cfg.precision if cfg.precision != "auto" else ("bf16" if world.device.type == "cuda" else "fp32")
     )
 
     vlm = build_model(cfg.model, cfg.seed, cfg.resize, from_parts)
     data = load_training_data(data_sources(cfg), vlm, cfg.stage, cfg.seed, cfg.skip_bad, cfg.verify_images)
+    resume_from = _prepare_run_dir(cfg, world)  # after the model and data are known to be usable
     _report_problems(data, cfg.run_dir, world, say)
     configure_trainable(vlm, cfg)
     if precision == "bf16" and not any(p.requires_grad for p in vlm.vision.parameters()):
