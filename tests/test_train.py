@@ -259,3 +259,31 @@ def test_lora_trains_adapters_and_exports_merged(shapes, tmp_path):
     changed = [k for k, v in merged.state_dict().items() if not torch.equal(v, base.state_dict()[k])]
     assert changed and all(k.startswith(("projector.", "lm.layers.")) for k in changed)
     assert any(k.endswith("in_proj.weight") for k in changed)
+
+
+def test_cli_config_file_with_flag_overrides(shapes, tmp_path):
+    from typer.testing import CliRunner
+
+    from mambavl.cli import app
+
+    config = tmp_path / "run.json"
+    options = {
+        "model": "tiny-cobra",
+        "stage": "finetune",
+        "data": [f"{shapes['finetune']}:{shapes['images']}"],
+        "max_steps": 5,
+        "global_batch_size": 4,
+        "per_device_batch_size": 2,
+        "precision": "fp32",
+        "learning_rate": 1e-3,
+    }
+    config.write_text(json.dumps(options))
+    args = ["train", "--config", str(config), "--max-steps", "2", "--run-root-dir", str(tmp_path / "runs")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "runs" / "tiny-cobra+stage-finetune+x7"  # Cobra's run id: model+stage+seed
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["max_steps"] == 2 and saved["learning_rate"] == 1e-3 and saved["global_batch_size"] == 4
+    assert len(read_metrics(run / "metrics.jsonl")) == 2
+    bad = CliRunner().invoke(app, ["train", "--config", str(config), "--run-dir", str(run)])
+    assert bad.exit_code == 1 and "--resume" in bad.output
