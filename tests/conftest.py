@@ -9,6 +9,9 @@ os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 # An empty private cache, so that nothing a developer has downloaded can make a test pass.
 os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="mambavl-test-hf-")
 os.environ.pop("HF_HUB_CACHE", None)
+# Without a GPU, Triton kernels run in its interpreter (it must be chosen before triton is imported).
+if os.environ.get("CUDA_VISIBLE_DEVICES") != "" and not os.path.exists("/dev/nvidia0"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 import torch

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from mambavl.ops.dispatch import backend_for
 from mambavl.ops.timestep import NO_LIMIT, timestep
 
 # Time steps processed together (bounds the [B, block, D, N] working set) and the chunk length inside.
@@ -178,13 +179,19 @@ def selective_state_update(
     dt_bias: torch.Tensor | None = None,
     dt_softplus: bool = False,
     dt_limit: tuple[float, float] = NO_LIMIT,
+    backend: str | None = None,
 ) -> torch.Tensor:
     """One recurrent step, updating `state` in place (mamba_ssm's `selective_state_update`).
 
     Mamba-1 layout: state [B, D, N], x/dt/z [B, D], A [D, N], B/C [B, N], D/dt_bias [D].
     Mamba-2 layout: state [B, H, P, N], x/dt/z [B, H, P], A [H, P, N], B/C [B, G, N], D/dt_bias [H, P].
     Returns y shaped like x, in x's dtype. `dt_limit` clamps dt after softplus (Mamba-2's time_step_limit).
+    `backend`: "torch" (this reference), "triton" (`ops.triton.state_update`) or "auto" (see `ops.dispatch`).
     """
+    if backend_for(state, backend) == "triton":
+        from mambavl.ops.triton.state_update import selective_state_update as fused
+
+        return fused(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit)
     heads = state.dim() == 4
     if not heads:
         state_v, x, dt, A = state[:, None], x[:, None], dt[:, None], A[None]

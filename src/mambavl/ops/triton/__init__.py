@@ -1,0 +1,1 @@
+"""Triton kernels for the ops in `mambavl.ops`, each tested against its PyTorch reference."""

@@ -1,0 +1,77 @@
+"""Triton kernels against their PyTorch references: on the GPU when there is one, else in Triton's
+interpreter (TRITON_INTERPRET=1, set by conftest), on small shapes with odd sizes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mambavl import ops
+from mambavl.ops.dispatch import backend_for
+
+pytest.importorskip("triton")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _mamba1(batch=3, d=37, n=5, dtype=torch.float32):
+    t = dict(device=DEVICE)
+    return dict(
+        state=torch.randn(batch, d, n, **t),
+        x=torch.randn(batch, d, **t).to(dtype),
+        dt=torch.randn(batch, d, **t).to(dtype),
+        A=-torch.rand(d, n, **t) * 4,
+        B=torch.randn(batch, n, **t).to(dtype),
+        C=torch.randn(batch, n, **t).to(dtype),
+        D=torch.randn(d, **t),
+        z=torch.randn(batch, d, **t).to(dtype),
+        dt_bias=torch.randn(d, **t),
+    )
+
+
+def _mamba2(batch=2, heads=4, p=6, n=16, groups=2, dtype=torch.float32):
+    t = dict(device=DEVICE)
+    A = -torch.rand(heads, **t) * 4
+    return dict(
+        state=torch.randn(batch, heads, p, n, **t),
+        x=torch.randn(batch, heads, p, **t).to(dtype),
+        dt=torch.randn(batch, heads, **t)[..., None].expand(batch, heads, p).to(dtype),  # per head, stride 0
+        A=A[:, None, None].expand(heads, p, n),
+        B=torch.randn(batch, groups, n, **t).to(dtype),
+        C=torch.randn(batch, groups, n, **t).to(dtype),
+        D=torch.randn(heads, **t)[:, None].expand(heads, p),
+        z=torch.randn(batch, heads, p, **t).to(dtype),
+        dt_bias=torch.randn(heads, **t)[:, None].expand(heads, p),
+    )
+
+
+@pytest.mark.parametrize("layout", [_mamba1, _mamba2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "options", [dict(), dict(dt_softplus=True), dict(dt_softplus=True, dt_limit=(0.1, 0.5))]
+)
+@pytest.mark.parametrize("drop", [(), ("D", "z", "dt_bias")])
+def test_selective_state_update_triton_equals_reference(layout, dtype, options, drop):
+    inputs = layout(dtype=dtype)
+    for name in drop:
+        inputs[name] = None
+    ref_state, tri_state = inputs["state"].clone(), inputs["state"].clone()
+    y_ref = ops.selective_state_update(**(inputs | {"state": ref_state}), **options, backend="torch")
+    y_tri = ops.selective_state_update(**(inputs | {"state": tri_state}), **options, backend="triton")
+    assert y_tri.dtype == y_ref.dtype and y_tri.shape == y_ref.shape
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(tri_state, ref_state, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y_tri.float(), y_ref.float(), **tol)
+
+
+def test_backend_choice(monkeypatch):
+    cpu = torch.zeros(1)
+    assert backend_for(cpu) == "torch"  # auto: the reference for CPU tensors
+    monkeypatch.setenv("MAMBAVL_BACKEND", "torch")
+    assert backend_for(cpu) == "torch"
+    monkeypatch.setenv("MAMBAVL_BACKEND", "fast")
+    with pytest.raises(ValueError, match="MAMBAVL_BACKEND"):
+        backend_for(cpu)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+            backend_for(cpu, "triton")
