@@ -75,3 +75,22 @@ def test_backend_choice(monkeypatch):
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
             backend_for(cpu, "triton")
+
+
+@pytest.mark.parametrize("width,state_len", [(4, 3), (4, 6), (2, 1)])
+@pytest.mark.parametrize("steps", [None, 1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias,activation", [(True, "silu"), (False, None)])
+def test_causal_conv1d_update_triton_equals_reference(width, state_len, steps, dtype, bias, activation):
+    batch, dim = 3, 70  # not a multiple of the channel block
+    shape = (batch, dim) if steps is None else (batch, dim, steps)
+    x = torch.randn(*shape, device=DEVICE).to(dtype)
+    state = torch.randn(batch, dim, state_len, device=DEVICE)
+    weight = torch.randn(dim, width, device=DEVICE)
+    b = torch.randn(dim, device=DEVICE) if bias else None
+    ref_state, tri_state = state.clone(), state.clone()
+    y_ref = ops.causal_conv1d_update(x, ref_state, weight, b, activation, backend="torch")
+    y_tri = ops.causal_conv1d_update(x, tri_state, weight, b, activation, backend="triton")
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=2e-2)
+    torch.testing.assert_close(tri_state, ref_state, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y_tri.float(), y_ref.float(), **tol)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from mambavl.ops.dispatch import backend_for
+
 
 def _activate(y: torch.Tensor, activation: str | None) -> torch.Tensor:
     if activation in ("silu", "swish"):
@@ -47,9 +49,14 @@ def causal_conv1d_update(
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     activation: str | None = None,
+    backend: str | None = None,
 ) -> torch.Tensor:
     """Decode step(s): x [B, D] or [B, D, L]; conv_state [B, D, S] with S >= W-1 holds the last S
-    inputs and is shifted in place. Returns y shaped like x."""
+    inputs and is shifted in place. Returns y shaped like x. `backend`: see `ops.dispatch`."""
+    if backend_for(x, backend) == "triton":
+        from mambavl.ops.triton.conv import causal_conv1d_update as fused
+
+        return fused(x, conv_state, weight, bias, activation)
     squeeze = x.dim() == 2
     if squeeze:
         x = x[:, :, None]
