@@ -94,3 +94,31 @@ def test_causal_conv1d_update_triton_equals_reference(width, state_len, steps, d
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=2e-2)
     torch.testing.assert_close(tri_state, ref_state, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(y_tri.float(), y_ref.float(), **tol)
+
+
+@pytest.mark.parametrize("dim", [64, 97])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "with_residual,prenorm,residual_in_fp32",
+    [(False, False, False), (True, True, True), (True, True, False), (True, False, False)],
+)
+@pytest.mark.parametrize("with_weight", [True, False])
+def test_rms_norm_triton_equals_reference(dim, dtype, with_residual, prenorm, residual_in_fp32, with_weight):
+    x = torch.randn(2, 5, dim, device=DEVICE).to(dtype)
+    residual = torch.randn(2, 5, dim, device=DEVICE) if with_residual else None
+    weight = torch.randn(dim, device=DEVICE) if with_weight else None
+    args = (x, weight, 1e-5, residual, prenorm, residual_in_fp32)
+    ref = ops.rms_norm(*args, backend="torch")
+    tri = ops.rms_norm(*args, backend="triton")
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=2e-2)
+    for r, t in zip(ref if prenorm else (ref,), tri if prenorm else (tri,), strict=True):
+        assert r.dtype == t.dtype
+        torch.testing.assert_close(t.float(), r.float(), **tol)
+
+
+def test_rms_norm_triton_refuses_training_and_auto_falls_back():
+    x = torch.randn(3, 16, device=DEVICE, requires_grad=True)
+    with pytest.raises(NotImplementedError, match="backward"):
+        ops.rms_norm(x, None, backend="triton")
+    ops.rms_norm(x, None).sum().backward()  # auto: the reference, differentiable
+    assert x.grad is not None

@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from mambavl.ops.dispatch import backend_for
+
 
 def rms_norm(
     x: torch.Tensor,
@@ -16,12 +18,24 @@ def rms_norm(
     residual: torch.Tensor | None = None,
     prenorm: bool = False,
     residual_in_fp32: bool = False,
+    backend: str | None = None,
 ):
     """RMSNorm(x + residual) · weight, in x's dtype. `weight=None` is the weight-free norm.
 
     With `prenorm=True` also returns the new residual (x + residual), kept in fp32 when
-    `residual_in_fp32` — the residual stream of a pre-norm block.
+    `residual_in_fp32` — the residual stream of a pre-norm block. `backend`: see `ops.dispatch`; the
+    Triton kernel is forward-only, so calls that need a gradient run the reference under `auto`.
     """
+    if backend_for(x, backend) == "triton" and x.shape[-1] <= 65536:
+        needs_grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x, weight, residual)
+        )
+        if not needs_grad:
+            from mambavl.ops.triton.norms import rms_norm as fused
+
+            return fused(x, weight, eps, residual, prenorm, residual_in_fp32)
+        if backend == "triton":
+            raise NotImplementedError("the Triton rms_norm has no backward yet: use backend='torch' to train")
     dtype = x.dtype
     xf = x.float()
     if residual is not None:
