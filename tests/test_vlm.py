@@ -163,3 +163,28 @@ def test_save_and_from_pretrained_methods(tmp_path):
     again = mambavl.VLM.from_pretrained(tmp_path / "m")
     for k, v in vlm.state_dict().items():
         torch.testing.assert_close(again.state_dict()[k], v, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("preset", ["tiny-cobra", "tiny-mlmamba", "tiny-viper-jamba"])
+def test_chunked_prefill_equals_whole_prefill(preset):
+    """Prefilling a ragged batch a few positions at a time gives the same answers as all at once."""
+    torch.manual_seed(0)
+    vlm = mambavl.create(preset)
+    images = [Image.new("RGB", (40, 30), (200, 30, 30)), None, Image.new("RGB", (30, 50), (10, 90, 200))]
+    prompts = []
+    for text in ("What is in the image? " * 3, "A much longer question about nothing at all. " * 4, "Hi"):
+        pb = vlm.get_prompt_builder()
+        pb.add_turn("human", ("<image>\n" if vlm.config.image_placement == "placeholder" else "") + text)
+        prompts.append(pb.get_prompt())
+    prompts[1] = prompts[1].replace("<image>\n", "")
+    vlm.prefill_chunk = None
+    whole = vlm.generate(images, prompts, max_new_tokens=12, do_sample=False)
+    batch, _ = vlm.prepare(images, prompts)
+    state_whole = vlm.lm.new_state(3)
+    h_whole = vlm.prefill(batch.embeds, batch.lengths, state_whole)
+    vlm.prefill_chunk = 7
+    chunked = vlm.generate(images, prompts, max_new_tokens=12, do_sample=False)
+    state_chunked = vlm.lm.new_state(3)
+    h_chunked = vlm.prefill(batch.embeds, batch.lengths, state_chunked)
+    assert chunked == whole
+    torch.testing.assert_close(h_chunked, h_whole, rtol=1e-4, atol=1e-4)

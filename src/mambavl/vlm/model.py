@@ -60,6 +60,10 @@ class LossSum:
 
 
 class VLM(nn.Module):
+    # Prompts are prefilled this many positions at a time: activation memory stays flat in the prompt's
+    # length (the recurrent state carries everything between chunks). None: all at once.
+    prefill_chunk: int | None = 2048
+
     def __init__(
         self, config: VLMConfig, tokenizer: TextTokenizer | None = None, pretrained_tower: bool = False
     ):
@@ -261,6 +265,22 @@ class VLM(nn.Module):
         if len(text) > len(sent):  # the end: whatever is left, finished character or not
             yield text[len(sent) :]
 
+    def prefill(self, embeds: torch.Tensor, lengths: torch.Tensor, state) -> torch.Tensor:
+        """Runs right-padded rows [B, L, D] (real lengths [B]) into `state`, `prefill_chunk` positions at a
+        time; returns each row's final hidden state [B, D] (at its last real position)."""
+        B, L = embeds.shape[:2]
+        chunk = self.prefill_chunk or L
+        last = embeds.new_zeros(B, self.config.lm.d_model)
+        for start in range(0, L, chunk):
+            piece = embeds[:, start : start + chunk]
+            n = (lengths - start).clamp(0, piece.shape[1])
+            hidden = self.lm(inputs_embeds=piece, state=state, lengths=n, return_hidden=True)
+            ends = (lengths > start) & (lengths <= start + piece.shape[1])
+            if bool(ends.any()):
+                rows = ends.nonzero()[:, 0]
+                last[rows] = hidden[rows, lengths[rows] - start - 1].to(last.dtype)
+        return last
+
     def _decode(
         self, images, prompts, params: SamplingParams, final_strip: bool = True
     ) -> Iterator[list[str]]:
@@ -271,14 +291,9 @@ class VLM(nn.Module):
         if params.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(params.seed)
         state = self.lm.new_state(B)
-        hidden = self.lm(
-            inputs_embeds=batch.embeds.to(self.device),
-            state=state,
-            lengths=batch.lengths.to(self.device),
-            return_hidden=True,
+        logits = self.lm.lm_head(
+            self.prefill(batch.embeds.to(self.device), batch.lengths.to(self.device), state)
         )
-        rows = torch.arange(B, device=self.device)
-        logits = self.lm.lm_head(hidden[rows, batch.lengths.to(self.device) - 1])
         generated: list[list[int]] = [[] for _ in range(B)]
         texts, done = [""] * B, [False] * B
         for step in range(params.max_new_tokens):
