@@ -90,7 +90,11 @@ def _prepare_run_dir(cfg: TrainConfig, world: World) -> Path | None:
     """Refuses a run dir that holds another run; on --resume, checks the config and finds the checkpoint."""
     run = cfg.run_dir
     saved = run / "config.json"
-    if saved.is_file():
+    # Every rank looks before rank 0 writes, so all of them reach the same verdict.
+    holds_run = saved.is_file()
+    not_empty = run.is_dir() and any(run.iterdir())
+    world.barrier()
+    if holds_run:
         if not cfg.resume:
             raise RunDirError(
                 f"{run} already holds a run: pass --resume to continue it, or choose another --run-dir"
@@ -104,10 +108,10 @@ def _prepare_run_dir(cfg: TrainConfig, world: World) -> Path | None:
             diff = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
             raise RunDirError(f"{run}: cannot resume with different options ({diff})")
         return checkpoint.latest(run / "checkpoints")
+    if not_empty:
+        raise RunDirError(f"{run} is not empty but holds no run: choose an empty or new --run-dir")
     if world.main:
         run.mkdir(parents=True, exist_ok=True)
-        if any(run.iterdir()):
-            raise RunDirError(f"{run} is not empty but holds no run: choose an empty or new --run-dir")
         tmp = run / "config.json.tmp"
         tmp.write_text(json.dumps(cfg.to_dict(), indent=2))
         tmp.replace(saved)
