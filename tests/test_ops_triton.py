@@ -122,3 +122,65 @@ def test_rms_norm_triton_refuses_training_and_auto_falls_back():
         ops.rms_norm(x, None, backend="triton")
     ops.rms_norm(x, None).sum().backward()  # auto: the reference, differentiable
     assert x.grad is not None
+
+
+def _scan_inputs(batch, dim, n, length, groups, dtype):
+    t = dict(device=DEVICE)
+    bc_shape = (batch, n, length) if groups is None else (batch, groups, n, length)
+    return dict(
+        u=torch.randn(batch, dim, length, **t).to(dtype),
+        delta=(torch.randn(batch, dim, length, **t) * 0.5).to(dtype),
+        A=-torch.rand(dim, n, **t) * 3,
+        B=torch.randn(*bc_shape, **t).to(dtype),
+        C=torch.randn(*bc_shape, **t).to(dtype),
+        D=torch.randn(dim, **t),
+        z=torch.randn(batch, dim, length, **t).to(dtype),
+        delta_bias=torch.randn(dim, **t) * 0.3,
+        initial_state=torch.randn(batch, dim, n, **t),
+    )
+
+
+@pytest.mark.parametrize(
+    "batch,dim,n,length,groups",
+    [
+        (2, 37, 5, 45, None),  # odd channels and states, a ragged last chunk
+        (1, 8, 16, 1, None),  # one step
+        (2, 12, 16, 64, 2),  # grouped B/C, whole chunks
+        (1, 16, 32, 33, None),  # N > 16: shorter chunks, one step past a chunk edge
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("drop", [(), ("D", "z", "delta_bias", "initial_state")])
+def test_selective_scan_triton_equals_reference(batch, dim, n, length, groups, dtype, drop):
+    kw = {k: v for k, v in _scan_inputs(batch, dim, n, length, groups, dtype).items() if k not in drop}
+    softplus = "delta_bias" not in drop
+    if not softplus:  # Δ as given must be a time step: positive, so the state decays
+        kw["delta"] = kw["delta"].abs()
+    ref_y, ref_h = ops.selective_scan(**kw, delta_softplus=softplus, return_last_state=True, backend="torch")
+    tri_y, tri_h = ops.selective_scan(**kw, delta_softplus=softplus, return_last_state=True, backend="triton")
+    assert tri_y.dtype == ref_y.dtype == dtype and tri_h.dtype == torch.float32
+    # bf16: the inputs are the same; only the output's rounding (and fp32 summation order) differ
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=5e-2)
+    torch.testing.assert_close(tri_y.float(), ref_y.float(), **tol)
+    torch.testing.assert_close(tri_h, ref_h, rtol=1e-4, atol=1e-4)
+
+
+def test_selective_scan_triton_continues_a_sequence():
+    """Two calls, the second from the first's last state, equal one call over the whole sequence."""
+    kw = _scan_inputs(1, 16, 16, 40, None, torch.float32)
+    kw.pop("initial_state")
+    whole = ops.selective_scan(**kw, delta_softplus=True, backend="triton")
+    first = {k: (v[..., :17] if k in ("u", "delta", "z", "B", "C") else v) for k, v in kw.items()}
+    second = {k: (v[..., 17:] if k in ("u", "delta", "z", "B", "C") else v) for k, v in kw.items()}
+    y1, h1 = ops.selective_scan(**first, delta_softplus=True, return_last_state=True, backend="triton")
+    y2 = ops.selective_scan(**second, delta_softplus=True, initial_state=h1, backend="triton")
+    torch.testing.assert_close(torch.cat([y1, y2], -1), whole, rtol=1e-5, atol=1e-5)
+
+
+def test_selective_scan_triton_refuses_training_and_auto_falls_back():
+    kw = _scan_inputs(1, 8, 4, 6, None, torch.float32)
+    kw["u"].requires_grad_(True)
+    with pytest.raises(NotImplementedError, match="backward"):
+        ops.selective_scan(**kw, backend="triton")
+    ops.selective_scan(**kw).sum().backward()  # auto: the reference, differentiable
+    assert kw["u"].grad is not None

@@ -131,13 +131,34 @@ def selective_scan(
     delta_softplus: bool = False,
     return_last_state: bool = False,
     initial_state: torch.Tensor | None = None,
+    backend: str | None = None,
 ):
     """y_t = C_t·h_t + D·u_t, h_t = exp(Δ_t A)·h_{t-1} + Δ_t B_t u_t; optionally gated by silu(z).
 
     u, delta, z: [B, D, L]; A: [D, N]; B, C: [B, N, L] (or [B, G, N, L], or [D, N]); D, delta_bias: [D].
     `initial_state` [B, D, N] continues a sequence (an extension of mamba_ssm's signature, which always
     starts from zeros). Returns y [B, D, L] in u's dtype, and with `return_last_state` the fp32 state.
+    `backend`: see `ops.dispatch`. The Triton kernel (`ops.triton.scan`) is forward-only and takes
+    input-dependent B and C; other calls run this reference under `auto`.
     """
+    if backend_for(u, backend) == "triton":
+        needs_grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (u, delta, A, B, C, D, z, delta_bias, initial_state)
+        )
+        if not needs_grad and B.dim() >= 3 and C.dim() >= 3:
+            from mambavl.ops.triton.scan import selective_scan as fused
+
+            return fused(
+                u, delta, A, B, C,
+                None if D is None else D.contiguous(), z,
+                None if delta_bias is None else delta_bias.contiguous(),
+                delta_softplus, return_last_state, initial_state,
+            )  # fmt: skip
+        if backend == "triton":
+            why = "it has no backward yet" if needs_grad else "it needs input-dependent B and C"
+            raise NotImplementedError(
+                f"the Triton selective_scan cannot run this call ({why}): use backend='torch'"
+            )
     dtype = u.dtype
     batch, dim, length = u.shape
     u = u.float()

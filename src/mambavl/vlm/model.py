@@ -15,6 +15,7 @@ from mambavl.projectors import create_projector
 from mambavl.vision import create_tower, load_image
 from mambavl.vision.anyres import anyres_views, merge_anyres
 from mambavl.vision.images import DEFAULT_MAX_PIXELS
+from mambavl.vlm.graphs import GraphDecoder, graph_support
 from mambavl.vlm.prompts import ChatTemplateBuilder, PromptBuilder
 from mambavl.vlm.sampling import SamplingParams, next_tokens
 from mambavl.vlm.sequence import (
@@ -237,8 +238,9 @@ class VLM(nn.Module):
         one batch, equal to generating them one by one (greedy).
 
         Keyword arguments: those of `SamplingParams` (max_new_tokens, do_sample, temperature, top_k,
-        top_p, repetition_penalty, min_length, stop, seed). The seeds' `use_cache` / `cg` flags are
-        accepted and ignored: decoding always runs on the recurrent state.
+        top_p, repetition_penalty, min_length, stop, seed, cuda_graphs). On a GPU, decoding replays a
+        captured CUDA graph per step (`vlm.graphs`); the seeds' `cg=False` / `use_cache=False` turn that
+        off, as `cuda_graphs=False` does.
         """
         batched = isinstance(prompt_text, list | tuple)
         images = list(image) if batched else [image]
@@ -294,6 +296,10 @@ class VLM(nn.Module):
         logits = self.lm.lm_head(
             self.prefill(batch.embeds.to(self.device), batch.lengths.to(self.device), state)
         )
+        decoder = self.graph_decoder(B) if params.cuda_graphs else None
+        if decoder is not None:
+            decoder.prepare(B)
+            decoder.load(state)
         generated: list[list[int]] = [[] for _ in range(B)]
         texts, done = [""] * B, [False] * B
         for step in range(params.max_new_tokens):
@@ -313,12 +319,29 @@ class VLM(nn.Module):
             yield [t.strip() if final_strip else t for t in texts]
             if all(done):
                 return
-            feed = torch.tensor(chosen, device=self.device)[:, None]
+            feed = torch.tensor(chosen, device=self.device)
+            if decoder is not None:  # finished rows decode on in their own slots; nothing reads them
+                logits = decoder.step(feed)
+                continue
             live = torch.tensor([not d for d in done], device=self.device)
             hidden = self.lm(
-                feed, state=state, lengths=None if bool(live.all()) else live.long(), return_hidden=True
+                feed[:, None],
+                state=state,
+                lengths=None if bool(live.all()) else live.long(),
+                return_hidden=True,
             )
             logits = self.lm.lm_head(hidden[:, -1])
+
+    def graph_decoder(self, batch: int) -> GraphDecoder | None:
+        """The CUDA-graph decoder for `batch` rows (kept between calls), or None where graphs do not apply
+        (CPU, attention or MoE layers: see `vlm.graphs.graph_support`)."""
+        if graph_support(self.lm) is not None:
+            return None
+        current = getattr(self, "_graphs", None)
+        if current is None or not current.valid_for(self.lm, batch):
+            self._graphs = None  # free the old graphs' memory before capturing new ones
+            current = self._graphs = GraphDecoder(self.lm, max(batch, 8))
+        return current
 
 
 def build_tower(name: str, pretrained: bool, feature_layer: int | None = None):
@@ -331,13 +354,13 @@ def build_tower(name: str, pretrained: bool, feature_layer: int | None = None):
         return create_tower(name, pretrained=False, feature_layer=feature_layer)
 
 
-_SEED_ONLY = ("use_cache", "cg")
-
-
 def _params(kwargs: dict) -> SamplingParams:
-    kwargs = {k: v for k, v in kwargs.items() if k not in _SEED_ONLY}
+    # The seeds' CUDA-graph flags: `cg` (their README) and `use_cache` (their code). Either set to
+    # False decodes eagerly; decoding always runs on the recurrent state.
+    graphs = all(bool(kwargs.pop(k, True)) for k in ("cg", "use_cache"))
+    kwargs.setdefault("cuda_graphs", graphs)
     try:
         return SamplingParams(**kwargs)
     except TypeError as e:
         known = sorted(SamplingParams.__dataclass_fields__)
-        raise TypeError(f"{e}; generate takes {known} (and the seeds' use_cache / cg, ignored)") from None
+        raise TypeError(f"{e}; generate takes {known} (and the seeds' cg / use_cache)") from None

@@ -22,6 +22,7 @@ class SamplingParams:
     min_length: int = 0  # new tokens before the end-of-text token may be chosen
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    cuda_graphs: bool = True  # decode through captured CUDA graphs where the model allows it
 
     def __post_init__(self):
         checks = [
