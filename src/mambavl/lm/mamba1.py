@@ -55,7 +55,7 @@ class Mamba1Mixer(nn.Module):
         if valid is not None:  # padding: Δ = 0 is an exact identity step (decay 1, no input)
             dt = ops.timestep(dt, dt_bias[:, None], True) * valid[:, None, :]
             dt_bias, softplus = None, False
-        A = -torch.exp(self.A_log.float())
+        A = decay_rates(self)
         kw = dict(D=self.D, delta_bias=dt_bias, delta_softplus=softplus)
         if state is None:
             y = ops.selective_scan(x, dt, A, B.transpose(1, 2), C.transpose(1, 2), z=z, **kw)
@@ -88,6 +88,19 @@ class Mamba1Mixer(nn.Module):
         return self.out_proj(y.transpose(1, 2))
 
 
+def decay_rates(mixer: nn.Module) -> torch.Tensor:
+    """A = -exp(A_log) in fp32. Without autograd it is computed once per version of A_log (so a decode
+    step or a captured graph does not spend three kernels on it), and recomputed after any update."""
+    if torch.is_grad_enabled() and mixer.A_log.requires_grad:
+        return -torch.exp(mixer.A_log.float())
+    key = (mixer.A_log.data_ptr(), mixer.A_log._version, mixer.A_log.dtype, torch.is_inference_mode_enabled())
+    cached = mixer.__dict__.get("_decay_rates")
+    if cached is None or cached[0] != key:
+        cached = (key, -torch.exp(mixer.A_log.detach().float()))
+        mixer.__dict__["_decay_rates"] = cached
+    return cached[1]
+
+
 def depthwise_conv(channels: int, cfg: LMConfig) -> nn.Conv1d:
     """The mixers' causal depthwise conv (weights [C, 1, d_conv]; run through `conv_step`)."""
     return nn.Conv1d(
@@ -115,14 +128,12 @@ def conv_step(
         initial_states=window[:, :, window.shape[-1] - (weight.shape[-1] - 1) :],
         activation="silu",
     )
-    seq = torch.cat([window, x.float()], dim=-1)  # [B, C, S + T]
-    width = window.shape[-1]
-    if valid is None:
-        window.copy_(seq[:, :, -width:])
-    else:  # the S inputs ending at each row's last real token
-        ends = valid.sum(-1)  # [B]
-        index = (ends[:, None] + torch.arange(width, device=x.device))[:, None, :].expand(
-            -1, seq.shape[1], -1
-        )
-        window.copy_(seq.gather(2, index))
+    # The new window: the S inputs ending at each row's last real token (the whole chunk, unless padded),
+    # taken from x where they fall inside it and from the old window before it. Only S columns are read.
+    width, T = window.shape[-1], x.shape[-1]
+    ends = torch.full((x.shape[0],), T, device=x.device) if valid is None else valid.sum(-1)
+    pos = (ends[:, None] + torch.arange(-width, 0, device=x.device))[:, None, :].expand(-1, x.shape[1], -1)
+    from_x = x.gather(2, pos.clamp(min=0)).float()
+    from_window = window.gather(2, (pos + width).clamp(max=width - 1))
+    window.copy_(torch.where(pos >= 0, from_x, from_window))
     return y

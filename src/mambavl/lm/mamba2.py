@@ -8,7 +8,7 @@ from torch import nn
 
 from mambavl import ops
 from mambavl.lm.config import LMConfig
-from mambavl.lm.mamba1 import conv_step, depthwise_conv
+from mambavl.lm.mamba1 import conv_step, decay_rates, depthwise_conv
 from mambavl.lm.norm import GatedRMSNorm
 
 
@@ -51,7 +51,7 @@ class Mamba2Mixer(nn.Module):
             dt = ops.timestep(dt, dt_bias, True, self.dt_limit) * valid[..., None]
             dt_bias, softplus, limit = None, False, ops.NO_LIMIT
         x, B, C = xBC.split([self.d_inner, g * n, g * n], dim=-1)
-        A = -torch.exp(self.A_log.float())
+        A = decay_rates(self)
         D = self.D.view(h, p) if self.D.numel() == self.d_inner else self.D
         # Without the gated norm, mamba_ssm gates inside the scan instead.
         z_scan = None if self.norm is not None else z

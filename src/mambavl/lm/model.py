@@ -28,6 +28,7 @@ class Block(nn.Module):
     def __init__(self, cfg: LMConfig, mixer: str, ffn: str):
         super().__init__()
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.residual_in_fp32 = cfg.residual_in_fp32
         self.mixer = MIXER_CLASSES[mixer](cfg)
         if ffn != "none":
             self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
@@ -37,16 +38,20 @@ class Block(nn.Module):
 
     def forward(
         self,
-        residual: torch.Tensor,
+        out: torch.Tensor,
+        residual: torch.Tensor | None,
         state: dict | None,
         dtype: torch.dtype,
         valid: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        # The norm reads the residual stream at full precision (as mamba_ssm's fused add+norm does).
-        residual = residual + self.mixer(self.norm(residual).to(dtype), state, valid)
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(previous sublayer's output, residual stream before it) -> the same after this block. The add
+        into the residual stream is fused with the norm that reads it (one kernel on GPUs)."""
+        x, residual = self.norm.add(out, residual, self.residual_in_fp32)
+        out = self.mixer(x.to(dtype), state, valid)
         if self.ffn is not None:
-            residual = residual + self.ffn(self.ffn_norm(residual).to(dtype))
-        return residual
+            x, residual = self.ffn_norm.add(out, residual, self.residual_in_fp32)
+            out = self.ffn(x.to(dtype))
+        return out, residual
 
 
 class LanguageModel(nn.Module):
@@ -124,16 +129,16 @@ class LanguageModel(nn.Module):
             self._check_state(state, hidden.shape[0])
         valid = None if lengths is None else self._valid(lengths, hidden.shape[:2], hidden.device)
         dtype = self.dtype
-        residual = hidden.float() if self.config.residual_in_fp32 else hidden
+        out, residual = hidden, None
         recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
             if recompute and state is None:
-                residual = checkpoint(layer, residual, None, dtype, valid, use_reentrant=False)
+                out, residual = checkpoint(layer, out, residual, None, dtype, valid, use_reentrant=False)
             else:
-                residual = layer(residual, None if state is None else state.layers[i], dtype, valid)
+                out, residual = layer(out, residual, None if state is None else state.layers[i], dtype, valid)
         if state is not None:
             state.seqlen += hidden.shape[1]
-        hidden = self.norm_f(residual).to(dtype)
+        hidden = self.norm_f.add(out, residual, self.config.residual_in_fp32)[0].to(dtype)
         return hidden if return_hidden else self.lm_head(hidden)
 
     @staticmethod

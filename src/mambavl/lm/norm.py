@@ -17,6 +17,17 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ops.rms_norm(x, self.weight, self.eps)
 
+    def add(
+        self, x: torch.Tensor, residual: torch.Tensor | None, residual_in_fp32: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(residual + x), residual + x) for a pre-norm residual stream; `residual=None` starts it
+        at x. An fp32 stream is added and normed in one fused op; a stream in the weights' dtype is
+        rounded before the norm reads it (as transformers' Jamba does)."""
+        if residual_in_fp32:
+            return ops.rms_norm(x, self.weight, self.eps, residual, prenorm=True, residual_in_fp32=True)
+        residual = x if residual is None else residual + x
+        return self.forward(residual), residual
+
 
 class GatedRMSNorm(nn.Module):
     """Mamba-2's norm on y, gated by silu(z), statistics over groups of `group_size` channels."""

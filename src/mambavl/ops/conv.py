@@ -26,11 +26,27 @@ def causal_conv1d_fn(
     initial_states: torch.Tensor | None = None,
     return_final_states: bool = False,
     activation: str | None = None,
+    backend: str | None = None,
 ):
     """x: [B, D, L]; weight: [D, W]; initial_states: [B, D, W-1] (the inputs before x, zeros if None).
 
     Returns y [B, D, L] and, with `return_final_states`, the last W-1 inputs [B, D, W-1] (fp32).
+    `backend`: see `ops.dispatch`; the Triton kernel is forward-only (calls that need a gradient, or
+    the final states, run this reference under `auto`).
     """
+    if backend_for(x, backend) == "triton":
+        needs_grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x, weight, bias, initial_states)
+        )
+        if not needs_grad and not return_final_states:
+            from mambavl.ops.triton.conv import causal_conv1d_fn as fused
+
+            return fused(x, weight, bias, initial_states, activation)
+        if backend == "triton":
+            why = "it has no backward yet" if needs_grad else "it does not return the final states"
+            raise NotImplementedError(
+                f"the Triton causal_conv1d_fn cannot run this call ({why}): use backend='torch'"
+            )
     batch, dim, _ = x.shape
     width = weight.shape[-1]
     if initial_states is None:

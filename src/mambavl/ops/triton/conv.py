@@ -85,3 +85,67 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None) -> t
         BLOCK_S=triton.next_power_of_2(state_len), BLOCK_W=triton.next_power_of_2(width),
     )  # fmt: skip
     return out[:, :, 0] if squeeze else out
+
+
+@triton.jit
+def _conv_seq_kernel(
+    x, init, weight, bias, out,
+    D, L, W,
+    x_b, x_d, x_l, i_b, i_d, i_s, w_d, w_w, o_b, o_d, o_l,
+    HAS_INIT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, MAX_W: tl.constexpr,
+):  # fmt: skip
+    # Output tile [BLOCK_D, BLOCK_T]: y_t = Σ_k w_k x_{t - (W-1) + k}; inputs before 0 come from `init`
+    # (its last W-1 columns), or are zero.
+    b = tl.program_id(0)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    t = tl.program_id(2) * BLOCK_T + tl.arange(0, BLOCK_T)
+    md, mt = d < D, t < L
+    acc = tl.zeros([BLOCK_D, BLOCK_T], dtype=tl.float32)
+    for k in tl.static_range(MAX_W):
+        if k < W:
+            wk = tl.load(weight + d * w_d + k * w_w, mask=md, other=0.0).to(tl.float32)
+            src = t - (W - 1) + k
+            v = tl.load(
+                x + b * x_b + d[:, None] * x_d + src[None, :] * x_l,
+                mask=md[:, None] & (mt & (src >= 0))[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            if HAS_INIT:  # src in [-(W-1), 0): column W-1+src of the initial window
+                v += tl.load(
+                    init + b * i_b + d[:, None] * i_d + (src + W - 1)[None, :] * i_s,
+                    mask=md[:, None] & (mt & (src < 0))[None, :],
+                    other=0.0,
+                ).to(tl.float32)
+            acc += wk[:, None] * v
+    if HAS_BIAS:
+        acc += tl.load(bias + d, mask=md, other=0.0).to(tl.float32)[:, None]
+    if SILU:
+        acc = acc * tl.sigmoid(acc)
+    tl.store(
+        out + b * o_b + d[:, None] * o_d + t[None, :] * o_l,
+        acc.to(out.dtype.element_ty),
+        mask=md[:, None] & mt[None, :],
+    )
+
+
+def causal_conv1d_fn(x, weight, bias=None, initial_states=None, activation=None) -> torch.Tensor:
+    """`mambavl.ops.causal_conv1d_fn` without `return_final_states` (forward only)."""
+    if activation not in (None, "silu", "swish"):
+        raise ValueError(f"activation must be None or 'silu', got {activation!r}")
+    batch, dim, length = x.shape
+    width = weight.shape[1]
+    if initial_states is not None and initial_states.shape[-1] != width - 1:
+        raise ValueError(f"initial_states must hold {width - 1} inputs, got {initial_states.shape[-1]}")
+    out = torch.empty(batch, dim, length, device=x.device, dtype=x.dtype)
+    init = initial_states if initial_states is not None else x
+    block_d, block_t = 32, 64
+    grid = (batch, triton.cdiv(dim, block_d), triton.cdiv(length, block_t))
+    _conv_seq_kernel[grid](
+        x, init, weight, bias if bias is not None else weight, out,
+        dim, length, width,
+        *x.stride(), *init.stride(), *weight.stride(), *out.stride(),
+        HAS_INIT=initial_states is not None, HAS_BIAS=bias is not None, SILU=activation is not None,
+        BLOCK_D=block_d, BLOCK_T=block_t, MAX_W=triton.next_power_of_2(max(width, 2)),
+    )  # fmt: skip
+    return out

@@ -117,6 +117,7 @@ def selective_scan(
     initial_state: torch.Tensor | None = None,
     block_t: int | None = None,
     block_d: int | None = None,
+    num_warps: int = 4,
 ):
     """`ops.selective_scan` for B and C of shape [B, N, L] or [B, G, N, L] (forward only)."""
     batch, dim, length = u.shape
@@ -144,6 +145,6 @@ def selective_scan(
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
         SOFTPLUS=delta_softplus, HAS_H0=initial_state is not None,
         BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_N=block_n,
-        num_warps=4,
+        num_warps=num_warps,
     )  # fmt: skip
     return (y, h_last) if return_last_state else y

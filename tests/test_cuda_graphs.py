@@ -1,0 +1,85 @@
+"""CUDA-graph decoding and the Triton prefill on a GPU: the same tokens as eager decoding, padding slots
+that never touch a live sequence, and whole-model equality of the Triton and PyTorch backends.
+Run where a GPU is (skipped elsewhere)."""
+
+import pytest
+import torch
+
+import mambavl
+from mambavl.vlm.graphs import BUCKETS, GraphDecoder, bucket_for, graph_support
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(autouse=True)
+def _exact_fp32():
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+def test_buckets():
+    assert [bucket_for(n) for n in (1, 2, 3, 5, 64, 65, 256, 300)] == [1, 2, 4, 8, 64, 96, 256, 300]
+    assert list(BUCKETS) == sorted(BUCKETS)
+
+
+@pytest.mark.parametrize("preset", ["tiny-cobra", "tiny-mlmamba"])
+def test_graph_decoding_equals_eager_for_256_greedy_steps(preset):
+    vlm = mambavl.create(preset, device="cuda")
+    assert graph_support(vlm.lm) is None
+    prompts = ["What is in the picture?", "Count the shapes.", "Hi"]
+    kw = dict(max_new_tokens=256, min_length=256)
+    images = [None, None, None]
+    eager = vlm.generate(images, prompts, cuda_graphs=False, **kw)
+    graphed = vlm.generate(images, prompts, **kw)
+    assert graphed == eager
+    assert vlm.generate(None, prompts[0], cg=False, **kw) == eager[0]  # the seeds' flag
+
+
+def test_padding_slots_never_touch_live_rows():
+    vlm = mambavl.create("tiny-cobra", device="cuda")
+    lm = vlm.lm
+    decoder = GraphDecoder(lm, 8)
+    decoder.prepare(3)  # bucket 4: slot 3 is padding, slots 4..7 are outside the graph
+    sentinel = decoder.state.map(lambda t: torch.full_like(t[4:], 7.0))
+    decoder.load(sentinel, slots=[4, 5, 6, 7])
+    eager = lm.new_state(3)
+    ids = torch.randint(0, lm.config.vocab_size, (3, 12), device="cuda")
+    lm(ids, state=eager)
+    decoder.load(eager)
+    decoder.load(lm.new_state(1).map(lambda t: torch.full_like(t, 1e30)), slots=[3])  # garbage padding
+    tok = ids[:, -1]
+    for _ in range(20):
+        want = lm(tok[:, None], state=eager)[:, -1]
+        got = decoder.step(tok)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        tok = want.argmax(-1)
+    for mine, theirs in zip(decoder.read([4, 5, 6, 7]).layers, sentinel.layers, strict=True):
+        for name in mine:
+            assert torch.equal(mine[name], theirs[name])
+
+
+def test_models_with_attention_decode_eagerly():
+    vlm = mambavl.create("tiny-viper-jamba", device="cuda")
+    assert "attention" in graph_support(vlm.lm)
+    assert vlm.graph_decoder(2) is None
+    assert isinstance(vlm.generate(None, "Hello", max_new_tokens=4), str)
+
+
+@pytest.mark.parametrize("preset", ["tiny-cobra", "tiny-mlmamba"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_prefill_equals_torch(monkeypatch, preset, dtype):
+    vlm = mambavl.create(preset, device="cuda", dtype=dtype)
+    ids = torch.randint(0, vlm.config.lm.vocab_size, (2, 300), device="cuda")
+    out = {}
+    for backend in ("torch", "triton"):
+        monkeypatch.setenv("MAMBAVL_BACKEND", backend)
+        state = vlm.lm.new_state(2)
+        with torch.inference_mode():
+            out[backend] = (vlm.lm(ids, state=state).float(), state)
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=0.05, atol=0.1)
+    torch.testing.assert_close(out["triton"][0], out["torch"][0], **tol)
+    for a, b in zip(out["triton"][1].layers, out["torch"][1].layers, strict=True):
+        for name in a:
+            torch.testing.assert_close(a[name], b[name], **tol)
