@@ -1,6 +1,8 @@
 """Test set-up: no network, ever (the hub is switched off before anything imports it), and seeded RNGs."""
 
+import atexit
 import os
+import shutil
 import tempfile
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -8,6 +10,7 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 # An empty private cache, so that nothing a developer has downloaded can make a test pass.
 os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="mambavl-test-hf-")
+atexit.register(shutil.rmtree, os.environ["HF_HOME"], ignore_errors=True)
 os.environ.pop("HF_HUB_CACHE", None)
 # Without a GPU, Triton kernels run in its interpreter (it must be chosen before triton is imported).
 if os.environ.get("CUDA_VISIBLE_DEVICES") != "" and not os.path.exists("/dev/nvidia0"):
