@@ -10,7 +10,6 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 # An empty private cache, so that nothing a developer has downloaded can make a test pass.
 os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="mambavl-test-hf-")
-atexit.register(shutil.rmtree, os.environ["HF_HOME"], ignore_errors=True)
 os.environ.pop("HF_HUB_CACHE", None)
 # Without a GPU, Triton kernels run in its interpreter (it must be chosen before triton is imported).
 if os.environ.get("CUDA_VISIBLE_DEVICES") != "" and not os.path.exists("/dev/nvidia0"):
@@ -18,6 +17,8 @@ if os.environ.get("CUDA_VISIBLE_DEVICES") != "" and not os.path.exists("/dev/nvi
 
 import pytest
 import torch
+
+atexit.register(shutil.rmtree, os.environ["HF_HOME"], ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)

@@ -262,5 +262,81 @@ def demo(
         raise typer.Exit(1) from e
 
 
+def _int_list(text: str, what: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise typer.BadParameter(f"{what} must be comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise typer.BadParameter(f"{what} must be positive integers, got {text!r}")
+    return values
+
+
+@app.command()
+def bench(
+    model: str = typer.Option(
+        "cobra+3b", "--model", help="A preset, built at full size with random weights."
+    ),
+    out: str = typer.Option(
+        "bench", help="Directory for bench.json and bench.png (train.json with --train)."
+    ),
+    peers: str = typer.Option(
+        "hf-mamba,gpt-neox,mamba-ssm", help="Peers measured in the same run, comma-separated, or 'none'."
+    ),
+    prefill_lengths: str = typer.Option("1024,4096,16384,65536,131072", help="Our prefill prompt lengths."),
+    peer_prefill_lengths: str = typer.Option("800,1024,4096,16384,65536", help="The peers' prompt lengths."),
+    decode_batches: str = typer.Option("1,8,64", help="Decode batch sizes."),
+    decode_tokens: int = typer.Option(256, help="Tokens decoded per measurement."),
+    ttft_tokens: int = typer.Option(
+        800, help="Prompt tokens after the image in the time-to-first-token run."
+    ),
+    dtype: str = typer.Option("bfloat16", help="bfloat16, float16 or float32."),
+    device: str = typer.Option("cuda", help="Device (the targets are for a CUDA GPU)."),
+    profile: bool = typer.Option(True, help="Also profile one prefill and a few decode steps by kernel."),
+    train: bool = typer.Option(False, "--train", help="Measure a finetune step (tokens/s, MFU) instead."),
+    steps: int = typer.Option(5, help="--train: steps (the first is warm-up)."),
+    batch: int = typer.Option(8, help="--train: rows per step."),
+    checkpointing: str = typer.Option("both", help="--train: gradient checkpointing on, off, both or none."),
+) -> None:
+    """Speed and memory of a preset against its peers in one run: time to first token, prefill tok/s by
+    prompt length, decode tok/s by batch size, peak memory by prompt length; JSON, PNG and a table."""
+    from pathlib import Path
+
+    from mambavl.bench.run import PEERS, BenchConfig
+    from mambavl.bench.run import run as run_bench
+    from mambavl.presets import PRESETS
+
+    if model not in PRESETS:
+        console.print(f"[red]error:[/red] unknown preset {model!r}: choose one of {', '.join(PRESETS)}")
+        raise typer.Exit(1)
+    chosen = () if peers.strip() == "none" else tuple(p.strip() for p in peers.split(",") if p.strip())
+    try:
+        if train:
+            from mambavl.bench.train import run_train
+
+            run_train(
+                model, Path(out), steps, batch, checkpointing, with_peer=bool(chosen), say=console.print
+            )
+            return
+        cfg = BenchConfig(
+            preset=model,
+            out=Path(out),
+            dtype=dtype,
+            device=device,
+            ttft_tokens=ttft_tokens,
+            prefill_lengths=_int_list(prefill_lengths, "--prefill-lengths"),
+            decode_batches=_int_list(decode_batches, "--decode-batches"),
+            decode_tokens=decode_tokens,
+            peers=chosen,
+            peer_prefill_lengths=_int_list(peer_prefill_lengths, "--peer-prefill-lengths"),
+            profile=profile,
+        )
+        run_bench(cfg, console)
+    except (ValueError, RuntimeError) as e:
+        console.print(f"[red]error:[/red] {e} (peers: {', '.join(PEERS)})", highlight=False)
+        raise typer.Exit(1) from e
+    console.print(f"wrote {Path(out) / 'bench.json'} and {Path(out) / 'bench.png'}")
+
+
 if __name__ == "__main__":
     app()

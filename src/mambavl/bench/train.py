@@ -1,9 +1,9 @@
-"""Training-step throughput and memory of a preset at full size (random weights), through the real
-entry point (`mambavl.train.train`: data pipeline, bf16 autocast, gradient checkpointing, AdamW), and in
-the same run the peer: HF transformers' Mamba (`MambaForCausalLM`, same LM config) doing the same
-forward + backward + AdamW step on token batches of the same shape.
+"""`mambavl bench --train`: training-step throughput and memory of a preset at full size (random
+weights), through the real entry point (`mambavl.train.train`: data pipeline, bf16 autocast, gradient
+checkpointing, AdamW), and in the same run the peer: HF transformers' Mamba (`MambaForCausalLM`, same
+LM config) doing the same forward + backward + AdamW step on token batches of the same shape.
 
-    python benchmarks/train_step.py --preset cobra+3b --steps 5 --batch 8 --out train_step.json
+    mambavl bench --train --model cobra+3b --steps 5 --batch 8 --out bench-train
 
 Synthetic data: shapes scenes at the tower's resolution, multi-turn conversations (byte tokenizer, so
 nothing is downloaded). Tokens/s counts every position (image + text) of a step, measured after the
@@ -14,7 +14,6 @@ GPU's dense bf16 peak.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import tempfile
@@ -148,49 +147,52 @@ def mfu(preset: str, result: dict, with_vision: bool) -> float | None:
     return flops_per_step / result["step_s"] / peak
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--preset", default="cobra+3b")
-    ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--no-peer", action="store_true")
-    ap.add_argument("--checkpointing", choices=("on", "off", "both", "none"), default="both")
-    ap.add_argument("--length", type=int, default=None, help="peer positions per row (default: ours)")
-    ap.add_argument("--out", default="train_step.json")
-    args = ap.parse_args()
+def run_train(
+    preset: str,
+    out: Path,
+    steps: int = 5,
+    batch: int = 8,
+    checkpointing: str = "both",
+    with_peer: bool = True,
+    length: int | None = None,
+    say=print,
+) -> dict:
+    """Ours with gradient checkpointing on and/or off, then the peer; writes `out/train.json`."""
     if not torch.cuda.is_available():
-        raise SystemExit("this benchmark needs a CUDA GPU")
+        raise RuntimeError("the training benchmark needs a CUDA GPU")
+    choices = {"on": (True,), "off": (False,), "both": (True, False), "none": ()}
+    if checkpointing not in choices:
+        raise ValueError(f"checkpointing must be one of {sorted(choices)}, got {checkpointing!r}")
+    out.mkdir(parents=True, exist_ok=True)
     result = {
-        "preset": args.preset,
+        "preset": preset,
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
-        "batch": args.batch,
-        "steps": args.steps,
+        "batch": batch,
+        "steps": steps,
     }
     with tempfile.TemporaryDirectory() as tmp:
-        for ckpt in {"on": (True,), "off": (False,), "both": (True, False), "none": ()}[args.checkpointing]:
+        for ckpt in choices[checkpointing]:
             key = f"mambavl_checkpointing_{'on' if ckpt else 'off'}"
             try:
-                run = ours(args.preset, args.steps, args.batch, Path(tmp), ckpt)
-                result[key] = run | {"batch": args.batch}
-                result[key]["mfu"] = mfu(args.preset, result[key], with_vision=True)
+                run = ours(preset, steps, batch, Path(tmp), ckpt)
+                result[key] = run | {"batch": batch}
+                result[key]["mfu"] = mfu(preset, result[key], with_vision=True)
             except torch.OutOfMemoryError as e:
                 result[key] = {"error": f"out of memory: {e}"[:300]}
                 torch.cuda.empty_cache()
-            print(json.dumps({key: result[key]}, indent=1), flush=True)
-    if not args.no_peer:
-        ours_on = result.get("mambavl_checkpointing_on", {})
-        length = args.length or int(ours_on.get("positions_per_step", 922 * args.batch) // args.batch)
-        for ckpt in (True,):
-            key = "transformers_mamba_checkpointing_on"
-            try:
-                result[key] = peer(args.preset, args.steps, args.batch, length, ckpt) | {"batch": args.batch}
-                result[key]["mfu"] = mfu(args.preset, result[key], with_vision=False)
-            except torch.OutOfMemoryError as e:
-                result[key] = {"error": f"out of memory: {e}"[:300]}
-            print(json.dumps({key: result[key]}, indent=1), flush=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-
-
-if __name__ == "__main__":
-    main()
+            say(json.dumps({key: result[key]}, indent=1))
+    if with_peer:
+        done = next(
+            (v for k, v in result.items() if k.startswith("mambavl_") and "positions_per_step" in v), {}
+        )
+        length = length or int(done.get("positions_per_step", 922 * batch) // batch)
+        key = "transformers_mamba_checkpointing_on"
+        try:
+            result[key] = peer(preset, steps, batch, length, True) | {"batch": batch}
+            result[key]["mfu"] = mfu(preset, result[key], with_vision=False)
+        except torch.OutOfMemoryError as e:
+            result[key] = {"error": f"out of memory: {e}"[:300]}
+        say(json.dumps({key: result[key]}, indent=1))
+    (out / "train.json").write_text(json.dumps(result, indent=2))
+    return result

@@ -61,40 +61,42 @@ def _selective_scan_kernel(
         h = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
 
     for start in range(0, length, BLOCK_T):
+        # Tiles are [D, N, T] with time last: the scan then runs within threads and warps (time is the
+        # layout's fastest axis), never through shared memory across warps.
         tt = start + t
-        m2 = (tt < length)[:, None] & md[None, :]  # [T, D]
-        m3 = m2[:, :, None] & mn[None, None, :]  # [T, D, N]
-        uv = tl.load(u + b * u_b + d[None, :] * u_d + tt[:, None] * u_t, mask=m2, other=0.0).to(tl.float32)
-        dt = tl.load(delta + b * dl_b + d[None, :] * dl_d + tt[:, None] * dl_t, mask=m2, other=0.0)
+        m2 = md[:, None] & (tt < length)[None, :]  # [D, T]
+        m3 = md[:, None, None] & mn[None, :, None] & (tt < length)[None, None, :]  # [D, N, T]
+        uv = tl.load(u + b * u_b + d[:, None] * u_d + tt[None, :] * u_t, mask=m2, other=0.0).to(tl.float32)
+        dt = tl.load(delta + b * dl_b + d[:, None] * dl_d + tt[None, :] * dl_t, mask=m2, other=0.0)
         dt = dt.to(tl.float32)
         if HAS_BIAS:
-            dt += dt_bias[None, :]
+            dt += dt_bias[:, None]
         if SOFTPLUS:
             dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(dt)), dt)
         dt = tl.where(m2, dt, 0.0)  # past the end: identity steps
         bv = tl.load(
-            B + b * b_b + g[None, :, None] * b_g + n[None, None, :] * b_n + tt[:, None, None] * b_t,
+            B + b * b_b + g[:, None, None] * b_g + n[None, :, None] * b_n + tt[None, None, :] * b_t,
             mask=m3,
             other=0.0,
         ).to(tl.float32)
         cv = tl.load(
-            C + b * c_b + g[None, :, None] * c_g + n[None, None, :] * c_n + tt[:, None, None] * c_t,
+            C + b * c_b + g[:, None, None] * c_g + n[None, :, None] * c_n + tt[None, None, :] * c_t,
             mask=m3,
             other=0.0,
         ).to(tl.float32)
-        decay = tl.exp(dt[:, :, None] * a[None, :, :])  # [T, D, N]
-        drive = (dt * uv)[:, :, None] * bv
-        decay, drive = tl.associative_scan((decay, drive), 0, _combine)
-        hs = decay * h[None, :, :] + drive  # the state after every step of the chunk
-        out = tl.sum(hs * cv, axis=2)  # [T, D]
-        h = tl.sum(tl.where((t == BLOCK_T - 1)[:, None, None], hs, 0.0), axis=0)
+        decay = tl.exp(dt[:, None, :] * a[:, :, None])  # [D, N, T]
+        drive = (dt * uv)[:, None, :] * bv
+        decay, drive = tl.associative_scan((decay, drive), 2, _combine)
+        hs = decay * h[:, :, None] + drive  # the state after every step of the chunk
+        out = tl.sum(hs * cv, axis=1)  # [D, T]
+        h = tl.sum(tl.where((t == BLOCK_T - 1)[None, None, :], hs, 0.0), axis=2)
         if HAS_D:
-            out += uv * skip[None, :]
+            out += uv * skip[:, None]
         if HAS_Z:
-            zv = tl.load(z + b * z_b + d[None, :] * z_d + tt[:, None] * z_t, mask=m2, other=0.0)
+            zv = tl.load(z + b * z_b + d[:, None] * z_d + tt[None, :] * z_t, mask=m2, other=0.0)
             zv = zv.to(tl.float32)
             out *= zv * tl.sigmoid(zv)
-        tl.store(y + b * y_b + d[None, :] * y_d + tt[:, None] * y_t, out.to(y.dtype.element_ty), mask=m2)
+        tl.store(y + b * y_b + d[:, None] * y_d + tt[None, :] * y_t, out.to(y.dtype.element_ty), mask=m2)
 
     tl.store(
         h_last + b * hl_b + d[:, None] * hl_d + n[None, :] * hl_n,
@@ -117,7 +119,7 @@ def selective_scan(
     initial_state: torch.Tensor | None = None,
     block_t: int | None = None,
     block_d: int | None = None,
-    num_warps: int = 4,
+    num_warps: int = 1,
 ):
     """`ops.selective_scan` for B and C of shape [B, N, L] or [B, G, N, L] (forward only)."""
     batch, dim, length = u.shape
@@ -130,8 +132,10 @@ def selective_scan(
     y = torch.empty(batch, dim, length, device=u.device, dtype=u.dtype)
     h_last = torch.empty(batch, dim, N, device=u.device, dtype=torch.float32)
     block_n = max(triton.next_power_of_2(N), 2)
-    block_t = block_t or (16 if block_n > 16 else 32)
-    block_d = block_d or max(2, min(16, triton.next_power_of_2(dim)))
+    # Small tiles, many programs: on an H200 (Mamba-1 2.8B, 16k tokens) [2 channels × 16 states × 16 steps]
+    # per single-warp program ran 3.5× faster than [16 × 16 × 32] on four warps.
+    block_t = block_t or 16
+    block_d = block_d or 2
     dummy = h_last
     h0 = initial_state if initial_state is not None else dummy
     zt = z if z is not None else u
