@@ -25,3 +25,12 @@ atexit.register(shutil.rmtree, os.environ["HF_HOME"], ignore_errors=True)
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def exact_fp32():
+    """fp32 matmuls and convolutions without TF32 on GPUs (TF32 differs from the CPU reference by ~1e-3)."""
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old

@@ -10,16 +10,10 @@ import refmodels
 from mambavl.lm import LanguageModel, load_lm
 from mambavl.lm.layouts import lm_config_from_json
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-@pytest.fixture(autouse=True)
-def _exact_fp32():
-    # TF32 would make fp32 matmuls and convolutions differ from the CPU reference by ~1e-3.
-    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+pytestmark = [
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+    pytest.mark.usefixtures("exact_fp32"),
+]
 
 
 @torch.no_grad()
