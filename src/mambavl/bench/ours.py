@@ -6,37 +6,16 @@ Timing: `torch.cuda.synchronize()` around each call, warm-up first, median of re
 
 from __future__ import annotations
 
-import statistics
-import time
 from collections import defaultdict
-from collections.abc import Callable
 
 import torch
 from PIL import Image
 
+from mambavl.bench.timing import sync, timed
 from mambavl.vlm.graphs import GraphDecoder, graph_support
 from mambavl.vlm.model import VLM
 
 GIB = 2**30
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn: Callable[[], object], device: torch.device, repeat: int = 5, warmup: int = 1) -> float:
-    """Median seconds of `repeat` calls after `warmup` calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def peak_memory(device: torch.device) -> float:
@@ -55,7 +34,7 @@ def copy_bandwidth(device: torch.device, nbytes: int = 2 * GIB) -> float | None:
         return None
     src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device)
     dst = torch.empty_like(src)
-    seconds = timed(lambda: dst.copy_(src), device, repeat=10, warmup=2)
+    seconds = timed(lambda: dst.copy_(src), repeat=10, warmup=2, device=device)
     return 2 * nbytes / seconds
 
 
@@ -77,7 +56,7 @@ def time_to_first_token(vlm: VLM, prompt_tokens: int = 800, repeat: int = 10) ->
     to the first token id on the host. Image preprocessing on the CPU is reported separately."""
     device = vlm.device
     image = synthetic_image()
-    preprocess = timed(lambda: vlm.pixel_values([image]), device, repeat=repeat)
+    preprocess = timed(lambda: vlm.pixel_values([image]), repeat=repeat, device=device)
     pixels = vlm.pixel_values([image])
     ids = _ids(vlm, 1, prompt_tokens)
 
@@ -94,8 +73,8 @@ def time_to_first_token(vlm: VLM, prompt_tokens: int = 800, repeat: int = 10) ->
     return {
         "prompt_tokens": prompt_tokens,
         "positions": positions,
-        "ttft_s": timed(first_token, device, repeat=repeat, warmup=2),
-        "vision_s": timed(encode, device, repeat=repeat, warmup=2),
+        "ttft_s": timed(first_token, repeat=repeat, warmup=2, device=device),
+        "vision_s": timed(encode, repeat=repeat, warmup=2, device=device),
         "preprocess_cpu_s": preprocess,
     }
 
@@ -118,7 +97,7 @@ def prefill(vlm: VLM, lengths: list[int], repeat: int = 3) -> dict[int, dict]:
             reset_peak(device)
             run()
             peak = peak_memory(device)
-            seconds = timed(run, device, repeat=repeat if length <= 16384 else 1, warmup=0)
+            seconds = timed(run, repeat=repeat if length <= 16384 else 1, warmup=0, device=device)
             out[length] = {"s": seconds, "tok_s": length / seconds, "peak_gib": peak}
         except torch.OutOfMemoryError:
             out[length] = {"error": "out of memory"}
@@ -156,7 +135,7 @@ def decode(vlm: VLM, batches: list[int], tokens: int = 256, graphs: bool = True)
                     break
 
         loop(8)
-        seconds = timed(lambda loop=loop: loop(tokens), device, repeat=3, warmup=0)
+        seconds = timed(lambda loop=loop: loop(tokens), repeat=3, warmup=0, device=device)
         out[batch] = {"tok_s": batch * tokens / seconds, "step_ms": 1e3 * seconds / tokens}
         if graphs:
             del decoder

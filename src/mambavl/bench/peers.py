@@ -39,15 +39,15 @@ import contextlib
 import gc
 import importlib
 import inspect
-import statistics
 import sys
-import time
 import types
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
 
+from mambavl.bench.timing import sync as _sync
+from mambavl.bench.timing import timed as _timed
 from mambavl.lm.config import LMConfig
 
 PEERS = ("hf-mamba", "gpt-neox", "mamba-ssm")
@@ -95,30 +95,10 @@ class PeerResult:
 # ---------------------------------------------------------------------------------------------- timing
 
 
-def _sync() -> None:
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
-
-
 def _release() -> None:
     gc.collect()
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.empty_cache()
-
-
-def _timed(fn: Callable[[], object], repeat: int = 3, *, warmup: bool = True) -> float:
-    """Median wall-clock seconds of `fn()` over `repeat` calls (after one untimed call if `warmup`)."""
-    if warmup:
-        fn()
-        _sync()
-    times = []
-    for _ in range(max(1, repeat)):
-        _sync()
-        start = time.perf_counter()
-        fn()  # the result is dropped at once, so that repeats never hold two caches
-        _sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def _measure(fn: Callable[[], object], repeat: int, budget_s: float) -> float:
