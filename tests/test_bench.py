@@ -61,3 +61,20 @@ def test_bench_refuses_bad_options(tmp_path, args, message):
     result = CliRunner().invoke(app, ["bench", *args, "--out", str(tmp_path)])
     assert result.exit_code != 0
     assert message in result.output
+
+
+def test_kernel_bench_needs_a_gpu(tmp_path):
+    import torch
+
+    from mambavl.bench.kernels import projection_shapes, run_kernels
+
+    shapes = projection_shapes(create("tiny-cobra", device="meta").lm.config)
+    assert {"lm_head", "mamba1.in_proj", "mamba1.x_proj", "mamba1.out_proj"} == set(shapes)
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="GPU"):
+            run_kernels("tiny-cobra", tmp_path)
+        return
+    result = run_kernels("tiny-cobra", tmp_path, sweep=False)
+    saved = json.loads((tmp_path / "kernels.json").read_text())
+    assert saved["linear"] and saved["mamba1_step"] and result["copy_bandwidth_tb_s"] > 0
+    assert all(r["ours_us"] > 0 and r["cublas_us"] > 0 for r in saved["linear"])

@@ -297,6 +297,10 @@ def bench(
     steps: int = typer.Option(5, help="--train: steps (the first is warm-up)."),
     batch: int = typer.Option(8, help="--train: rows per step."),
     checkpointing: str = typer.Option("both", help="--train: gradient checkpointing on, off, both or none."),
+    kernels: bool = typer.Option(
+        False, "--kernels", help="Time the decode-step kernels against what they replace instead."
+    ),
+    sweep: bool = typer.Option(False, "--sweep", help="--kernels: also time every candidate tile."),
 ) -> None:
     """Speed and memory of a preset against its peers in one run: time to first token, prefill tok/s by
     prompt length, decode tok/s by batch size, peak memory by prompt length; JSON, PNG and a table."""
@@ -311,6 +315,12 @@ def bench(
         raise typer.Exit(1)
     chosen = () if peers.strip() == "none" else tuple(p.strip() for p in peers.split(",") if p.strip())
     try:
+        if kernels:
+            from mambavl.bench.kernels import run_kernels
+
+            run_kernels(model, Path(out), dtype, sweep, say=console.print)
+            console.print(f"wrote {Path(out) / 'kernels.json'}")
+            return
         if train:
             from mambavl.bench.train import run_train
 

@@ -8,16 +8,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from mambavl.lm.config import LMConfig
+from mambavl.lm.linear import Linear
 
 
 class Attention(nn.Module):
     def __init__(self, cfg: LMConfig):
         super().__init__()
         self.n_heads, self.n_kv, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+        self.q_proj = Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
+        self.k_proj = Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
 
     def new_state(self, batch: int, device=None) -> dict[str, torch.Tensor]:
         empty = torch.zeros(batch, self.n_kv, 0, self.head_dim, dtype=torch.float32, device=device)

@@ -8,14 +8,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from mambavl.lm.config import LMConfig
+from mambavl.lm.linear import Linear
 
 
 class MLP(nn.Module):
     def __init__(self, cfg: LMConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.d_model, cfg.d_ffn, bias=False)
-        self.up_proj = nn.Linear(cfg.d_model, cfg.d_ffn, bias=False)
-        self.down_proj = nn.Linear(cfg.d_ffn, cfg.d_model, bias=False)
+        self.gate_proj = Linear(cfg.d_model, cfg.d_ffn, bias=False)
+        self.up_proj = Linear(cfg.d_model, cfg.d_ffn, bias=False)
+        self.down_proj = Linear(cfg.d_ffn, cfg.d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -27,7 +28,7 @@ class MoE(nn.Module):
     def __init__(self, cfg: LMConfig):
         super().__init__()
         self.n_experts, self.top_k = cfg.n_experts, cfg.top_k
-        self.router = nn.Linear(cfg.d_model, cfg.n_experts, bias=False)
+        self.router = Linear(cfg.d_model, cfg.n_experts, bias=False)
         self.gate_up_proj = nn.Parameter(torch.empty(cfg.n_experts, 2 * cfg.d_ffn, cfg.d_model))
         self.down_proj = nn.Parameter(torch.empty(cfg.n_experts, cfg.d_model, cfg.d_ffn))
         nn.init.normal_(self.gate_up_proj, std=0.02)

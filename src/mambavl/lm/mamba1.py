@@ -8,6 +8,7 @@ from torch import nn
 
 from mambavl import ops
 from mambavl.lm.config import LMConfig
+from mambavl.lm.linear import Linear
 from mambavl.lm.norm import RMSNorm
 
 
@@ -16,13 +17,13 @@ class Mamba1Mixer(nn.Module):
         super().__init__()
         d, n, r = cfg.d_inner, cfg.d_state, cfg.dt_rank
         self.d_inner, self.d_state, self.dt_rank, self.d_conv = d, n, r, cfg.d_conv
-        self.in_proj = nn.Linear(cfg.d_model, 2 * d, bias=cfg.proj_bias)
+        self.in_proj = Linear(cfg.d_model, 2 * d, bias=cfg.proj_bias)
         self.conv1d = depthwise_conv(d, cfg)
-        self.x_proj = nn.Linear(d, r + 2 * n, bias=False)
-        self.dt_proj = nn.Linear(r, d, bias=True)
+        self.x_proj = Linear(d, r + 2 * n, bias=False)
+        self.dt_proj = Linear(r, d, bias=True)
         self.A_log = nn.Parameter(torch.log(torch.arange(1, n + 1, dtype=torch.float32)).repeat(d, 1))
         self.D = nn.Parameter(torch.ones(d))
-        self.out_proj = nn.Linear(d, cfg.d_model, bias=cfg.proj_bias)
+        self.out_proj = Linear(d, cfg.d_model, bias=cfg.proj_bias)
         if cfg.bcdt_norm is not None:
             weighted = cfg.bcdt_norm == "weighted"
             self.dt_layernorm = RMSNorm(r, cfg.bcdt_eps, weight=weighted)
@@ -44,6 +45,8 @@ class Mamba1Mixer(nn.Module):
         valid: torch.Tensor | None = None,
     ) -> torch.Tensor:
         T = hidden.shape[1]
+        if state is not None and T == 1 and valid is None:  # a decode step: one fused op
+            return self.out_proj(self.step(self.in_proj(hidden)[:, 0], state)[:, None])
         x, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)  # [B, D, T] each
         x = conv_step(x, self.conv1d, state, valid)
 
@@ -86,6 +89,26 @@ class Mamba1Mixer(nn.Module):
             )
             state["ssm"].copy_(last)
         return self.out_proj(y.transpose(1, 2))
+
+    def step(self, xz: torch.Tensor, state: dict[str, torch.Tensor]) -> torch.Tensor:
+        """y [B, D] for one token from in_proj's output xz [B, 2D], advancing the state in place."""
+        norms = None
+        if self.bcdt_norm:
+            norms = (self.dt_layernorm.weight, self.b_layernorm.weight, self.c_layernorm.weight)
+            norms += (self.dt_layernorm.eps,)
+        return ops.mamba1_step(
+            xz,
+            state["conv"],
+            state["ssm"],
+            self.conv1d.weight[:, 0],
+            self.conv1d.bias,
+            self.x_proj.weight,
+            self.dt_proj.weight,
+            self.dt_proj.bias,
+            decay_rates(self),
+            self.D,
+            norms,
+        )
 
 
 def decay_rates(mixer: nn.Module) -> torch.Tensor:

@@ -8,6 +8,7 @@ from torch import nn
 
 from mambavl import ops
 from mambavl.lm.config import LMConfig
+from mambavl.lm.linear import Linear
 from mambavl.lm.mamba1 import conv_step, decay_rates, depthwise_conv
 from mambavl.lm.norm import GatedRMSNorm
 
@@ -19,7 +20,7 @@ class Mamba2Mixer(nn.Module):
         self.d_inner, self.d_state, self.ngroups, self.nheads, self.headdim = d, n, g, h, cfg.headdim
         self.d_conv, self.chunk_size, self.dt_limit = cfg.d_conv, cfg.chunk_size, cfg.dt_limit
         self.conv_dim = d + 2 * g * n
-        self.in_proj = nn.Linear(cfg.d_model, d + self.conv_dim + h, bias=cfg.proj_bias)
+        self.in_proj = Linear(cfg.d_model, d + self.conv_dim + h, bias=cfg.proj_bias)
         self.conv1d = depthwise_conv(self.conv_dim, cfg)
         self.dt_bias = nn.Parameter(torch.zeros(h))
         self.A_log = nn.Parameter(torch.log(torch.arange(1, h + 1, dtype=torch.float32)))
@@ -27,7 +28,7 @@ class Mamba2Mixer(nn.Module):
         self.norm = (
             GatedRMSNorm(d, d // g, cfg.gated_norm_eps, cfg.norm_before_gate) if cfg.gated_norm else None
         )
-        self.out_proj = nn.Linear(d, cfg.d_model, bias=cfg.proj_bias)
+        self.out_proj = Linear(d, cfg.d_model, bias=cfg.proj_bias)
 
     def new_state(self, batch: int, device=None) -> dict[str, torch.Tensor]:
         f32 = dict(dtype=torch.float32, device=device)

@@ -15,6 +15,7 @@ from mambavl.lm.attention import Attention
 from mambavl.lm.config import LMConfig
 from mambavl.lm.ffn import MLP, MoE
 from mambavl.lm.init import init_weights
+from mambavl.lm.linear import Linear
 from mambavl.lm.mamba1 import Mamba1Mixer
 from mambavl.lm.mamba2 import Mamba2Mixer
 from mambavl.lm.norm import RMSNorm
@@ -63,7 +64,7 @@ class LanguageModel(nn.Module):
             Block(config, m, f) for m, f in zip(config.mixers, config.ffns, strict=True)
         )
         self.norm_f = RMSNorm(config.d_model, config.norm_eps)
-        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embedding.weight
         init_weights(self)

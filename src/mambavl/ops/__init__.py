@@ -5,16 +5,20 @@ can take a name's place without touching the models.
 """
 
 from mambavl.ops.conv import causal_conv1d_fn, causal_conv1d_update
+from mambavl.ops.linear import linear
 from mambavl.ops.norms import rms_norm, rms_norm_gated
 from mambavl.ops.scan import linear_scan, selective_scan, selective_state_update
 from mambavl.ops.ssd import mamba_chunk_scan_combined
+from mambavl.ops.step import mamba1_step
 from mambavl.ops.timestep import NO_LIMIT, timestep
 
 __all__ = [
     "NO_LIMIT",
     "causal_conv1d_fn",
     "causal_conv1d_update",
+    "linear",
     "linear_scan",
+    "mamba1_step",
     "mamba_chunk_scan_combined",
     "rms_norm",
     "rms_norm_gated",
