@@ -8,9 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mambavl import ops
-
 pytest.importorskip("triton")
+
+from mambavl import ops
+from mambavl.ops.triton.step import FUSED_MAX_BATCH
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -80,7 +82,7 @@ def _step_inputs(batch, dim, n, rank, width, state_len, dtype, norm, seed=0):
     return weights, state, g
 
 
-@pytest.mark.parametrize("batch,dim,n,rank", [(1, 37, 5, 3), (3, 130, 16, 9), (2, 64, 4, 1)])
+@pytest.mark.parametrize("batch,dim,n,rank", [(1, 37, 5, 3), (3, 130, 16, 9), (19, 64, 4, 1)])
 @pytest.mark.parametrize("width,state_len", [(4, 4), (4, 3), (2, 5)])
 @pytest.mark.parametrize("norm", [None, "plain", "weighted"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -90,17 +92,36 @@ def test_mamba1_step_triton_equals_reference(batch, dim, n, rank, width, state_l
         weights["D"] = None if norm == "plain" else weights["D"]  # the skip is optional too
     ref_state = {k: v.clone() for k, v in state.items()}
     tri_state = {k: v.clone() for k, v in state.items()}
+    fused = batch <= FUSED_MAX_BATCH
+    # The fused kernels compute in fp32 from the given inputs and round only y: their reference is the
+    # op's fp32 math on the same (upcast) inputs. More sequences run the single ops, rounding as the
+    # reference does.
+    ref_weights = dict(weights)
+    if fused:
+        ref_weights = {k: v.float() if torch.is_tensor(v) else v for k, v in weights.items()}
+        if weights.get("bcdt_norm") is not None:
+            ref_weights["bcdt_norm"] = tuple(
+                t.float() if torch.is_tensor(t) else t for t in weights["bcdt_norm"]
+            )
     # Three steps in a row: the windows and states the kernels leave behind feed the next step.
     for _ in range(3):
         xz = torch.randn(batch, 2 * dim, generator=g).to(DEVICE, dtype)
-        ref = ops.mamba1_step(xz, **ref_state, **weights, backend="torch")
+        ref = ops.mamba1_step(xz.float() if fused else xz, **ref_state, **ref_weights, backend="torch")
         tri = ops.mamba1_step(xz, **tri_state, **weights, backend="triton")
         assert tri.shape == ref.shape == (batch, dim) and tri.dtype == dtype
-        # The reference rounds conv output, x_proj and dt_proj to the dtype; the fused path does not.
-        tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=5e-2, atol=5e-2)
-        torch.testing.assert_close(tri, ref, **tol)
-        torch.testing.assert_close(tri_state["conv_state"], ref_state["conv_state"], **tol)
-        torch.testing.assert_close(tri_state["ssm_state"], ref_state["ssm_state"], **tol)
+        torch.testing.assert_close(tri_state["conv_state"], ref_state["conv_state"], rtol=1e-5, atol=1e-5)
+        pairs = ((tri.float(), ref.float()), (tri_state["ssm_state"], ref_state["ssm_state"]))
+        if dtype == torch.float32 or fused:
+            out_tol = 1e-4 if dtype == torch.float32 else 1e-2  # the fused path rounds y once
+            torch.testing.assert_close(*pairs[0], rtol=out_tol, atol=out_tol)
+            torch.testing.assert_close(*pairs[1], rtol=1e-4, atol=1e-4)
+        else:
+            # bf16 through the single ops rounds x, dt, B and C as the reference does, but a value on a
+            # rounding boundary may land the other way (the kernels sum in another order): a few
+            # isolated elements, each off by a few bf16 ulps.
+            for got, want in pairs:
+                rel = (got - want).abs() / (1 + want.abs())
+                assert (rel > 2e-2).float().mean() < 1e-2 and rel.max() < 0.2
 
 
 def test_mamba1_step_refuses_bad_shapes_and_training():

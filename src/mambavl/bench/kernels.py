@@ -6,7 +6,7 @@ it replaces, in one run.
   microseconds per call, weight bytes per second, and the fraction of the measured copy bandwidth.
 - **mamba1 step** (Mamba-1 presets): the fused step between the projections (`ops.triton.step`, two
   kernels) against the same math as separate kernels (Triton conv update, cuBLAS x_proj and dt_proj,
-  Triton state update), at batch 1, 8 and 64.
+  Triton state update), at batch 1, 4, 8 and 64: the data behind `FUSED_MAX_BATCH`.
 
 Every timing is a CUDA graph of many calls, replayed, so Python launch costs do not count (a decode
 step runs as a graph too), and the calls rotate over enough weight copies (over 512 MiB) that no
@@ -92,7 +92,7 @@ def linear_table(lm, dtype: torch.dtype, batches: list[int], bandwidth: float, s
             ours_of_copy=nbytes / ours / bandwidth, cublas_of_copy=nbytes / cublas / bandwidth,
         )  # fmt: skip
         if sweep:
-            key = "narrow" if n <= 4096 else "wide"
+            key = gemv.tile_class(n)
             saved, best = gemv.TILES[key], None
             for tile in itertools.product((16, 32, 64), (128, 256, 512), (4, 8), (3, 4, 6)):
                 gemv.TILES[key] = tile
@@ -133,8 +133,8 @@ def step_table(lm, dtype: torch.dtype, batches: list[int], sweep: bool) -> list[
                        ssm_state=torch.zeros(batch, d, n, device="cuda")) for _ in copies]  # fmt: skip
         xz = torch.randn(batch, 2 * d, device="cuda", dtype=dtype)
 
-        def fused(i, xz=xz, states=states):
-            return ops.mamba1_step(xz, **states[i % len(copies)], **copies[i % len(copies)], backend="triton")
+        def fused(i, xz=xz, states=states):  # the fused kernels at every batch size, not only where used
+            return fused_step.mamba1_step(xz, **states[i % len(copies)], **copies[i % len(copies)])
 
         def separate(i, xz=xz, states=states):
             w, state = copies[i % len(copies)], states[i % len(copies)]
@@ -185,7 +185,7 @@ def run_kernels(preset: str, out: Path, dtype: str = "bfloat16", sweep: bool = F
         linear=linear_table(lm, torch_dtype, [1, 8, 16], bandwidth, sweep),
     )  # fmt: skip
     if "mamba1" in lm.mixers:
-        result["mamba1_step"] = step_table(lm, torch_dtype, [1, 8, 64], sweep)
+        result["mamba1_step"] = step_table(lm, torch_dtype, [1, 4, 8, 64], sweep)
     out.mkdir(parents=True, exist_ok=True)
     (out / "kernels.json").write_text(json.dumps(result, indent=1))
     say(f"{result['device']}: copy bandwidth {result['copy_bandwidth_tb_s']:.2f} TB/s")

@@ -36,8 +36,9 @@ def mamba1_step(
     xz [B, 2D]: in_proj's output (x, then the gate z); conv_weight [D, W]; x_proj_weight [R + 2N, D];
     dt_proj_weight [D, R]; A [D, N] (negative decay rates); `bcdt_norm` = (dt, B, C weights or None,
     eps) for the RMSNorms FalconMamba and Jamba put on dt, B and C. Δ = softplus(dt_proj(dt) + bias).
-    `backend`: see `ops.dispatch`; the Triton path is forward-only (under `auto`, calls that need a
-    gradient run this reference).
+    `backend`: see `ops.dispatch`. Under Triton, up to FUSED_MAX_BATCH sequences run the fused kernels
+    (`ops.triton.step`), more run the single Triton ops in this sequence; the Triton path is
+    forward-only (under `auto`, calls that need a gradient run the reference).
     """
     dim = conv_state.shape[1]
     if xz.dim() != 2 or xz.shape[1] != 2 * dim:
@@ -47,31 +48,31 @@ def mamba1_step(
         raise ValueError(
             f"mamba1_step: x_proj_weight must be [{rank + 2 * n}, {dim}], got {tuple(x_proj_weight.shape)}"
         )
-    if backend_for(xz, backend) == "triton":
+    chosen = backend_for(xz, backend)
+    if chosen == "triton":
         tensors = (xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D)
         if bcdt_norm is not None:
             tensors += bcdt_norm[:3]
         needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-        if not needs_grad:
-            from mambavl.ops.triton.step import mamba1_step as fused
+        if needs_grad and backend == "triton":
+            raise NotImplementedError("the Triton mamba1_step has no backward: use backend='torch'")
+        from mambavl.ops.triton.step import FUSED_MAX_BATCH
+        from mambavl.ops.triton.step import mamba1_step as fused
 
+        if not needs_grad and xz.shape[0] <= FUSED_MAX_BATCH:
             return fused(
                 xz, conv_state, ssm_state, conv_weight, conv_bias, x_proj_weight, dt_proj_weight,
                 dt_proj_bias, A, D, bcdt_norm,
             )  # fmt: skip
-        if backend == "triton":
-            raise NotImplementedError("the Triton mamba1_step has no backward: use backend='torch'")
+        # Larger batches: the single ops (Triton conv update and state update, cuBLAS projections).
+        chosen = "torch" if needs_grad else "triton"
     x, z = xz.chunk(2, dim=-1)
-    x = causal_conv1d_update(x, conv_state, conv_weight, conv_bias, activation="silu", backend="torch")
+    x = causal_conv1d_update(x, conv_state, conv_weight, conv_bias, activation="silu", backend=chosen)
     dt, B, C = F.linear(x, x_proj_weight).split([rank, n, n], dim=-1)
     if bcdt_norm is not None:
         w_dt, w_b, w_c, eps = bcdt_norm
-        dt, B, C = (
-            rms_norm(dt, w_dt, eps, backend="torch"),
-            rms_norm(B, w_b, eps, backend="torch"),
-            rms_norm(C, w_c, eps, backend="torch"),
-        )
+        dt, B, C = (rms_norm(t, w, eps, backend=chosen) for t, w in ((dt, w_dt), (B, w_b), (C, w_c)))
     dt = dt @ dt_proj_weight.T
     return selective_state_update(
-        ssm_state, x, dt, A, B, C, D, z=z, dt_bias=dt_proj_bias, dt_softplus=True, backend="torch"
+        ssm_state, x, dt, A, B, C, D, z=z, dt_bias=dt_proj_bias, dt_softplus=True, backend=chosen
     )

@@ -16,8 +16,11 @@ import torch
 import triton
 import triton.language as tl
 
-# Channels per program in each kernel; picked on the GPU (`mambavl bench --kernels`).
-BLOCK_CONV, BLOCK_SCAN = 64, 64
+# Channels per program in each kernel: the fastest of `mambavl bench --kernels --sweep` on an H200 at
+# cobra+3b's sizes. Each program serves one sequence and reads its weight tiles again for the next, so
+# the fused step wins only for a few sequences; `ops.mamba1_step` takes it up to FUSED_MAX_BATCH.
+BLOCK_CONV, BLOCK_SCAN = 128, 32
+FUSED_MAX_BATCH = 4
 
 
 @triton.jit
