@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mambavl.ops.dispatch import backend_for
+from mambavl.ops.dispatch import backend_for, needs_grad
 
 
 def _activate(y: torch.Tensor, activation: str | None) -> torch.Tensor:
@@ -35,15 +35,13 @@ def causal_conv1d_fn(
     the final states, run this reference under `auto`).
     """
     if backend_for(x, backend) == "triton":
-        needs_grad = torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (x, weight, bias, initial_states)
-        )
-        if not needs_grad and not return_final_states:
+        grad = needs_grad(x, weight, bias, initial_states)
+        if not grad and not return_final_states:
             from mambavl.ops.triton.conv import causal_conv1d_fn as fused
 
             return fused(x, weight, bias, initial_states, activation)
         if backend == "triton":
-            why = "it has no backward yet" if needs_grad else "it does not return the final states"
+            why = "it has no backward yet" if grad else "it does not return the final states"
             raise NotImplementedError(
                 f"the Triton causal_conv1d_fn cannot run this call ({why}): use backend='torch'"
             )

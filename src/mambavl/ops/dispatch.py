@@ -38,3 +38,8 @@ def backend_for(tensor: torch.Tensor, backend: str | None = None) -> str:
                 "before starting Python, or use backend='torch'"
             )
     return choice
+
+
+def needs_grad(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd would record a call on these tensors (None entries are absent inputs)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mambavl.ops.dispatch import backend_for
+from mambavl.ops.dispatch import backend_for, needs_grad
 
 
 def linear(
@@ -21,9 +21,7 @@ def linear(
         from mambavl.ops.triton.gemv import MAX_ROWS, skinny_linear
 
         rows = x.numel() // max(x.shape[-1], 1)
-        needs_grad = torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (x, weight, bias)
-        )
+        grad = needs_grad(x, weight, bias)
         fits = (
             0 < rows <= MAX_ROWS
             and x.dtype == weight.dtype
@@ -31,6 +29,6 @@ def linear(
             and (bias is None or bias.dtype == x.dtype)
             and not torch.is_autocast_enabled(x.device.type)
         )
-        if fits and not needs_grad:
+        if fits and not grad:
             return skinny_linear(x, weight, bias)
     return F.linear(x, weight, bias)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mambavl.ops.dispatch import backend_for
+from mambavl.ops.dispatch import backend_for, needs_grad
 
 
 def rms_norm(
@@ -27,10 +27,8 @@ def rms_norm(
     Triton kernel is forward-only, so calls that need a gradient run the reference under `auto`.
     """
     if backend_for(x, backend) == "triton" and x.shape[-1] <= 65536:
-        needs_grad = torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (x, weight, residual)
-        )
-        if not needs_grad:
+        grad = needs_grad(x, weight, residual)
+        if not grad:
             from mambavl.ops.triton.norms import rms_norm as fused
 
             return fused(x, weight, eps, residual, prenorm, residual_in_fp32)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mambavl.ops.dispatch import backend_for
+from mambavl.ops.dispatch import backend_for, needs_grad
 from mambavl.ops.timestep import NO_LIMIT, timestep
 
 # Time steps processed together (bounds the [B, block, D, N] working set) and the chunk length inside.
@@ -31,7 +31,7 @@ def linear_scan(a: torch.Tensor, x: torch.Tensor, h0: torch.Tensor | None = None
     through the scan's steps: one reverse scan instead of a graph of log2(chunk) sliced copies.
     """
     chunk = chunk or SCAN_CHUNK
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (a, x, h0)):
+    if needs_grad(a, x, h0):
         return _LinearScan.apply(a, x, h0, chunk)
     return _scan(a, x, h0, chunk)
 
@@ -142,10 +142,8 @@ def selective_scan(
     input-dependent B and C; other calls run this reference under `auto`.
     """
     if backend_for(u, backend) == "triton":
-        needs_grad = torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (u, delta, A, B, C, D, z, delta_bias, initial_state)
-        )
-        if not needs_grad and B.dim() >= 3 and C.dim() >= 3:
+        grad = needs_grad(u, delta, A, B, C, D, z, delta_bias, initial_state)
+        if not grad and B.dim() >= 3 and C.dim() >= 3:
             from mambavl.ops.triton.scan import selective_scan as fused
 
             return fused(
@@ -155,7 +153,7 @@ def selective_scan(
                 delta_softplus, return_last_state, initial_state,
             )  # fmt: skip
         if backend == "triton":
-            why = "it has no backward yet" if needs_grad else "it needs input-dependent B and C"
+            why = "it has no backward yet" if grad else "it needs input-dependent B and C"
             raise NotImplementedError(
                 f"the Triton selective_scan cannot run this call ({why}): use backend='torch'"
             )

@@ -11,7 +11,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from mambavl.ops.dispatch import backend_for
+from mambavl.ops.dispatch import backend_for, needs_grad
 from mambavl.ops.timestep import NO_LIMIT, timestep
 
 
@@ -54,8 +54,8 @@ def mamba_chunk_scan_combined(
     """
     if backend_for(x, backend) == "triton":
         inputs = (x, dt, A, B, C, D, z, dt_bias, initial_states)
-        needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
-        if not needs_grad:
+        grad = needs_grad(*inputs)
+        if not grad:
             from mambavl.ops.triton.ssd import mamba_chunk_scan_combined as fused
 
             args = (x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus)

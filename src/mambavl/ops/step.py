@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from mambavl.ops.conv import causal_conv1d_update
-from mambavl.ops.dispatch import backend_for
+from mambavl.ops.dispatch import backend_for, needs_grad
 from mambavl.ops.norms import rms_norm
 from mambavl.ops.scan import selective_state_update
 
@@ -53,19 +53,19 @@ def mamba1_step(
         tensors = (xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D)
         if bcdt_norm is not None:
             tensors += bcdt_norm[:3]
-        needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-        if needs_grad and backend == "triton":
+        grad = needs_grad(*tensors)
+        if grad and backend == "triton":
             raise NotImplementedError("the Triton mamba1_step has no backward: use backend='torch'")
         from mambavl.ops.triton.step import FUSED_MAX_BATCH
         from mambavl.ops.triton.step import mamba1_step as fused
 
-        if not needs_grad and xz.shape[0] <= FUSED_MAX_BATCH:
+        if not grad and xz.shape[0] <= FUSED_MAX_BATCH:
             return fused(
                 xz, conv_state, ssm_state, conv_weight, conv_bias, x_proj_weight, dt_proj_weight,
                 dt_proj_bias, A, D, bcdt_norm,
             )  # fmt: skip
         # Larger batches: the single ops (Triton conv update and state update, cuBLAS projections).
-        chosen = "torch" if needs_grad else "triton"
+        chosen = "torch" if grad else "triton"
     x, z = xz.chunk(2, dim=-1)
     x = causal_conv1d_update(x, conv_state, conv_weight, conv_bias, activation="silu", backend=chosen)
     dt, B, C = F.linear(x, x_proj_weight).split([rank, n, n], dim=-1)
