@@ -34,3 +34,24 @@ def exact_fp32():
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     yield
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+@pytest.fixture(scope="session")
+def demo_model_dir(tmp_path_factory):
+    """The model `mambavl demo --out DIR` saves (DIR/model), from a shortened run (a few seconds): what
+    the server tests serve. Its held-out images are in DIR/data."""
+    from mambavl.demo import DemoConfig, run_demo
+
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    run_demo(
+        DemoConfig(
+            out=out,
+            train_scenes=40,
+            heldout_scenes=16,
+            align_steps=4,
+            finetune_steps=12,
+            batch_size=8,
+            blind=False,
+        )
+    )
+    return out / "model"

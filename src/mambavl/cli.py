@@ -262,6 +262,46 @@ def demo(
         raise typer.Exit(1) from e
 
 
+@app.command()
+def chat(
+    model: str = typer.Option(
+        ..., help="Model directory (ours, a Cobra / ML-Mamba run dir) or a preset with released weights."
+    ),
+    image: str = typer.Option(None, help="The image to talk about (/image PATH changes it)."),
+    system: str = typer.Option(None, help="System prompt (chat-template models; Cobra's format has none)."),
+    max_new_tokens: int = typer.Option(None, help="Longest answer in tokens (256)."),
+    temperature: float = typer.Option(None, help="Sampling temperature (1.0)."),
+    top_p: float = typer.Option(None, help="Nucleus sampling mass (1.0: off)."),
+    do_sample: bool = typer.Option(None, "--do-sample/--no-do-sample", help="Sample instead of greedy."),
+    seed: int = typer.Option(None, help="Seed of the sampling: each answer is drawn from it."),
+    device: str = typer.Option("auto", help="auto (cuda when there is one), cpu, cuda or cuda:N."),
+    dtype: str = typer.Option(
+        "auto", help="auto (bfloat16 on cuda, float32 on cpu), bfloat16, float16, float32."
+    ),
+) -> None:
+    """Chat about an image in the terminal; answers stream as they are generated, /help lists the commands."""
+    import contextlib
+
+    from mambavl.chat import ChatSession, run_chat
+    from mambavl.checkpoints.files import CheckpointError
+    from mambavl.runtime import load_model
+
+    given = dict(
+        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, do_sample=do_sample, seed=seed
+    )
+    try:
+        vlm = load_model(model, device, dtype)
+        session = ChatSession(vlm, system, {k: v for k, v in given.items() if v is not None})
+        if image:
+            session.set_image(image)
+    except (CheckpointError, FileNotFoundError, ValueError) as e:  # ValueError: bad settings or image
+        console.print(f"[red]error:[/red] {e}", highlight=False)
+        raise typer.Exit(1) from e
+    with contextlib.suppress(ImportError):  # line editing and history at the prompt, where Python has it
+        import readline  # noqa: F401
+    run_chat(session, console, lambda: console.input("[bold]you>[/bold] "))
+
+
 def _int_list(text: str, what: str) -> tuple[int, ...]:
     try:
         values = tuple(int(v) for v in text.split(",") if v.strip())
@@ -346,6 +386,74 @@ def bench(
         console.print(f"[red]error:[/red] {e} (peers: {', '.join(PEERS)})", highlight=False)
         raise typer.Exit(1) from e
     console.print(f"wrote {Path(out) / 'bench.json'} and {Path(out) / 'bench.png'}")
+
+
+@app.command()
+def serve(
+    model: str = typer.Option(..., "--model", help="Model dir, run dir or preset (released weights)."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0: every interface)."),
+    port: int = typer.Option(8000, help="Port to listen on."),
+    slots: int = typer.Option(64, help="Sequences decoded together (one fixed-size state each)."),
+    max_queue: int = typer.Option(1024, help="Requests waiting for a slot before new ones get a 503."),
+    timeout: float = typer.Option(600.0, help="Seconds a request may take, queue included (0: no limit)."),
+    max_tokens: int = typer.Option(2048, help="The most tokens a request may ask for."),
+    default_max_tokens: int = typer.Option(256, help="Tokens generated when a request sets no max_tokens."),
+    max_body_mb: float = typer.Option(16.0, help="Largest request body, in MiB."),
+    max_image_pixels: int = typer.Option(16_000_000, help="Largest image, in pixels."),
+    api_key: str = typer.Option(
+        None, envvar="MAMBAVL_API_KEY", help="Require `Authorization: Bearer KEY` on /v1."
+    ),
+    allow_remote_images: bool = typer.Option(False, "--allow-remote-images", help="Fetch http(s) images."),
+    image_host: list[str] = typer.Option(None, help="Remote images only from these hosts (repeatable)."),  # noqa: B008
+    image_dir: str = typer.Option(None, help="Accept local image paths and file:// URLs inside this dir."),
+    name: str = typer.Option(None, help="The model id the API reports (default: the --model argument)."),
+    device: str = typer.Option("auto", help="auto (a GPU if there is one), cpu or cuda[:N]."),
+    dtype: str = typer.Option("auto", help="auto (bf16 on GPUs, fp32 on CPUs), bfloat16, float16, float32."),
+    cuda_graphs: bool = typer.Option(True, help="Decode through CUDA graphs where the model allows it."),
+    random_weights: bool = typer.Option(
+        False, "--random-weights", help="A preset at full size with random weights (nothing downloaded)."
+    ),
+) -> None:
+    """Serve a model over HTTP: OpenAI-compatible /v1/chat/completions (streaming too), /v1/models,
+    /health, /metrics and a web chat page at /, with continuous batching over state slots."""
+    from pathlib import Path
+
+    import uvicorn
+
+    from mambavl.checkpoints.files import CheckpointError
+    from mambavl.runtime import load_model
+    from mambavl.serve import Engine, EngineConfig, ImagePolicy, ServeConfig, create_app
+
+    try:
+        if image_dir is not None and not Path(image_dir).is_dir():
+            raise ValueError(f"--image-dir {image_dir}: no such directory")
+        images = ImagePolicy(
+            max_bytes=int(max_body_mb * 2**20),
+            max_pixels=max_image_pixels,
+            allow_remote=allow_remote_images,
+            remote_hosts=tuple(image_host or ()),
+            local_dir=Path(image_dir) if image_dir else None,
+        )
+        config = ServeConfig(
+            model_name=name or model,
+            api_key=api_key or None,
+            max_body_bytes=int(max_body_mb * 2**20),
+            default_max_tokens=default_max_tokens,
+            max_tokens=max_tokens,
+            images=images,
+        )
+        engine_config = EngineConfig(
+            slots=slots, max_queue=max_queue, timeout=timeout or None, cuda_graphs=cuda_graphs
+        )
+        console.print(f"loading {model} ...")
+        vlm = load_model(model, device, dtype, random_weights, log=console.print)
+        engine = Engine(vlm, engine_config)
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
+        console.print(f"[red]error:[/red] {e}", highlight=False)
+        raise typer.Exit(1) from e
+    where = f"http://{host}:{port}"
+    console.print(f"serving {config.model_name} on {where} ({slots} slots, {vlm.device}, {vlm.dtype})")
+    uvicorn.run(create_app(engine, config), host=host, port=port, log_level="info")
 
 
 if __name__ == "__main__":

@@ -1,12 +1,17 @@
-"""CUDA-graph decoding: one decode step (tokens -> logits, the recurrent state advanced in place) is
-captured once per batch-size bucket and then replayed, so a token costs one graph launch instead of a
-dozen kernel launches per layer from Python.
+"""Decoding in state slots: a decoder owns the recurrent state of `capacity` sequences (slots); a step
+feeds one token to each of slots 0..B-1 and advances their states in place. Sequences join by having
+their prefilled state copied into a slot and leave by having the last live slot moved into theirs, so
+the live ones always sit in the first rows (what the serving engine's continuous batching does).
 
-A `GraphDecoder` owns a static state of `capacity` rows; the graph of bucket k reads and writes its
-first k rows. Sequences are loaded into rows (slots) by copying their prefilled state in; rows past the
-live ones are padding: they compute on their own rows only (every op is row-wise), so they never touch a
-live sequence. Models with attention layers (a KV cache that grows) or mixture-of-experts layers
-(data-dependent routing) decode eagerly instead: `graph_support` says why.
+- `SlotDecoder` steps eagerly, on any device, for models without attention layers.
+- `GraphDecoder` captures one step per batch-size bucket as a CUDA graph and replays it, so a token
+  costs one graph launch instead of a dozen kernel launches per layer from Python. The graph of bucket k
+  reads and writes the first k rows; rows past the live ones are padding that compute on their own rows
+  only (every op is row-wise), so they never touch a live sequence. Models with attention layers (a KV
+  cache that grows) or mixture-of-experts layers (data-dependent routing) cannot be captured:
+  `graph_support` says why.
+- `RowDecoder` keeps one state per sequence for models with attention layers (KV caches of different
+  lengths cannot share a tensor) and steps them one by one.
 """
 
 from __future__ import annotations
@@ -35,14 +40,98 @@ def bucket_for(batch: int) -> int:
     return next((b for b in BUCKETS if b >= batch), batch)
 
 
-class GraphDecoder:
+class SlotDecoder:
+    """Eager decoding in `capacity` static state slots (models without attention layers)."""
+
+    def __init__(self, lm: LanguageModel, capacity: int):
+        if "attention" in lm.config.mixers:
+            raise ValueError(
+                f"{lm.config.family} has attention layers, whose KV caches cannot share slots: use RowDecoder"
+            )
+        self.lm = lm
+        self.capacity = capacity
+        self.state = lm.new_state(capacity)
+
+    def _views(self, size: int) -> LMState:
+        return self.state.map(lambda t: t[:size])
+
+    def _step(self, tokens: torch.Tensor, state: LMState) -> torch.Tensor:
+        embeds = self.lm.embedding(tokens[:, None])
+        hidden = self.lm(inputs_embeds=embeds, state=state, return_hidden=True)
+        return self.lm.lm_head(hidden[:, -1])
+
+    def load(self, state: LMState, slots: list[int] | None = None) -> None:
+        """Copies the rows of `state` into the given slots (default: rows 0..B-1)."""
+        slots = list(range(state.batch_size)) if slots is None else slots
+        index = torch.as_tensor(slots, device=self.lm.device)
+        for mine, theirs in zip(self.state.layers, state.layers, strict=True):
+            for name, t in mine.items():
+                t.index_copy_(0, index, theirs[name].to(t.dtype))
+
+    def move(self, source: int, target: int) -> None:
+        """Copies slot `source` into slot `target` (a sequence leaving frees its slot this way)."""
+        for layer in self.state.layers:
+            for t in layer.values():
+                t[target].copy_(t[source])
+
+    def read(self, slots: list[int]) -> LMState:
+        """A copy of the state of some slots (e.g. to keep a finished conversation)."""
+        return self.state.select(slots)
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feeds tokens [B] to slots 0..B-1 and returns their next-token logits [B, vocab]."""
+        if tokens.shape[0] > self.capacity:
+            raise ValueError(f"this decoder holds {self.capacity} rows, {tokens.shape[0]} were asked for")
+        return self._step(tokens, self._views(tokens.shape[0]))
+
+
+class RowDecoder:
+    """One state per slot, stepped one at a time: for models with attention layers."""
+
+    def __init__(self, lm: LanguageModel, capacity: int):
+        self.lm = lm
+        self.capacity = capacity
+        self.states: list[LMState | None] = [None] * capacity
+
+    def load(self, state: LMState, slots: list[int] | None = None) -> None:
+        slots = list(range(state.batch_size)) if slots is None else slots
+        for row, slot in enumerate(slots):
+            self.states[slot] = state.select([row])
+
+    def move(self, source: int, target: int) -> None:
+        self.states[target], self.states[source] = self.states[source], None
+
+    def read(self, slots: list[int]) -> LMState:
+        chosen = [self.states[s] for s in slots]
+        if len(chosen) != 1:
+            raise ValueError("a RowDecoder reads one slot at a time (KV caches of different lengths)")
+        return chosen[0].clone()
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        rows = []
+        for b in range(tokens.shape[0]):
+            hidden = self.lm(tokens[b : b + 1, None], state=self.states[b], return_hidden=True)
+            rows.append(self.lm.lm_head(hidden[:, -1]))
+        return torch.cat(rows)
+
+
+def slot_decoder(lm: LanguageModel, capacity: int, cuda_graphs: bool = True):
+    """The fastest decoder the model allows: CUDA graphs, else eager slots, else one state per row."""
+    if cuda_graphs and graph_support(lm) is None:
+        return GraphDecoder(lm, capacity)
+    if "attention" in lm.config.mixers:
+        return RowDecoder(lm, capacity)
+    return SlotDecoder(lm, capacity)
+
+
+class GraphDecoder(SlotDecoder):
+    """Slots whose steps replay CUDA graphs (see the module docstring)."""
+
     def __init__(self, lm: LanguageModel, capacity: int):
         why = graph_support(lm)
         if why is not None:
             raise ValueError(f"cannot decode {lm.config.family} with CUDA graphs: {why}")
-        self.lm = lm
-        self.capacity = bucket_for(capacity)
-        self.state = lm.new_state(self.capacity)
+        super().__init__(lm, bucket_for(capacity))
         self.tokens = torch.zeros(self.capacity, dtype=torch.long, device=lm.device)
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
@@ -56,23 +145,16 @@ class GraphDecoder:
     def valid_for(self, lm: LanguageModel, batch: int) -> bool:
         return lm is self.lm and self.key(lm) == self._weights and batch <= self.capacity
 
-    def _step(self, tokens: torch.Tensor, state: LMState) -> torch.Tensor:
-        embeds = self.lm.embedding(tokens[:, None])
-        hidden = self.lm(inputs_embeds=embeds, state=state, return_hidden=True)
-        return self.lm.lm_head(hidden[:, -1])
-
-    def _views(self, size: int) -> LMState:
-        return self.state.map(lambda t: t[:size])
-
     def prepare(self, batch: int) -> int:
-        """Captures the graph of `batch`'s bucket if needed (it runs on, and so scrambles, the static
-        state: load sequences afterwards). Returns the bucket size."""
+        """Captures the graph of `batch`'s bucket if needed (the rows it runs on are saved and put back,
+        so live sequences survive a capture). Returns the bucket size."""
         if batch > self.capacity:
             raise ValueError(f"this decoder holds {self.capacity} rows, {batch} were asked for")
         size = min(bucket_for(batch), self.capacity)
         if size in self.graphs:
             return size
         tokens, state = self.tokens[:size], self._views(size)
+        saved = state.clone()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # compiles the kernels and warms the allocator outside the graph
@@ -83,19 +165,10 @@ class GraphDecoder:
         with torch.cuda.graph(graph, pool=self.pool):
             logits = self._step(tokens, state)
         self.graphs[size] = (graph, logits)
-        return size
-
-    def load(self, state: LMState, slots: list[int] | None = None) -> None:
-        """Copies the rows of `state` into the given slots (default: rows 0..B-1)."""
-        slots = list(range(state.batch_size)) if slots is None else slots
-        index = torch.as_tensor(slots, device=self.lm.device)
-        for mine, theirs in zip(self.state.layers, state.layers, strict=True):
+        for mine, kept in zip(state.layers, saved.layers, strict=True):
             for name, t in mine.items():
-                t.index_copy_(0, index, theirs[name].to(t.dtype))
-
-    def read(self, slots: list[int]) -> LMState:
-        """A copy of the state of some slots (e.g. to keep a finished conversation)."""
-        return self.state.select(slots)
+                t.copy_(kept[name])
+        return size
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feeds tokens [B] to slots 0..B-1 and returns their next-token logits [B, vocab] (a view into

@@ -85,6 +85,10 @@ class VLM(nn.Module):
             self._tokenizer = load_tokenizer(self.config.tokenizer, self.config.eos_token)
         return self._tokenizer
 
+    @tokenizer.setter
+    def tokenizer(self, tokenizer: TextTokenizer) -> None:
+        self._tokenizer = tokenizer
+
     @property
     def device(self) -> torch.device:
         return self.lm.device
@@ -304,7 +308,9 @@ class VLM(nn.Module):
         texts, done = [""] * B, [False] * B
         for step in range(params.max_new_tokens):
             history = [p + g for p, g in zip(prompt_ids, generated, strict=True)]
-            chosen = next_tokens(logits, params, history, step, eos, tok.vocab_size, generator).tolist()
+            chosen = next_tokens(
+                logits, params, history, step, eos, tok.vocab_size, generator, generated
+            ).tolist()
             for b in range(B):
                 if done[b]:
                     continue

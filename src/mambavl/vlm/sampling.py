@@ -20,6 +20,8 @@ class SamplingParams:
     top_p: float = 1.0
     repetition_penalty: float = 1.0
     min_length: int = 0  # new tokens before the end-of-text token may be chosen
+    presence_penalty: float = 0.0  # OpenAI's: subtracted once from every token generated so far
+    frequency_penalty: float = 0.0  # OpenAI's: subtracted once per time it was generated
     stop: tuple[str, ...] = ()
     seed: int | None = None
     cuda_graphs: bool = True  # decode through captured CUDA graphs where the model allows it
@@ -32,6 +34,8 @@ class SamplingParams:
             ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
             ("repetition_penalty", self.repetition_penalty > 0, "> 0 (1.0 disables it)"),
             ("min_length", self.min_length >= 0, "≥ 0"),
+            ("presence_penalty", -2 <= self.presence_penalty <= 2, "in [-2, 2]"),
+            ("frequency_penalty", -2 <= self.frequency_penalty <= 2, "in [-2, 2]"),
         ]
         for name, ok, want in checks:
             if not ok:
@@ -50,10 +54,18 @@ def next_tokens(
     eos_id: int,
     vocab_size: int,
     generator: torch.Generator | None = None,
+    generated: list[list[int]] | None = None,
 ) -> torch.Tensor:
-    """logits [B, V'] (V' ≥ vocab_size: the LM's padded rows are never chosen) -> token ids [B]."""
+    """logits [B, V'] (V' ≥ vocab_size: the LM's padded rows are never chosen) -> token ids [B].
+    `history`: each row's prompt and generated ids (the repetition penalty's); `generated`: the generated
+    ids alone (the presence and frequency penalties'; default: the whole history)."""
     logits = logits.float().clone()
     logits[:, vocab_size:] = float("-inf")
+    if params.presence_penalty or params.frequency_penalty:
+        for b, seen in enumerate(history if generated is None else generated):
+            if seen:
+                ids, counts = torch.tensor(seen, device=logits.device).unique(return_counts=True)
+                logits[b, ids] -= params.presence_penalty + params.frequency_penalty * counts.float()
     if params.repetition_penalty != 1.0:
         for b, seen in enumerate(history):
             if seen:

@@ -50,6 +50,16 @@ def byte_tokenizer() -> TextTokenizer:
     return TextTokenizer(tok)
 
 
+def numbered_tokenizer(vocab_size: int) -> TextTokenizer:
+    """`<|endoftext|>` = 0 and words `w1` ... `w{vocab_size-1}`: a vocabulary of any size that needs
+    nothing from the network, to serve and benchmark full-size models with random weights."""
+    vocab = {EOS: 0} | {f"w{i}": i for i in range(1, vocab_size - 1)} | {"[UNK]": vocab_size - 1}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens([EOS])
+    return TextTokenizer(tok)
+
+
 def hub_tokenizer(repo_id: str) -> TextTokenizer:
     """tokenizer.json of a hub repo (local cache first)."""
     return TextTokenizer(Tokenizer.from_file(str(hub_file(repo_id, "tokenizer.json"))))

@@ -1,0 +1,233 @@
+"""The server under load: concurrent streaming clients over real HTTP, measured against the same requests
+generated offline in one batch (`VLM.generate`, no server) in the same run.
+
+`run_load` is the client side (also what the load tests use): each of `clients` concurrent clients sends
+its share of the requests one after another, streamed, and every outcome is kept (status, text, time to
+first token, latency, tokens). `serve_bench` starts a server in this process and runs the load at several
+client counts."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import statistics
+import time
+from base64 import b64encode
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import httpx
+
+
+@dataclass
+class Outcome:
+    status: int
+    text: str = ""
+    error: str = ""
+    finish_reason: str | None = None
+    tokens: int = 0  # completion tokens (the usage chunk)
+    ttft: float = 0.0  # seconds to the first content
+    latency: float = 0.0  # seconds to the end of the stream
+
+    @property
+    def ok(self) -> bool:
+        return self.status == 200 and not self.error and self.finish_reason is not None
+
+
+def image_part(image) -> dict:
+    """An OpenAI image part holding `image` (a PIL image) as a PNG data URI."""
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return {
+        "type": "image_url",
+        "image_url": {"url": "data:image/png;base64," + b64encode(buf.getvalue()).decode()},
+    }
+
+
+def chat_body(question: str, image=None, **options) -> dict:
+    content = [{"type": "text", "text": question}] + ([image_part(image)] if image is not None else [])
+    body = {"messages": [{"role": "user", "content": content}], "stream": True}
+    body["stream_options"] = {"include_usage": True}
+    return body | options
+
+
+async def stream_one(client: httpx.AsyncClient, url: str, body: dict, headers: dict | None = None) -> Outcome:
+    start = time.perf_counter()
+    out = Outcome(status=0)
+    try:
+        async with client.stream("POST", url + "/v1/chat/completions", json=body, headers=headers) as r:
+            out.status = r.status_code
+            if r.status_code != 200:
+                out.error = (await r.aread()).decode(errors="replace")
+                return out
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    out.error = chunk["error"]["message"]
+                    continue
+                if chunk.get("usage"):
+                    out.tokens = chunk["usage"]["completion_tokens"]
+                for choice in chunk["choices"]:
+                    piece = choice["delta"].get("content")
+                    if piece:
+                        out.ttft = out.ttft or time.perf_counter() - start
+                        out.text += piece
+                    if choice.get("finish_reason"):
+                        out.finish_reason = choice["finish_reason"]
+    except httpx.HTTPError as e:
+        out.error = f"{type(e).__name__}: {e}"
+    finally:
+        out.latency = time.perf_counter() - start
+    return out
+
+
+async def _load(url: str, bodies: list[dict], clients: int, headers: dict | None) -> list[Outcome]:
+    outcomes: list[Outcome | None] = [None] * len(bodies)
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
+
+        async def client_loop(k: int) -> None:
+            for i in range(k, len(bodies), clients):  # client k sends requests k, k + clients, ...
+                outcomes[i] = await stream_one(client, url, bodies[i], headers)
+
+        await asyncio.gather(*(client_loop(k) for k in range(clients)))
+    return outcomes  # type: ignore[return-value]
+
+
+def run_load(
+    url: str, bodies: list[dict], clients: int, api_key: str | None = None
+) -> tuple[list[Outcome], float]:
+    """Sends `bodies` from `clients` concurrent streaming clients; returns the outcomes (in the order of
+    `bodies`) and the wall time."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+    start = time.perf_counter()
+    outcomes = asyncio.run(_load(url, bodies, clients, headers))
+    return outcomes, time.perf_counter() - start
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[round(q) - 1]
+
+
+def summarize(outcomes: list[Outcome], wall: float, clients: int) -> dict:
+    good = [o for o in outcomes if o.ok]
+    tokens = sum(o.tokens for o in good)
+    latency = [o.latency for o in good]
+    ttft = [o.ttft for o in good if o.ttft]
+    return {
+        "clients": clients,
+        "requests": len(outcomes),
+        "failures": len(outcomes) - len(good),
+        "wall_s": wall,
+        "latency_p50_s": percentile(latency, 50),
+        "latency_p99_s": percentile(latency, 99),
+        "ttft_p50_s": percentile(ttft, 50),
+        "ttft_p99_s": percentile(ttft, 99),
+        "completion_tokens": tokens,
+        "tokens_per_s": tokens / wall if wall else 0.0,
+        "requests_per_s": len(good) / wall if wall else 0.0,
+    }
+
+
+def rss_bytes() -> int:
+    """This process's resident memory (Linux), or 0 where /proc is not there."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+@dataclass(frozen=True)
+class ServeBenchConfig:
+    clients: tuple[int, ...] = (1, 8, 64)
+    requests_per_client: int = 2
+    max_tokens: int = 128  # every request generates exactly this many tokens (ignore_eos)
+    slots: int = 64
+    image_size: int = 384
+    question: str = "Describe the image in detail."
+    peer: bool = True  # the same requests through `VLM.generate` in one batch, no server
+
+
+def synthetic_image(size: int, seed: int):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
+
+
+def serve_bench(vlm, cfg: ServeBenchConfig, out: Path | None = None, say=print) -> dict:
+    """The server at each client count, and the offline batch peer, on the same requests."""
+    import torch
+
+    from mambavl.serve import Engine, EngineConfig, ServeConfig
+    from mambavl.serve.thread import ServerThread
+
+    rows = []
+    with ServerThread(
+        Engine(vlm, EngineConfig(slots=cfg.slots)), ServeConfig(model_name=vlm.config.name)
+    ) as url:
+        for clients in cfg.clients:
+            n = clients * cfg.requests_per_client
+            images = [synthetic_image(cfg.image_size, i) for i in range(n)]
+            bodies = [
+                chat_body(
+                    f"{cfg.question} ({i})", im, max_tokens=cfg.max_tokens, ignore_eos=True, temperature=0
+                )
+                for i, im in enumerate(images)
+            ]
+            run_load(url, bodies[:clients], clients)  # warm-up: towers, graphs, allocator
+            outcomes, wall = run_load(url, bodies, clients)
+            row = summarize(outcomes, wall, clients)
+            if cfg.peer:
+                row["peer_offline_tokens_per_s"] = _offline(vlm, images[:clients], cfg, torch)
+            rows.append(row)
+            say(_line(row))
+    result = {
+        "model": vlm.config.name,
+        "device": str(vlm.device),
+        "dtype": str(vlm.dtype),
+        "config": asdict(cfg),
+    }
+    result["results"] = rows
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "serve.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def _offline(vlm, images: list, cfg: ServeBenchConfig, torch) -> float:
+    """tok/s of `VLM.generate` on one batch of the same requests (`len(images)` rows at once)."""
+    builder = vlm.get_prompt_builder()
+    builder.add_turn("human", cfg.question)
+    prompts = [builder.get_prompt()] * len(images)
+    kwargs = dict(max_new_tokens=cfg.max_tokens, min_length=cfg.max_tokens)
+    vlm.generate(images, prompts, max_new_tokens=2)  # warm-up
+    if vlm.device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    vlm.generate(images, prompts, **kwargs)
+    if vlm.device.type == "cuda":
+        torch.cuda.synchronize()
+    return len(images) * cfg.max_tokens / (time.perf_counter() - start)
+
+
+def _line(row: dict) -> str:
+    text = (
+        f"{row['clients']:>3} clients: {row['requests']} requests, {row['failures']} failed, "
+        f"latency p50 {row['latency_p50_s'] * 1e3:.0f} ms p99 {row['latency_p99_s'] * 1e3:.0f} ms, "
+        f"TTFT p50 {row['ttft_p50_s'] * 1e3:.0f} ms, {row['tokens_per_s']:,.0f} tok/s"
+    )
+    if "peer_offline_tokens_per_s" in row:
+        text += f" (offline batch: {row['peer_offline_tokens_per_s']:,.0f} tok/s)"
+    return text

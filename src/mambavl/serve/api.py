@@ -1,0 +1,326 @@
+"""The HTTP API in OpenAI's format (FastAPI): `POST /v1/chat/completions` (streamed as server-sent events
+or whole), `GET /v1/models`, `GET /health`, `GET /metrics` (Prometheus) and the web chat page at `/`.
+Requests go to the `Engine`; a client that disconnects cancels its request and frees its slots."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from importlib import resources
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from mambavl.serve.engine import Delta, Engine, Failed, Finished, QueueFull, Started
+from mambavl.serve.engine import Request as EngineRequest
+from mambavl.serve.images import ImagePolicy, RequestError, fetch_image
+from mambavl.serve.metrics import Metrics
+from mambavl.serve.schema import ChatRequest, parse_conversation
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    model_name: str = "mambavl"  # the id /v1/models lists and responses carry
+    api_key: str | None = None  # when set, /v1/* needs `Authorization: Bearer <key>`
+    max_body_bytes: int = 16 * 2**20
+    default_max_tokens: int = 256
+    max_tokens: int = 2048  # the most a request may ask for
+    images: ImagePolicy = field(default_factory=ImagePolicy)
+
+
+def error(status: int, message: str, kind: str | None = None) -> JSONResponse:
+    kinds = {
+        401: "authentication_error",
+        404: "not_found_error",
+        503: "overloaded_error",
+        504: "timeout_error",
+    }
+    body = {"message": message, "type": kind or kinds.get(status, "invalid_request_error"), "code": status}
+    return JSONResponse({"error": body}, status_code=status)
+
+
+class Limits:
+    """ASGI middleware: refuses bodies over the limit (413) and counts responses by route and status."""
+
+    def __init__(self, app, max_body: int, metrics: Metrics):
+        self.app, self.max_body, self.metrics = app, max_body, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        route = scope["path"] if scope["path"] in ROUTES else "other"
+        status = {"code": 500}
+
+        async def counting_send(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        body, refusal = await self._read_body(scope, receive)
+        if refusal is not None:
+            await error(refusal[0], refusal[1])(scope, receive, counting_send)
+        else:
+            replayed = False
+
+            async def replay():  # the buffered body first, then the client's own messages (disconnect)
+                nonlocal replayed
+                if not replayed:
+                    replayed = True
+                    return {"type": "http.request", "body": body, "more_body": False}
+                return await receive()
+
+            await self.app(scope, replay, counting_send)
+        self.metrics.http_responses.labels(route=route, status=str(status["code"])).inc()
+
+    async def _read_body(self, scope, receive) -> tuple[bytes, tuple[int, str] | None]:
+        """The whole body (at most `max_body` bytes are ever held), or the reason it is refused."""
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None:
+            try:
+                size = int(declared)
+            except ValueError:
+                return b"", (400, f"Content-Length {declared!r} is not a number")
+            if size > self.max_body:
+                return b"", (413, f"the request body is {size:,} bytes; the limit is {self.max_body:,}")
+        chunks, seen = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return b"", (400, "the client went away before sending its body")
+            chunk = message.get("body", b"")
+            seen += len(chunk)
+            if seen > self.max_body:
+                return b"", (413, f"the request body is over the limit of {self.max_body:,} bytes")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks), None
+
+
+ROUTES = ("/", "/health", "/metrics", "/v1/models", "/v1/chat/completions")
+
+
+def create_app(engine: Engine, config: ServeConfig | None = None) -> FastAPI:
+    """The server's app around a started or unstarted engine (the app's lifespan starts and stops it)."""
+    config = config or ServeConfig()
+    metrics = engine.metrics or Metrics(engine.config.slots)
+    engine.metrics = metrics
+
+    async def lifespan(app):
+        if not engine.running:
+            await asyncio.to_thread(engine.start)
+        yield
+        await asyncio.to_thread(engine.stop)
+
+    app = FastAPI(title="mambavl", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.add_middleware(Limits, max_body=config.max_body_bytes, metrics=metrics)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request, exc: RequestValidationError):
+        problems = []
+        for e in exc.errors():
+            if e.get("type") == "json_invalid":
+                why = e.get("ctx", {}).get("error", e.get("msg"))
+                return error(400, f"the body is not valid JSON: {why}")
+            where = ".".join(str(p) for p in e.get("loc", ()) if p != "body")
+            problems.append(f"{where or 'body'}: {e.get('msg')}")
+        return error(400, "invalid request: " + "; ".join(problems))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, exc: HTTPException):
+        return error(exc.status_code, str(exc.detail))
+
+    def authorised(request: Request) -> None:
+        if config.api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        token = given[7:] if given.lower().startswith("bearer ") else ""
+        if not secrets.compare_digest(token.encode(), config.api_key.encode()):
+            raise HTTPException(401, "a valid API key is needed: send `Authorization: Bearer <key>`")
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page():
+        return (resources.files("mambavl.serve") / "web" / "index.html").read_text(encoding="utf-8")
+
+    @app.get("/health")
+    async def health():
+        body = {"status": "ok" if engine.running else "stopped", "model": config.model_name, **engine.stats()}
+        return JSONResponse(body, status_code=200 if engine.running else 503)
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/models", dependencies=[Depends(authorised)])
+    async def list_models():
+        card = {"id": config.model_name, "object": "model", "created": STARTED, "owned_by": "mambavl"}
+        return {"object": "list", "data": [card]}
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(authorised)])
+    async def chat(body: ChatRequest, request: Request):
+        try:
+            job, events = await submit(body)
+        except RequestError as e:
+            return error(e.status, str(e))
+        except QueueFull as e:
+            return error(503, str(e))
+        first = await next_event(events, request, job)
+        if first is None:  # the client left while the request waited
+            return Response(status_code=499)
+        if isinstance(first, Failed):
+            return error(first.status, first.message)
+        reply = Reply(config.model_name, body.n, first.prompt_tokens)
+        if body.stream:
+            usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(
+                stream(reply, events, job, usage), media_type="text/event-stream", headers=NO_BUFFERING
+            )
+        while not reply.complete:
+            event = await next_event(events, request, job)
+            if event is None:
+                return Response(status_code=499)
+            if isinstance(event, Failed):
+                return error(event.status, event.message)
+            reply.add(event)
+        return reply.completion()
+
+    async def submit(body: ChatRequest) -> tuple[EngineRequest, asyncio.Queue]:
+        why = body.unsupported()
+        if why:
+            raise RequestError(why)
+        if body.model not in (None, config.model_name):
+            raise RequestError(f"this server serves {config.model_name!r}, not {body.model!r}", 404)
+        asked = body.max_completion_tokens or body.max_tokens or 0
+        if asked > config.max_tokens:
+            raise RequestError(f"max_tokens={asked} is over the server's limit of {config.max_tokens}")
+        if body.n > engine.config.slots:
+            raise RequestError(f"n={body.n} is over the server's {engine.config.slots} slots")
+        try:
+            system, turns, urls = parse_conversation(body.messages)
+            if len(urls) > 1:
+                raise RequestError(
+                    f"{len(urls)} images were sent; this model takes one image per conversation"
+                )
+            builder = engine.vlm.get_prompt_builder(system)
+            for role, text in turns:
+                builder.add_turn(role, text)
+            params = body.sampling(min(config.default_max_tokens, config.max_tokens))
+        except RequestError:
+            raise
+        except ValueError as e:
+            raise RequestError(str(e)) from e
+        image = await fetch_image(urls[0], config.images) if urls else None
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        job = EngineRequest(
+            image,
+            builder.get_prompt(),
+            params,
+            sink=lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
+            n=body.n,
+        )
+        engine.submit(job)
+        return job, events
+
+    async def next_event(events: asyncio.Queue, request: Request, job: EngineRequest):
+        """The next engine event, or None (and the job cancelled) if the client disconnects meanwhile."""
+        while True:
+            try:
+                return await asyncio.wait_for(events.get(), timeout=0.25)
+            except TimeoutError:
+                if await request.is_disconnected():
+                    engine.cancel(job)
+                    return None
+            except asyncio.CancelledError:
+                engine.cancel(job)
+                raise
+
+    async def stream(
+        reply: Reply, events: asyncio.Queue, job: EngineRequest, usage: bool
+    ) -> AsyncIterator[str]:
+        try:
+            for index in range(reply.n):
+                yield sse(reply.chunk(index, {"role": "assistant", "content": ""}))
+            while not reply.complete:
+                event = await events.get()
+                if isinstance(event, Failed):
+                    yield sse(
+                        {"error": {"message": event.message, "type": "server_error", "code": event.status}}
+                    )
+                    break
+                reply.add(event)
+                if isinstance(event, Delta):
+                    yield sse(reply.chunk(event.index, {"content": event.text}))
+                elif isinstance(event, Finished):
+                    yield sse(reply.chunk(event.index, {}, event.reason))
+            if usage and reply.complete:
+                yield sse(reply.chunk_usage())
+            yield "data: [DONE]\n\n"
+        finally:  # the client went away (the task is cancelled) or the stream ended
+            engine.cancel(job)
+
+    return app
+
+
+STARTED = int(time.time())
+NO_BUFFERING = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+class Reply:
+    """A response being assembled from engine events."""
+
+    def __init__(self, model: str, n: int, prompt_tokens: int):
+        self.id = f"chatcmpl-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.model, self.n, self.prompt_tokens = model, n, prompt_tokens
+        self.texts = [""] * n
+        self.reasons: list[str | None] = [None] * n
+        self.tokens = [0] * n
+
+    @property
+    def complete(self) -> bool:
+        return all(r is not None for r in self.reasons)
+
+    def add(self, event) -> None:
+        if isinstance(event, Delta):
+            self.texts[event.index] += event.text
+        elif isinstance(event, Finished):
+            self.reasons[event.index] = event.reason
+            self.tokens[event.index] = event.tokens
+        elif isinstance(event, Started):
+            self.prompt_tokens = event.prompt_tokens
+
+    def usage(self) -> dict:
+        done = sum(self.tokens)
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": done,
+            "total_tokens": self.prompt_tokens + done,
+        }
+
+    def _head(self, kind: str) -> dict:
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
+
+    def chunk(self, index: int, delta: dict, reason: str | None = None) -> dict:
+        choice = {"index": index, "delta": delta, "finish_reason": reason}
+        return {**self._head("chat.completion.chunk"), "choices": [choice]}
+
+    def chunk_usage(self) -> dict:
+        return {**self._head("chat.completion.chunk"), "choices": [], "usage": self.usage()}
+
+    def completion(self) -> dict:
+        choices = [
+            {"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": r}
+            for i, (t, r) in enumerate(zip(self.texts, self.reasons, strict=True))
+        ]
+        return {**self._head("chat.completion"), "choices": choices, "usage": self.usage()}

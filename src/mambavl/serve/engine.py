@@ -1,0 +1,464 @@
+"""The serving engine: a fixed number of state slots shared by every request (continuous batching).
+
+A request's prompt (image first) is prefilled into a fresh state, which is copied into one free slot per
+choice; then every step decodes one token for all live sequences at once. A sequence that ends, is
+cancelled or runs out of time leaves at once, and its slot goes to the next request in the queue: requests
+join and leave the running batch at token granularity. A Mamba sequence's state has a fixed size, so the
+memory of `slots` sequences is allocated once, whatever their lengths.
+
+The engine runs in one background thread; callers talk to it through `submit` / `cancel` and receive
+events (`Started`, `Delta`, `Finished`, `Failed`) through the request's `sink`, called from that thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from mambavl.vision.images import ImageError
+from mambavl.vlm.graphs import BUCKETS, GraphDecoder, slot_decoder
+from mambavl.vlm.model import VLM
+from mambavl.vlm.sampling import SamplingParams, next_tokens
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    slots: int = 64  # sequences decoded together; each holds one fixed-size recurrent state
+    max_queue: int = 1024  # requests waiting for a slot before new ones are refused
+    prefill_batch: int = 8  # waiting requests prefilled together in one batch
+    timeout: float | None = 600.0  # seconds from submission to the last token (None: no limit)
+    cuda_graphs: bool = True  # decode through CUDA graphs where the model allows it
+
+    def __post_init__(self):
+        for name in ("slots", "max_queue", "prefill_batch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} is invalid: it must be ≥ 1")
+        if self.timeout is not None and self.timeout <= 0:
+            raise ValueError(f"timeout={self.timeout} is invalid: it must be > 0 seconds (or None)")
+
+
+# ---- what a request hears back (from the engine's thread) -------------------------------------------------
+@dataclass(frozen=True)
+class Started:
+    prompt_tokens: int  # positions prefilled: image tokens + prompt tokens
+
+
+@dataclass(frozen=True)
+class Delta:
+    index: int  # which choice
+    text: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    index: int
+    reason: str  # "stop" (end of text or a stop string) or "length" (max_new_tokens)
+    tokens: int  # tokens generated
+
+
+@dataclass(frozen=True)
+class Failed:
+    message: str
+    status: int  # the HTTP status that fits: 400 bad input, 503 shutting down, 504 timed out, 500 a bug
+
+
+Event = Started | Delta | Finished | Failed
+
+
+class QueueFull(RuntimeError):
+    """Every slot is busy and the queue is at its limit: try again later."""
+
+
+_ids = itertools.count()
+
+
+@dataclass(eq=False)
+class Request:
+    image: object | None  # a PIL image (or path / bytes, as `VLM.generate` takes), or None
+    prompt: str  # the full prompt text, as a prompt builder renders it
+    params: SamplingParams
+    sink: Callable[[Event], None]
+    n: int = 1  # choices: sequences decoded from the same prefilled prompt
+    id: str = field(default_factory=lambda: f"req-{next(_ids)}")
+    submitted: float = field(default_factory=time.monotonic)
+    cancelled: bool = False
+    done: bool = False
+    unfinished: int = 0  # choices still decoding
+
+
+@dataclass(eq=False)
+class _Sequence:
+    """One choice of a request, living in a slot (its row in the decoder)."""
+
+    request: Request
+    index: int
+    prompt_ids: list[int]
+    generator: torch.Generator | None
+    ids: list[int] = field(default_factory=list)
+    sent: str = ""  # text already emitted
+    token: int = 0  # the last token chosen: the next step's input
+    finished: bool = False
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.request.params
+
+    def greedy_argmax(self) -> bool:
+        """True when the next token is a plain argmax (batched over such rows)."""
+        p = self.params
+        plain = p.repetition_penalty == 1.0 and not (p.presence_penalty or p.frequency_penalty)
+        return not p.do_sample and plain and len(self.ids) >= p.min_length
+
+
+class Engine:
+    def __init__(self, vlm: VLM, config: EngineConfig | None = None, metrics=None):
+        self.vlm = vlm
+        self.config = config or EngineConfig()
+        self.metrics = metrics  # a serve.metrics.Metrics, or None
+        self.decoder = slot_decoder(vlm.lm, self.config.slots, self.config.cuda_graphs)
+        self._tok = vlm.tokenizer
+        self._eos = self._tok.eos_token_id
+        self._rows: list[_Sequence] = []  # row i decodes in slot i; live rows are always the first ones
+        self._waiting: deque[Request] = deque()
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.error: BaseException | None = None  # what stopped the engine thread, if anything did
+
+    # ---- the callers' side -----------------------------------------------------------------------------
+    def start(self) -> Engine:
+        if self._thread is None:
+            self._warm_up()
+            self._thread = threading.Thread(target=self._run, name="mambavl-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Ends the engine thread; requests still waiting or decoding get a 503."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def submit(self, request: Request) -> Request:
+        if request.n > self.config.slots:
+            raise ValueError(
+                f"n={request.n} choices need more slots than the server has ({self.config.slots})"
+            )
+        with self._cond:
+            if self._stopping or not self.running:
+                raise RuntimeError("the engine is not running")
+            if len(self._waiting) >= self.config.max_queue:
+                raise QueueFull(
+                    f"all {self.config.slots} slots are busy and {len(self._waiting)} requests are queued; "
+                    "retry later"
+                )
+            self._waiting.append(request)
+            self._cond.notify_all()
+        self._gauge()
+        return request
+
+    def cancel(self, request: Request) -> None:
+        """Stops a request (e.g. its client went away); its slots are freed at the next step."""
+        with self._cond:
+            request.cancelled = True
+            self._cond.notify_all()
+
+    def stream(self, image, prompt: str, n: int = 1, **params) -> Iterator[Event]:
+        """Submits a request and yields its events until it ends (a blocking convenience for scripts)."""
+        events: queue.Queue[Event] = queue.Queue()
+        request = self.submit(Request(image, prompt, SamplingParams(**params), events.put, n=n))
+        remaining = n
+        try:
+            while remaining:
+                event = events.get()
+                yield event
+                if isinstance(event, Failed):
+                    return
+                remaining -= isinstance(event, Finished)
+        finally:
+            self.cancel(request)
+
+    def generate(self, image, prompt: str, **params) -> str:
+        """The answer to one prompt (blocking): equal to `VLM.generate` for the same arguments."""
+        text = ""
+        for event in self.stream(image, prompt, **params):
+            if isinstance(event, Failed):
+                raise RuntimeError(event.message)
+            if isinstance(event, Delta):
+                text += event.text
+        return text
+
+    def stats(self) -> dict:
+        with self._cond:
+            return {"slots": self.config.slots, "active": len(self._rows), "queued": len(self._waiting)}
+
+    # ---- the engine thread ------------------------------------------------------------------------------
+    def _warm_up(self) -> None:
+        """Captures every CUDA graph the slots can need before serving (a capture costs ~1 s)."""
+        if isinstance(self.decoder, GraphDecoder):
+            with torch.inference_mode():
+                for size in BUCKETS:
+                    if size > self.config.slots:
+                        break
+                    self.decoder.prepare(size)
+                self.decoder.prepare(self.config.slots)
+
+    def _run(self) -> None:
+        try:
+            with torch.inference_mode():
+                while True:
+                    with self._cond:
+                        while not (self._stopping or self._waiting or self._rows):
+                            self._cond.wait()
+                        if self._stopping:
+                            break
+                    self._drop_ended()
+                    self._admit()
+                    if self._rows:
+                        self._step_or_fail()
+                    self._gauge()
+        except BaseException as e:  # a bug: every request hears of it rather than hanging
+            self.error = e
+            self._fail_all(f"the engine stopped: {type(e).__name__}: {e}", 500)
+            raise
+        self._fail_all("the server is shutting down", 503)
+
+    def _fail_all(self, message: str, status: int) -> None:
+        with self._cond:
+            pending = list(self._waiting) + [s.request for s in self._rows]
+            self._waiting.clear()
+            self._rows.clear()
+        for request in dict.fromkeys(pending):
+            self._fail(request, message, status)
+
+    def _emit(self, request: Request, event: Event) -> None:
+        if request.done:
+            return
+        try:
+            request.sink(event)
+        except Exception:  # the listener is gone (its event loop closed): nobody wants the rest
+            request.cancelled = True
+
+    def _fail(self, request: Request, message: str, status: int) -> None:
+        self._emit(request, Failed(message, status))
+        request.done = True
+        self._count({400: "rejected", 503: "shutdown", 504: "timeout"}.get(status, "failed"))
+
+    def _expired(self, request: Request, now: float) -> bool:
+        timeout = self.config.timeout
+        return timeout is not None and now - request.submitted > timeout
+
+    def _drop_ended(self) -> None:
+        """Removes cancelled and timed-out requests, waiting or decoding."""
+        now = time.monotonic()
+        with self._cond:
+            gone = [r for r in self._waiting if r.cancelled or self._expired(r, now)]
+            if gone:
+                self._waiting = deque(r for r in self._waiting if not (r.cancelled or self._expired(r, now)))
+        for r in gone:
+            if r.cancelled:
+                r.done = True
+                self._count("cancelled")
+            else:
+                self._fail(r, f"timed out after {self.config.timeout:g} s waiting for a slot", 504)
+        ended = [s for s in self._rows if s.request.cancelled or self._expired(s.request, now)]
+        for request in dict.fromkeys(s.request for s in ended):
+            if request.cancelled:
+                request.done = True
+                self._count("cancelled")
+            else:
+                self._fail(request, f"timed out after {self.config.timeout:g} s", 504)
+        for s in ended:
+            s.finished = True
+        self._retire()
+
+    def _admit(self) -> None:
+        free = self.config.slots - len(self._rows)
+        batch: list[Request] = []
+        with self._cond:  # first come, first served: a big `n` at the head waits for enough slots
+            while self._waiting and len(batch) < self.config.prefill_batch and self._waiting[0].n <= free:
+                request = self._waiting.popleft()
+                free -= request.n
+                batch.append(request)
+        if batch:
+            self._prefill(batch)
+
+    def _prefill(self, batch: list[Request]) -> None:
+        vlm = self.vlm
+        try:
+            packed, prompt_ids = vlm.prepare([r.image for r in batch], [r.prompt for r in batch])
+            state = vlm.lm.new_state(len(batch))
+            started = time.monotonic()
+            hidden = vlm.prefill(packed.embeds.to(vlm.device), packed.lengths.to(vlm.device), state)
+            logits = vlm.lm.lm_head(hidden)
+        except Exception as e:
+            if len(batch) > 1:  # find the request at fault: prefill them one by one
+                for request in batch:
+                    self._prefill([request])
+                return
+            bad_input = isinstance(e, ValueError | ImageError)
+            self._fail(
+                batch[0],
+                str(e) if bad_input else f"prefill failed: {type(e).__name__}: {e}",
+                400 if bad_input else 500,
+            )
+            return
+        if self.metrics is not None:
+            self.metrics.prefill_seconds.observe(time.monotonic() - started)
+        lengths = packed.lengths.tolist()
+        new: list[_Sequence] = []
+        rows: list[int] = []
+        for j, request in enumerate(batch):
+            self._emit(request, Started(int(lengths[j])))
+            if self.metrics is not None:
+                self.metrics.prompt_tokens.inc(int(lengths[j]))
+                self.metrics.time_to_first_token.observe(time.monotonic() - request.submitted)
+            request.unfinished = request.n
+            seed = request.params.seed
+            for index in range(request.n):
+                generator = None
+                if seed is not None:
+                    generator = torch.Generator(device=vlm.device).manual_seed(seed + index)
+                new.append(_Sequence(request, index, prompt_ids[j], generator))
+                rows.append(j)
+        first = len(self._rows)
+        self._rows.extend(new)
+        self.decoder.load(state.select(rows), list(range(first, first + len(new))))
+        chosen = self._choose(logits[torch.as_tensor(rows, device=logits.device)], new)
+        self._advance(new, chosen)
+        self._retire()
+
+    def _step_or_fail(self) -> None:
+        try:
+            self._step()
+        except Exception as e:  # e.g. out of memory: the live requests fail, the server goes on
+            for request in dict.fromkeys(s.request for s in self._rows):
+                self._fail(request, f"decoding failed: {type(e).__name__}: {e}", 500)
+            for s in self._rows:
+                s.finished = True
+            self._retire()
+
+    def _step(self) -> None:
+        started = time.monotonic()
+        tokens = torch.tensor([s.token for s in self._rows], device=self.vlm.device)
+        logits = self.decoder.step(tokens)
+        chosen = self._choose(logits, self._rows)
+        if self.metrics is not None:
+            self.metrics.step_seconds.observe(time.monotonic() - started)
+            self.metrics.batch_size.observe(len(self._rows))
+        self._advance(list(self._rows), chosen)
+        self._retire()
+
+    def _choose(self, logits: torch.Tensor, seqs: list[_Sequence]) -> list[int]:
+        """The next token of every row: plain greedy rows in one argmax, the others one by one."""
+        vocab = self._tok.vocab_size
+        chosen: list[int | None] = [None] * len(seqs)
+        greedy = [i for i, s in enumerate(seqs) if s.greedy_argmax()]
+        if greedy:
+            index = torch.as_tensor(greedy, device=logits.device)
+            picks = logits[index, :vocab].argmax(-1).tolist()
+            for i, token in zip(greedy, picks, strict=True):
+                chosen[i] = token
+        for i, s in enumerate(seqs):
+            if chosen[i] is None:
+                chosen[i] = int(
+                    next_tokens(
+                        logits[i : i + 1],
+                        s.params,
+                        [s.prompt_ids + s.ids],
+                        len(s.ids),
+                        self._eos,
+                        vocab,
+                        s.generator,
+                        [s.ids],
+                    )[0]
+                )
+        return chosen  # type: ignore[return-value]
+
+    def _advance(self, seqs: list[_Sequence], chosen: list[int]) -> None:
+        for s, token in zip(seqs, chosen, strict=True):
+            if s.finished:
+                continue
+            if token == self._eos:
+                self._finish(s, "stop", _shown(self._tok.decode(s.ids)))
+                continue
+            s.ids.append(token)
+            s.token = token
+            if self.metrics is not None:
+                self.metrics.generation_tokens.inc()
+            text = _shown(self._tok.decode(s.ids))
+            hit = [text.find(stop) for stop in s.params.stop if stop in text]
+            if hit:
+                self._finish(s, "stop", text[: min(hit)])
+            elif len(s.ids) >= s.params.max_new_tokens:
+                self._finish(s, "length", text)
+            else:
+                self._send(s, text[: _safe_length(text, s.params.stop)])
+
+    def _send(self, s: _Sequence, text: str) -> None:
+        if len(text) > len(s.sent) and text.startswith(s.sent):
+            self._emit(s.request, Delta(s.index, text[len(s.sent) :]))
+            s.sent = text
+
+    def _finish(self, s: _Sequence, reason: str, text: str) -> None:
+        self._send(s, text.rstrip())
+        s.finished = True
+        self._emit(s.request, Finished(s.index, reason, len(s.ids)))
+        s.request.unfinished -= 1
+        if s.request.unfinished == 0:
+            s.request.done = True
+            self._count(reason)
+            if self.metrics is not None:
+                self.metrics.request_seconds.observe(time.monotonic() - s.request.submitted)
+
+    def _retire(self) -> None:
+        """Frees the slots of finished sequences, moving the last live row into each hole."""
+        for i in reversed(range(len(self._rows))):
+            if self._rows[i].finished:
+                last = len(self._rows) - 1
+                if i != last:
+                    self.decoder.move(last, i)
+                    self._rows[i] = self._rows[last]
+                self._rows.pop()
+
+    def _count(self, outcome: str) -> None:
+        if self.metrics is not None:
+            self.metrics.requests.labels(outcome=outcome).inc()
+
+    def _gauge(self) -> None:
+        if self.metrics is not None:
+            self.metrics.slots_used.set(len(self._rows))
+            self.metrics.queue_length.set(len(self._waiting))
+
+
+def _shown(text: str) -> str:
+    """What an answer shows: without leading whitespace (as `VLM.generate` strips it)."""
+    return text.lstrip()
+
+
+def _safe_length(text: str, stops: tuple[str, ...]) -> int:
+    """How much of a growing answer can be sent now: not trailing whitespace (the end strips it), not an
+    unfinished UTF-8 character, not a tail that may be the start of a stop string."""
+    end = len(text.rstrip())
+    while end and text[end - 1] == "\ufffd":
+        end -= 1
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), 0, -1):
+            if text.endswith(stop[:k]):
+                end = min(end, len(text) - k)
+                break
+    return end

@@ -1,0 +1,59 @@
+"""The server's Prometheus metrics, in a registry of their own (one per server, no global state)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+
+
+class Metrics:
+    def __init__(self, slots: int):
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter(
+            "mambavl_requests",
+            "Requests ended, by outcome (stop, length, cancelled, rejected, timeout, shutdown, failed)",
+            ["outcome"],
+            registry=r,
+        )
+        self.http_responses = Counter(
+            "mambavl_http_responses", "HTTP responses, by route and status", ["route", "status"], registry=r
+        )
+        self.prompt_tokens = Counter(
+            "mambavl_prompt_tokens", "Positions prefilled (image + text)", registry=r
+        )
+        self.generation_tokens = Counter("mambavl_generation_tokens", "Tokens generated", registry=r)
+        self.slots_total = Gauge("mambavl_slots", "State slots (sequences decoded together)", registry=r)
+        self.slots_total.set(slots)
+        self.slots_used = Gauge("mambavl_slots_used", "Slots holding a live sequence", registry=r)
+        self.queue_length = Gauge("mambavl_queue_length", "Requests waiting for a slot", registry=r)
+        self.time_to_first_token = Histogram(
+            "mambavl_time_to_first_token_seconds",
+            "Submission to the end of prefill",
+            buckets=LATENCY,
+            registry=r,
+        )
+        self.request_seconds = Histogram(
+            "mambavl_request_seconds", "Submission to the last token", buckets=LATENCY, registry=r
+        )
+        self.prefill_seconds = Histogram(
+            "mambavl_prefill_seconds",
+            "One prefill batch (towers, projector, LM)",
+            buckets=LATENCY,
+            registry=r,
+        )
+        self.step_seconds = Histogram(
+            "mambavl_decode_step_seconds",
+            "One decode step of the whole batch, sampling included",
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1),
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "mambavl_decode_batch_size",
+            "Live sequences per decode step",
+            buckets=(1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256),
+            registry=r,
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
