@@ -1,0 +1,440 @@
+"""The HTTP API through real HTTP clients (uvicorn on a loopback port): OpenAI's request and response
+formats, streaming, the limits and refusals (each a 4xx, after which the server keeps serving), the API
+key, image sources, disconnects and `mambavl serve` itself."""
+
+from __future__ import annotations
+
+import base64
+import http.server
+import io
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+from PIL import Image
+
+import mambavl
+from mambavl.bench.serve import chat_body, image_part, run_load
+from mambavl.serve import EngineConfig, ImagePolicy, ServeConfig
+from mambavl.serve.thread import free_port
+from serving import LiveServer
+
+
+@pytest.fixture(scope="module")
+def vlm(demo_model_dir):
+    return mambavl.load(demo_model_dir)
+
+
+@pytest.fixture(scope="module")
+def image(demo_model_dir):
+    return Image.open(next((demo_model_dir.parent / "data" / "images").glob("heldout-*.png"))).convert("RGB")
+
+
+@pytest.fixture(scope="module")
+def server(vlm):
+    with LiveServer(vlm, EngineConfig(slots=4)) as url:
+        yield url
+
+
+def ask(question: str, image=None, **options) -> dict:
+    body = chat_body(question, image, **options)
+    body.pop("stream_options")
+    return body | {"stream": options.get("stream", False)}
+
+
+def reference(vlm, question: str, image=None, **params) -> str:
+    builder = vlm.get_prompt_builder()
+    builder.add_turn("human", question + ("\n<image>" if image is not None else ""))
+    return vlm.generate(image, builder.get_prompt(), **params)
+
+
+def post(url: str, body, **kw) -> httpx.Response:
+    kw.setdefault("timeout", 60)
+    if isinstance(body, dict):
+        return httpx.post(url + "/v1/chat/completions", json=body, **kw)
+    return httpx.post(
+        url + "/v1/chat/completions",
+        content=body,
+        headers={"content-type": "application/json"},
+        **kw,
+    )
+
+
+def test_completion_equals_generate_with_usage(server, vlm, image):
+    r = post(server, ask("How many objects are there?", image, max_tokens=8))
+    assert r.status_code == 200
+    out = r.json()
+    assert out["object"] == "chat.completion" and out["model"] == "test-model"
+    want = reference(vlm, "How many objects are there?", image, max_new_tokens=8)
+    assert out["choices"] == [
+        {
+            "index": 0,
+            "message": {"role": "assistant", "content": want},
+            "finish_reason": out["choices"][0]["finish_reason"],
+        }
+    ]
+    usage = out["usage"]
+    builder = vlm.get_prompt_builder()
+    builder.add_turn("human", "How many objects are there?")
+    positions = int(vlm.prepare([image], [builder.get_prompt()])[0].lengths[0])
+    assert usage["prompt_tokens"] == positions  # the image's tokens count
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+
+
+def test_streaming_follows_openai_chunks(server, vlm, image):
+    body = chat_body("What colour are the objects?", image, max_tokens=12, min_tokens=12)
+    with httpx.stream("POST", server + "/v1/chat/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in r.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line[6:]) for line in lines[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    pieces = [c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"]]
+    assert len([p for p in pieces if p]) > 1  # it streamed
+    assert "".join(pieces) == reference(
+        vlm, "What colour are the objects?", image, max_new_tokens=12, min_length=12
+    )
+    assert chunks[-2]["choices"][0]["finish_reason"] == "length"
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 12
+
+
+def test_n_choices_and_seeded_sampling(server, image):
+    body = ask("What shape are the objects?", image, max_tokens=6, min_tokens=6, temperature=1.5, seed=3, n=3)
+    first, again = post(server, body).json(), post(server, body).json()
+    assert [c["index"] for c in first["choices"]] == [0, 1, 2]
+    assert first["choices"] == again["choices"]  # seeded: reproducible
+    alone = post(server, body | {"n": 1, "seed": 4}).json()
+    assert alone["choices"][0]["message"] == first["choices"][1]["message"]  # choice i draws from seed + i
+    assert first["usage"]["completion_tokens"] == 18
+
+
+def test_multi_turn_history_and_stop(server, vlm, image):
+    messages = [
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": "How many objects are there?"}, image_part(image)],
+        },
+        {"role": "assistant", "content": "2"},
+        {"role": "user", "content": "What shape are the objects?"},
+    ]
+    out = post(server, {"messages": messages, "max_tokens": 10, "min_tokens": 10}).json()
+    builder = vlm.get_prompt_builder()
+    for role, text in [
+        ("human", "How many objects are there?\n<image>"),
+        ("gpt", "2"),
+        ("human", messages[2]["content"]),
+    ]:
+        builder.add_turn(role, text)
+    want = vlm.generate(image, builder.get_prompt(), max_new_tokens=10, min_length=10)
+    assert out["choices"][0]["message"]["content"] == want
+    stop = want[2:4]
+    out = post(server, {"messages": messages, "max_tokens": 10, "min_tokens": 10, "stop": [stop]}).json()
+    assert out["choices"][0]["message"]["content"] == want[: want.find(stop)].strip()
+    assert out["choices"][0]["finish_reason"] == "stop"
+
+
+def test_models_health_metrics(server):
+    models = httpx.get(server + "/v1/models").json()
+    assert models["object"] == "list" and [m["id"] for m in models["data"]] == ["test-model"]
+    health = httpx.get(server + "/health").json()
+    assert health["status"] == "ok" and health["slots"] == 4
+    post(server, ask("hi", max_tokens=2))
+    metrics = httpx.get(server + "/metrics")
+    assert metrics.headers["content-type"].startswith("text/plain")
+    text = metrics.text
+    for name in (
+        "mambavl_requests_total",
+        "mambavl_generation_tokens_total",
+        "mambavl_slots_used",
+        "mambavl_time_to_first_token_seconds_bucket",
+        "mambavl_decode_batch_size_bucket",
+    ):
+        assert name in text
+    assert 'mambavl_http_responses_total{route="/v1/chat/completions",status="200"}' in text
+
+
+def data_uri(payload: bytes, mime: str = "image/png") -> dict:
+    url = f"data:{mime};base64," + base64.b64encode(payload).decode()
+    return {
+        "role": "user",
+        "content": [{"type": "text", "text": "what?"}, {"type": "image_url", "image_url": {"url": url}}],
+    }
+
+
+BAD = {
+    "malformed JSON": (b'{"messages": [', 400, "not valid JSON"),
+    "not an object": (b"[1, 2]", 400, "invalid request"),
+    "messages of the wrong type": ({"messages": "hello"}, 400, "messages"),
+    "an unknown role": ({"messages": [{"role": "robot", "content": "x"}]}, 400, "role"),
+    "a wrong part type": (
+        {"messages": [{"role": "user", "content": [{"type": "audio"}]}]},
+        400,
+        "invalid request",
+    ),
+    "temperature of the wrong type": (
+        {"messages": [{"role": "user", "content": "x"}], "temperature": "hot"},
+        400,
+        "temperature",
+    ),
+    "max_tokens 0": ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, 400, "max_tokens"),
+    "max_tokens over the limit": (
+        {"messages": [{"role": "user", "content": "x"}], "max_tokens": 10**6},
+        400,
+        "limit",
+    ),
+    "n over the slots": ({"messages": [{"role": "user", "content": "x"}], "n": 5}, 400, "slots"),
+    "no messages": ({"messages": []}, 400, "messages"),
+    "assistant last": (
+        {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]},
+        400,
+        "last message",
+    ),
+    "two users in a row": (
+        {"messages": [{"role": "user", "content": "x"}, {"role": "user", "content": "y"}]},
+        400,
+        "alternate",
+    ),
+    "a system prompt the format lacks": (
+        {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "x"}]},
+        400,
+        "system prompt",
+    ),
+    "logprobs": ({"messages": [{"role": "user", "content": "x"}], "logprobs": True}, 400, "logprobs"),
+    "another model": ({"messages": [{"role": "user", "content": "x"}], "model": "gpt-4"}, 404, "not 'gpt-4'"),
+    "text as an image": ({"messages": [data_uri(b"hello, world")]}, 400, "not an image"),
+    "a non-image data URI": ({"messages": [data_uri(b"hello", "text/plain")]}, 400, "not an image"),
+    "broken base64": (
+        {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@"}}],
+                }
+            ]
+        },
+        400,
+        "base64",
+    ),
+    "a prompt over the model's length": (
+        {"messages": [{"role": "user", "content": "x" * 3000}]},
+        400,
+        "shorten",
+    ),
+    "a remote URL": (
+        {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [{"type": "image_url", "image_url": {"url": "http://example.com/a.png"}}],
+                }
+            ]
+        },
+        403,
+        "--allow-remote-images",
+    ),
+    "a local path": (
+        {
+            "messages": [
+                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "/etc/passwd"}}]}
+            ]
+        },
+        403,
+        "--image-dir",
+    ),
+    "an odd scheme": (
+        {
+            "messages": [
+                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "ftp://x/y.png"}}]}
+            ]
+        },
+        400,
+        "scheme",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", BAD, ids=list(BAD))
+def test_bad_requests_get_a_clear_4xx(server, case):
+    body, status, words = BAD[case]
+    r = post(server, body)
+    assert r.status_code == status, r.text
+    assert words in r.json()["error"]["message"]
+
+
+def test_two_images_and_huge_images_are_refused(vlm, image):
+    buf = io.BytesIO()
+    Image.new("RGB", (300, 300)).save(buf, format="PNG")
+    big = data_uri(buf.getvalue())
+    policy = ImagePolicy(max_pixels=200 * 200)
+    with LiveServer(
+        vlm, EngineConfig(slots=2), ServeConfig(model_name="m", images=policy, max_body_bytes=200_000)
+    ) as url:
+        r = post(url, {"messages": [big]})
+        assert r.status_code == 400 and "exceeds the limit" in r.json()["error"]["message"]
+        two = {"role": "user", "content": [image_part(image), image_part(image)]}
+        r = post(url, {"messages": [two]})
+        assert r.status_code == 400 and "one image per conversation" in r.json()["error"]["message"]
+        r = post(url, {"messages": [{"role": "user", "content": "x" * 300_000}]})
+        assert r.status_code == 413 and "limit" in r.json()["error"]["message"]
+        r = httpx.post(
+            url + "/v1/chat/completions", content=iter([b"{" * 150_000, b" " * 150_000]), timeout=30
+        )
+        assert r.status_code == 413  # a chunked body with no Content-Length is counted as it arrives
+        assert post(url, ask("hi", max_tokens=2)).status_code == 200  # and the server goes on
+
+
+def test_api_key(vlm):
+    with LiveServer(vlm, EngineConfig(slots=2), ServeConfig(model_name="m", api_key="sesame")) as url:
+        assert post(url, ask("hi", max_tokens=2)).status_code == 401
+        assert (
+            post(url, ask("hi", max_tokens=2), headers={"Authorization": "Bearer wrong"}).status_code == 401
+        )
+        assert (
+            post(url, ask("hi", max_tokens=2), headers={"Authorization": "Bearer sesame"}).status_code == 200
+        )
+        assert httpx.get(url + "/v1/models").status_code == 401
+        assert httpx.get(url + "/health").status_code == 200  # probes need no key
+        assert "401" in httpx.get(url + "/metrics").text
+
+
+def test_local_images_only_inside_the_allowed_directory(vlm, image, tmp_path):
+    inside = tmp_path / "images"
+    inside.mkdir()
+    image.save(inside / "scene.png")
+    image.save(tmp_path / "secret.png")
+    config = ServeConfig(model_name="m", images=ImagePolicy(local_dir=inside))
+    with LiveServer(vlm, EngineConfig(slots=2), config) as url:
+
+        def with_url(u: str) -> dict:
+            parts = [
+                {"type": "text", "text": "How many objects are there?"},
+                {"type": "image_url", "image_url": {"url": u}},
+            ]
+            return {"messages": [{"role": "user", "content": parts}], "max_tokens": 6}
+
+        want = reference(vlm, "How many objects are there?", image, max_new_tokens=6)
+        for u in ("scene.png", str(inside / "scene.png"), (inside / "scene.png").as_uri()):
+            r = post(url, with_url(u))
+            assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == want, u
+        for u in ("../secret.png", str(tmp_path / "secret.png"), "/etc/passwd"):
+            r = post(url, with_url(u))
+            assert r.status_code == 403 and "outside" in r.json()["error"]["message"], u
+        assert post(url, with_url("missing.png")).status_code == 404
+
+
+def test_remote_images_when_enabled_and_from_allowed_hosts(vlm, image, tmp_path):
+    image.save(tmp_path / "scene.png")
+    handler = lambda *a: http.server.SimpleHTTPRequestHandler(*a, directory=str(tmp_path))  # noqa: E731
+    handler.log_message = lambda *a: None
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{httpd.server_address[1]}"
+
+    def with_url(u: str) -> dict:
+        parts = [
+            {"type": "text", "text": "How many objects are there?"},
+            {"type": "image_url", "image_url": {"url": u}},
+        ]
+        return {"messages": [{"role": "user", "content": parts}], "max_tokens": 6}
+
+    try:
+        want = reference(vlm, "How many objects are there?", image, max_new_tokens=6)
+        allowed = ServeConfig(
+            model_name="m", images=ImagePolicy(allow_remote=True, remote_hosts=("127.0.0.1",))
+        )
+        with LiveServer(vlm, EngineConfig(slots=2), allowed) as url:
+            r = post(url, with_url(base + "/scene.png"))
+            assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == want
+            r = post(url, with_url(base + "/missing.png"))
+            assert r.status_code == 400 and "HTTP 404" in r.json()["error"]["message"]
+        elsewhere = ServeConfig(
+            model_name="m", images=ImagePolicy(allow_remote=True, remote_hosts=("example.org",))
+        )
+        with LiveServer(vlm, EngineConfig(slots=2), elsewhere) as url:
+            r = post(url, with_url(base + "/scene.png"))
+            assert r.status_code == 403 and "not allowed" in r.json()["error"]["message"]
+    finally:
+        httpd.shutdown()
+
+
+def wait_for(condition, seconds: float = 30) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_a_disconnect_frees_the_slot(vlm, image):
+    with LiveServer(vlm, EngineConfig(slots=1)) as url:
+        body = chat_body("What colour are the objects?", image, max_tokens=2000, ignore_eos=True)
+        with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as r:
+            lines = r.iter_lines()
+            for _ in range(4):
+                next(lines)
+            assert httpx.get(url + "/health").json()["active"] == 1
+        # the client is gone: its sequence leaves the batch and the one slot serves the next request
+        assert wait_for(lambda: httpx.get(url + "/health").json()["active"] == 0)
+        assert 'outcome="cancelled"} 1.0' in httpx.get(url + "/metrics").text
+        assert post(url, ask("hi", max_tokens=2)).status_code == 200
+        # a non-streaming client that leaves while its request runs frees the slot too
+        with pytest.raises(httpx.ReadTimeout):
+            post(url, ask("hi", max_tokens=2000, ignore_eos=True) | {"stream": False}, timeout=0.5)
+        assert wait_for(lambda: httpx.get(url + "/health").json()["active"] == 0)
+
+
+def test_timeouts_are_504(vlm):
+    with LiveServer(vlm, EngineConfig(slots=1, timeout=0.3)) as url:
+        r = post(url, ask("hi", max_tokens=2000, ignore_eos=True))
+        assert r.status_code == 504 and "timed out" in r.json()["error"]["message"]
+        body = chat_body("hi", max_tokens=2000, ignore_eos=True)
+        outcome = run_load(url, [body], 1)[0][0]
+        assert outcome.status == 200 and "timed out" in outcome.error  # mid-stream: an error chunk
+        assert post(url, ask("hi", max_tokens=2)).status_code == 200
+
+
+def test_mambavl_serve_command(demo_model_dir, vlm):
+    port = free_port()
+    env = dict(os.environ, MAMBAVL_API_KEY="k")
+    cmd = [
+        sys.executable,
+        "-m",
+        "mambavl.cli",
+        "serve",
+        "--model",
+        str(demo_model_dir),
+        "--port",
+        str(port),
+        "--slots",
+        "2",
+    ]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        assert wait_for(lambda: _up(url), 120), proc.stdout.read() if proc.poll() is not None else "no answer"
+        r = post(url, ask("How many objects are there?", max_tokens=4), headers={"Authorization": "Bearer k"})
+        assert r.status_code == 200
+        assert r.json()["choices"][0]["message"]["content"] == reference(
+            vlm, "How many objects are there?", max_new_tokens=4
+        )
+        assert r.json()["model"] == str(demo_model_dir)
+        assert "<html" in httpx.get(url + "/").text.lower()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    bad = subprocess.run([*cmd[:5], "/no/such/model"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1 and "error" in bad.stdout
+
+
+def _up(url: str) -> bool:
+    try:
+        return httpx.get(url + "/health", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
