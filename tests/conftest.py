@@ -47,7 +47,7 @@ def demo_model_dir(tmp_path_factory):
         DemoConfig(
             out=out,
             train_scenes=40,
-            heldout_scenes=16,
+            heldout_scenes=26,
             align_steps=4,
             finetune_steps=12,
             batch_size=8,

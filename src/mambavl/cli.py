@@ -341,6 +341,13 @@ def bench(
         False, "--kernels", help="Time the decode-step kernels against what they replace instead."
     ),
     sweep: bool = typer.Option(False, "--sweep", help="--kernels: also time every candidate tile."),
+    serve: bool = typer.Option(
+        False, "--serve", help="Load the HTTP server with concurrent streaming clients instead."
+    ),
+    clients: str = typer.Option("1,8,64", help="--serve: concurrent client counts."),
+    requests_per_client: int = typer.Option(2, help="--serve: requests each client sends in turn."),
+    max_tokens: int = typer.Option(128, help="--serve: tokens every request generates."),
+    slots: int = typer.Option(64, help="--serve: the server's state slots."),
 ) -> None:
     """Speed and memory of a preset against its peers in one run: time to first token, prefill tok/s by
     prompt length, decode tok/s by batch size, peak memory by prompt length; JSON, PNG and a table."""
@@ -350,6 +357,9 @@ def bench(
     from mambavl.bench.run import run as run_bench
     from mambavl.presets import PRESETS
 
+    if serve:
+        _bench_serve(model, Path(out), device, dtype, clients, requests_per_client, max_tokens, slots)
+        return
     if model not in PRESETS:
         console.print(f"[red]error:[/red] unknown preset {model!r}: choose one of {', '.join(PRESETS)}")
         raise typer.Exit(1)
@@ -386,6 +396,29 @@ def bench(
         console.print(f"[red]error:[/red] {e} (peers: {', '.join(PEERS)})", highlight=False)
         raise typer.Exit(1) from e
     console.print(f"wrote {Path(out) / 'bench.json'} and {Path(out) / 'bench.png'}")
+
+
+def _bench_serve(model, out, device, dtype, clients, requests_per_client, max_tokens, slots) -> None:
+    """`mambavl bench --serve`: a preset (full size, random weights) or a model directory, served in this
+    process and loaded over HTTP at each client count, beside `VLM.generate` on the same requests."""
+    from mambavl.bench.serve import ServeBenchConfig, serve_bench
+    from mambavl.checkpoints.files import CheckpointError
+    from mambavl.presets import PRESETS
+    from mambavl.runtime import load_model
+
+    try:
+        cfg = ServeBenchConfig(
+            clients=_int_list(clients, "--clients"),
+            requests_per_client=requests_per_client,
+            max_tokens=max_tokens,
+            slots=slots,
+        )
+        vlm = load_model(model, device, dtype, random_weights=model in PRESETS, log=console.print)
+        serve_bench(vlm, cfg, out, say=console.print)
+    except (CheckpointError, FileNotFoundError, ValueError, RuntimeError) as e:
+        console.print(f"[red]error:[/red] {e}", highlight=False)
+        raise typer.Exit(1) from e
+    console.print(f"wrote {out / 'serve.json'}")
 
 
 @app.command()

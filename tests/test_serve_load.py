@@ -1,0 +1,117 @@
+"""Load and faults: 64 concurrent streaming clients against the demo model, with clients that leave
+mid-stream and malformed requests mixed in. No good request fails, every answer equals the same request
+served alone, the slots all come free, and the process's memory stays flat."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import httpx
+import pytest
+from PIL import Image
+
+import mambavl
+from mambavl.bench.serve import chat_body, rss_bytes, run_load, summarize
+from mambavl.serve import EngineConfig
+from serving import LiveServer
+
+CLIENTS = 64
+
+
+@pytest.fixture(scope="module")
+def bodies(demo_model_dir):
+    data = demo_model_dir.parent / "data"
+    rows = json.loads((data / "heldout.json").read_text())
+    out = []
+    for i, row in enumerate(rows[: 2 * CLIENTS]):
+        image = Image.open(data / "images" / row["image"]).convert("RGB")
+        question = row["conversations"][0]["value"].replace("<image>", "").strip()
+        # greedy answers of different lengths: some stop at the end of text, some run to max_tokens
+        out.append(chat_body(question, image, max_tokens=4 + i % 13, temperature=0, min_tokens=i % 5))
+    return out
+
+
+async def leave_early(url: str, body: dict, chunks: int) -> None:
+    """A client that reads a few chunks of a long answer and hangs up."""
+    async with (
+        httpx.AsyncClient(timeout=60) as client,
+        client.stream("POST", url + "/v1/chat/completions", json=body) as r,
+    ):
+        assert r.status_code == 200
+        seen = 0
+        async for line in r.aiter_lines():
+            seen += line.startswith("data: ")
+            if seen >= chunks:
+                return
+
+
+async def garbage(url: str, k: int) -> int:
+    payloads = [
+        b'{"messages": [',
+        b'{"messages": 7}',
+        json.dumps(
+            {
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {
+                                "type": "image_url",
+                                "image_url": {"url": "data:image/png;base64,bm90IGFuIGltYWdl"},
+                            }
+                        ],
+                    }
+                ]
+            }
+        ).encode(),
+        b"x" * (17 * 2**20),
+    ]
+    async with httpx.AsyncClient(timeout=60) as client:
+        r = await client.post(
+            url + "/v1/chat/completions",
+            content=payloads[k % len(payloads)],
+            headers={"content-type": "application/json"},
+        )
+        return r.status_code
+
+
+def test_64_streaming_clients_with_faults(demo_model_dir, bodies):
+    vlm = mambavl.load(demo_model_dir)
+    with LiveServer(vlm, EngineConfig(slots=16)) as url:
+        alone, _ = run_load(url, bodies, 1)  # each request served alone, one after another
+        assert all(o.ok for o in alone), [o.error for o in alone if not o.ok]
+        rss_before = rss_bytes()
+
+        async def mixed():
+            long = chat_body("What colour are the objects?", None, max_tokens=2000, ignore_eos=True)
+            leavers = [leave_early(url, long, 3 + k) for k in range(8)]
+            bad = [garbage(url, k) for k in range(8)]
+            return await asyncio.gather(asyncio.to_thread(run_load, url, bodies, CLIENTS), *leavers, *bad)
+
+        (outcomes, wall), *rest = asyncio.run(mixed())
+        statuses = rest[8:]
+        assert sorted(statuses) == [400] * 6 + [413] * 2
+        failures = [o for o in outcomes if not o.ok]
+        assert not failures, failures[:3]
+        assert [o.text for o in outcomes] == [o.text for o in alone]
+        assert [o.finish_reason for o in outcomes] == [o.finish_reason for o in alone]
+        # everyone left: no slot stays taken, nothing waits
+        deadline = time.monotonic() + 30
+        while httpx.get(url + "/health").json()["active"] and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert httpx.get(url + "/health").json() | {"status": "ok"} == {
+            "status": "ok",
+            "model": "test-model",
+            "slots": 16,
+            "active": 0,
+            "queued": 0,
+        }
+        metrics = httpx.get(url + "/metrics").text
+        assert 'mambavl_requests_total{outcome="cancelled"} 8.0' in metrics
+        # memory stays flat: states live in fixed slots, nothing grows with the number of requests
+        assert rss_bytes() - rss_before < 256 * 2**20
+        stats = summarize(outcomes, wall, CLIENTS)
+        assert stats["requests"] == len(bodies) and stats["failures"] == 0
+        print(json.dumps(stats))
