@@ -1,9 +1,14 @@
-"""A real server for a test: `with LiveServer(vlm) as url:` (uvicorn in a thread, on a loopback port)."""
+"""Serving helpers for tests: a real server (`with LiveServer(vlm) as url:`, uvicorn in a thread on a
+loopback port) and an engine driven step by step in the test's own thread (`collect`, `drive`)."""
 
 from __future__ import annotations
 
+import torch
+
 from mambavl.serve import Engine, EngineConfig, ServeConfig
+from mambavl.serve.engine import Delta, Request
 from mambavl.serve.thread import ServerThread
+from mambavl.vlm.sampling import SamplingParams
 
 
 class LiveServer(ServerThread):
@@ -13,3 +18,32 @@ class LiveServer(ServerThread):
             config or ServeConfig(model_name="test-model"),
             startup_timeout=60,
         )
+
+
+def drive(engine: Engine, limit: int = 10_000) -> None:
+    """Runs the engine's loop in this thread until nothing is left (deterministic, no thread)."""
+    with torch.inference_mode():
+        for _ in range(limit):
+            engine._drop_ended()
+            engine._admit()
+            if not engine._rows and not engine._waiting:
+                return
+            if engine._rows:
+                engine._step_or_fail()
+    raise AssertionError("the engine did not finish")
+
+
+def collect(engine: Engine, image, prompt, n: int = 1, **params) -> tuple[Request, list]:
+    """Queues a request on an engine that `drive` runs; its events land in the returned list."""
+    events: list = []
+    request = Request(image, prompt, SamplingParams(**params), events.append, n=n)
+    engine._waiting.append(request)
+    return request, events
+
+
+def texts(events: list, n: int = 1) -> list[str]:
+    out = [""] * n
+    for e in events:
+        if isinstance(e, Delta):
+            out[e.index] += e.text
+    return out

@@ -16,6 +16,7 @@ from PIL import Image
 import mambavl
 from mambavl.serve.engine import Delta, Engine, EngineConfig, Failed, Finished, QueueFull, Request, Started
 from mambavl.vlm.sampling import SamplingParams
+from serving import collect, drive, texts
 
 
 @pytest.fixture(scope="module")
@@ -29,35 +30,6 @@ def demo(demo_model_dir):
         builder.add_turn("human", row["conversations"][0]["value"])
         questions.append((Image.open(data / "images" / row["image"]).convert("RGB"), builder.get_prompt()))
     return vlm, questions
-
-
-def drive(engine: Engine, limit: int = 10_000) -> None:
-    """Runs the engine's loop in this thread until nothing is left (deterministic, no thread)."""
-    with torch.inference_mode():
-        for _ in range(limit):
-            engine._drop_ended()
-            engine._admit()
-            if not engine._rows and not engine._waiting:
-                return
-            if engine._rows:
-                engine._step_or_fail()
-    raise AssertionError("the engine did not finish")
-
-
-def collect(engine: Engine, image, prompt, n: int = 1, **params) -> tuple[Request, list]:
-    """Queues a request on an engine that `drive` runs; its events land in the returned list."""
-    events: list = []
-    request = Request(image, prompt, SamplingParams(**params), events.append, n=n)
-    engine._waiting.append(request)
-    return request, events
-
-
-def texts(events: list, n: int = 1) -> list[str]:
-    out = [""] * n
-    for e in events:
-        if isinstance(e, Delta):
-            out[e.index] += e.text
-    return out
 
 
 def test_continuous_batching_equals_generate(demo):

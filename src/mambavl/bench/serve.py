@@ -27,7 +27,7 @@ class Outcome:
     error: str = ""
     finish_reason: str | None = None
     tokens: int = 0  # completion tokens (the usage chunk)
-    ttft: float = 0.0  # seconds to the first content
+    ttft: float = 0.0  # seconds to the first text (the first token may show none: then to the end)
     latency: float = 0.0  # seconds to the end of the stream
 
     @property
@@ -72,9 +72,9 @@ async def stream_one(client: httpx.AsyncClient, url: str, body: dict, headers: d
                     out.tokens = chunk["usage"]["completion_tokens"]
                 for choice in chunk["choices"]:
                     piece = choice["delta"].get("content")
-                    if piece:
+                    if piece or choice.get("finish_reason"):  # the first text (or the end, if none)
                         out.ttft = out.ttft or time.perf_counter() - start
-                        out.text += piece
+                    out.text += piece or ""
                     if choice.get("finish_reason"):
                         out.finish_reason = choice["finish_reason"]
     except httpx.HTTPError as e:
