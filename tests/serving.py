@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+import mambavl
 from mambavl.serve import Engine, EngineConfig, ServeConfig
 from mambavl.serve.engine import Delta, Request
 from mambavl.serve.thread import ServerThread
@@ -47,3 +48,20 @@ def texts(events: list, n: int = 1) -> list[str]:
         if isinstance(e, Delta):
             out[e.index] += e.text
     return out
+
+
+def printable_tiny_cobra():
+    """tiny-cobra whose greedy answers are printable ASCII that differ by image, prompt and history: the
+    LM weights spread out, the rows of printable bytes in the (tied) embedding scaled up and those of the
+    other bytes down (not to zero: a zero embedding would blank the position's output). Plain random
+    weights answer in bytes that decode to U+FFFD for every prompt alike."""
+    torch.manual_seed(0)
+    vlm = mambavl.create("tiny-cobra")
+    printable = sorted({vlm.tokenizer.encode(chr(b))[0] for b in range(0x20, 0x7F)})
+    others = [i for i in range(1, 257) if i not in printable]  # 0 is <|endoftext|>, 257+ the chat markers
+    with torch.no_grad():
+        for p in vlm.lm.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+        vlm.lm.lm_head.weight[printable] *= 4
+        vlm.lm.lm_head.weight[others] *= 0.05
+    return vlm.eval()

@@ -5,7 +5,6 @@ import io
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from rich.console import Console
 from typer.testing import CliRunner
@@ -13,24 +12,15 @@ from typer.testing import CliRunner
 import mambavl
 from mambavl.chat import CHAT_PARAMS, ChatSession, run_chat
 from mambavl.cli import app
+from serving import printable_tiny_cobra
 
 Q1, Q2 = "What is in the image?", "And then?"
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    """A saved tiny-cobra whose greedy answers are printable ASCII and differ by image, prompt and history:
-    the LM weights spread out, the rows of printable bytes in the (tied) embedding scaled up and those of
-    the other bytes down (not to zero: a zero embedding would blank the position's output)."""
-    torch.manual_seed(0)
-    vlm = mambavl.create("tiny-cobra")
-    printable = sorted({vlm.tokenizer.encode(chr(b))[0] for b in range(0x20, 0x7F)})
-    others = [i for i in range(1, 257) if i not in printable]  # 0 is <|endoftext|>, 257+ the chat markers
-    with torch.no_grad():
-        for p in vlm.lm.parameters():
-            p.add_(torch.randn_like(p) * 0.3)
-        vlm.lm.lm_head.weight[printable] *= 4
-        vlm.lm.lm_head.weight[others] *= 0.05
+    """A saved tiny-cobra whose answers are printable and differ by image, prompt and history."""
+    vlm = printable_tiny_cobra()
     return vlm.save_pretrained(tmp_path_factory.mktemp("chat") / "model")
 
 

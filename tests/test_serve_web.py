@@ -12,12 +12,10 @@ import time
 
 import httpx
 import pytest
-import torch
 from PIL import Image
 
-import mambavl
 from mambavl.serve import ServeConfig
-from serving import LiveServer
+from serving import LiveServer, printable_tiny_cobra
 
 try:
     from playwright.sync_api import expect, sync_playwright
@@ -50,29 +48,24 @@ def browser():
 
 @pytest.fixture(scope="module")
 def vlm():
-    """tiny-cobra whose greedy answers are printable ASCII that differ by image, prompt and history (as in
-    test_chat.py): random weights spread out, the embedding rows of printable bytes scaled up, the others
-    down. Its plain random answers are bytes that decode to U+FFFD, which the engine sends whole at the
-    end: they would not stream."""
-    torch.manual_seed(0)
-    vlm = mambavl.create("tiny-cobra")
-    printable = sorted({vlm.tokenizer.encode(chr(b))[0] for b in range(0x20, 0x7F)})
-    others = [i for i in range(1, 257) if i not in printable]  # 0 is <|endoftext|>, 257+ the chat markers
-    with torch.no_grad():
-        for p in vlm.lm.parameters():
-            p.add_(torch.randn_like(p) * 0.3)
-        vlm.lm.lm_head.weight[printable] *= 4
-        vlm.lm.lm_head.weight[others] *= 0.05
-    return vlm.eval()
+    """Printable answers (plain random ones are bytes that decode to U+FFFD)."""
+    return printable_tiny_cobra()
 
 
 @pytest.fixture
 def page(browser):
+    """A fresh page (its own localStorage); after the test: no uncaught script error, nothing fetched from
+    anywhere but the server (the page must work offline)."""
     context = browser.new_context()
     page = context.new_page()
     page.set_default_timeout(WAIT_MS)
+    errors, elsewhere = [], []
+    page.on("pageerror", lambda e: errors.append(e))
+    page.on("request", lambda r: r.url.startswith(("http://127.0.0.1:", "data:")) or elsewhere.append(r.url))
     yield page
     context.close()
+    assert not errors, f"the page's script failed: {errors}"
+    assert not elsewhere, f"the page fetched from elsewhere: {elsewhere}"
 
 
 @pytest.fixture
@@ -234,9 +227,11 @@ def test_errors_show_in_the_page_and_the_api_key_is_sent(vlm, page, image):
         assert answer(page, 0) == api_answer(url, [with_image(image, QUESTION)], key="k")
 
         page.fill("#max-tokens", "0")  # the server refuses it, and the page shows why
+        page.set_input_files("#image-input", image)  # a second image starts a new chat...
         send(page, FOLLOW_UP)
         expect(error).to_contain_text("max_tokens")
-        expect(page.locator("#messages .bubble")).to_have_count(2)
+        expect(page.locator("#messages .bubble")).to_have_count(2)  # ...unless it fails: the old one is back
+        expect(page.locator("#attachment-note")).to_contain_text("starts a new chat")
 
         page.reload()  # the settings, the key among them, are kept in localStorage
         expect(page.locator("#model-name")).to_have_text("test-model")

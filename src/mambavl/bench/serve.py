@@ -3,8 +3,8 @@ generated offline in one batch (`VLM.generate`, no server) in the same run.
 
 `run_load` is the client side (also what the load tests use): each of `clients` concurrent clients sends
 its share of the requests one after another, streamed, and every outcome is kept (status, text, time to
-first token, latency, tokens). `serve_bench` starts a server in this process and runs the load at several
-client counts."""
+first token, latency, tokens). `serve_bench` starts a server in this process and runs the load from
+another process at several client counts."""
 
 from __future__ import annotations
 
@@ -108,6 +108,16 @@ def run_load(
     return outcomes, time.perf_counter() - start
 
 
+def run_load_apart(url: str, bodies: list[dict], clients: int) -> tuple[list[Outcome], float]:
+    """`run_load` in a process of its own, as real clients are: the clients' JSON and SSE parsing then
+    does not compete with the server for this process's interpreter lock."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(run_load, url, bodies, clients).result()
+
+
 def percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -187,8 +197,11 @@ def serve_bench(vlm, cfg: ServeBenchConfig, out: Path | None = None, say=print) 
                 for i, im in enumerate(images)
             ]
             run_load(url, bodies[:clients], clients)  # warm-up: towers, graphs, allocator
-            outcomes, wall = run_load(url, bodies, clients)
+            before = engine_seconds(url)
+            outcomes, wall = run_load_apart(url, bodies, clients)
             row = summarize(outcomes, wall, clients)
+            after = engine_seconds(url)
+            row |= {k: after[k] - before[k] for k in after}  # where the engine's time went
             if cfg.peer:
                 row["peer_offline_tokens_per_s"] = _offline(vlm, images[:clients], cfg, torch)
             rows.append(row)
@@ -204,6 +217,25 @@ def serve_bench(vlm, cfg: ServeBenchConfig, out: Path | None = None, say=print) 
         out.mkdir(parents=True, exist_ok=True)
         (out / "serve.json").write_text(json.dumps(result, indent=2))
     return result
+
+
+def engine_seconds(url: str) -> dict:
+    """Running totals from the server's /metrics: time in prefill and in decode steps, decode steps taken
+    and the sequences they carried."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    wanted = {
+        "mambavl_prefill_seconds_sum": "prefill_s",
+        "mambavl_decode_step_seconds_sum": "decode_s",
+        "mambavl_decode_step_seconds_count": "decode_steps",
+        "mambavl_decode_batch_size_sum": "decoded_rows",
+    }
+    totals = dict.fromkeys(wanted.values(), 0.0)
+    for family in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=30).text):
+        for sample in family.samples:
+            if sample.name in wanted:
+                totals[wanted[sample.name]] += sample.value
+    return totals
 
 
 def _offline(vlm, images: list, cfg: ServeBenchConfig, torch) -> float:
@@ -228,6 +260,11 @@ def _line(row: dict) -> str:
         f"latency p50 {row['latency_p50_s'] * 1e3:.0f} ms p99 {row['latency_p99_s'] * 1e3:.0f} ms, "
         f"TTFT p50 {row['ttft_p50_s'] * 1e3:.0f} ms, {row['tokens_per_s']:,.0f} tok/s"
     )
+    if row.get("decode_steps"):
+        text += (
+            f"; engine: prefill {row['prefill_s']:.2f} s, {row['decode_steps']:.0f} steps in "
+            f"{row['decode_s']:.2f} s, {row['decoded_rows'] / row['decode_steps']:.1f} rows a step"
+        )
     if "peer_offline_tokens_per_s" in row:
         text += f" (offline batch: {row['peer_offline_tokens_per_s']:,.0f} tok/s)"
     return text

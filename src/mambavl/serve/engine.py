@@ -32,7 +32,7 @@ from mambavl.vlm.sampling import SamplingParams, next_tokens
 class EngineConfig:
     slots: int = 64  # sequences decoded together; each holds one fixed-size recurrent state
     max_queue: int = 1024  # requests waiting for a slot before new ones are refused
-    prefill_batch: int = 8  # waiting requests prefilled together in one batch
+    prefill_batch: int = 16  # waiting requests prefilled together in one batch
     timeout: float | None = 600.0  # seconds from submission to the last token (None: no limit)
     cuda_graphs: bool = True  # decode through CUDA graphs where the model allows it
 
@@ -369,8 +369,10 @@ class Engine:
         chosen: list[int | None] = [None] * len(seqs)
         greedy = [i for i, s in enumerate(seqs) if s.greedy_argmax()]
         if greedy:
-            index = torch.as_tensor(greedy, device=logits.device)
-            picks = logits[index, :vocab].argmax(-1).tolist()
+            rows = (
+                logits if len(greedy) == len(seqs) else logits[torch.as_tensor(greedy, device=logits.device)]
+            )
+            picks = rows[:, :vocab].argmax(-1).tolist()
             for i, token in zip(greedy, picks, strict=True):
                 chosen[i] = token
         for i, s in enumerate(seqs):
@@ -454,8 +456,10 @@ def _safe_length(text: str, stops: tuple[str, ...]) -> int:
     """How much of a growing answer can be sent now: not trailing whitespace (the end strips it), not an
     unfinished UTF-8 character, not a tail that may be the start of a stop string."""
     end = len(text.rstrip())
-    while end and text[end - 1] == "\ufffd":
+    held = 0  # an unfinished UTF-8 character decodes to at most 3 U+FFFD; any before them are final
+    while end and held < 3 and text[end - 1] == "\ufffd":
         end -= 1
+        held += 1
     for stop in stops:
         for k in range(min(len(stop) - 1, len(text)), 0, -1):
             if text.endswith(stop[:k]):
