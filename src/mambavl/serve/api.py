@@ -17,6 +17,7 @@ from importlib import resources
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from mambavl.serve.engine import Delta, Engine, Failed, Finished, QueueFull, Started
@@ -217,7 +218,9 @@ def create_app(engine: Engine, config: ServeConfig | None = None) -> FastAPI:
             raise
         except ValueError as e:
             raise RequestError(str(e)) from e
-        image = await fetch_image(urls[0], config.images) if urls else None
+        image = None
+        if urls:  # decoded and transformed in a worker thread, beside the engine's decoding
+            image = await run_in_threadpool(engine.vlm.preprocess, await fetch_image(urls[0], config.images))
         events: asyncio.Queue = asyncio.Queue()
         mailbox = app.state.mailbox
         job = EngineRequest(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import queue
+import sys
 import threading
 import time
 from collections import deque
@@ -35,6 +36,9 @@ class EngineConfig:
     prefill_batch: int = 16  # waiting requests prefilled together in one batch
     timeout: float | None = 600.0  # seconds from submission to the last token (None: no limit)
     cuda_graphs: bool = True  # decode through CUDA graphs where the model allows it
+    # The interpreter's thread switch interval while the engine runs (Python's default is 5 ms): after
+    # each GPU step the engine thread waits up to this long for the lock that the HTTP threads hold.
+    switch_interval: float | None = 0.0005
 
     def __post_init__(self):
         for name in ("slots", "max_queue", "prefill_batch"):
@@ -111,10 +115,14 @@ class _Sequence:
         return self.request.params
 
     def greedy_argmax(self) -> bool:
-        """True when the next token is a plain argmax (batched over such rows)."""
+        """True when the next token is an argmax (batched over such rows; the end of text is barred
+        there while the answer is shorter than min_length)."""
         p = self.params
-        plain = p.repetition_penalty == 1.0 and not (p.presence_penalty or p.frequency_penalty)
-        return not p.do_sample and plain and len(self.ids) >= p.min_length
+        return (
+            not p.do_sample
+            and p.repetition_penalty == 1.0
+            and not (p.presence_penalty or p.frequency_penalty)
+        )
 
 
 class Engine:
@@ -136,6 +144,8 @@ class Engine:
     def start(self) -> Engine:
         if self._thread is None:
             self._warm_up()
+            if self.config.switch_interval is not None:
+                sys.setswitchinterval(self.config.switch_interval)
             self._thread = threading.Thread(target=self._run, name="mambavl-engine", daemon=True)
             self._thread.start()
         return self
@@ -371,8 +381,12 @@ class Engine:
         if greedy:
             rows = (
                 logits if len(greedy) == len(seqs) else logits[torch.as_tensor(greedy, device=logits.device)]
-            )
-            picks = rows[:, :vocab].argmax(-1).tolist()
+            )[:, :vocab]
+            short = [k for k, i in enumerate(greedy) if len(seqs[i].ids) < seqs[i].params.min_length]
+            if short:
+                rows = rows.clone()
+                rows[torch.as_tensor(short, device=rows.device), self._eos] = float("-inf")
+            picks = rows.argmax(-1).tolist()
             for i, token in zip(greedy, picks, strict=True):
                 chosen[i] = token
         for i, s in enumerate(seqs):

@@ -54,6 +54,16 @@ class VLMConfig:
     chat_template: str | None = None  # jinja template; None = the tokenizer repo's own (chat-template format)
 
 
+@dataclass(frozen=True)
+class PreparedImage:
+    """An image ready for the tower: its transformed view(s) on the CPU (one, or AnyRes's base view and
+    tiles), its original size and AnyRes grid."""
+
+    views: list  # each a tensor [3, H, W], or a dict of them for fused towers
+    size: tuple[int, int]
+    grid: tuple[int, int] | None = None
+
+
 @dataclass
 class LossSum:
     loss: torch.Tensor  # summed over the learned tokens
@@ -142,17 +152,28 @@ class VLM(nn.Module):
         """[B, P, d_model]: the projected image embeddings of single-view images."""
         return self.projector(self.vision(pixel_values)).to(self.dtype)
 
-    def image_embeddings(self, images: list) -> list[torch.Tensor]:
-        """Each image's embedding sequence [N_i, d_model]; with AnyRes, N_i depends on the image's shape."""
+    def preprocess(self, image) -> PreparedImage:
+        """The CPU part of reading an image (decoding, AnyRes tiling, resizing, normalising), done apart
+        from the GPU work: a server runs it in worker threads while the engine decodes."""
+        if isinstance(image, PreparedImage):
+            return image
+        img = load_image(image, self.config.max_pixels)
         if self.config.anyres is None:
-            return list(self.encode_images(self.pixel_values(images)))
+            return PreparedImage([self.image_transform(img)], img.size)
+        views, grid = anyres_views(img, list(self.config.anyres), self.vision.image_size)
+        return PreparedImage([self.image_transform(v) for v in views], img.size, grid)
+
+    def image_embeddings(self, images: list) -> list[torch.Tensor]:
+        """Each image's embedding sequence [N_i, d_model]; with AnyRes, N_i depends on the image's shape.
+        Images: anything `load_image` reads, or `preprocess`'s output."""
+        prepared = [self.preprocess(im) for im in images]
+        if self.config.anyres is None:
+            return list(self.encode_images(self._stack([p.views[0] for p in prepared])))
         out = []
-        for image in images:
-            img = load_image(image, self.config.max_pixels)
-            views, grid = anyres_views(img, list(self.config.anyres), self.vision.image_size)
-            features = self.encode_images(self._stack([self.image_transform(v) for v in views]))
+        for p in prepared:
+            features = self.encode_images(self._stack(p.views))
             if self.image_newline is not None:
-                out.append(merge_anyres(features, grid, img.size, self.image_newline.to(features.dtype)))
+                out.append(merge_anyres(features, p.grid, p.size, self.image_newline.to(features.dtype)))
             else:
                 out.append(features.flatten(0, 1))
         return out
