@@ -425,7 +425,8 @@ def test_mambavl_serve_command(demo_model_dir, vlm):
             vlm, "How many objects are there?", max_new_tokens=4
         )
         assert r.json()["model"] == str(demo_model_dir)
-        assert "<html" in httpx.get(url + "/").text.lower()
+        page = httpx.get(url + "/")
+        assert "<html" in page.text.lower() and "default-src 'self'" in page.headers["content-security-policy"]
     finally:
         proc.terminate()
         proc.wait(timeout=30)

@@ -149,7 +149,8 @@ def create_app(engine: Engine, config: ServeConfig | None = None) -> FastAPI:
 
     @app.get("/", response_class=HTMLResponse)
     async def page():
-        return (resources.files("mambavl.serve") / "web" / "index.html").read_text(encoding="utf-8")
+        html = (resources.files("mambavl.serve") / "web" / "index.html").read_text(encoding="utf-8")
+        return HTMLResponse(html, headers=PAGE_HEADERS)
 
     @app.get("/health")
     async def health():
@@ -313,6 +314,12 @@ def merge_deltas(events: list) -> list:
 
 
 STARTED = int(time.time())
+# The page is one self-contained file: the browser may load nothing from elsewhere.
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; style-src 'unsafe-inline'; "
+    "script-src 'unsafe-inline'; connect-src 'self'",
+    "X-Content-Type-Options": "nosniff",
+}
 NO_BUFFERING = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 

@@ -309,10 +309,10 @@ class Engine:
 
     def _prefill(self, batch: list[Request]) -> None:
         vlm = self.vlm
+        started = time.monotonic()
         try:
             packed, prompt_ids = vlm.prepare([r.image for r in batch], [r.prompt for r in batch])
             state = vlm.lm.new_state(len(batch))
-            started = time.monotonic()
             hidden = vlm.prefill(packed.embeds.to(vlm.device), packed.lengths.to(vlm.device), state)
             logits = vlm.lm.lm_head(hidden)
         except Exception as e:

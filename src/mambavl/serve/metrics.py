@@ -38,7 +38,7 @@ class Metrics:
         )
         self.prefill_seconds = Histogram(
             "mambavl_prefill_seconds",
-            "One prefill batch (towers, projector, LM)",
+            "One prefill batch (towers, projector, LM), tokenizing included",
             buckets=LATENCY,
             registry=r,
         )
