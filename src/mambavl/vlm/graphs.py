@@ -101,12 +101,6 @@ class RowDecoder:
     def move(self, source: int, target: int) -> None:
         self.states[target], self.states[source] = self.states[source], None
 
-    def read(self, slots: list[int]) -> LMState:
-        chosen = [self.states[s] for s in slots]
-        if len(chosen) != 1:
-            raise ValueError("a RowDecoder reads one slot at a time (KV caches of different lengths)")
-        return chosen[0].clone()
-
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         rows = []
         for b in range(tokens.shape[0]):
