@@ -426,7 +426,8 @@ def test_mambavl_serve_command(demo_model_dir, vlm):
         )
         assert r.json()["model"] == str(demo_model_dir)
         page = httpx.get(url + "/")
-        assert "<html" in page.text.lower() and "default-src 'self'" in page.headers["content-security-policy"]
+        assert "<html" in page.text.lower()
+        assert "default-src 'self'" in page.headers["content-security-policy"]
     finally:
         proc.terminate()
         proc.wait(timeout=30)
