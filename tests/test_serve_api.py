@@ -440,3 +440,12 @@ def _up(url: str) -> bool:
         return httpx.get(url + "/health", timeout=1).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def test_a_stopped_engine_is_a_503_not_a_hang(vlm):
+    server = LiveServer(vlm, EngineConfig(slots=1))
+    with server as url:
+        server.engine.stop()
+        r = post(url, ask("hi", max_tokens=2))
+        assert r.status_code == 503 and "not running" in r.json()["error"]["message"]
+        assert httpx.get(url + "/health").status_code == 503

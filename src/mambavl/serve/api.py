@@ -174,6 +174,8 @@ def create_app(engine: Engine, config: ServeConfig | None = None) -> FastAPI:
             return error(e.status, str(e))
         except QueueFull as e:
             return error(503, str(e))
+        except RuntimeError as e:  # the engine is stopping or stopped
+            return error(503, f"{e}; see /health")
         first = await next_event(events, request, job)
         if first is None:  # the client left while the request waited
             return Response(status_code=499)
