@@ -13,6 +13,8 @@ from mambavl.cli import app
 from mambavl.data import read_llava
 from mambavl.data.shapes import QUESTION_TYPES, write_shapes
 from mambavl.demo import DemoConfig, run_demo
+from mambavl.eval.runner import EvalConfig, evaluate_benchmark
+from mambavl.eval.shapes import SHAPES
 
 
 def test_shapes_data_is_valid_balanced_and_held_out(tmp_path):
@@ -52,6 +54,12 @@ def test_demo_runs_end_to_end_and_writes_a_loadable_model(tmp_path):
     assert saved["blind_accuracy"] is not None and saved["heldout_questions"] == 4 * len(QUESTION_TYPES)
     vlm = mambavl.load(tmp_path / "demo" / "model")
     assert vlm.config.name == "tiny-cobra"
+    # the held-out score is an ordinary eval run: evaluating again resumes it and changes nothing
+    cfg = EvalConfig(
+        ("shapes",), data_root=tmp_path / "demo" / "data", out=tmp_path / "demo" / "eval" / "model"
+    )
+    again = evaluate_benchmark(vlm, SHAPES, cfg)
+    assert again["run_now"] == 0 and again["metrics"]["accuracy"] == report["heldout_accuracy"]
     result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path / "demo")])
     assert result.exit_code == 1 and "--overwrite" in result.output
 

@@ -421,6 +421,94 @@ def _bench_serve(model, out, device, dtype, clients, requests_per_client, max_to
     console.print(f"wrote {out / 'serve.json'}")
 
 
+eval_app = typer.Typer(help="Evaluate on the standard VLM benchmarks (local copies of the official files).")
+app.add_typer(eval_app, name="eval")
+
+
+@eval_app.callback(invoke_without_command=True)
+def eval_run(
+    ctx: typer.Context,
+    model: str = typer.Option(
+        None, "--model", help="Model directory, run directory or preset (released weights)."
+    ),
+    benchmark: str = typer.Option(None, help="Benchmark names, comma-separated (`mambavl eval list`)."),
+    data_root: str = typer.Option(None, help="The directory holding the benchmarks' files."),
+    out: str = typer.Option(None, help="Run directory (default: evals/<model>); reruns resume there."),
+    limit: int = typer.Option(None, help="Only the first N samples of each benchmark."),
+    batch_size: int = typer.Option(8, help="Samples generated together."),
+    mode: str = typer.Option("generate", help="generate, or probability (first-token option probabilities)."),
+    max_new_tokens: int = typer.Option(None, help="Override the benchmarks' answer lengths."),
+    device: str = typer.Option("auto", help="auto (a GPU if there is one), cpu or cuda[:N]."),
+    dtype: str = typer.Option("auto", help="auto (bf16 on GPUs, fp32 on CPUs), bfloat16, float16, float32."),
+) -> None:
+    """Evaluate a model: batched, resumable (per-sample JSON lines), results.json and results.md."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from pathlib import Path
+
+    from mambavl.checkpoints.files import CheckpointError
+    from mambavl.eval import BenchmarkError
+    from mambavl.eval.runner import EvalConfig, evaluate, markdown
+    from mambavl.runtime import load_model
+
+    if not (model and benchmark and data_root):
+        raise typer.BadParameter(
+            "--model, --benchmark and --data-root are needed (or a subcommand: list, report)"
+        )
+    try:
+        cfg = EvalConfig(
+            benchmarks=tuple(b.strip() for b in benchmark.split(",") if b.strip()),
+            data_root=Path(data_root),
+            out=Path(out) if out else Path("evals") / Path(model).name,
+            limit=limit,
+            batch_size=batch_size,
+            mode=mode,
+            max_new_tokens=max_new_tokens,
+        )
+        vlm = load_model(model, device, dtype)
+        summary = evaluate(vlm, cfg, model, console)
+    except (BenchmarkError, CheckpointError, FileNotFoundError, KeyError, ValueError) as e:
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e
+        console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from e
+    console.print(markdown([summary]), markup=False, highlight=False)
+    console.print(f"wrote {cfg.out / 'results.json'} and {cfg.out / 'results.md'}")
+
+
+@eval_app.command("list")
+def eval_list() -> None:
+    """The benchmarks and the files each reads under --data-root."""
+    from mambavl.eval.base import BENCHMARKS, get_benchmark
+
+    get_benchmark("shapes")  # fills the registry
+    table = Table(title="benchmarks")
+    for col in ("name", "what", "files under --data-root"):
+        table.add_column(col)
+    for name, b in sorted(BENCHMARKS.items()):
+        table.add_row(name, b.description, ", ".join(b.files))
+    console.print(table)
+
+
+@eval_app.command("report")
+def eval_report(
+    runs: list[str] = typer.Argument(..., help="Run directories written by `mambavl eval`."),  # noqa: B008
+    png: str = typer.Option("eval-report.png", help="Where the bar chart goes."),
+) -> None:
+    """Several runs side by side: a markdown table, and a PNG bar chart."""
+    from pathlib import Path
+
+    from mambavl.eval import BenchmarkError
+    from mambavl.eval.report import report
+
+    try:
+        table = report([Path(r) for r in runs], Path(png))
+    except BenchmarkError as e:
+        console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from e
+    console.print(table, markup=False, highlight=False)
+    console.print(f"wrote {png}")
+
+
 @app.command()
 def serve(
     model: str = typer.Option(..., "--model", help="Model dir, run dir or preset (released weights)."),

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import json
 import platform
-import re
 import shutil
 import time
-from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,7 +20,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from mambavl.data.shapes import QUESTION_TYPES, write_shapes
+from mambavl.data.shapes import write_shapes
+from mambavl.eval.shapes import SHAPES
 
 
 @dataclass(frozen=True)
@@ -44,50 +43,14 @@ class DemoConfig:
     extra: dict = field(default_factory=dict)
 
 
-def normalise(text: str) -> str:
-    return re.sub(r"[^a-z0-9 ]", "", text.lower()).strip()
+def evaluate(vlm, data: Path, out: Path) -> tuple[dict, list[dict]]:
+    """Greedy answers to every held-out question: an ordinary `mambavl eval --benchmark shapes` run
+    (predictions in `out/shapes/predictions.jsonl`). Returns the metrics and the per-question records."""
+    from mambavl.eval.runner import EvalConfig, evaluate_benchmark, read_done
 
-
-def evaluate(vlm, heldout: Path, images: Path, batch_size: int = 64) -> tuple[dict, list[dict]]:
-    """Greedy answers to every held-out question; exact match after lower-casing and dropping punctuation."""
-    from PIL import Image
-
-    records = json.loads(heldout.read_text())
-    rows = []
-    for start in range(0, len(records), batch_size):
-        chunk = records[start : start + batch_size]
-        prompts = []
-        for r in chunk:
-            builder = vlm.get_prompt_builder()
-            question = r["conversations"][0]["value"]
-            if vlm.config.image_placement != "placeholder":
-                question = question.replace("<image>", "").strip()
-            builder.add_turn("human", question)
-            prompts.append(builder.get_prompt())
-        imgs = [Image.open(images / r["image"]).convert("RGB") for r in chunk]
-        answers = vlm.generate(imgs, prompts, max_new_tokens=10, do_sample=False)
-        for r, answer in zip(chunk, answers, strict=True):
-            truth = r["conversations"][1]["value"]
-            rows.append(
-                {
-                    "id": r["id"],
-                    "type": r["types"][0],
-                    "image": r["image"],
-                    "question": r["conversations"][0]["value"].replace("<image>", "").strip(),
-                    "answer": answer,
-                    "truth": truth,
-                    "correct": normalise(answer) == normalise(truth),
-                }
-            )
-    by_type = defaultdict(list)
-    for row in rows:
-        by_type[row["type"]].append(row["correct"])
-    scores = {
-        "accuracy": sum(r["correct"] for r in rows) / len(rows),
-        "per_type": {t: sum(v) / len(v) for t in QUESTION_TYPES if (v := by_type.get(t))},
-        "questions": len(rows),
-    }
-    return scores, rows
+    cfg = EvalConfig(benchmarks=("shapes",), data_root=data, out=out, batch_size=64)
+    result = evaluate_benchmark(vlm, SHAPES, cfg)
+    return result["metrics"], list(read_done(out / "shapes" / "predictions.jsonl").values())
 
 
 def _stage(cfg: DemoConfig, model: str, stage: str, data: str, run_dir: Path, console, blank: bool) -> Path:
@@ -178,8 +141,7 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict:
     timings["train_s"] = time.perf_counter() - t0
     shutil.copytree(trained, out / "model")
     vlm = load(out / "model")
-    scores, rows = evaluate(vlm, paths["heldout"], paths["images"])
-    (out / "heldout_answers.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    scores, rows = evaluate(vlm, paths["heldout"].parent, out / "eval" / "model")
 
     blind = None
     if cfg.blind:
@@ -187,7 +149,7 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict:
         t0 = time.perf_counter()
         blind_dir = _train_both(cfg, paths, out / "runs" / "blind", console, blank=True)
         timings["blind_train_s"] = time.perf_counter() - t0
-        blind, _ = evaluate(load(blind_dir), paths["heldout"], paths["images"])
+        blind, _ = evaluate(load(blind_dir), paths["heldout"].parent, out / "eval" / "blind")
 
     console.rule("[bold]4/4 held-out results")
     table = Table()
@@ -199,12 +161,13 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict:
         "[bold]all", f"[bold]{scores['accuracy']:.1%}", f"{blind['accuracy']:.1%}" if blind else "-"
     )
     console.print(table)
-    example = next(r for r in rows if r["type"] == "spatial") if rows else None
+    example = next((r for r in rows if r["meta"]["type"] == "spatial"), None)
     if example is not None:
-        show_image(paths["images"] / example["image"], console)
+        sample = next(s for s in SHAPES.read(paths["heldout"].parent) if s.id == example["id"])
+        show_image(sample.image, console)
         console.print(
-            f"[bold]Q:[/bold] {example['question']}\n"
-            f"[bold]A:[/bold] {example['answer']}  (truth: {example['truth']})"
+            f"[bold]Q:[/bold] {sample.question}\n"
+            f"[bold]A:[/bold] {example['prediction']}  (truth: {sample.answer})"
         )
     timings["total_s"] = time.perf_counter() - t_start
     report = {

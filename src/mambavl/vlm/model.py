@@ -292,6 +292,34 @@ class VLM(nn.Module):
         if len(text) > len(sent):  # the end: whatever is left, finished character or not
             yield text[len(sent) :]
 
+    @torch.inference_mode()
+    def option_probabilities(self, images: list, prompts: list[str], options: list) -> list[dict[str, float]]:
+        """For each prompt, the probability of each of its options as the answer, from the first token the
+        model would generate (the seeds' harness "probability" mode for yes/no, true/false and A–D):
+        softmax over the options' first-token logits. Options whose first tokens coincide cannot be told
+        apart this way and are refused."""
+        if not (len(images) == len(prompts) == len(options)):
+            raise ValueError(f"{len(images)} images, {len(prompts)} prompts, {len(options)} option lists")
+        batch, _ = self.prepare(images, prompts)
+        state = self.lm.new_state(len(prompts))
+        last = self.prefill(batch.embeds.to(self.device), batch.lengths.to(self.device), state)
+        logits = self.lm.lm_head(last).float()
+        out = []
+        for row, choices in zip(logits, options, strict=True):
+            firsts = []
+            for option in choices:
+                ids = self.tokenizer.encode(option)
+                if not ids:
+                    raise ValueError(f"option {option!r} encodes to no tokens")
+                firsts.append(ids[0])
+            if len(set(firsts)) != len(firsts):
+                raise ValueError(
+                    f"options {list(choices)} share a first token: their probabilities would tie"
+                )
+            probs = torch.softmax(row[torch.tensor(firsts, device=row.device)], dim=-1).tolist()
+            out.append(dict(zip(choices, probs, strict=True)))
+        return out
+
     def prefill(self, embeds: torch.Tensor, lengths: torch.Tensor, state) -> torch.Tensor:
         """Runs right-padded rows [B, L, D] (real lengths [B]) into `state`, `prefill_chunk` positions at a
         time; returns each row's final hidden state [B, D] (at its last real position)."""
