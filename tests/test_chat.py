@@ -245,3 +245,36 @@ def test_cli_refuses_bad_arguments(model_dir, args, message):
     result = CliRunner().invoke(app, ["chat", *model, *args], input="")
     assert result.exit_code == 1
     assert "error:" in result.output and message in " ".join(result.output.split())
+
+
+def test_generate_command_prints_the_answer(vlm, model_dir, png):
+    """`mambavl generate`: the greedy answer of the chat-formatted prompt, the raw prompt, the errors."""
+    from mambavl.vision import load_image
+
+    image = load_image(png)
+    builder = vlm.get_prompt_builder()
+    builder.add_turn("human", Q1)
+    want = vlm.generate(image, builder.get_prompt(), max_new_tokens=8)
+    runner = CliRunner()
+    result = runner.invoke(
+        app, ["generate", Q1, "--model", str(model_dir), "--image", str(png), "--max-new-tokens", "8"]
+    )
+    assert result.exit_code == 0, result.output
+    assert result.output.rstrip("\n") == want
+    raw = runner.invoke(app, ["generate", "abc", "--model", str(model_dir), "--raw", "--max-new-tokens", "6"])
+    assert raw.output.rstrip("\n") == vlm.generate(None, "abc", max_new_tokens=6)
+    sampled = [
+        "generate",
+        Q1,
+        "--model",
+        str(model_dir),
+        "--temperature",
+        "1.5",
+        "--seed",
+        "3",
+        "--max-new-tokens",
+        "8",
+    ]
+    assert runner.invoke(app, sampled).output == runner.invoke(app, sampled).output  # seeded
+    missing = runner.invoke(app, ["generate", Q1, "--model", str(model_dir), "--image", "/no/such.png"])
+    assert missing.exit_code == 1 and "no such image file" in missing.output

@@ -302,6 +302,54 @@ def chat(
     run_chat(session, console, lambda: console.input("[bold]you>[/bold] "))
 
 
+@app.command()
+def generate(
+    prompt: str = typer.Argument(
+        ..., help="The question or instruction (wrapped in the model's chat format)."
+    ),
+    model: str = typer.Option(
+        ..., "--model", help="Model directory, run directory or preset (released weights)."
+    ),
+    image: str = typer.Option(None, help="The image (a path); none: text only."),
+    max_new_tokens: int = typer.Option(256, help="Longest answer in tokens."),
+    temperature: float = typer.Option(0.0, help="0: greedy (the seeds' default); > 0 samples."),
+    top_p: float = typer.Option(1.0, help="Nucleus sampling mass (1.0: off)."),
+    seed: int = typer.Option(None, help="Seed of the sampling."),
+    raw: bool = typer.Option(False, "--raw", help="Send PROMPT as it is, without the chat format."),
+    device: str = typer.Option("auto", help="auto (a GPU if there is one), cpu or cuda[:N]."),
+    dtype: str = typer.Option("auto", help="auto (bf16 on GPUs, fp32 on CPUs), bfloat16, float16, float32."),
+) -> None:
+    """One answer, streamed to standard output: a script's one-liner (`mambavl chat` for a conversation)."""
+    from mambavl.checkpoints.files import CheckpointError
+    from mambavl.runtime import load_model
+    from mambavl.vision import load_image
+
+    try:
+        vlm = load_model(model, device, dtype)
+        picture = load_image(image, vlm.config.max_pixels) if image else None
+        text = prompt
+        if not raw:
+            if picture is not None and vlm.config.image_placement == "placeholder" and "<image>" not in text:
+                text = "<image>\n" + text
+            builder = vlm.get_prompt_builder()
+            builder.add_turn("human", text)
+            text = builder.get_prompt()
+        params = dict(max_new_tokens=max_new_tokens, do_sample=temperature > 0, seed=seed, top_p=top_p)
+        if temperature > 0:
+            params["temperature"] = temperature
+        pieces = vlm.stream(picture, text, **params)
+        first = True
+        for piece in pieces:
+            if first:  # as `generate` strips its answer
+                piece = piece.lstrip()
+                first = not piece
+            typer.echo(piece, nl=False)
+        typer.echo()
+    except (CheckpointError, FileNotFoundError, ValueError) as e:  # ValueError: bad image or settings
+        console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from e
+
+
 def _int_list(text: str, what: str) -> tuple[int, ...]:
     try:
         values = tuple(int(v) for v in text.split(",") if v.strip())
