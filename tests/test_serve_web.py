@@ -28,9 +28,14 @@ QUESTION, FOLLOW_UP = "What is in the image?", "And its colour?"
 
 
 def missing(reason: str):
+    """Called only when this machine has no Chromium (a system package, which `pip install` cannot
+    provide) or no playwright. CI installs both and sets MAMBAVL_REQUIRE_BROWSER=1, so there a missing
+    browser fails the run. Elsewhere (a newcomer's machine without the system browser) the page tests
+    are skipped with the reason, and the server they drive is still covered by the HTTP tests in
+    test_serve_api.py and test_serve_load.py."""
     if os.environ.get("MAMBAVL_REQUIRE_BROWSER") == "1":
         pytest.fail(f"{reason}; MAMBAVL_REQUIRE_BROWSER=1 says the browser tests must run")
-    pytest.skip(reason)
+    pytest.skip(reason)  # conditional: see the docstring; never reached in CI
 
 
 @pytest.fixture(scope="module")
@@ -247,6 +252,10 @@ def test_stop_ends_the_stream_frees_the_slot_and_keeps_the_partial_answer(vlm, p
         bubble = page.locator("#messages .assistant")
         expect(bubble).not_to_have_text("", timeout=WAIT_MS)
         expect(page.locator("#send")).to_be_disabled()
+        # stop only once the engine decodes the request (the bubble may show text before it is admitted)
+        page.wait_for_function(
+            "async () => (await (await fetch('/health')).json()).active === 1", polling=100, timeout=WAIT_MS
+        )
         page.click("#stop")
         partial = answer(page, 0)
         expect(bubble).to_have_class("bubble assistant stopped")
@@ -254,7 +263,15 @@ def test_stop_ends_the_stream_frees_the_slot_and_keeps_the_partial_answer(vlm, p
         page.wait_for_function(
             "async () => (await (await fetch('/health')).json()).active === 0", polling=100, timeout=WAIT_MS
         )
-        assert httpx.get(f"{url}/metrics").text.count('outcome="cancelled"} 1.0') == 1
+        deadline = time.monotonic() + WAIT_MS / 1000  # the count follows the slot's release
+        while 'outcome="cancelled"}' not in httpx.get(f"{url}/metrics").text and time.monotonic() < deadline:
+            time.sleep(0.05)
+        metrics = httpx.get(f"{url}/metrics").text
+        assert metrics.count('outcome="cancelled"} 1.0') == 1, [
+            ln
+            for ln in metrics.splitlines()
+            if ln.startswith(("mambavl_requests_total", "mambavl_slots_used"))
+        ] + [str(httpx.get(f"{url}/health").json())]
 
         page.fill("#max-tokens", str(MAX_TOKENS))
         body = send(page, FOLLOW_UP)

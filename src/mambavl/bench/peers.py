@@ -366,16 +366,7 @@ def _run_hf(
             result.notes.append(f"decode batch {batch}: t(n) <= t(1), so tok/s = batch * n / t(n)")
             return batch * n / t_n, t_n
 
-        result.decode_tok_s.update(
-            _sweep(
-                decode_batches,
-                decode,
-                what="decode batch",
-                budget_s=max_measure_s,
-                notes=result.notes,
-                linear=False,
-            )
-        )
+        _decode_sweep(result, decode, decode_batches, max_measure_s)
 
         def prefill(ids: torch.Tensor) -> None:
             model(input_ids=ids, use_cache=True, logits_to_keep=1)
@@ -387,6 +378,14 @@ def _run_hf(
         model = None
         _release()
     return result
+
+
+def _decode_sweep(result: PeerResult, decode, batches, budget_s: float) -> None:
+    """A peer's decode tok/s at each batch size into `result` (a batch's step time barely grows with it,
+    so a skipped batch is estimated as taking as long as the last measured one)."""
+    result.decode_tok_s.update(
+        _sweep(batches, decode, what="decode batch", budget_s=budget_s, notes=result.notes, linear=False)
+    )
 
 
 def _prefill_sweep(
@@ -701,16 +700,7 @@ def mamba_ssm(
                 _release()
             return batch * n / seconds, seconds
 
-        result.decode_tok_s.update(
-            _sweep(
-                decode_batches,
-                decode,
-                what="decode batch",
-                budget_s=max_measure_s,
-                notes=result.notes,
-                linear=False,
-            )
-        )
+        _decode_sweep(result, decode, decode_batches, max_measure_s)
 
         if kind == "Mamba1" and not real_extension:
             if prefill_lengths:

@@ -178,8 +178,6 @@ def synthetic_image(size: int, seed: int):
 
 def serve_bench(vlm, cfg: ServeBenchConfig, out: Path | None = None, say=print) -> dict:
     """The server at each client count, and the offline batch peer, on the same requests."""
-    import torch
-
     from mambavl.serve import Engine, EngineConfig, ServeConfig
     from mambavl.serve.thread import ServerThread
 
@@ -203,7 +201,7 @@ def serve_bench(vlm, cfg: ServeBenchConfig, out: Path | None = None, say=print) 
             after = engine_seconds(url)
             row |= {k: after[k] - before[k] for k in after}  # where the engine's time went
             if cfg.peer:
-                row["peer_offline_tokens_per_s"] = _offline(vlm, images[:clients], cfg, torch)
+                row["peer_offline_tokens_per_s"] = _offline(vlm, images[:clients], cfg)
             rows.append(row)
             say(_line(row))
     result = {
@@ -238,8 +236,10 @@ def engine_seconds(url: str) -> dict:
     return totals
 
 
-def _offline(vlm, images: list, cfg: ServeBenchConfig, torch) -> float:
+def _offline(vlm, images: list, cfg: ServeBenchConfig) -> float:
     """tok/s of `VLM.generate` on one batch of the same requests (`len(images)` rows at once)."""
+    import torch
+
     builder = vlm.get_prompt_builder()
     builder.add_turn("human", cfg.question)
     prompts = [builder.get_prompt()] * len(images)

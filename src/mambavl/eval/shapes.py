@@ -4,27 +4,25 @@ demo's `data/` directory (`heldout.json` and `images/`)."""
 
 from __future__ import annotations
 
-import json
 import re
 from collections import defaultdict
 from pathlib import Path
 
 from mambavl.data.shapes import QUESTION_TYPES
 from mambavl.eval.base import Benchmark, BenchmarkError, Sample, mean, register
+from mambavl.eval.benchmarks import File, _json
 
 
 def normalise(text: str) -> str:
     return re.sub(r"[^a-z0-9 ]", "", text.lower()).strip()
 
 
+HELDOUT = File("heldout.json", "a `mambavl demo` held-out file", "`mambavl demo --out DIR` (DIR/data)")
+
+
 def read(root: Path) -> list[Sample]:
-    path = Path(root) / "heldout.json"
-    if not path.is_file():
-        raise BenchmarkError(
-            f"{path}: no such file; the shapes benchmark reads a `mambavl demo` data directory"
-        )
+    path, rows = _json(root, HELDOUT)
     try:
-        rows = json.loads(path.read_text())
         return [
             Sample(
                 id=r["id"],
@@ -35,7 +33,7 @@ def read(root: Path) -> list[Sample]:
             )
             for r in rows
         ]
-    except (json.JSONDecodeError, KeyError, IndexError, TypeError) as e:
+    except (KeyError, IndexError, TypeError) as e:
         raise BenchmarkError(f"{path}: not a shapes held-out file ({type(e).__name__}: {e})") from e
 
 

@@ -20,7 +20,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from mambavl.serve.engine import Delta, Engine, Failed, Finished, QueueFull, Started
+from mambavl.serve.engine import Delta, Engine, Failed, Finished, QueueFull
 from mambavl.serve.engine import Request as EngineRequest
 from mambavl.serve.images import ImagePolicy, RequestError, fetch_image
 from mambavl.serve.metrics import Metrics
@@ -350,8 +350,6 @@ class Reply:
         elif isinstance(event, Finished):
             self.reasons[event.index] = event.reason
             self.tokens[event.index] = event.tokens
-        elif isinstance(event, Started):
-            self.prompt_tokens = event.prompt_tokens
 
     def usage(self) -> dict:
         done = sum(self.tokens)

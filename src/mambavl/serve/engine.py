@@ -311,10 +311,9 @@ class Engine:
         vlm = self.vlm
         started = time.monotonic()
         try:
-            packed, prompt_ids = vlm.prepare([r.image for r in batch], [r.prompt for r in batch])
-            state = vlm.lm.new_state(len(batch))
-            hidden = vlm.prefill(packed.embeds.to(vlm.device), packed.lengths.to(vlm.device), state)
-            logits = vlm.lm.lm_head(hidden)
+            state, logits, packed, prompt_ids = vlm.prefill_prompts(
+                [r.image for r in batch], [r.prompt for r in batch]
+            )
         except Exception as e:
             if len(batch) > 1:  # find the request at fault: prefill them one by one
                 for request in batch:

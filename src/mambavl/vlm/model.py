@@ -300,10 +300,7 @@ class VLM(nn.Module):
         apart this way and are refused."""
         if not (len(images) == len(prompts) == len(options)):
             raise ValueError(f"{len(images)} images, {len(prompts)} prompts, {len(options)} option lists")
-        batch, _ = self.prepare(images, prompts)
-        state = self.lm.new_state(len(prompts))
-        last = self.prefill(batch.embeds.to(self.device), batch.lengths.to(self.device), state)
-        logits = self.lm.lm_head(last).float()
+        logits = self.prefill_prompts(images, prompts)[1].float()
         out = []
         for row, choices in zip(logits, options, strict=True):
             firsts = []
@@ -319,6 +316,14 @@ class VLM(nn.Module):
             probs = torch.softmax(row[torch.tensor(firsts, device=row.device)], dim=-1).tolist()
             out.append(dict(zip(choices, probs, strict=True)))
         return out
+
+    def prefill_prompts(self, images: list, prompts: list[str]):
+        """Rows of (image or None, prompt) prefilled together: (their state, next-token logits [B, V],
+        the packed batch, each row's prompt ids)."""
+        batch, prompt_ids = self.prepare(images, prompts)
+        state = self.lm.new_state(len(prompts))
+        hidden = self.prefill(batch.embeds.to(self.device), batch.lengths.to(self.device), state)
+        return state, self.lm.lm_head(hidden), batch, prompt_ids
 
     def prefill(self, embeds: torch.Tensor, lengths: torch.Tensor, state) -> torch.Tensor:
         """Runs right-padded rows [B, L, D] (real lengths [B]) into `state`, `prefill_chunk` positions at a
@@ -339,16 +344,12 @@ class VLM(nn.Module):
     def _decode(
         self, images, prompts, params: SamplingParams, final_strip: bool = True
     ) -> Iterator[list[str]]:
-        batch, prompt_ids = self.prepare(images, prompts)
+        state, logits, _, prompt_ids = self.prefill_prompts(images, prompts)
         tok, eos = self.tokenizer, self.tokenizer.eos_token_id
         B = len(prompts)
         generator = None
         if params.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(params.seed)
-        state = self.lm.new_state(B)
-        logits = self.lm.lm_head(
-            self.prefill(batch.embeds.to(self.device), batch.lengths.to(self.device), state)
-        )
         decoder = self.graph_decoder(B) if params.cuda_graphs else None
         if decoder is not None:
             decoder.prepare(B)
