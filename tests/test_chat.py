@@ -236,7 +236,6 @@ def test_models_that_place_the_image_get_the_marker():
         (["--model", "no/such/dir"], "neither a model directory nor a preset"),
         (["--model", "tiny-cobra"], "neither a model directory nor a preset with released weights"),
         (["--image", "missing.png"], "missing.png: no such image file"),
-        (["--system", "Be brief."], "this prompt format has no system prompt"),
         (["--temperature", "0"], "temperature=0.0 is invalid"),
     ],
 )
@@ -278,3 +277,38 @@ def test_generate_command_prints_the_answer(vlm, model_dir, png):
     assert runner.invoke(app, sampled).output == runner.invoke(app, sampled).output  # seeded
     missing = runner.invoke(app, ["generate", Q1, "--model", str(model_dir), "--image", "/no/such.png"])
     assert missing.exit_code == 1 and "no such image file" in missing.output
+
+
+SYSTEM = "Answer in one word."
+
+
+def test_a_system_prompt_is_folded_into_the_first_message(vlm, png):
+    """Cobra's format has no system prompt: `--system` text goes before the first message as
+    "{system}\n\n{message}", the answers those of a user who typed it there; later turns do not repeat it."""
+    s = ChatSession(vlm, SYSTEM, {"max_new_tokens": 8})
+    s.set_image(png)
+    first = "".join(s.ask(Q1)).rstrip()
+    typed = f"{SYSTEM}\n\n{Q1}"
+    assert first == greedy(vlm, png, typed) and first != greedy(vlm, png, Q1)  # it reached the model
+    assert "".join(s.ask(Q2)).rstrip() == greedy(vlm, png, typed, first, Q2)
+    s.reset()  # a new conversation gets it again
+    assert "".join(s.ask(Q1)).rstrip() == first
+
+
+def test_chat_and_generate_commands_take_a_system_prompt(vlm, model_dir, png):
+    typed = greedy(vlm, png, f"{SYSTEM}\n\n{Q1}")
+    args = ["--model", str(model_dir), "--image", str(png), "--max-new-tokens", "8"]
+    chatted = CliRunner().invoke(app, ["chat", *args, "--system", SYSTEM], input=f"{Q1}\n")
+    assert chatted.exit_code == 0, chatted.output
+    assert answers(chatted.output) == [typed]
+    generated = CliRunner().invoke(app, ["generate", Q1, *args, "--system", SYSTEM])
+    assert generated.exit_code == 0, generated.output
+    assert generated.output.rstrip("\n") == typed
+    empty = CliRunner().invoke(app, ["generate", Q1, *args, "--system", ""])  # nothing to fold
+    assert empty.output.rstrip("\n") == greedy(vlm, png, Q1)
+
+
+def test_help_says_how_the_system_prompt_is_folded():
+    for command in ("chat", "generate"):
+        result = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "200"})
+        assert "folded into the first message as '{system}\\n\\n{message}'" in " ".join(result.output.split())

@@ -3,6 +3,7 @@ pre-training check that names every bad sample."""
 
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -144,3 +145,150 @@ def test_registry_paths(tmp_path):
     assert dataset_paths("llava-lvis4v-lrv", tmp_path, "align")[0].name == "chat.json"
     with pytest.raises(KeyError, match="unknown dataset"):
         dataset_paths("coco", tmp_path, "align")
+
+
+# ---- hostile files: every bad record reported, the reading goes on ----------------------------------------
+def hostile_dataset(tmp_path, array: bool):
+    """Good samples around records that used to stop the check: deep nesting, invalid UTF-8, a lone
+    surrogate, a PNG whose text chunk inflates past PIL's limit, an id that looks like terminal markup."""
+    from test_hostile_files import png_with_text_bomb
+
+    root = tmp_path / "images"
+    root.mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(root / "a.png")
+    (root / "bomb.png").write_bytes(png_with_text_bomb(before_pixels=False))
+    pieces = [
+        json.dumps(GOOD).encode(),
+        b"[" * 100_000 + b"]" * 100_000,
+        json.dumps({"id": "bad-utf8", "conversations": turns(("human", "Hi"), ("gpt", "X"))})
+        .encode()
+        .replace(b'"X"', b'"\xff\xfe"'),
+        json.dumps({"id": "surrogate", "conversations": turns(("human", "Hi"), ("gpt", "\ud800"))}).encode(),
+        json.dumps({"id": "bomb", "image": "bomb.png", "conversations": GOOD["conversations"]}).encode(),
+        json.dumps(
+            {"id": "[/red]", "conversations": turns(("human", "x\u2028y"), ("gpt", "y" * 3000))}
+        ).encode(),
+        json.dumps(TEXT).encode(),
+    ]
+    path = tmp_path / ("data.json" if array else "data.jsonl")
+    path.write_bytes(b"[" + b",\n".join(pieces) + b"]" if array else b"\n".join(pieces))
+    return path, root
+
+
+@pytest.mark.parametrize("array", [False, True], ids=["jsonl", "json-array"])
+def test_check_reports_each_hostile_record_and_goes_on(tmp_path, array):
+    path, root = hostile_dataset(tmp_path, array)
+    good, problems = check_file(path, root, mambavl.create("tiny-cobra", device="meta"))
+    assert [s.id for s in good] == ["ok-1", "ok-text"]
+    found = {p.id: str(p) for p in problems}
+    nested = "record 1" if array else "line 2"
+    assert set(found) == {nested, "bad-utf8", "surrogate", "bomb", "[/red]"}
+    assert "nested deeper than the parser goes" in found[nested]
+    assert "turn 1's text has U+DCFF at character 0, a lone surrogate" in found["bad-utf8"]
+    assert "turn 1's text has U+D800" in found["surrogate"]
+    assert "image bomb.png" in found["bomb"] and "Decompressed data too large" in found["bomb"]
+    assert "exceed the model's 2048" in found["[/red]"]  # U+2028 inside a string is no line break
+
+
+def test_an_unreadable_annotations_file_is_the_only_stop(tmp_path):
+    from mambavl.data.llava import AnnotationsError
+
+    with pytest.raises(AnnotationsError, match="cannot read the annotations file"):
+        read_llava(tmp_path)  # a directory
+    broken = tmp_path / "broken.json"
+    broken.write_text('[{"id": "a", ] junk')
+    samples, problems = read_llava(broken)
+    assert samples == [] and [p.id for p in problems] == ["record 0", str(broken)]
+
+
+def test_data_check_command_reports_hostile_records_without_a_traceback(tmp_path):
+    path, root = hostile_dataset(tmp_path, array=False)
+    args = ["data", "check", "--annotations", str(path), "--images", str(root), "--model", "tiny-cobra"]
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "300"})
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert "[/red]: " in result.output  # the id as it is, not taken for markup
+    assert "surrogate: turn 1's text has U+D800" in result.output
+    assert "2 usable samples, 5 with problems" in result.output
+
+
+def escaping_images(tmp_path):
+    """An image root, an image outside it, and records reaching that image every way a path can."""
+    root = tmp_path / "images"
+    (root / "sub").mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(root / "a.png")
+    outside = tmp_path / "outside.png"
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(outside)
+    (root / "out.png").symlink_to(outside)
+    (root / "in.png").symlink_to(root / "a.png")
+    paths = {
+        "dotdot": "../outside.png",
+        "deep-dotdot": "sub/../../outside.png",
+        "absolute": str(outside),
+        "symlink-out": "out.png",
+        "nul": "a.png\x00.txt",
+        "symlink-in": "in.png",
+        "dotdot-in": "sub/../a.png",
+    }
+    records = [{"id": k, "image": v, "conversations": GOOD["conversations"]} for k, v in paths.items()]
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(records))
+    return path, root
+
+
+def test_check_refuses_images_outside_the_image_root(tmp_path):
+    path, root = escaping_images(tmp_path)
+    good, problems = check_file(path, root, mambavl.create("tiny-cobra", device="meta"))
+    assert [s.id for s in good] == ["symlink-in", "dotdot-in"]
+    found = {p.id: p.reason for p in problems}
+    assert set(found) == {"dotdot", "deep-dotdot", "absolute", "symlink-out", "nul"}
+    assert "leads out of" in found["dotdot"] and "with '..'" in found["deep-dotdot"]
+    assert "is an absolute path" in found["absolute"] and "through a symlink" in found["symlink-out"]
+    assert "contains a NUL byte" in found["nul"]
+    assert all("image paths must stay under the image root" in r for r in found.values())
+
+
+def test_training_data_refuses_images_outside_the_image_root(tmp_path):
+    from mambavl.data.mixture import DataError, DataSource, load_training_data
+
+    path, root = escaping_images(tmp_path)
+    vlm = mambavl.create("tiny-cobra", device="meta")
+    with pytest.raises(
+        DataError, match=r"5 samples cannot be used:\n.*data\.json:dotdot: image '\.\./outside"
+    ):
+        load_training_data([DataSource(path, root)], vlm, "finetune")
+    data = load_training_data([DataSource(path, root)], vlm, "finetune", skip_bad=True)
+    assert [ex.id for ex in data.examples] == ["symlink-in", "dotdot-in"]
+    assert all(Path(ex.image).resolve().is_relative_to(root) for ex in data.examples)
+
+
+def test_check_file_looks_for_images_beside_the_annotations_by_default(tmp_path):
+    path, root = write_dataset(tmp_path)
+    moved = root / "data.json"
+    path.rename(moved)
+    good, _ = check_file(moved, None, mambavl.create("tiny-cobra", device="meta"))
+    assert [s.id for s in good] == ["ok-1", "ok-text"]
+
+
+def test_data_check_exit_status_tells_bad_data_from_a_bad_set_up(tmp_path):
+    """1: the data has problems; 2: the check could not run as asked (the help page says which is which)."""
+    path, root = write_dataset(tmp_path)
+    broken = tmp_path / "broken.json"
+    broken.write_text('[{"id": "a", ] junk')
+    runner = CliRunner()
+
+    def status(*args):
+        return runner.invoke(app, ["data", "check", *args, "--model", "tiny-cobra"], env={"COLUMNS": "200"})
+
+    assert status("--annotations", str(path), "--images", str(root)).exit_code == 1  # samples listed
+    assert status("--annotations", str(broken)).exit_code == 1  # an annotations file that does not parse
+    missing = status("--annotations", str(tmp_path / "nope.json"))
+    assert missing.exit_code == 2 and "no such annotation file" in missing.output
+    assert status("--dataset", "llava-v15").exit_code == 2  # --data-root missing
+    not_a_model = runner.invoke(
+        app, ["data", "check", "--annotations", str(path), "--model", str(tmp_path)], env={"COLUMNS": "200"}
+    )
+    assert not_a_model.exit_code == 2, not_a_model.output
+    assert not_a_model.output.startswith("error: ") and not_a_model.output.strip().count("\n") == 0
+    page = " ".join(runner.invoke(app, ["data", "check", "--help"], env={"COLUMNS": "200"}).output.split())
+    assert "Exit status: 0: every sample can train; 1: the data has problems" in page
+    assert "2: a usage or set-up error" in page

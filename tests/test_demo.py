@@ -72,3 +72,22 @@ def test_the_demo_meets_its_targets(tmp_path):
     assert report["heldout_accuracy"] >= 0.95
     for kind, acc in report["per_type_accuracy"].items():
         assert acc >= 0.9 and acc >= report["blind_per_type_accuracy"][kind] + 0.3, kind
+
+
+def test_the_demo_picture_needs_colours(tmp_path):
+    """Into a pipe the coloured blocks would print as bare `▀` lines: the image's path is shown instead."""
+    import io
+
+    from PIL import Image
+    from rich.console import Console
+
+    from mambavl.demo import show_image
+
+    path = tmp_path / "scene.png"
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(path)
+    piped = io.StringIO()
+    show_image(path, Console(file=piped, width=80))
+    assert "▀" not in piped.getvalue() and str(path) in piped.getvalue().replace("\n", "")
+    terminal = io.StringIO()
+    show_image(path, Console(file=terminal, width=80, force_terminal=True, color_system="truecolor"), width=8)
+    assert terminal.getvalue().count("▀") == 8 * 4 and "200;30;30" in terminal.getvalue()

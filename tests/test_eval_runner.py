@@ -159,3 +159,55 @@ def test_every_benchmark_runs_from_its_fixture(tmp_path):
         ],
     )
     assert probability.exit_code == 0, probability.output
+
+
+def test_a_missing_file_fails_before_any_progress_bar_or_model_load(tmp_path, monkeypatch):
+    """What a terminal shows: the error naming the file, and no `0/?` bar drawn before it; the data is
+    read before the model (a model that does not exist is not reached)."""
+    import io
+
+    from rich.console import Console
+
+    import mambavl.cli as cli
+
+    screen = io.StringIO()
+    monkeypatch.setattr(cli, "console", Console(file=screen, force_terminal=True, width=120))
+    argv = ["eval", "--model", str(tmp_path / "no-model"), "--benchmark", "shapes"]
+    result = CliRunner().invoke(app, [*argv, "--data-root", str(tmp_path), "--out", str(tmp_path / "o")])
+    shown = screen.getvalue()
+    assert result.exit_code == 1 and "heldout.json" in shown
+    assert "0/?" not in shown and "shapes" not in shown.split("error")[0] and "no-model" not in shown
+    assert not (tmp_path / "o").exists()
+
+
+def test_the_report_chart_labels_every_bar_and_its_legend_covers_none():
+    from mambavl.eval.report import figure
+
+    def run(name, shapes, pope):
+        return {
+            "model": name,
+            "benchmarks": {
+                "shapes": {"metrics": {"accuracy": shapes, "questions": 10}},
+                "pope-random": {"metrics": {"accuracy": pope, "f1": pope}},
+            },
+        }
+
+    # bars at 100 % in the first and last groups: where a legend inside the axes would sit
+    summaries = [run("a-long-model-name (run-a)", 1.0, 1.0), run("b (run-b)", 0.372, 0.5), run("c", 1.0, 0.9)]
+    fig = figure(summaries)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    (ax,) = fig.axes
+    bars = ax.patches
+    assert len(bars) == 3 * 3  # three runs, three fraction metrics
+    legend = ax.get_legend().get_window_extent(renderer)
+    for bar in bars:
+        assert not legend.overlaps(bar.get_window_extent(renderer)), bar
+    labels = [t.get_text() for t in ax.texts]
+    want = [f"{100 * v:.1f}" for v in (1.0, 1.0, 1.0, 0.372, 0.5, 0.5, 1.0, 0.9, 0.9)]
+    assert labels == want
+    top = ax.get_window_extent(renderer).y1
+    assert all(t.get_window_extent(renderer).y1 <= top for t in ax.texts)  # a 100 % bar's value fits
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)

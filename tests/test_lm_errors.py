@@ -2,6 +2,7 @@
 nothing half-loads."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -143,3 +144,76 @@ def test_bad_inputs(saved):
         lm(inputs_embeds=torch.zeros(1, 3, 16))
     with pytest.raises(ValueError, match="state holds 2 sequences but the input has 1"):
         lm(torch.tensor([[1, 2]]), state=lm.new_state(2))
+
+
+# ---- config fields of the wrong type or range: one CheckpointError naming the file and the field ----------
+GOOD_CONFIGS = {
+    "mamba": {"model_type": "mamba", "hidden_size": 32, "num_hidden_layers": 2, "vocab_size": 101},
+    "mamba2": {
+        "model_type": "mamba2",
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_heads": 8,
+        "head_dim": 8,
+        "n_groups": 2,
+        "vocab_size": 101,
+    },
+    "jamba": {
+        "model_type": "jamba",
+        "hidden_size": 32,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "intermediate_size": 48,
+        "num_experts": 4,
+        "vocab_size": 101,
+    },
+    "mamba_ssm": {"d_model": 64, "n_layer": 2, "vocab_size": 257, "ssm_cfg": {"d_state": 8}},
+}
+BAD_FIELDS = [
+    ("mamba", "hidden_size", "32", r"hidden_size must be an integer ≥ 1, got '32'"),
+    ("mamba", "state_size", 2.5, r"state_size must be an integer ≥ 1, got 2\.5"),
+    ("mamba", "conv_kernel", True, r"conv_kernel must be an integer ≥ 1, got True"),
+    ("mamba", "num_hidden_layers", -1, r"num_hidden_layers must be an integer ≥ 1, got -1"),
+    ("mamba", "num_hidden_layers", 10**7, r"n_layer must be in \[1, 4096\], got 10000000"),
+    ("mamba", "hidden_size", 2**30, r"d_model must be in \[1, 16777216\], got 1073741824"),
+    ("mamba", "intermediate_size", -3, r"intermediate_size must be an integer ≥ 0"),
+    ("mamba", "time_step_rank", "big", r"time_step_rank must be an integer ≥ 1, got 'big'"),
+    ("mamba", "use_bias", "yes", r"use_bias must be true or false, got 'yes'"),
+    ("mamba", "tie_word_embeddings", 1, r"tie_word_embeddings must be true or false, got 1"),
+    ("mamba", "layer_norm_epsilon", 0, r"layer_norm_epsilon must be a finite number > 0, got 0"),
+    ("mamba", "hidden_act", ["silu"], r"hidden_act must be a non-empty string"),
+    ("mamba", "model_type", 5, r"model_type must be a string, got 5"),
+    ("mamba2", "time_step_limit", "x", r"time_step_limit must be a pair of numbers"),
+    ("mamba2", "time_step_limit", [0.0, 1.0, 2.0], r"time_step_limit must be a pair of numbers"),
+    ("mamba2", "n_groups", 0, r"n_groups must be an integer ≥ 1, got 0"),
+    ("mamba2", "chunk_size", {"size": 8}, r"chunk_size must be an integer ≥ 1"),
+    ("jamba", "attn_layer_period", 0, r"attn_layer_period must be an integer ≥ 1, got 0"),
+    ("jamba", "expert_layer_offset", -1, r"expert_layer_offset must be an integer ≥ 0"),
+    ("jamba", "num_experts_per_tok", 9, r"top_k 9 must be in \[1, n_experts=4\]"),
+    ("jamba", "num_experts", 10**6, r"n_experts must be in \[1, 1024\]"),
+    ("jamba", "rms_norm_eps", float("inf"), r"rms_norm_eps must be a finite number > 0"),
+    ("mamba_ssm", "ssm_cfg", [1], r"ssm_cfg must be an object, got \[1\]"),
+    ("mamba_ssm", "ssm_cfg", {"d_state": "8"}, r"ssm_cfg\.d_state must be an integer ≥ 1, got '8'"),
+    ("mamba_ssm", "ssm_cfg", {"layer": "Mamba3"}, r"ssm_cfg\.layer='Mamba3' is not supported"),
+    ("mamba_ssm", "ssm_cfg", {"layer": "Mamba2", "dt_limit": [1, "x"]}, r"ssm_cfg\.dt_limit must be a pair"),
+    ("mamba_ssm", "n_layer", "2", r"n_layer must be an integer ≥ 1, got '2'"),
+    ("mamba_ssm", "pad_vocab_size_multiple", 0, r"pad_vocab_size_multiple must be an integer ≥ 1"),
+    ("mamba_ssm", "d_intermediate", 128, r"d_intermediate=128 \(an MLP\) is not supported"),
+]
+
+
+@pytest.mark.parametrize("layout", sorted(GOOD_CONFIGS))
+def test_the_unbroken_configs_parse(layout):
+    from mambavl.lm.layouts import lm_config_from_json
+
+    assert lm_config_from_json(GOOD_CONFIGS[layout], "config.json")[1] == layout
+
+
+@pytest.mark.parametrize(
+    "layout,key,value,says", BAD_FIELDS, ids=[f"{b[0]}-{b[1]}-{b[2]!r}" for b in BAD_FIELDS]
+)
+def test_wrong_config_field_is_named(tmp_path, layout, key, value, says):
+    (tmp_path / "config.json").write_text(json.dumps(GOOD_CONFIGS[layout] | {key: value}))
+    with pytest.raises(CheckpointError, match=re.escape(f"{tmp_path / 'config.json'}: ") + f".*{says}"):
+        load_lm(tmp_path)

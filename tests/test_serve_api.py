@@ -9,6 +9,7 @@ import http.server
 import io
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -17,10 +18,13 @@ import time
 import httpx
 import pytest
 from PIL import Image
+from typer.testing import CliRunner
 
 import mambavl
 from mambavl.bench.serve import chat_body, image_part, run_load
+from mambavl.cli import app
 from mambavl.serve import EngineConfig, ImagePolicy, ServeConfig
+from mambavl.serve.schema import SYSTEM_MESSAGES, Message, conversation_prompt
 from mambavl.serve.thread import free_port
 from serving import LiveServer
 
@@ -200,11 +204,12 @@ BAD = {
         400,
         "alternate",
     ),
-    "a system prompt the format lacks": (
-        {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "x"}]},
+    "a system message after the last user message": (
+        {"messages": [{"role": "user", "content": "x"}, {"role": "system", "content": "s"}]},
         400,
-        "system prompt",
+        "no user message to go with",
     ),
+    "only a system message": ({"messages": [{"role": "system", "content": "s"}]}, 400, "last message"),
     "logprobs": ({"messages": [{"role": "user", "content": "x"}], "logprobs": True}, 400, "logprobs"),
     "another model": ({"messages": [{"role": "user", "content": "x"}], "model": "gpt-4"}, 404, "not 'gpt-4'"),
     "text as an image": ({"messages": [data_uri(b"hello, world")]}, 400, "not an image"),
@@ -346,7 +351,8 @@ def test_remote_images_when_enabled_and_from_allowed_hosts(vlm, image, tmp_path)
     try:
         want = reference(vlm, "How many objects are there?", image, max_new_tokens=6)
         allowed = ServeConfig(
-            model_name="m", images=ImagePolicy(allow_remote=True, remote_hosts=("127.0.0.1",))
+            model_name="m",
+            images=ImagePolicy(allow_remote=True, remote_hosts=("127.0.0.1",), allow_private_hosts=True),
         )
         with LiveServer(vlm, EngineConfig(slots=2), allowed) as url:
             r = post(url, with_url(base + "/scene.png"))
@@ -431,6 +437,8 @@ def test_mambavl_serve_command(demo_model_dir, vlm):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+    said = [line for line in proc.stdout.read().splitlines() if line.startswith("serving")]
+    assert len(said) == 1 and said[0].startswith(f"serving {demo_model_dir} on {url} (2 slots, ")
     bad = subprocess.run([*cmd[:5], "/no/such/model"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1 and "error" in bad.stdout
 
@@ -449,3 +457,168 @@ def test_a_stopped_engine_is_a_503_not_a_hang(vlm):
         r = post(url, ask("hi", max_tokens=2))
         assert r.status_code == 503 and "not running" in r.json()["error"]["message"]
         assert httpx.get(url + "/health").status_code == 503
+
+
+def test_extreme_sampling_settings_and_seeds_over_http(server, vlm):
+    """A temperature of 1e-45, or a top_p under float32's range, once made the sampler raise in the
+    engine thread: that request failed and every later one got a 503. They answer as greedy decoding does
+    (one token is left); a seed beyond 64 bits is a 400, a negative one is taken as torch takes it."""
+    want = reference(vlm, "hi", max_new_tokens=4, min_length=4)
+    for options in (dict(temperature=1e-45), dict(temperature=1, top_p=1e-320)):
+        r = post(server, ask("hi", max_tokens=4, min_tokens=4, seed=1, **options))
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["message"]["content"] == want
+    r = post(server, ask("hi", max_tokens=4, seed=2**64))
+    assert r.status_code == 400 and "seed" in r.json()["error"]["message"]
+    assert post(server, ask("hi", max_tokens=4, seed=-1, temperature=1)).status_code == 200
+    assert httpx.get(server + "/health").status_code == 200
+
+
+def test_an_oversized_prompt_is_a_fast_400_and_delays_no_stream(server, vlm):
+    """A 15 MiB text (under the body limit) took 41–67 s to be refused while every other stream waited.
+    It is refused before it is tokenized, in well under a second, while a stream goes on decoding."""
+    chunks: list[float] = []
+
+    def long_stream():
+        body = ask("Describe the picture.", max_tokens=400, ignore_eos=True, stream=True)
+        with httpx.stream("POST", server + "/v1/chat/completions", json=body, timeout=120) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    chunks.append(time.monotonic())
+
+    thread = threading.Thread(target=long_stream, daemon=True)
+    thread.start()
+    assert wait_for(lambda: len(chunks) >= 3, 30)
+    huge = json.dumps(ask("x" * (15 * 2**20), max_tokens=4)).encode()  # encoded before the clock starts
+    started = time.monotonic()
+    r = post(server, huge)
+    took = time.monotonic() - started
+    assert r.status_code == 400 and "refused unread" in r.json()["error"]["message"]
+    assert took < 1.0, took
+    over = "x" * (vlm.config.max_length + 1)
+    r = post(server, ask(over, max_tokens=4))
+    assert r.status_code == 400 and "shorten the prompt" in r.json()["error"]["message"]
+    thread.join(timeout=120)
+    assert any(t > started for t in chunks)  # the stream went on meanwhile
+    assert post(server, ask("hi", max_tokens=4)).json()["choices"][0]["message"]["content"] == reference(
+        vlm, "hi", max_new_tokens=4
+    )
+
+
+# ---- system messages: the format's slot where it has one, else folded into the user's message ----------
+SYSTEM = "Answer with a number."
+
+
+def answer_and_usage(url: str, messages: list, **options) -> tuple[str, int]:
+    r = post(url, {"messages": messages, "max_tokens": 6, "min_tokens": 6, **options})
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["message"]["content"], r.json()["usage"]["prompt_tokens"]
+
+
+def user(text: str, image=None) -> dict:
+    return {
+        "role": "user",
+        "content": [{"type": "text", "text": text}] + ([image_part(image)] if image else []),
+    }
+
+
+@pytest.mark.parametrize("role", ["system", "developer"])
+def test_a_system_message_is_folded_as_if_the_user_had_typed_it(server, vlm, image, role):
+    """OpenAI clients send a system message by default; Cobra's format has no system prompt, so the text
+    goes before the first user message as "{system}\n\n{message}": the same answer as typing that."""
+    folded = answer_and_usage(server, [{"role": role, "content": SYSTEM}, user("How many objects?", image)])
+    typed = answer_and_usage(server, [user(f"{SYSTEM}\n\nHow many objects?", image)])
+    assert folded == typed
+    assert folded[1] > answer_and_usage(server, [user("How many objects?", image)])[1]  # it reached the model
+    assert folded[0] == reference(
+        vlm, f"{SYSTEM}\n\nHow many objects?", image, max_new_tokens=6, min_length=6
+    )
+
+
+def test_several_empty_and_later_system_messages(server, image):
+    """Leading system messages are joined by blank lines; empty ones are ignored; one after the first user
+    message folds into the next user message."""
+    plain = [user("How many objects?", image), {"role": "assistant", "content": "2"}, user("What shape?")]
+    messages = [
+        {"role": "system", "content": "A."},
+        {"role": "system", "content": ""},
+        {"role": "developer", "content": [{"type": "text", "text": "B."}]},
+        plain[0],
+        {"role": "system", "content": "C."},
+        plain[1],
+        plain[2],
+    ]
+    typed = [user("A.\n\nB.\n\nHow many objects?", image), plain[1], user("C.\n\nWhat shape?")]
+    assert answer_and_usage(server, messages) == answer_and_usage(server, typed)
+    empty = [{"role": "system", "content": "  "}, *plain]
+    assert answer_and_usage(server, empty) == answer_and_usage(server, plain)
+
+
+def test_a_server_that_refuses_system_messages(vlm, image):
+    """`--system-messages refuse`: system text the model has no slot for is a 400 that says what to do;
+    an empty system message is still ignored."""
+    config = ServeConfig(model_name="test-model", system_messages="refuse")
+    with LiveServer(vlm, EngineConfig(slots=1), config) as url:
+        r = post(url, {"messages": [{"role": "system", "content": SYSTEM}, user("hi")], "max_tokens": 2})
+        message = r.json()["error"]["message"]
+        assert (
+            r.status_code == 400 and "has no system prompt" in message and "--system-messages fold" in message
+        )
+        later = [
+            user("hi"),
+            {"role": "assistant", "content": "2"},
+            {"role": "system", "content": "s"},
+            user("x"),
+        ]
+        r = post(url, {"messages": later, "max_tokens": 2})
+        assert r.status_code == 400 and r.json()["error"]["message"].startswith(
+            "messages[2]: a system message"
+        )
+        empty = [{"role": "system", "content": ""}, user("hi")]
+        assert answer_and_usage(url, empty) == answer_and_usage(url, [user("hi")])
+    with pytest.raises(ValueError, match="system_messages='drop'"):
+        ServeConfig(system_messages="drop")
+
+
+def test_viper_keeps_its_system_slot_and_its_default():
+    """A chat-template model (Viper) puts the system message in its system slot in both modes (refuse
+    refuses only what would be folded); without one it keeps its default system prompt."""
+    vlm = mambavl.create("tiny-viper-mamba")
+    system = [Message(role="system", content="Be brief.")]
+    asked = [Message(role="user", content="Hi")]
+    for mode in SYSTEM_MESSAGES:
+        prompt, _ = conversation_prompt(vlm, system + asked, mode)
+        builder = vlm.get_prompt_builder("Be brief.")
+        builder.add_turn("human", "Hi")
+        assert prompt == builder.get_prompt() and "Be brief." in prompt
+    default = vlm.get_prompt_builder()
+    default.add_turn("human", "Hi")
+    assert conversation_prompt(vlm, asked)[0] == default.get_prompt()
+    assert conversation_prompt(vlm, [Message(role="system", content=""), *asked])[0] == default.get_prompt()
+    later = [*asked, Message(role="assistant", content="Yo"), *system, *asked]
+    with pytest.raises(ValueError, match=r"messages\[2\]: a system message after the first user message"):
+        conversation_prompt(vlm, later, "refuse")
+    assert "<|im_start|>user\nBe brief.\n\nHi<|im_end|>" in conversation_prompt(vlm, later)[0]
+
+
+def test_the_page_has_an_icon(server):
+    """Browsers ask for an icon on every page of the server: it is there (no 404 in the log)."""
+    page = httpx.get(server + "/").text
+    assert '<link rel="icon" href="favicon.ico"' in page
+    icon = httpx.get(server + "/favicon.ico")
+    assert icon.status_code == 200 and icon.headers["content-type"].startswith("image/svg+xml")
+    assert icon.text.startswith("<svg") and icon.text.endswith("</svg>")
+
+
+def test_serve_on_a_busy_port_fails_at_once_and_never_says_serving(demo_model_dir):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        args = ["serve", "--model", str(demo_model_dir), "--port", str(port)]
+        result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    why = "is in use by another program: stop it, or pick another port with --port"
+    assert lines == [f"error: port {port} on 127.0.0.1 {why}"]
+    assert "serving" not in result.output

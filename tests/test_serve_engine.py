@@ -14,7 +14,9 @@ import torch
 from PIL import Image
 
 import mambavl
+from mambavl.serve import engine as engine_module
 from mambavl.serve.engine import Delta, Engine, EngineConfig, Failed, Finished, QueueFull, Request, Started
+from mambavl.serve.metrics import Metrics
 from mambavl.vlm.sampling import SamplingParams
 from serving import collect, drive, texts
 
@@ -197,3 +199,200 @@ def test_engine_config_is_checked():
         EngineConfig(slots=0)
     with pytest.raises(ValueError, match="timeout"):
         EngineConfig(timeout=0)
+
+
+# ---- hardening: nothing a request carries stops the engine or delays the others ---------------------------
+def test_extreme_sampling_settings_answer(demo):
+    """Settings at the edges of what is admitted once made the sampler raise in the engine thread (the
+    server answered 503 from then on): each now answers, and a vanishing temperature or top_p decodes
+    as greedy does (one token is left: the argmax)."""
+    vlm, questions = demo
+    engine = Engine(vlm, EngineConfig(slots=4))
+    image, prompt = questions[0]
+    fixed = dict(max_new_tokens=6, min_length=6)
+    greedy = vlm.generate(image, prompt, **fixed)
+    settings = [
+        dict(do_sample=True, temperature=1e-45, seed=1),
+        dict(do_sample=True, temperature=1.0, top_p=5e-324, seed=2),
+        dict(do_sample=True, temperature=1e300, top_k=10**30, seed=3),
+        dict(do_sample=True, repetition_penalty=1e-300, seed=4),
+        dict(do_sample=True, repetition_penalty=1e300, presence_penalty=2, frequency_penalty=-2, seed=5),
+    ]
+    jobs = [collect(engine, image, prompt, **fixed, **s) for s in settings]
+    drive(engine)
+    answers = [texts(events)[0] for _, events in jobs]
+    assert all(isinstance(events[-1], Finished) for _, events in jobs)
+    assert answers[:2] == [greedy, greedy]
+    for s, answer in zip(settings, answers, strict=True):
+        assert answer == vlm.generate(image, prompt, **fixed, **s)
+
+
+def test_seeds_outside_64_bits_are_refused_and_the_largest_wraps(demo):
+    """The seed 2**64 killed the engine thread and its request never got an answer. It is refused before
+    it is queued; 2**64 - 1 with n=3 seeds its choices 2**64 - 1, 0 and 1 (torch takes no more)."""
+    vlm, questions = demo
+    with pytest.raises(ValueError, match=r"seed=18446744073709551616 is invalid"):
+        SamplingParams(seed=2**64)
+    engine = Engine(vlm, EngineConfig(slots=4))
+    params = dict(max_new_tokens=6, min_length=6, do_sample=True, temperature=1.5)
+    (_, events) = collect(engine, *questions[0], n=3, seed=2**64 - 1, **params)
+    singles = [collect(engine, *questions[0], seed=seed, **params)[1] for seed in (2**64 - 1, 0, 1)]
+    drive(engine)
+    assert texts(events, 3) == [texts(s)[0] for s in singles]
+    assert texts(singles[0])[0] == vlm.generate(*questions[0], seed=-1, **params)  # -1 is 2**64 - 1
+
+
+@pytest.mark.parametrize("fault", ["seeding", "sampling", "detokenizing"])
+def test_a_fault_in_one_requests_work_fails_it_alone(demo, monkeypatch, fault):
+    """Whatever breaks in one request's own work (a bug: its input was checked) fails that request with a
+    500; the requests decoding beside it, sampled or greedy, answer as they would alone."""
+    vlm, questions = demo
+    engine = Engine(vlm, EngineConfig(slots=4))
+    sampled = dict(max_new_tokens=6, min_length=6, do_sample=True, temperature=1.5)
+    (victim, bad) = collect(engine, *questions[0], seed=666, **sampled)
+    others = [(collect(engine, *questions[1], seed=7, **sampled), dict(seed=7, **sampled))]
+    others += [(collect(engine, *questions[i], max_new_tokens=6), dict(max_new_tokens=6)) for i in (2, 3)]
+
+    def victims(args) -> bool:  # the victim's request, or one of its sequences, or its settings
+        return any(a is victim or getattr(a, "request", None) is victim or a is victim.params for a in args)
+
+    def breaks_for_the_victim(method):
+        def wrapped(*args):
+            if victims(args):
+                raise RuntimeError("injected")
+            return method(*args)
+
+        return wrapped
+
+    if fault == "sampling":  # the sampler itself, as the engine calls it
+        monkeypatch.setattr(engine_module, "next_tokens", breaks_for_the_victim(engine_module.next_tokens))
+    else:
+        name = {"seeding": "_generator", "detokenizing": "_advance_one"}[fault]
+        monkeypatch.setattr(engine, name, breaks_for_the_victim(getattr(engine, name)))
+    drive(engine)
+    assert isinstance(bad[-1], Failed) and bad[-1].status == 500
+    assert bad[-1].message == f"{fault} failed: RuntimeError: injected"
+    assert victim.done and not engine._rows
+    for ((_, events), params), i in zip(others, (1, 2, 3), strict=True):
+        assert texts(events)[0] == vlm.generate(*questions[i], **params)
+
+
+def test_the_supervisor_restarts_a_dead_engine_loop(demo):
+    """A fault outside any request's work (injected into the loop itself) once stopped the engine thread
+    for good: /health said 503 until a restart. The supervisor fails the requests the loop held (500),
+    counts the restart and serves on."""
+    vlm, questions = demo
+    metrics = Metrics(2)
+    engine = Engine(vlm, EngineConfig(slots=2), metrics=metrics).start()
+    try:
+        sink: queue.Queue = queue.Queue()
+        engine.submit(
+            Request(*questions[0], SamplingParams(max_new_tokens=10**6, min_length=10**6), sink.put)
+        )
+        assert isinstance(sink.get(timeout=30), Started)
+        armed = threading.Event()
+        real = engine._drop_ended
+
+        def faulty():
+            if armed.is_set():
+                armed.clear()
+                raise RuntimeError("injected")
+            real()
+
+        engine._drop_ended = faulty
+        armed.set()
+        last = sink.get(timeout=30)
+        while not isinstance(last, Failed):
+            last = sink.get(timeout=30)
+        assert last.status == 500 and "restarted: RuntimeError: injected" in last.message
+        assert engine.running and engine.restarts == 1 and isinstance(engine.error, RuntimeError)
+        assert b"mambavl_engine_restarts_total 1.0" in metrics.render()
+        assert engine.generate(*questions[1], max_new_tokens=6) == vlm.generate(
+            *questions[1], max_new_tokens=6
+        )
+        assert engine.stats() == {"slots": 2, "active": 0, "queued": 0}
+    finally:
+        engine.stop()
+
+
+@pytest.mark.parametrize("preset", ["tiny-mlmamba", "tiny-viper-mamba"])
+def test_length_checks_count_image_positions_exactly(preset):
+    """A request's length is checked before it is queued, without running the tower: the positions
+    counted for an image (AnyRes tiles, unpadding and row ends included) are those prefill embeds, so a
+    prompt that fits exactly is taken and one position more is refused."""
+    vlm = mambavl.create(preset)
+    engine = Engine(vlm, EngineConfig(slots=1, cuda_graphs=False))
+    for size in [(40, 30), (30, 90), (200, 20)]:
+        image = vlm.preprocess(Image.new("RGB", size, (10, 200, 90)))
+        positions = vlm.image_positions(image)
+        assert positions == vlm.image_embeddings([image])[0].shape[0], size
+        room = vlm.config.max_length - positions
+        marker = "<image>" if vlm.config.image_placement == "placeholder" else ""
+        fits = marker + "x" * room
+        assert len(engine.encode(fits, image).ids) == room
+        with pytest.raises(ValueError, match=f"the input is {vlm.config.max_length + 1} positions"):
+            engine.encode(fits + "x", image)
+
+
+def _stream_in_thread(engine, image, prompt, **params):
+    """Runs a long answer in a thread; returns the thread and the arrival times of its deltas."""
+    arrivals: list[float] = []
+
+    def run():
+        for event in engine.stream(image, prompt, **params):
+            if isinstance(event, Delta):
+                arrivals.append(time.monotonic())
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while len(arrivals) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(arrivals) >= 3, "the long answer did not start"
+    return thread, arrivals
+
+
+def test_an_oversized_prompt_is_refused_at_once_and_delays_nobody(demo):
+    """A 15 MiB text was tokenized and embedded in the engine thread: 41–67 s to be refused, and every
+    other stream waited. It is refused now in the caller's thread, unread, in well under a second, while a
+    stream decodes on; a prompt under that bound but over the model's length is tokenized in the caller's
+    thread too (the engine decoding meanwhile) and refused before it is queued."""
+    vlm, questions = demo
+    image, prompt = questions[0]
+    engine = Engine(vlm, EngineConfig(slots=2)).start()
+    try:
+        before = engine.generate(*questions[1], max_new_tokens=8)
+        thread, arrivals = _stream_in_thread(engine, image, prompt, max_new_tokens=10**6, min_length=10**6)
+        started = time.monotonic()
+        with pytest.raises(ValueError, match="refused unread; shorten the prompt"):
+            engine.generate(None, "x" * (15 * 2**20), max_new_tokens=4)
+        assert time.monotonic() - started < 1.0
+        over = "x" * (vlm.config.max_length + 1)
+        with pytest.raises(ValueError, match=f"takes at most {vlm.config.max_length}; shorten the prompt"):
+            engine.generate(None, over, max_new_tokens=4)
+        with pytest.raises(ValueError, match="not valid Unicode text: character 1"):
+            engine.generate(None, "a\ud800b", max_new_tokens=4)
+        assert engine.stats()["queued"] == 0 and len(arrivals) > 3
+        assert engine.generate(*questions[1], max_new_tokens=8) == before
+    finally:
+        engine.stop()
+    thread.join(timeout=30)
+
+
+def test_tokenizing_a_long_prompt_lets_the_engine_decode(demo):
+    """Tokenizing holds no lock the engine needs: while 2 MiB of text (admitted by a raised bound) is
+    tokenized in this thread, a stream decoding in the engine thread keeps its pace."""
+    vlm, questions = demo
+    engine = Engine(vlm, EngineConfig(slots=2, chars_per_token=2**12)).start()
+    try:
+        thread, arrivals = _stream_in_thread(engine, *questions[0], max_new_tokens=10**6, min_length=10**6)
+        started = time.monotonic()
+        with pytest.raises(ValueError, match="shorten the prompt"):
+            engine.encode("x" * 2**21)
+        took = time.monotonic() - started
+        during = [t for t in arrivals if started <= t <= started + took]
+        gaps = [b - a for a, b in zip([started, *during], [*during, started + took], strict=True)]
+        assert max(gaps) < took / 2, (took, max(gaps), len(during))
+    finally:
+        engine.stop()
+    thread.join(timeout=30)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -175,11 +176,11 @@ def test_interrupted_checkpoint_write_keeps_the_previous_one(shapes, tmp_path, m
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(ckpt.torch, "save", disk_full)
+    monkeypatch.setattr(ckpt, "save_file", disk_full)
     vlm = mambavl.create("tiny-cobra")
     opt = torch.optim.AdamW(vlm.parameters())
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(ckpt.CheckpointSaveError, match=r"no space left on device .* step-0000002 is intact"):
         ckpt.save(directory, vlm, opt, sched, ckpt.Position(3, 0, 3, 0, 0.0), ckpt.World())
     assert ckpt.latest(directory) == before
     assert not [p for p in directory.iterdir() if p.name.startswith(".tmp")]
@@ -254,6 +255,14 @@ def test_two_processes_train_like_one(shapes, tmp_path):
     m1, m2 = mambavl.load(tmp_path / "one" / "model"), mambavl.load(tmp_path / "two" / "model")
     for (name, p), q in zip(m1.state_dict().items(), m2.state_dict().values(), strict=True):
         torch.testing.assert_close(q, p, rtol=1e-3, atol=1e-4, msg=name)
+    # Its step-4 checkpoint resumes in one process (it once refused: the tied LM head, gathered from two
+    # processes, is saved under its own name too).
+    shutil.rmtree(tmp_path / "two" / "checkpoints" / "step-0000006")
+    (tmp_path / "two" / "checkpoints" / "latest").write_text("step-0000004")
+    resumed = _cli([*_cli_args(shapes, tmp_path / "two", steps=6), "--resume"], stdout=subprocess.DEVNULL)
+    assert resumed.wait(timeout=300) == 0
+    c = [r["loss"] for r in read_metrics(tmp_path / "two" / "metrics.jsonl")]
+    torch.testing.assert_close(torch.tensor(c), torch.tensor(b), rtol=1e-4, atol=1e-5)
 
 
 def test_lora_trains_adapters_and_exports_merged(shapes, tmp_path):
@@ -296,3 +305,112 @@ def test_cli_config_file_with_flag_overrides(shapes, tmp_path):
     assert len(read_metrics(run / "metrics.jsonl")) == 2
     bad = CliRunner().invoke(app, ["train", "--config", str(config), "--run-dir", str(run)])
     assert bad.exit_code == 1 and "--resume" in bad.output
+
+
+# ---- an image that fails to load at batch time -----------------------------------------------------------
+def with_a_truncated_image(shapes, tmp_path) -> tuple[Path, Path, dict]:
+    """Eight finetune samples (one global batch of 8: all in the first step) with their images copied to
+    tmp_path, the first one's PNG cut in half: it exists, so only decoding it finds it out."""
+    records = json.loads(Path(shapes["finetune"]).read_text())[:8]
+    images = tmp_path / "images"
+    images.mkdir()
+    for r in records:
+        shutil.copy(shapes["images"] / r["image"], images / r["image"])
+    data = (images / records[0]["image"]).read_bytes()
+    (images / records[0]["image"]).write_bytes(data[: len(data) // 2])
+    path = tmp_path / "eight.json"
+    path.write_text(json.dumps(records))
+    return path, images, records[0]
+
+
+def test_a_corrupt_image_stops_the_run_naming_it_and_the_rerun_takes_the_dir_over(shapes, tmp_path):
+    from typer.testing import CliRunner
+
+    from mambavl.cli import app
+
+    path, images, bad = with_a_truncated_image(shapes, tmp_path)
+    run = tmp_path / "run"
+    args = [
+        "train", "--model", "tiny-cobra", "--data", f"{path}:{images}", "--run-dir", str(run),
+        "--max-steps", "2", "--global-batch-size", "8", "--per-device-batch-size", "4",
+        "--precision", "fp32", "--learning-rate", "3e-3",
+    ]  # fmt: skip
+    runner = CliRunner()
+    failed = runner.invoke(app, args, env={"COLUMNS": "300"})
+    assert failed.exit_code == 1, failed.output
+    message = " ".join(failed.output.split())
+    assert f"sample '{bad['id']}': its image {images / bad['image']} cannot be loaded" in message
+    assert "truncated" in message and "--skip-bad" in message and "--verify-images" in message
+    assert sorted(p.name for p in run.iterdir()) == ["config.json"]  # it stopped before its first step
+
+    rerun = runner.invoke(app, [*args, "--skip-bad"], env={"COLUMNS": "300"})
+    assert rerun.exit_code == 0, rerun.output
+    assert "stopped before its first step" in " ".join(rerun.output.split())
+    skipped = [json.loads(line) for line in (run / "skipped.jsonl").read_text().splitlines()]
+    assert [(s["id"], s["image"], s["step"]) for s in skipped] == [(bad["id"], str(images / bad["image"]), 1)]
+    assert "truncated" in skipped[0]["reason"]
+    losses = [r["loss"] for r in read_metrics(run / "metrics.jsonl")]
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    # a run that did take a step is still never overwritten
+    again = runner.invoke(app, [*args, "--skip-bad"], env={"COLUMNS": "300"})
+    assert again.exit_code == 1 and "already holds a run" in again.output
+
+
+def test_a_skipped_image_is_left_out_of_the_loss_and_resumes_exactly(shapes, tmp_path):
+    """The failed sample's row learns nothing and the loss is divided by the tokens actually learned, the
+    same at every step, so a resumed run logs exactly what an uninterrupted one does."""
+    from mambavl.data.collate import StandIn
+
+    path, images, _ = with_a_truncated_image(shapes, tmp_path)
+    cfg = dict(
+        data=(f"{path}:{images}",), skip_bad=True, max_steps=3, save_every=1, keep_checkpoints=9, seed=3
+    )
+    whole = train(tiny_cfg(shapes, tmp_path / "whole", **cfg))
+    records = read_metrics(tmp_path / "whole" / "metrics.jsonl")
+
+    # step 1's loss is the initial model's mean loss over the seven good samples' learned tokens
+    vlm = build_model("tiny-cobra", 3)
+    data = load_training_data([DataSource(path, images)], vlm, "finetune", 3, skip_bad=True)
+    dataset = TrainDataset(data.examples, vlm.image_transform)
+    good = [dataset[i] for i in range(len(dataset)) if not isinstance(dataset[i][1], StandIn)]
+    assert len(good) == 7
+    out = vlm(**collate(good).model_inputs())
+    assert records[0]["learned_tokens"] == out.tokens == sum(learned_tokens(ex) for ex, _ in good)
+    assert records[0]["loss"] == pytest.approx(float(out.loss.detach()) / out.tokens, rel=1e-5)
+    assert whole.skipped == 1
+
+    cut = tmp_path / "cut"  # the same run, as if killed after step 1
+    shutil.copytree(tmp_path / "whole", cut)
+    for step in ("step-0000002", "step-0000003"):
+        shutil.rmtree(cut / "checkpoints" / step)
+    (cut / "checkpoints" / "latest").write_text("step-0000001")
+    train(tiny_cfg(shapes, cut, resume=True, **cfg))
+    resumed = read_metrics(cut / "metrics.jsonl")
+    for key in ("loss", "grad_norm", "learned_tokens"):
+        assert [r[key] for r in resumed] == [r[key] for r in records], key
+    assert len((cut / "skipped.jsonl").read_text().splitlines()) == 1  # listed once, not at every meeting
+
+
+def test_renormalising_a_step_equals_training_without_the_failed_sample(shapes, tmp_path):
+    """The gradient of a batch holding a failed sample, renormalised, is the gradient of the batch
+    without it (the token-weighted mean over what was learned)."""
+    from mambavl.train.trainer import _renormalise
+
+    path, images, _ = with_a_truncated_image(shapes, tmp_path)
+    vlm = build_model("tiny-cobra", 3)
+    data = load_training_data([DataSource(path, images)], vlm, "finetune", skip_bad=True)
+    dataset = TrainDataset(data.examples, vlm.image_transform)
+    items = [dataset[i] for i in range(4)]
+    planned = sum(learned_tokens(ex) for ex, _ in items)
+    kept = sum(learned_tokens(ex) for ex, _ in items[1:])
+
+    batch = collate(items)
+    assert [b.id for b in batch.bad] == [items[0][0].id] and batch.bad[0].index == 0
+    (vlm(**batch.model_inputs()).loss / planned).backward()
+    assert _renormalise(vlm, planned, kept) == kept
+    mixed = {n: p.grad.clone() for n, p in vlm.named_parameters() if p.grad is not None}
+    vlm.zero_grad()
+    (vlm(**collate(items[1:]).model_inputs()).loss / kept).backward()
+    for name, p in vlm.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(mixed[name], p.grad, rtol=1e-4, atol=1e-7, msg=name)

@@ -150,3 +150,34 @@ def test_align_stage_checkpoint_is_explained(tmp_path):
     torch.save({"model": {"projector": groups["projector"]}}, ckpt)
     with pytest.raises(CheckpointError, match="an align-stage checkpoint"):
         load(run)
+
+
+def test_a_chat_template_model_round_trips_in_our_layout(tmp_path):
+    """Viper-style fields (AnyRes pinpoints, chat template, placeholder, newline) come back as they were:
+    pinpoints as tuples, not JSON's lists, so the configs compare equal."""
+    torch.manual_seed(0)
+    vlm = mambavl.create("tiny-viper-mamba")
+    save_pretrained(vlm, tmp_path / "m")
+    again = load(tmp_path / "m")
+    assert dataclasses.replace(again.config, tokenizer=vlm.config.tokenizer) == vlm.config
+    assert again.config.anyres == vlm.config.anyres and isinstance(again.config.anyres[0], tuple)
+    ids = torch.randint(0, 257, (1, 9))
+    torch.testing.assert_close(again.lm(ids), vlm.lm(ids), rtol=0, atol=0)
+
+
+def test_config_errors_name_the_file_and_every_field(tmp_path):
+    save_pretrained(perturbed("tiny-cobra"), tmp_path / "m")
+    raw = json.loads((tmp_path / "m" / "config.json").read_text())
+    raw["config"] |= {"max_length": -5, "tower": "vit-huge", "extra_field": 1}
+    (tmp_path / "m" / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(CheckpointError) as e:
+        load(tmp_path / "m")
+    msg = str(e.value)
+    assert msg.startswith(f"{tmp_path / 'm' / 'config.json'}: invalid model config:")
+    assert "config.extra_field: not a field mambavl knows" in msg  # types and names first: one pass each
+    raw["config"].pop("extra_field")
+    (tmp_path / "m" / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(CheckpointError) as e:
+        load(tmp_path / "m")
+    assert "config.tower: 'vit-huge' is not one of" in str(e.value)
+    assert "config.max_length: must be ≥ 1, got -5" in str(e.value)

@@ -33,7 +33,9 @@ anything else is a message to the model; Ctrl-C stops an answer (a stopped answe
 
 
 class ChatSession:
-    """A conversation with `vlm` about one image (or none).
+    """A conversation with `vlm` about one image (or none). `system_prompt` goes where the model's prompt
+    format has a system slot, else it is folded into the first message as `{system}\n\n{message}`
+    (`VLM.get_prompt_builder`).
 
     The history holds finished exchanges only: an answer stopped early (Ctrl-C) is dropped with its
     question, so the next message is asked as if the stopped one had never been sent.

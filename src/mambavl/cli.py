@@ -5,10 +5,43 @@ from __future__ import annotations
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperGroup
 
 import mambavl
 
-app = typer.Typer(help="Multimodal LLMs on Mamba state-space language models.", no_args_is_help=True)
+
+class _Commands(TyperGroup):
+    """typer's group, with flags (`--overwrite`, `--help`) shown without a `<bool>` type in help pages:
+    a flag takes no value, and a type there reads as if it took one."""
+
+    def get_command(self, ctx, name):
+        command = super().get_command(ctx, name)
+        if command is not None:
+            _untyped_flags(command)
+        return command
+
+    def get_params(self, ctx):  # the group's own: --help, --install-completion, --show-completion
+        return [_untyped(param) for param in super().get_params(ctx)]
+
+
+def _untyped(option):
+    if getattr(option, "is_flag", False):  # typer's options are not click.Option subclasses
+        option.metavar = ""
+    return option
+
+
+def _untyped_flags(command) -> None:
+    for param in command.params:
+        _untyped(param)
+    help_option = command.get_help_option
+    command.get_help_option = lambda ctx: _untyped(help_option(ctx))
+    for sub in getattr(command, "commands", {}).values():
+        _untyped_flags(sub)
+
+
+app = typer.Typer(
+    cls=_Commands, help="Multimodal LLMs on Mamba state-space language models.", no_args_is_help=True
+)
 console = Console()
 
 
@@ -18,38 +51,61 @@ def version() -> None:
     console.print(mambavl.__version__)
 
 
+def print_table(table: Table) -> None:
+    """A table as a terminal shows it; into a pipe or a file, at its natural width, since nothing there
+    limits the width and a row wrapped at 80 columns is hard to read or parse."""
+    if console.is_terminal:
+        console.print(table)
+        return
+    from rich.measure import Measurement
+
+    width = Measurement.get(console, console.options.update_width(100_000), table).maximum
+    Console(file=console.file, width=max(width, console.width), no_color=True).print(table)
+
+
 @app.command()
 def models() -> None:
     """List the named presets with their parts and parameter counts."""
     from mambavl.presets import PRESETS, create
 
     table = Table(title="mambavl presets")
-    for col in ("preset", "vision", "projector", "LM", "parameters"):
-        table.add_column(col, justify="right" if col == "parameters" else "left")
+    # names and counts are never cut; the parts fold onto more lines when the terminal is narrow
+    table.add_column("preset", no_wrap=True)
+    for col in ("vision", "projector", "LM"):
+        table.add_column(col, overflow="fold")
+    table.add_column("parameters", justify="right", no_wrap=True)
     for name, cfg in PRESETS.items():
         n = create(name, device="meta").num_parameters()
         lm = f"{cfg.lm.family} {cfg.lm.n_layer}×{cfg.lm.d_model}"
         table.add_row(name, cfg.tower, cfg.projector, lm, f"{n:,}")
-    console.print(table)
+    print_table(table)
 
 
 @app.command()
 def convert(
     source: str = typer.Argument(
-        ..., help="An original checkpoint (Cobra / ML-Mamba run dir) or a preset name."
+        ...,
+        help="An original checkpoint (Cobra / ML-Mamba run dir, Viper dir), a preset with released "
+        "weights (cobra+3b, mlmamba+3b), or a tiny preset (tiny-cobra, ...: random weights).",
     ),
     destination: str = typer.Argument(..., help="Directory for mambavl's own layout."),
 ) -> None:
     """Convert an original checkpoint into mambavl's layout (config, safetensors weights, tokenizer)."""
+    import warnings
+
     from mambavl.checkpoints.files import CheckpointError
-    from mambavl.checkpoints.vlm import convert as run
+    from mambavl.compat import convert as run
 
     try:
-        out = run(source, destination)
+        with warnings.catch_warnings(record=True) as notes:  # shown as notes, not as Python warnings
+            warnings.simplefilter("always")
+            out = run(source, destination)
     except CheckpointError as e:
-        console.print(f"[red]error:[/red] {e}")
+        console.print(f"[red]error:[/red] {e}", highlight=False)
         raise typer.Exit(1) from e
-    console.print(f"wrote {out}")
+    for note in notes:
+        console.print(f"[yellow]note:[/yellow] {note.message}", highlight=False)
+    console.print(f"wrote {out}", highlight=False)
 
 
 data_app = typer.Typer(help="Datasets: validation before training.", no_args_is_help=True)
@@ -61,78 +117,148 @@ def data_check(
     dataset: str = typer.Option(None, help="A registered dataset id (with --data-root), e.g. llava-v15."),
     data_root: str = typer.Option(None, help="The directory the dataset's `download/...` paths live in."),
     annotations: str = typer.Option(None, help="A LLaVA JSON / JSONL file (instead of --dataset)."),
-    images: str = typer.Option(None, help="The image root for --annotations."),
+    images: str = typer.Option(
+        None, help="The image root for --annotations (default: the annotations file's folder)."
+    ),
     stage: str = typer.Option("finetune", help="align or finetune: how samples are tokenized."),
     model: str = typer.Option(
-        "cobra+3b", help="Preset or model directory: tokenizer, prompt format, limits."
+        "cobra+3b",
+        help="Preset or model directory whose tokenizer, prompt format and limits apply. A preset needs its "
+        "tokenizer from the Hugging Face hub unless it is cached; offline, pass a local model directory.",
     ),
     decode: bool = typer.Option(True, help="Decode every image (slower, catches corrupt files)."),
 ) -> None:
-    """Report every sample that cannot train (broken JSON, malformed turns, missing or corrupt images,
-    over-long), with its id. Exits with status 1 when any is found."""
+    """Report every sample that cannot train (broken JSON, malformed turns, text that is not UTF-8, images
+    missing, corrupt or outside the image root, over-long), with its id, and go on to the next; only an
+    annotations file that cannot be parsed stops the check.
+
+    Exit status:
+    0: every sample can train;
+    1: the data has problems (samples listed, or an annotations file that cannot be parsed);
+    2: a usage or set-up error (bad options, a missing file, a model or tokenizer that cannot be loaded)."""
     from pathlib import Path
 
-    import mambavl
+    from rich.markup import escape
+
+    from mambavl.checkpoints.files import CheckpointError, HubUnavailable
     from mambavl.data import check_file, dataset_paths
+    from mambavl.data.check import model_for_checking
+    from mambavl.data.llava import AnnotationsError
 
     if dataset:
         if not data_root:
             raise typer.BadParameter("--dataset needs --data-root")
-        ann, img_root = dataset_paths(dataset, data_root, stage)
+        try:
+            ann, img_root = dataset_paths(dataset, data_root, stage)
+        except (KeyError, ValueError) as e:
+            raise typer.BadParameter(str(e).strip("'\"")) from e
     elif annotations:
         ann, img_root = Path(annotations), Path(images) if images else None
     else:
         raise typer.BadParameter("pass --dataset with --data-root, or --annotations")
-    vlm = mambavl.create(model, device="meta") if model in mambavl.PRESETS else mambavl.load(model)
+    try:
+        vlm = model_for_checking(model, stage)
+    except HubUnavailable as e:
+        _fail(e.instead(HUB_AVOIDED, needed_by=f"--model {model}"), code=2)
+    except CheckpointError as e:
+        _fail(e, code=2)
     try:
         good, problems = check_file(ann, img_root, vlm, stage, decode)
     except FileNotFoundError as e:
-        console.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(1) from e
-    for problem in problems:
-        console.print(f"[yellow]{problem}[/yellow]", markup=True, highlight=False, soft_wrap=True)
-    console.print(f"{ann}: {len(good)} usable samples, {len(problems)} with problems", soft_wrap=True)
+        _fail(e, code=2)
+    except AnnotationsError as e:
+        _fail(e, code=1)
+    for problem in problems:  # escaped: ids and paths come from the file and may look like markup
+        console.print(f"[yellow]{escape(str(problem))}[/yellow]", highlight=False, soft_wrap=True)
+    summary = f"{ann}: {len(good)} usable samples, {len(problems)} with problems"
+    console.print(summary, markup=False, highlight=False, soft_wrap=True)
     if problems:
         raise typer.Exit(1)
 
 
-@app.command()
-def info(
-    model: str = typer.Argument(
-        ..., help="Model directory or hub id (config.json is read, not the weights)."
-    ),
-):
-    """Describe a language-model checkpoint: layout, layers, sizes and parameter count."""
-    import torch
+# How a command that needs a preset's files from the hub does without them.
+HUB_AVOIDED = (
+    "Pass --model DIR, a local model directory, which needs nothing from the hub (a model saved by "
+    "mambavl: a training run's model/ folder or `mambavl convert`'s output), or run once with network "
+    "access to cache it."
+)
 
-    from mambavl.checkpoints.files import CheckpointError, read_json, resolve_model_dir
-    from mambavl.lm import LanguageModel
-    from mambavl.lm.layouts import lm_config_from_json
 
-    try:
-        directory = resolve_model_dir(model)
-        cfg, layout = lm_config_from_json(read_json(directory / "config.json"), directory / "config.json")
-    except CheckpointError as e:
-        console.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(1) from e
-    with torch.device("meta"):
-        params = LanguageModel(cfg).num_parameters()
-    table = Table(title=str(directory), show_header=False)
+def _fail(error: Exception, code: int) -> None:
+    """Prints the error on one line (never wrapped: it is read by people and by scripts), then raises
+    typer.Exit(code) (data check: 1 the data has problems, 2 a usage or set-up error)."""
+    from rich.markup import escape
+
+    console.print(f"[red]error:[/red] {escape(str(error))}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code) from error
+
+
+def _lm_rows(cfg) -> list[tuple[str, str]]:
     mixers = {m: cfg.mixers.count(m) for m in dict.fromkeys(cfg.mixers)}
     ffns = {f: cfg.ffns.count(f) for f in dict.fromkeys(cfg.ffns) if f != "none"}
-    rows = [
-        ("layout", layout),
+    return [
         ("family", cfg.family),
         ("layers", f"{cfg.n_layer}  " + ", ".join(f"{n}× {m}" for m, n in mixers.items())),
         ("feed-forward", ", ".join(f"{n}× {f}" for f, n in ffns.items()) or "none"),
         ("d_model / d_inner / d_state", f"{cfg.d_model} / {cfg.d_inner} / {cfg.d_state}"),
         ("vocab (embedding rows)", str(cfg.vocab_size)),
         ("tied head", str(cfg.tie_embeddings)),
-        ("parameters", f"{params:,}"),
     ]
-    for k, v in rows:
+
+
+def _vlm_rows(cfg) -> list[tuple[str, str]]:
+    views = f", AnyRes over {len(cfg.anyres)} grids" if cfg.anyres else ""
+    return [
+        ("model", cfg.name),
+        ("vision tower", f"{cfg.tower} ({cfg.resize}{views})"),
+        ("projector", cfg.projector),
+        ("prompt format", cfg.prompt_format),
+        *_lm_rows(cfg.lm),
+    ]
+
+
+@app.command()
+def info(
+    model: str = typer.Argument(
+        ...,
+        help="A model directory (ours, a Cobra / ML-Mamba run, Viper's, or a language model's), a preset "
+        "or a hub id; configs are read, not the weights.",
+    ),
+):
+    """Describe a checkpoint: a VLM's parts (tower, projector, prompt format), its language model's layout,
+    layers and sizes, and the parameter count."""
+    from pathlib import Path
+
+    import torch
+
+    from mambavl.checkpoints.files import CheckpointError, read_json, resolve_model_dir
+    from mambavl.checkpoints.vlm import read_config
+    from mambavl.lm import LanguageModel
+    from mambavl.lm.layouts import lm_config_from_json
+    from mambavl.presets import PRESETS
+    from mambavl.vlm.model import VLM
+
+    try:
+        where = model if model in PRESETS and not Path(model).is_dir() else resolve_model_dir(model)
+        found = read_config(where)
+        if found is None:  # a language model alone
+            config = Path(where) / "config.json"
+            lm, layout = lm_config_from_json(read_json(config), config)
+    except CheckpointError as e:
+        console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from e
+    with torch.device("meta"):  # shapes only: no memory, no weights read
+        if found is None:
+            rows, params = _lm_rows(lm), LanguageModel(lm).num_parameters()
+        else:
+            vlm_cfg, layout = found
+            rows, params = _vlm_rows(vlm_cfg), VLM(vlm_cfg).num_parameters()
+    table = Table(title=str(where), show_header=False)
+    table.add_column(no_wrap=True)
+    table.add_column(overflow="fold")
+    for k, v in [("layout", layout), *rows, ("parameters", f"{params:,}")]:
         table.add_row(k, v)
-    console.print(table)
+    print_table(table)
 
 
 @app.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -163,7 +289,12 @@ def train(
     train_lm: bool = typer.Option(None, "--train-lm", help="Align: train the LM too (random-init LMs)."),
     precision: str = typer.Option(None, help="auto (bf16 on GPUs), bf16 or fp32."),
     gradient_checkpointing: bool = typer.Option(None, help="Recompute LM blocks in backward (default on)."),
-    skip_bad: bool = typer.Option(None, "--skip-bad", help="Train without unusable samples (listed)."),
+    skip_bad: bool = typer.Option(
+        None,
+        "--skip-bad",
+        help="Train without unusable samples, images that fail to load mid-run included (listed in "
+        "RUN_DIR/skipped.jsonl).",
+    ),
     verify_images: bool = typer.Option(None, "--verify-images", help="Decode every image before training."),
     num_workers: int = typer.Option(None, help="Data loader worker processes."),
     save_every: int = typer.Option(None, help="Checkpoint every N steps (and at each epoch's end)."),
@@ -175,9 +306,11 @@ def train(
     """Train a VLM stage (as Cobra's scripts/pretrain.py). Run under torchrun for several processes."""
     from pathlib import Path
 
+    from mambavl.checkpoints.files import HubUnavailable
     from mambavl.data.mixture import DataError
     from mambavl.train import RunDirError, TrainConfig, read_config_file
     from mambavl.train import train as run
+    from mambavl.train.checkpoint import CheckpointSaveError
 
     options = read_config_file(config) if config else {}
     given = dict(
@@ -230,7 +363,9 @@ def train(
     try:
         cfg = TrainConfig.from_dict(options)
         run(cfg, console=console, from_parts=from_parts)
-    except (DataError, RunDirError, ValueError, FileNotFoundError) as e:
+    except HubUnavailable as e:
+        _fail(e.instead(HUB_AVOIDED, needed_by=f"--model {options['model']}"), code=1)
+    except (DataError, RunDirError, ValueError, FileNotFoundError, CheckpointSaveError) as e:
         console.print(f"[red]error:[/red] {e}", highlight=False)
         raise typer.Exit(1) from e
 
@@ -262,13 +397,20 @@ def demo(
         raise typer.Exit(1) from e
 
 
+SYSTEM_HELP = (
+    "System prompt. Where the model's prompt format has a system slot (chat-template models such as Viper) "
+    "it goes there; where it has none (Cobra, ML-Mamba) it is folded into the first message as "
+    "'{system}\\n\\n{message}'."
+)
+
+
 @app.command()
 def chat(
     model: str = typer.Option(
         ..., help="Model directory (ours, a Cobra / ML-Mamba run dir) or a preset with released weights."
     ),
     image: str = typer.Option(None, help="The image to talk about (/image PATH changes it)."),
-    system: str = typer.Option(None, help="System prompt (chat-template models; Cobra's format has none)."),
+    system: str = typer.Option(None, help=SYSTEM_HELP),
     max_new_tokens: int = typer.Option(None, help="Longest answer in tokens (256)."),
     temperature: float = typer.Option(None, help="Sampling temperature (1.0)."),
     top_p: float = typer.Option(None, help="Nucleus sampling mass (1.0: off)."),
@@ -311,6 +453,7 @@ def generate(
         ..., "--model", help="Model directory, run directory or preset (released weights)."
     ),
     image: str = typer.Option(None, help="The image (a path); none: text only."),
+    system: str = typer.Option(None, help=SYSTEM_HELP),
     max_new_tokens: int = typer.Option(256, help="Longest answer in tokens."),
     temperature: float = typer.Option(0.0, help="0: greedy (the seeds' default); > 0 samples."),
     top_p: float = typer.Option(1.0, help="Nucleus sampling mass (1.0: off)."),
@@ -331,7 +474,7 @@ def generate(
         if not raw:
             if picture is not None and vlm.config.image_placement == "placeholder" and "<image>" not in text:
                 text = "<image>\n" + text
-            builder = vlm.get_prompt_builder()
+            builder = vlm.get_prompt_builder(system)
             builder.add_turn("human", text)
             text = builder.get_prompt()
         params = dict(max_new_tokens=max_new_tokens, do_sample=temperature > 0, seed=seed, top_p=top_p)
@@ -481,7 +624,14 @@ def eval_run(
     ),
     benchmark: str = typer.Option(None, help="Benchmark names, comma-separated (`mambavl eval list`)."),
     data_root: str = typer.Option(None, help="The directory holding the benchmarks' files."),
-    out: str = typer.Option(None, help="Run directory (default: evals/<model>); reruns resume there."),
+    out: str = typer.Option(
+        None,
+        help="Run directory; a rerun with the same model and options resumes there (default: one per "
+        "model and mode, evals/<benchmarks>-<model>-<fingerprint>-<mode>).",
+    ),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Start --out over when it holds another model's or other options' run."
+    ),
     limit: int = typer.Option(None, help="Only the first N samples of each benchmark."),
     batch_size: int = typer.Option(8, help="Samples generated together."),
     mode: str = typer.Option("generate", help="generate, or probability (first-token option probabilities)."),
@@ -496,7 +646,7 @@ def eval_run(
 
     from mambavl.checkpoints.files import CheckpointError
     from mambavl.eval import BenchmarkError
-    from mambavl.eval.runner import EvalConfig, evaluate, markdown
+    from mambavl.eval.runner import EvalConfig, evaluate, markdown, read_benchmarks
     from mambavl.runtime import load_model
 
     if not (model and benchmark and data_root):
@@ -507,20 +657,24 @@ def eval_run(
         cfg = EvalConfig(
             benchmarks=tuple(b.strip() for b in benchmark.split(",") if b.strip()),
             data_root=Path(data_root),
-            out=Path(out) if out else Path("evals") / Path(model).name,
+            out=Path(out) if out else None,
             limit=limit,
             batch_size=batch_size,
             mode=mode,
             max_new_tokens=max_new_tokens,
         )
+        work = read_benchmarks(cfg)  # the data is checked before the model loads and any bar is drawn
         vlm = load_model(model, device, dtype)
-        summary = evaluate(vlm, cfg, model, console)
+        summary = evaluate(vlm, cfg, model, console, work=work, overwrite=overwrite)
     except (BenchmarkError, CheckpointError, FileNotFoundError, KeyError, ValueError) as e:
         message = e.args[0] if isinstance(e, KeyError) and e.args else e
         console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from e
     console.print(markdown([summary]), markup=False, highlight=False)
-    console.print(f"wrote {cfg.out / 'results.json'} and {cfg.out / 'results.md'}")
+    out_dir = Path(summary["out"])
+    console.print(
+        f"wrote {out_dir / 'results.json'} and {out_dir / 'results.md'}", highlight=False, soft_wrap=True
+    )
 
 
 @eval_app.command("list")
@@ -534,7 +688,7 @@ def eval_list() -> None:
         table.add_column(col)
     for name, b in sorted(BENCHMARKS.items()):
         table.add_row(name, b.description, ", ".join(b.files))
-    console.print(table)
+    print_table(table)
 
 
 @eval_app.command("report")
@@ -561,7 +715,7 @@ def eval_report(
 def serve(
     model: str = typer.Option(..., "--model", help="Model dir, run dir or preset (released weights)."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0: every interface)."),
-    port: int = typer.Option(8000, help="Port to listen on."),
+    port: int = typer.Option(8000, min=1, max=65535, help="Port to listen on."),
     slots: int = typer.Option(64, help="Sequences decoded together (one fixed-size state each)."),
     max_queue: int = typer.Option(1024, help="Requests waiting for a slot before new ones get a 503."),
     timeout: float = typer.Option(600.0, help="Seconds a request may take, queue included (0: no limit)."),
@@ -573,9 +727,37 @@ def serve(
         None, envvar="MAMBAVL_API_KEY", help="Require `Authorization: Bearer KEY` on /v1."
     ),
     allow_remote_images: bool = typer.Option(False, "--allow-remote-images", help="Fetch http(s) images."),
-    image_host: list[str] = typer.Option(None, help="Remote images only from these hosts (repeatable)."),  # noqa: B008
+    image_host: list[str] = typer.Option(  # noqa: B008
+        None, help="Remote images only from these hosts (repeatable); still public addresses only."
+    ),
+    allow_private_image_hosts: bool = typer.Option(
+        False,
+        "--allow-private-image-hosts",
+        help="With --allow-remote-images: also fetch from loopback, private, link-local and other "
+        "non-public addresses (by default a URL cannot make the server reach into its own network).",
+    ),
+    image_fetch_timeout: float = typer.Option(
+        10.0, help="Seconds a remote image may take in all (DNS, connecting, every byte)."
+    ),
+    header_timeout: float = typer.Option(
+        10.0, help="Seconds a client has to send a request's headers; slower connections are closed."
+    ),
+    body_timeout: float = typer.Option(
+        30.0, help="Seconds a client has to send a request's body once its headers are in (else 408)."
+    ),
+    keep_alive_timeout: float = typer.Option(5.0, help="Seconds an idle keep-alive connection stays open."),
+    max_connections: int = typer.Option(
+        1000, help="Open connections at most; more are answered 503. Keep it under `ulimit -n`."
+    ),
     image_dir: str = typer.Option(None, help="Accept local image paths and file:// URLs inside this dir."),
     name: str = typer.Option(None, help="The model id the API reports (default: the --model argument)."),
+    system_messages: str = typer.Option(
+        "fold",
+        metavar="fold|refuse",
+        help="System and developer messages where the model's prompt format has no system slot (Cobra, "
+        "ML-Mamba), and any after the first user message: 'fold' puts their text before the next user "
+        "message as '{system}\\n\\n{message}'; 'refuse' answers such requests with a 400.",
+    ),
     device: str = typer.Option("auto", help="auto (a GPU if there is one), cpu or cuda[:N]."),
     dtype: str = typer.Option("auto", help="auto (bf16 on GPUs, fp32 on CPUs), bfloat16, float16, float32."),
     cuda_graphs: bool = typer.Option(True, help="Decode through CUDA graphs where the model allows it."),
@@ -587,13 +769,15 @@ def serve(
     /health, /metrics and a web chat page at /, with continuous batching over state slots."""
     from pathlib import Path
 
-    import uvicorn
-
     from mambavl.checkpoints.files import CheckpointError
     from mambavl.runtime import load_model
     from mambavl.serve import Engine, EngineConfig, ImagePolicy, ServeConfig, create_app
+    from mambavl.serve.connections import ConnectionLimits, uvicorn_config
 
+    listener = None
     try:
+        # The port first: a busy one is reported before minutes of loading, and nothing says "serving" yet.
+        listener = _bind(host, port)
         if image_dir is not None and not Path(image_dir).is_dir():
             raise ValueError(f"--image-dir {image_dir}: no such directory")
         images = ImagePolicy(
@@ -601,7 +785,9 @@ def serve(
             max_pixels=max_image_pixels,
             allow_remote=allow_remote_images,
             remote_hosts=tuple(image_host or ()),
+            allow_private_hosts=allow_private_image_hosts,
             local_dir=Path(image_dir) if image_dir else None,
+            fetch_timeout=image_fetch_timeout,
         )
         config = ServeConfig(
             model_name=name or model,
@@ -610,6 +796,13 @@ def serve(
             default_max_tokens=default_max_tokens,
             max_tokens=max_tokens,
             images=images,
+            system_messages=system_messages,
+            connections=ConnectionLimits(
+                header_timeout=header_timeout,
+                body_timeout=body_timeout,
+                keep_alive_timeout=keep_alive_timeout,
+                max_connections=max_connections,
+            ),
         )
         engine_config = EngineConfig(
             slots=slots, max_queue=max_queue, timeout=timeout or None, cuda_graphs=cuda_graphs
@@ -618,11 +811,49 @@ def serve(
         vlm = load_model(model, device, dtype, random_weights, log=console.print)
         engine = Engine(vlm, engine_config)
     except (CheckpointError, FileNotFoundError, ValueError) as e:
-        console.print(f"[red]error:[/red] {e}", highlight=False)
+        if listener is not None:
+            listener.close()
+        console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from e
-    where = f"http://{host}:{port}"
-    console.print(f"serving {config.model_name} on {where} ({slots} slots, {vlm.device}, {vlm.dtype})")
-    uvicorn.run(create_app(engine, config), host=host, port=port, log_level="info")
+    where = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    ready = f"serving {config.model_name} on {where} ({slots} slots, {vlm.device}, {vlm.dtype})"
+    api = create_app(engine, config)
+    options = uvicorn_config(api, config.connections, engine.metrics, host=host, port=port, log_level="info")
+    _announcing_server(options, ready).run(sockets=[listener])
+
+
+def _bind(host: str, port: int):
+    """A socket bound to (host, port) for the server to listen on, or a ValueError saying what to change."""
+    import errno
+    import socket
+
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a restart can reuse it
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        why = {
+            errno.EADDRINUSE: f"port {port} on {host} is in use by another program: stop it, or pick another "
+            "port with --port",
+            errno.EACCES: f"port {port} needs privileges to listen on: pick a port above 1023 with --port",
+            errno.EADDRNOTAVAIL: f"--host {host} is not an address of this machine: use 127.0.0.1 (this "
+            "machine only) or 0.0.0.0 (every interface)",
+        }.get(e.errno, f"cannot listen on {host}:{port} ({e.strerror or e}): check --host and --port")
+        raise ValueError(why) from e
+    return sock
+
+
+def _announcing_server(config, ready: str):
+    """uvicorn's server, printing `ready` once it accepts connections (the engine started, the port open)."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets=None):
+            await super().startup(sockets)
+            console.print(ready, markup=False, highlight=False, soft_wrap=True)
+
+    return Server(config)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@ byte tokenizer) that run anywhere without the network. A preset is data: a `VLMC
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from mambavl.lm.config import LMConfig
@@ -182,6 +184,56 @@ PRESETS: dict[str, VLMConfig] = {
     "tiny-viper-mamba": VLMConfig(name="tiny-viper-mamba", lm=TINY_FALCON_MAMBA, **_TINY_VIPER),
     "tiny-viper-jamba": VLMConfig(name="tiny-viper-jamba", lm=TINY_JAMBA, **_TINY_VIPER),
 }
+
+
+# ---- the seeds' model registries ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Release:
+    """A released model as Cobra's / ML-Mamba's registry lists it: what `mambavl.available_model_names`,
+    `get_model_description` and `vlm.arch_specifier` answer for it."""
+
+    display_name: str  # the registry's second name, accepted by `load` wherever the id is
+    arch_specifier: str  # the released run config's: training stage + projector
+    description: dict  # the registry's fields, so that scripts reading one keep working
+
+
+DINOSIGLIP_384 = "DINOv2 ViT-L/14 + SigLIP ViT-SO/14 @ 384px"
+LLAVA_LVIS4V_LRV = ["LLaVa v1.5 Instruct", "LVIS-Instruct-4V", "LRV-Instruct"]
+RELEASES: dict[str, Release] = {
+    "cobra+3b": Release(
+        "Cobra-DINOSigLIP 3B",
+        "no-align+fused-gelu-mlp",
+        dict(
+            name="Cobra 3B",
+            optimization_procedure="single-stage",
+            visual_representation=DINOSIGLIP_384,
+            image_processing="Naive Resize",
+            language_model="Mamba 2.8B Zephyr",
+            datasets=LLAVA_LVIS4V_LRV,
+            train_epochs=2,
+        ),
+    ),
+    # ML-Mamba's released run config says fused-gelu-mlp; its connector is the MSC all the same (our
+    # loader tells it from the checkpoint's groups).
+    "mlmamba+3b": Release(
+        "MLMamba-DINOSigLIP 3B",
+        "no-align+fused-gelu-mlp",
+        dict(
+            name="ML-Mamba 3B",
+            optimization_procedure="single-stage",
+            visual_representation=DINOSIGLIP_384,
+            image_processing="Naive Resize",
+            language_model="Mamba-2 2.7B",  # their registry repeats Cobra's LM; the weights are Mamba-2's
+            datasets=LLAVA_LVIS4V_LRV,
+            train_epochs=None,  # their registry says 2, their released run config 1
+        ),
+    ),
+}
+
+
+def is_tiny(preset: str) -> bool:
+    """Tiny presets: toy sizes, no released weights; they run anywhere with random or trained weights."""
+    return preset in PRESETS and preset.startswith("tiny-")
 
 
 def create(preset: str, device=None, dtype: torch.dtype | None = None) -> VLM:

@@ -35,12 +35,13 @@ def load_model(
     """A VLM ready to generate: `model` is a model directory, a run directory or a preset (its released
     weights; with `random_weights`, built at full size with random weights instead)."""
     import mambavl
+    from mambavl.checkpoints.vlm import load
     from mambavl.vlm.tokenizer import load_tokenizer, numbered_tokenizer
 
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
-    if not random_weights:
-        return mambavl.load(model, dtype=dt, device=dev)
+    if not random_weights:  # weights from files only: random ones are asked for by name (--random-weights)
+        return load(model, dtype=dt, device=dev)
     if model not in mambavl.PRESETS:
         raise ValueError(
             f"--random-weights builds a preset; {model!r} is not one ({', '.join(mambavl.PRESETS)})"

@@ -12,6 +12,7 @@ in both, the vision tower is not stored: timm's pretrained weights (or, for tiny
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import os
 import tempfile
@@ -19,11 +20,20 @@ from pathlib import Path
 
 import torch
 
-from mambavl.checkpoints.files import CheckpointError, hub_file, read_json
+from mambavl.checkpoints.fields import ConfigFields, is_int, show, type_problems
+from mambavl.checkpoints.files import (
+    CheckpointError,
+    HubUnavailable,
+    hub_files,
+    model_file,
+    read_json,
+    read_state_dict,
+    read_weights,
+)
 from mambavl.lm.config import LMConfig
-from mambavl.lm.load import assign_lm_weights, check_weights, to_our_keys
+from mambavl.lm.load import assign_lm_weights, check_weights, checkpoint_dtype, to_our_keys
 from mambavl.vlm.model import VLM, VLMConfig, build_tower
-from mambavl.vlm.tokenizer import TextTokenizer
+from mambavl.vlm.tokenizer import TextTokenizer, hub_chat_template, tokenizer_file
 
 FORMAT = "mambavl-vlm"
 
@@ -35,12 +45,108 @@ def config_to_dict(config: VLMConfig) -> dict:
     return out
 
 
-def config_from_dict(d: dict) -> VLMConfig:
+def config_from_dict(d: dict, where: str | Path = "config.json") -> VLMConfig:
+    """A VLMConfig from the "config" object of our config.json, every field checked: its type, its
+    range, the names it must be one of. A wrong field is a CheckpointError naming `where` and the field."""
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{where}: 'config' must be an object, got {show(d)}")
+    problems = type_problems(VLMConfig, d, "config.") or _value_problems(d)
+    if problems:
+        raise CheckpointError(
+            f"{where}: invalid model config:\n  - "
+            + "\n  - ".join(problems)
+            + "\nCorrect these fields, or save the model again with mambavl."
+        )
     d = dict(d)
     lm = dict(d.pop("lm"))
     for key in ("mixers", "ffns", "dt_limit"):
-        lm[key] = tuple(lm[key])
-    return VLMConfig(lm=LMConfig(**lm), **d)
+        if key in lm:
+            lm[key] = tuple(lm[key])
+    if d.get("anyres") is not None:
+        d["anyres"] = tuple(tuple(p) for p in d["anyres"])
+    try:
+        return VLMConfig(lm=LMConfig(**lm), **d)
+    except ValueError as e:  # LMConfig's checks: ranges, and sizes that do not fit together
+        raise CheckpointError(f"{where}: config.lm: {e}") from e
+
+
+def _value_problems(d: dict) -> list[str]:
+    """The fields of a well-typed config dict whose values mambavl cannot run (unknown names, ranges)."""
+    from mambavl.projectors import PROJECTORS
+    from mambavl.vision import TOWER_SETS, TOWERS
+    from mambavl.vision.transforms import RESIZE_STRATEGIES
+    from mambavl.vlm.prompts import PROMPT_FORMATS
+
+    choices = {
+        "tower": sorted(TOWER_SETS | TOWERS),
+        "projector": sorted(PROJECTORS),
+        "prompt_format": [*PROMPT_FORMATS, "chat-template"],
+        "resize": list(RESIZE_STRATEGIES),
+        "image_placement": ["first", "placeholder"],
+        "hub_layout": [None, "cobra", "mlmamba"],
+        "tokenizer": ["tokenizer.json"],  # our layout keeps the tokenizer beside the weights
+    }
+    problems = [
+        f"config.{k}: {show(d[k])} is not one of {options}"
+        for k, options in choices.items()
+        if k in d and d[k] not in options
+    ]
+    problems += [
+        f"config.{k}: must be ≥ 1, got {d[k]}" for k in ("max_length", "max_pixels") if d.get(k, 1) < 1
+    ]
+    if d.get("anyres") is not None and (not d["anyres"] or any(w < 1 or h < 1 for w, h in d["anyres"])):
+        problems.append(
+            f"config.anyres: expected [[width, height], ...] of positive sizes, got {show(d['anyres'])}"
+        )
+    if not d.get("eos_token", "x"):
+        problems.append("config.eos_token: must not be empty")
+    if d.get("prompt_format") == "chat-template" and not d.get("chat_template"):
+        problems.append("config.chat_template: the chat-template prompt format needs the template itself")
+    if d.get("projector") in PROJECTORS and (options := d.get("projector_options")):
+        accepted = inspect.signature(PROJECTORS[d["projector"]]).parameters
+        open_ended = any(p.kind is p.VAR_KEYWORD for p in accepted.values())  # checked when it is built
+        problems += [
+            f"config.projector_options.{k}: not an option of projector {d['projector']!r}"
+            for k in options
+            if not open_ended and k not in accepted
+        ]
+    return problems
+
+
+def _build(
+    config: VLMConfig, where: Path, tokenizer: TextTokenizer | None = None, layer_field: str = ""
+) -> VLM:
+    """The model a config describes, on the meta device (no memory); a config that still cannot build one
+    (an option of the wrong kind, say) is a CheckpointError naming the file."""
+    try:
+        with torch.device("meta"):
+            vlm = VLM(config, tokenizer=tokenizer)
+    except (ValueError, TypeError, KeyError, RuntimeError, OverflowError) as e:
+        raise CheckpointError(
+            f"{where}: the config does not describe a model mambavl can build ({type(e).__name__}: {e})"
+        ) from e
+    towers = vlm.vision.towers.values() if hasattr(vlm.vision, "towers") else [vlm.vision]
+    for tower in towers:
+        depth = len(tower.model.blocks)
+        if not 0 <= tower.feature_index < depth:
+            field = layer_field or "config.feature_layer"
+            raise CheckpointError(
+                f"{where}: {field}={config.feature_layer} is not a block of the {depth}-block tower "
+                f"{config.tower!r}; expected -1 (the last) ... -{depth} (the first)"
+            )
+    return vlm
+
+
+def _tokenizer_beside(directory: Path, config: VLMConfig, where: Path) -> TextTokenizer:
+    """The tokenizer.json beside the weights, checked against the model: it holds the config's eos_token
+    and no id the LM's embedding lacks."""
+    tokenizer = tokenizer_file(model_file(directory, "tokenizer.json"), config.eos_token)
+    if tokenizer.vocab_size > config.lm.vocab_size:
+        raise CheckpointError(
+            f"{directory / 'tokenizer.json'}: {tokenizer.vocab_size} tokens, but the language model has "
+            f"{config.lm.vocab_size} embeddings ({where}); this tokenizer does not belong to the model"
+        )
+    return tokenizer
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -56,7 +162,8 @@ def _atomic_write(path: Path, write) -> None:
 
 
 def save_pretrained(vlm: VLM, directory: str | Path) -> Path:
-    """Everything to run the model offline: config, all weights (vision included), the tokenizer."""
+    """Everything to run the model offline: config, all weights (vision included), the tokenizer, and
+    the chat template (fetched once from the tokenizer's repo where the preset names none)."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
@@ -66,6 +173,8 @@ def save_pretrained(vlm: VLM, directory: str | Path) -> Path:
         sd.pop("lm.lm_head.weight")
     tensors = {k: v.detach().contiguous().cpu() for k, v in sd.items()}
     config = config_to_dict(vlm.config) | {"tokenizer": "tokenizer.json"}
+    if config["prompt_format"] == "chat-template" and not config["chat_template"]:
+        config["chat_template"] = hub_chat_template(vlm.config.tokenizer)
     _atomic_write(
         directory / "model.safetensors", lambda p: save_file(tensors, p, metadata={"format": FORMAT})
     )
@@ -75,21 +184,19 @@ def save_pretrained(vlm: VLM, directory: str | Path) -> Path:
     return directory
 
 
-def _from_ours(directory: Path, raw: dict) -> VLM:
-    from safetensors.torch import load_file
-    from tokenizers import Tokenizer
-
-    config = config_from_dict(raw["config"])
-    tokenizer = TextTokenizer(Tokenizer.from_file(str(directory / "tokenizer.json")), config.eos_token)
-    with torch.device("meta"):
-        vlm = VLM(config, tokenizer=tokenizer)
-    try:
-        sd = load_file(str(directory / "model.safetensors"))
-    except Exception as e:
-        raise CheckpointError(f"{directory / 'model.safetensors'}: cannot read the weights ({e})") from e
+def _from_ours(directory: Path, raw: dict, dtype: torch.dtype | None = None) -> VLM:
+    where = directory / "config.json"
+    if (version := raw.get("version")) != 1:
+        raise CheckpointError(f"{where}: version {show(version)}; this mambavl reads version 1 of its layout")
+    config = config_from_dict(raw.get("config"), where)
+    vlm = _build(config, where, _tokenizer_beside(directory, config, where))
+    weights = model_file(directory, "model.safetensors")
+    sd = read_weights(weights)
     tied = config.lm.tie_embeddings
     expected = {k: v.shape for k, v in vlm.state_dict().items() if not (tied and k == "lm.lm_head.weight")}
-    check_weights(sd, expected, {k: f"model.safetensors:{k}" for k in sd}, f"{directory}: weights vs config")
+    dtype = checkpoint_dtype(sd, "lm.embedding.weight") if dtype is None else dtype
+    labels = {k: f"{weights.name}:{k}" for k in sd}
+    sd = check_weights(sd, expected, labels, f"{directory}: weights vs config", dtype)
     vlm.load_state_dict(sd, strict=False, assign=True)
     if tied:
         vlm.lm.lm_head.weight = vlm.lm.embedding.weight
@@ -98,60 +205,88 @@ def _from_ours(directory: Path, raw: dict) -> VLM:
 
 # ---- the seeds' layouts --------------------------------------------------------------------------------
 def _find_checkpoint(directory: Path) -> Path:
-    for candidate in (directory / "checkpoints" / "latest-checkpoint.pt", directory / "latest-checkpoint.pt"):
-        if candidate.is_file():
-            return candidate
+    for name in ("checkpoints/latest-checkpoint.pt", "latest-checkpoint.pt"):
+        if (directory / name).is_file():
+            return model_file(directory, name)
     raise CheckpointError(
         f"{directory}: no checkpoints/latest-checkpoint.pt or latest-checkpoint.pt (Cobra / ML-Mamba "
         "layouts), and no config.json of mambavl's own layout"
     )
 
 
+def _read_groups(path: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """A Cobra / ML-Mamba checkpoint's {"model": {group: state_dict}}, its structure checked."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # torch raises many kinds for a truncated zip, a pickle of code, a legacy file
+        raise CheckpointError(f"{path}: cannot read the checkpoint ({type(e).__name__}: {e})") from e
+    groups = checkpoint.get("model") if isinstance(checkpoint, dict) else None
+    if not isinstance(groups, dict) or not groups:
+        raise CheckpointError(
+            f"{path}: expected {{'model': {{group: state_dict}}}} as Cobra and ML-Mamba save it; "
+            "this file holds something else"
+        )
+    for name, part in groups.items():
+        if not isinstance(part, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in part.items()
+        ):
+            raise CheckpointError(f"{path}: model[{show(name)}] is not a state_dict (names to tensors)")
+    return groups
+
+
 def _seed_config(directory: Path, groups: set[str], preset: VLMConfig | None) -> VLMConfig:
     """A VLMConfig from a Cobra/ML-Mamba run config (config.json["model"]), else from the preset."""
     from mambavl.presets import LLM_BACKBONES, msc_options
+    from mambavl.projectors import PROJECTORS
+    from mambavl.vision import TOWER_SETS, TOWERS
+    from mambavl.vision.transforms import RESIZE_STRATEGIES
 
     projector = "msc" if "bidirectional_mamba" in groups else None
-    if not (directory / "config.json").is_file():
+    where = directory / "config.json"
+    if not where.is_file():
         if preset is None:
             raise CheckpointError(f"{directory}: no config.json to say which model these weights belong to")
         return preset
-    model = read_json(directory / "config.json").get("model")
+    model = read_json(where).get("model")
     if not isinstance(model, dict) or "llm_backbone_id" not in model:
-        raise CheckpointError(f"{directory / 'config.json'}: expected a run config with a 'model' section")
-    llm_id = model["llm_backbone_id"]
+        raise CheckpointError(f"{where}: expected a run config with a 'model' section")
+    f = ConfigFields(model, where, "model.")
+    llm_id = f.text("llm_backbone_id")
     if llm_id not in LLM_BACKBONES:
         raise CheckpointError(
-            f"{directory / 'config.json'}: unknown llm_backbone_id {llm_id!r}; known: {sorted(LLM_BACKBONES)}"
+            f"{where}: unknown llm_backbone_id {show(llm_id)}; known: {sorted(LLM_BACKBONES)}"
         )
     lm, tokenizer, prompt_format = LLM_BACKBONES[llm_id]
-    arch = model.get("arch_specifier", "no-align+fused-gelu-mlp")
+    arch = f.text("arch_specifier", "no-align+fused-gelu-mlp")
+    if not projector and (projector := arch.split("+")[-1]) not in PROJECTORS:
+        raise CheckpointError(
+            f"{where}: model.arch_specifier {show(arch)} ends in projector {show(projector)}; "
+            f"mambavl knows {sorted(PROJECTORS)}"
+        )
     return VLMConfig(
-        name=model.get("model_id", directory.name),
-        tower=model["vision_backbone_id"],
-        projector=projector or arch.split("+")[-1],
+        name=f.text("model_id", directory.name),
+        tower=f.text("vision_backbone_id", choices=sorted(TOWER_SETS | TOWERS)),
+        projector=projector,
         projector_options=msc_options(lm) if projector == "msc" else {},
         lm=lm,
         tokenizer=tokenizer,
         prompt_format=prompt_format,
-        resize=model.get("image_resize_strategy", "resize-naive"),
-        max_length=model.get("llm_max_length", 2048),
+        resize=f.text("image_resize_strategy", "resize-naive", RESIZE_STRATEGIES),
+        max_length=f.integer("llm_max_length", 2048),
         hub_id=preset.hub_id if preset else None,
         hub_layout=preset.hub_layout if preset else None,
     )
 
 
-def _from_seed(directory: Path, preset: VLMConfig | None, pretrained_tower: bool) -> VLM:
+def _from_seed(
+    directory: Path, preset: VLMConfig | None, pretrained_tower: bool, dtype: torch.dtype | None = None
+) -> VLM:
     path = _find_checkpoint(directory)
-    try:
-        groups = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["model"]
-    except Exception as e:
-        raise CheckpointError(f"{path}: cannot read the checkpoint ({type(e).__name__}: {e})") from e
+    groups = _read_groups(path)
     config = _seed_config(directory, set(groups), preset)
-    with torch.device("meta"):
-        vlm = VLM(config, pretrained_tower=False)
+    vlm = _build(config, directory / "config.json")
     # the tower is not stored: timm's pretrained weights (or the fixed init of a tiny tower)
-    vlm.vision = build_tower(config.tower, pretrained_tower, config.feature_layer)
+    vlm.vision = build_tower(config.tower, pretrained_tower and not _tiny(config), config.feature_layer)
 
     if "llm_backbone" not in groups:
         raise CheckpointError(
@@ -162,7 +297,11 @@ def _from_seed(directory: Path, preset: VLMConfig | None, pretrained_tower: bool
     llm = {k.removeprefix("llm."): v for k, v in groups["llm_backbone"].items()}
     labels = {k: f"{path.name}:llm_backbone.{k}" for k in llm}
     sd, source = to_our_keys(llm, "mamba_ssm", config.lm, labels, str(path))
-    assign_lm_weights(vlm.lm, sd, source, f"{path}: llm_backbone")
+    everything = sd | {
+        f"{g}.{k}": v for g, part in groups.items() if g != "llm_backbone" for k, v in part.items()
+    }
+    dtype = checkpoint_dtype(everything, "embedding.weight") if dtype is None else dtype
+    assign_lm_weights(vlm.lm, sd, source, f"{path}: llm_backbone", dtype)
 
     # projector groups: Cobra stores one ("projector"); ML-Mamba three (mlp, bidirectional_mamba, projector)
     if config.projector == "msc":
@@ -177,9 +316,14 @@ def _from_seed(directory: Path, preset: VLMConfig | None, pretrained_tower: bool
             )
         sd = groups[group]
         expected = {k: v.shape for k, v in module.state_dict().items()}
-        check_weights(sd, expected, {k: f"{path.name}:{group}.{k}" for k in sd}, f"{path}: {group}")
-        module.load_state_dict(sd, strict=True, assign=True)
+        labels = {k: f"{path.name}:{group}.{k}" for k in sd}
+        module.load_state_dict(check_weights(sd, expected, labels, f"{path}: {group}", dtype), assign=True)
     return vlm
+
+
+def _tiny(config: VLMConfig) -> bool:
+    """Tiny towers have no pretrained weights."""
+    return config.tower.startswith("tiny-")
 
 
 # ---- Viper's LLaVA-style layout --------------------------------------------------------------------------
@@ -190,63 +334,96 @@ LLAVA_PROJECTORS = {"linear": "linear", "mlp2x_gelu": "gelu-mlp"}
 LLAVA_EOS = {"falcon_mamba": "<|im_end|>", "jamba": "<|eom|>"}
 
 
+def _pinpoints(f: ConfigFields) -> tuple[tuple[int, int], ...]:
+    value = f.raw.get("image_grid_pinpoints")
+    ok = (
+        isinstance(value, list)
+        and value
+        and all(isinstance(p, list) and len(p) == 2 and all(is_int(v) and v > 0 for v in p) for p in value)
+    )
+    if not ok:
+        raise f.fail(
+            "image_grid_pinpoints", "a list of [width, height] pairs of positive sizes (anyres)", value
+        )
+    return tuple(tuple(p) for p in value)
+
+
+def _tokenizer_settings(directory: Path, lm_type: str, preset: VLMConfig | None) -> tuple[str, str | None]:
+    """(eos token, chat template) from tokenizer_config.json, the preset, or Viper's defaults."""
+    path = directory / "tokenizer_config.json"
+    t = ConfigFields(read_json(path) if path.is_file() else {}, path)
+    eos = t.raw.get("eos_token")
+    if isinstance(eos, dict):  # transformers' AddedToken form
+        eos = ConfigFields(eos, path, "eos_token.").text("content")
+    elif eos is not None:
+        eos = t.text("eos_token")
+    template = t.raw.get("chat_template")
+    if isinstance(template, list):  # several named templates: the default one
+        template = next(
+            (x.get("template") for x in template if isinstance(x, dict) and x.get("name") == "default"), None
+        )
+    if template is not None and not isinstance(template, str):
+        raise t.fail("chat_template", "a Jinja template string (or a list of named ones)", template)
+    eos = preset.eos_token if preset else eos or LLAVA_EOS[lm_type]
+    return eos, template or (preset.chat_template if preset else None)
+
+
 def _llava_config(directory: Path, raw: dict, preset: VLMConfig | None) -> VLMConfig:
     from mambavl.lm.layouts import lm_config_from_json
     from mambavl.vision import TOWER_SETS
 
     where = directory / "config.json"
+    f = ConfigFields(raw, where)
     lm_type, _ = LLAVA_TYPES[raw["model_type"]]
     lm, _ = lm_config_from_json(raw | {"model_type": lm_type}, where)
-    tower_id = raw.get("mm_vision_tower", "openai/clip-vit-large-patch14-336")
+    tower_id = f.text("mm_vision_tower", "openai/clip-vit-large-patch14-336")
     tower = LLAVA_TOWERS.get(tower_id, tower_id)
     if tower not in TOWER_SETS:
         raise CheckpointError(
-            f"{where}: mm_vision_tower {tower_id!r} is not a tower mambavl knows ({sorted(LLAVA_TOWERS)})"
+            f"{where}: mm_vision_tower {show(tower_id)} is not a tower mambavl knows ({sorted(LLAVA_TOWERS)})"
         )
-    projector = LLAVA_PROJECTORS.get(raw.get("mm_projector_type", "linear"))
-    if projector is None:
-        raise CheckpointError(
-            f"{where}: mm_projector_type {raw['mm_projector_type']!r}; known: {sorted(LLAVA_PROJECTORS)}"
-        )
-    if raw.get("mm_vision_select_feature", "patch") != "patch":
-        raise CheckpointError(f"{where}: only mm_vision_select_feature 'patch' (CLS dropped) is supported")
-    anyres = None
-    if raw.get("image_aspect_ratio") == "anyres":
-        anyres = tuple(tuple(p) for p in raw["image_grid_pinpoints"])
-    tokenizer_config = directory / "tokenizer_config.json"
-    tok_cfg = read_json(tokenizer_config) if tokenizer_config.is_file() else {}
-    eos = preset.eos_token if preset else tok_cfg.get("eos_token") or LLAVA_EOS[lm_type]
-    if isinstance(eos, dict):
-        eos = eos.get("content")
+    projector = LLAVA_PROJECTORS[f.text("mm_projector_type", "linear", sorted(LLAVA_PROJECTORS))]
+    f.text("mm_vision_select_feature", "patch", ["patch"])  # "cls_patch" keeps CLS: not supported
+    anyres = _pinpoints(f) if f.text("image_aspect_ratio", "square") == "anyres" else None
+    eos, chat_template = _tokenizer_settings(directory, lm_type, preset)
     has_tokenizer = (directory / "tokenizer.json").is_file()
     if not has_tokenizer and preset is None:
         raise CheckpointError(f"{directory}: no tokenizer.json beside the weights")
+    name = raw.get("_name_or_path")
     return VLMConfig(
-        name=raw.get("_name_or_path") or directory.name,
+        name=name if isinstance(name, str) and name else directory.name,
         tower=tower,
         projector=projector,
         lm=lm,
         tokenizer=str(directory / "tokenizer.json") if has_tokenizer else preset.tokenizer,
         prompt_format="chat-template",
-        feature_layer=raw.get("mm_vision_select_layer", -2),
+        feature_layer=f.integer("mm_vision_select_layer", -2, minimum=None),
         image_placement="placeholder",
         anyres=anyres,
-        image_newline="unpad" in raw.get("mm_patch_merge_type", "flat"),
+        image_newline="unpad" in f.text("mm_patch_merge_type", "flat"),
         eos_token=eos,
         system_prompt=preset.system_prompt if preset else "You are a helpful language and vision assistant. ",
-        chat_template=tok_cfg.get("chat_template") or (preset.chat_template if preset else None),
-        max_length=raw.get("tokenizer_model_max_length", 32768),
+        chat_template=chat_template,
+        max_length=f.integer("tokenizer_model_max_length", 32768),
     )
 
 
-def _from_llava(directory: Path, raw: dict, preset: VLMConfig | None, pretrained_tower: bool) -> VLM:
-    from mambavl.checkpoints.files import read_state_dict
-
+def _from_llava(
+    directory: Path,
+    raw: dict,
+    preset: VLMConfig | None,
+    pretrained_tower: bool,
+    dtype: torch.dtype | None = None,
+) -> VLM:
     config = _llava_config(directory, raw, preset)
+    where = directory / "config.json"
     lm_type, prefix = LLAVA_TYPES[raw["model_type"]]
-    with torch.device("meta"):
-        vlm = VLM(config)
-    vlm.vision = build_tower(config.tower, pretrained_tower, config.feature_layer)  # reloaded, as Viper does
+    tokenizer = (
+        _tokenizer_beside(directory, config, where) if (directory / "tokenizer.json").is_file() else None
+    )
+    vlm = _build(config, where, tokenizer, layer_field="mm_vision_select_layer")
+    # reloaded, as Viper does
+    vlm.vision = build_tower(config.tower, pretrained_tower and not _tiny(config), config.feature_layer)
 
     tensors, origin = read_state_dict(directory)
     lm_sd, mm = {}, {}
@@ -260,7 +437,8 @@ def _from_llava(directory: Path, raw: dict, preset: VLMConfig | None, pretrained
             lm_sd[key] = value
     labels = {k: f"{origin[k].name}:{k}" for k in lm_sd}
     sd, source = to_our_keys(lm_sd, lm_type, config.lm, labels, str(directory))
-    assign_lm_weights(vlm.lm, sd, source, f"{directory}: language model")
+    dtype = checkpoint_dtype(sd | mm, "embedding.weight") if dtype is None else dtype
+    assign_lm_weights(vlm.lm, sd, source, f"{directory}: language model", dtype)
 
     projector = {
         "projector." + k.removeprefix("mm_projector."): v
@@ -268,43 +446,56 @@ def _from_llava(directory: Path, raw: dict, preset: VLMConfig | None, pretrained
         if k.startswith("mm_projector.")
     }
     expected = {k: v.shape for k, v in vlm.projector.state_dict().items()}
-    check_weights(
-        projector,
-        expected,
-        {k: f"mm_projector.{k.removeprefix('projector.')}" for k in projector},
-        f"{directory}: mm_projector",
-    )
+    labels = {k: f"mm_projector.{k.removeprefix('projector.')}" for k in projector}
+    projector = check_weights(projector, expected, labels, f"{directory}: mm_projector", dtype)
     vlm.projector.load_state_dict(projector, assign=True)
     if config.image_newline:
         if "image_newline" not in mm:
             raise CheckpointError(
                 f"{directory}: mm_patch_merge_type asks for {prefix}image_newline, which is missing"
             )
-        vlm.image_newline = torch.nn.Parameter(mm["image_newline"])
+        newline = {"image_newline": mm["image_newline"]}
+        expected = {"image_newline": torch.Size([config.lm.d_model])}
+        newline = check_weights(
+            newline, expected, {"image_newline": f"{prefix}image_newline"}, str(directory), dtype
+        )
+        vlm.image_newline = torch.nn.Parameter(newline["image_newline"])
     return vlm
 
 
 # ---- entry point -----------------------------------------------------------------------------------------
-def _download_preset(config: VLMConfig) -> Path:
+def _download_preset(config: VLMConfig, **hub_options) -> Path:
+    """The directory of a preset's released files in the Hugging Face cache, downloaded if need be; offline
+    (or with the hub out of reach) a one-line HubUnavailable at once, naming the files and the way round."""
     files = {
         "cobra": [f"{config.name}/config.json", f"{config.name}/checkpoints/latest-checkpoint.pt"],
         "mlmamba": ["latest-checkpoint.pt"],
     }[config.hub_layout]
+    needed = f"{config.name}'s released weights ({', '.join(files)})"
     try:
-        paths = [hub_file(config.hub_id, f) for f in files]
-    except Exception as e:
-        raise CheckpointError(
-            f"{config.name}: could not fetch {files} from {config.hub_id} ({type(e).__name__}: {e}); "
-            "download them into a directory and pass its path"
-        ) from e
+        paths = hub_files(config.hub_id, files, needed, **hub_options)
+    except HubUnavailable as e:
+        raise e.instead(
+            "Pass a local model directory instead: one holding these files, or a model saved by "
+            "save_pretrained or `mambavl convert`."
+        ) from None
     return paths[0].parent
 
 
 def load(
-    name_or_path: str | Path, dtype: torch.dtype | None = None, device=None, pretrained_tower: bool = True
+    name_or_path: str | Path,
+    dtype: torch.dtype | None = None,
+    device=None,
+    pretrained_tower: bool = True,
+    **hub_options,
 ) -> VLM:
     """A VLM from our layout, a Cobra / ML-Mamba run directory, or a preset name (its released weights,
-    from the Hugging Face cache or the hub). Tiny towers are never pretrained."""
+    from the Hugging Face cache or the hub; `hub_options`: `hf_hub_download`'s `token`, `cache_dir`).
+    Tiny towers are never pretrained.
+
+    Nothing in the directory is trusted: every config field is checked, every file must resolve inside
+    the directory, NaN or infinite weights are refused. `dtype=None` keeps the checkpoint's dtype; one
+    that mixes dtypes loads in its LM embedding's (see `checkpoint_dtype`)."""
     from mambavl.presets import PRESETS
 
     name = str(name_or_path)
@@ -316,26 +507,70 @@ def load(
                 f"{name}: neither a model directory nor a preset with released weights "
                 f"({sorted(k for k, v in PRESETS.items() if v.hub_layout)})"
             )
-        directory = _download_preset(preset)
+        directory = _download_preset(preset, **hub_options)
     raw = read_json(directory / "config.json") if (directory / "config.json").is_file() else {}
+    model_type = ConfigFields(raw, directory / "config.json").text("model_type", None)
     if raw.get("format") == FORMAT:
-        vlm = _from_ours(directory, raw)
-    elif raw.get("model_type") in LLAVA_TYPES:
-        vlm = _from_llava(directory, raw, preset, pretrained_tower and not _tiny_tower(raw, preset))
+        vlm = _from_ours(directory, raw, dtype)
+    elif model_type in LLAVA_TYPES:
+        vlm = _from_llava(directory, raw, preset, pretrained_tower, dtype)
     else:
-        vlm = _from_seed(directory, preset, pretrained_tower and not _tiny_tower(raw, preset))
+        vlm = _from_seed(directory, preset, pretrained_tower, dtype)
     if dtype is not None:
         vlm = vlm.to(dtype)
     return vlm.to(device or "cpu").eval()
 
 
-def _tiny_tower(cfg: dict, preset: VLMConfig | None) -> bool:
-    """Tiny towers have no pretrained weights (`cfg`: the directory's config.json, or {})."""
-    tower = (cfg.get("model") or {}).get("vision_backbone_id") or cfg.get("mm_vision_tower")
-    tower = tower or (preset.tower if preset else "")
-    return tower.startswith("tiny-")
-
-
 def convert(source: str | Path, destination: str | Path) -> Path:
     """An original checkpoint (or preset) -> mambavl's own layout."""
     return save_pretrained(load(source), destination)
+
+
+# ---- a model without its weights: its config, and the files it is loaded from -----------------------------
+def read_config(name_or_path: str | Path) -> tuple[VLMConfig, str] | None:
+    """The config `load` builds, and the name of the layout it reads, without reading the weights (of a
+    Cobra / ML-Mamba checkpoint only its group names, which tell ML-Mamba's projector): a preset's own, or a
+    model directory's. None: the directory holds no VLM (a language model alone, say)."""
+    from mambavl.presets import PRESETS
+
+    name = str(name_or_path)
+    directory = Path(name_or_path).expanduser()
+    if not directory.is_dir():
+        if name in PRESETS:
+            return PRESETS[name], "mambavl preset"
+        raise CheckpointError(f"{name}: neither a model directory nor a preset ({', '.join(PRESETS)})")
+    raw = read_json(directory / "config.json") if (directory / "config.json").is_file() else {}
+    if raw.get("format") == FORMAT:
+        return config_from_dict(raw.get("config"), directory / "config.json"), "mambavl"
+    if str(raw.get("model_type")) in LLAVA_TYPES:
+        return _llava_config(directory, raw, None), f"LLaVA / Viper ({raw['model_type']})"
+    seed_files = (directory / "checkpoints" / "latest-checkpoint.pt", directory / "latest-checkpoint.pt")
+    if "model" not in raw and (raw or not any(p.is_file() for p in seed_files)):
+        return None
+    groups = set(_read_groups(_find_checkpoint(directory)))  # mmap: the tensors are not read
+    return _seed_config(directory, groups, None), "ML-Mamba" if "bidirectional_mamba" in groups else "Cobra"
+
+
+def model_files(name_or_path: str | Path) -> list[Path]:
+    """The files `load` reads for a model directory or a preset's released weights (config, weights,
+    tokenizer): what tells one model from another. Empty for a preset without released weights."""
+    from mambavl.checkpoints.files import weight_files
+    from mambavl.presets import PRESETS
+
+    directory = Path(name_or_path).expanduser()
+    if not directory.is_dir():
+        preset = PRESETS.get(str(name_or_path))
+        if preset is None:
+            raise CheckpointError(f"{name_or_path}: neither a model directory nor a preset")
+        if preset.hub_layout is None:
+            return []
+        directory = _download_preset(preset)
+    config = directory / "config.json"
+    raw = read_json(config) if config.is_file() else {}
+    if raw.get("format") == FORMAT:
+        files = [directory / "model.safetensors", directory / "tokenizer.json"]
+    elif str(raw.get("model_type")) in LLAVA_TYPES:
+        files = [*weight_files(directory), directory / "tokenizer.json", directory / "tokenizer_config.json"]
+    else:
+        files = [_find_checkpoint(directory)]
+    return [p for p in (config, *files) if p.is_file()]

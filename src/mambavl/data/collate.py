@@ -1,17 +1,46 @@
 """Encoded samples -> model inputs: a map-style dataset that loads and transforms each image, and the
-collator that right-pads a micro-batch (the LM takes right padding exactly; see `vlm.sequence`)."""
+collator that right-pads a micro-batch (the LM takes right padding exactly; see `vlm.sequence`).
+
+An image that fails to load at batch time (corrupt, cut short, gone) does not stop the loader: its row is
+kept with a grey image and nothing to learn, and the batch says which sample it was (`TrainBatch.bad`).
+The trainer then refuses it, or with --skip-bad leaves it out of the loss and lists it. Keeping the row
+(rather than removing it) keeps every micro-batch's shape, so each process still runs the forward and
+backward the others wait for, and a micro-batch of nothing but bad images needs no case of its own.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from PIL import Image
 
 from mambavl.data.encode import Encoded
-from mambavl.vision.images import DEFAULT_MAX_PIXELS, load_image
+from mambavl.vision.images import DEFAULT_MAX_PIXELS, ImageError, load_image
 from mambavl.vlm.sequence import IGNORE_INDEX
+
+# What stands in for an image that failed to load (the blind baseline's grey); its row learns nothing.
+STAND_IN_SIZE = (64, 64)
+GREY = (128, 128, 128)
+
+
+@dataclass(frozen=True)
+class BadImage:
+    """A sample whose image failed to load at batch time."""
+
+    index: int  # in the dataset (the trainer's per-sample token counts are indexed by it)
+    id: str
+    image: str
+    reason: str
+
+
+class StandIn(NamedTuple):
+    """What the dataset gives in place of an image that failed to load: a grey image's pixels, and why."""
+
+    pixels: object
+    bad: BadImage
 
 
 @dataclass
@@ -23,6 +52,7 @@ class TrainBatch:
     image_rows: torch.Tensor  # [N] the rows that have an image
     image_at: torch.Tensor  # [B] text position each row's image goes before
     pixel_values: object  # [N, ...] stacked, a dict of them (fused towers), or a list of images (AnyRes)
+    bad: list[BadImage] = field(default_factory=list)  # rows whose image failed: kept, learning nothing
 
     @property
     def learned_tokens(self) -> int:
@@ -45,10 +75,11 @@ class TrainBatch:
             move(self.image_rows),
             move(self.image_at),
             move(self.pixel_values, floating=True),
+            self.bad,
         )
 
     def model_inputs(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "ids"}
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("ids", "bad")}
 
 
 class TrainDataset(torch.utils.data.Dataset):
@@ -76,19 +107,30 @@ class TrainDataset(torch.utils.data.Dataset):
         return len(self.examples)
 
     def __getitem__(self, i: int) -> tuple[Encoded, object]:
+        """The sample and its image: transformed (AnyRes: the image itself), None for a text-only sample,
+        a StandIn when it failed to load."""
         ex = self.examples[i]
         if ex.image is None:
             return ex, None
-        if self.cache is not None:
-            if i not in self.cache:
-                self.cache[i] = self._image(ex)
-            return ex, self.cache[i]
-        return ex, self._image(ex)
+        if self.cache is None:
+            return ex, self._image(i, ex)
+        if i not in self.cache:
+            self.cache[i] = self._image(i, ex)
+        return ex, self.cache[i]
 
-    def _image(self, ex: Encoded):
-        img = load_image(Path(ex.image), self.max_pixels)
+    def _image(self, i: int, ex: Encoded):
+        path = Path(ex.image)
+        try:
+            img = load_image(path, self.max_pixels)
+        except ImageError as e:  # decided by the file alone: the same at every epoch and after a resume
+            stand_in = Image.new("RGB", STAND_IN_SIZE, GREY)
+            reason = str(e).removeprefix(f"{path.expanduser()}: ")  # the path is reported beside it
+            return StandIn(self._pixels(stand_in), BadImage(i, ex.id, ex.image, reason))
         if self.blank_images:
-            img = Image.new("RGB", img.size, (128, 128, 128))
+            img = Image.new("RGB", img.size, GREY)
+        return self._pixels(img)
+
+    def _pixels(self, img: Image.Image):
         return img if self.anyres else self.transform(img)
 
 
@@ -101,15 +143,20 @@ def _stack(pixels: list):
 
 
 def collate(items: list[tuple[Encoded, object]]) -> TrainBatch:
+    """Right-padded ids and labels; a row whose image failed (a StandIn) keeps its ids but learns nothing."""
     width = max(len(ex.input_ids) for ex, _ in items)
     B = len(items)
     input_ids = torch.zeros(B, width, dtype=torch.long)
     labels = torch.full((B, width), IGNORE_INDEX, dtype=torch.long)
-    rows, pixels = [], []
+    rows, pixels, bad = [], [], []
     for b, (ex, px) in enumerate(items):
         n = len(ex.input_ids)
         input_ids[b, :n] = torch.tensor(ex.input_ids, dtype=torch.long)
-        labels[b, :n] = torch.tensor(ex.labels, dtype=torch.long)
+        if isinstance(px, StandIn):
+            bad.append(px.bad)
+            px = px.pixels
+        else:
+            labels[b, :n] = torch.tensor(ex.labels, dtype=torch.long)
         if px is not None:
             rows.append(b)
             pixels.append(px)
@@ -121,4 +168,5 @@ def collate(items: list[tuple[Encoded, object]]) -> TrainBatch:
         image_rows=torch.tensor(rows, dtype=torch.long),
         image_at=torch.tensor([ex.image_at for ex, _ in items], dtype=torch.long),
         pixel_values=_stack(pixels) if pixels else None,
+        bad=bad,
     )

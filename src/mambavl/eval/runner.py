@@ -1,6 +1,7 @@
 """Running a model over benchmarks: batched generation, per-sample results appended as JSON lines (a rerun
 continues where the last one stopped and never scores a sample twice), then `results.json` and a markdown
-table. Images that cannot be read are counted, named, and scored as wrong; the run goes on."""
+table. Images that cannot be read are counted, named, and scored as wrong; the run goes on. A run directory
+records whose answers it holds (`identity`): a rerun with another model or other options is refused."""
 
 from __future__ import annotations
 
@@ -9,11 +10,12 @@ import os
 import platform
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 
+from mambavl.eval import identity
 from mambavl.eval.base import Benchmark, BenchmarkError, Sample, get_benchmark
 from mambavl.vision.images import ImageError
 
@@ -22,7 +24,7 @@ from mambavl.vision.images import ImageError
 class EvalConfig:
     benchmarks: tuple[str, ...]
     data_root: Path
-    out: Path
+    out: Path | None = None  # None: evals/<benchmarks>-<model>-<fingerprint>-<mode>, one per model and mode
     limit: int | None = None  # the first N samples of each benchmark
     batch_size: int = 8
     mode: str = "generate"  # or "probability": first-token probabilities over the options (where defined)
@@ -68,6 +70,17 @@ def read_samples(benchmark: Benchmark, root: Path) -> list[Sample]:
         if own.is_dir():
             return benchmark.read(own)
         raise
+
+
+def read_benchmarks(cfg: EvalConfig) -> list[tuple[Benchmark, list[Sample]]]:
+    """Every benchmark of `cfg` with its samples (the first --limit): an unknown name or a missing file
+    fails here, before a model is loaded or a progress bar drawn."""
+    benchmarks = [get_benchmark(name) for name in cfg.benchmarks]  # every name is checked before any file
+    work = []
+    for benchmark in benchmarks:
+        samples = read_samples(benchmark, cfg.data_root)
+        work.append((benchmark, samples[: cfg.limit] if cfg.limit is not None else samples))
+    return work
 
 
 def user_message(vlm, benchmark: Benchmark, sample: Sample) -> str:
@@ -130,12 +143,20 @@ def record_for(benchmark: Benchmark, sample: Sample, prediction: str, error: str
 
 
 def evaluate_benchmark(
-    vlm, benchmark: Benchmark, cfg: EvalConfig, progress: Callable[[int, int], None] | None = None
+    vlm,
+    benchmark: Benchmark,
+    cfg: EvalConfig,
+    progress: Callable[[int, int], None] | None = None,
+    samples: list[Sample] | None = None,
 ) -> dict:
-    """Runs (or resumes) one benchmark; returns its metrics and bookkeeping."""
-    samples = read_samples(benchmark, cfg.data_root)
-    if cfg.limit is not None:
-        samples = samples[: cfg.limit]
+    """Runs (or resumes) one benchmark in `cfg.out`; returns its metrics and bookkeeping. `samples`: the
+    benchmark's (the first --limit), when they were read already."""
+    if samples is None:
+        samples = read_samples(benchmark, cfg.data_root)
+        if cfg.limit is not None:
+            samples = samples[: cfg.limit]
+    if cfg.out is None:
+        raise ValueError("EvalConfig.out is needed to run one benchmark (evaluate() picks a default)")
     directory = cfg.out / benchmark.name
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "predictions.jsonl"
@@ -169,12 +190,34 @@ def evaluate_benchmark(
     }
 
 
-def evaluate(vlm, cfg: EvalConfig, model_name: str, console=None) -> dict:
-    """Every benchmark of `cfg` in turn, with a progress bar; writes results.json and results.md."""
+def evaluate(
+    vlm,
+    cfg: EvalConfig,
+    model_name: str,
+    console=None,
+    work: list[tuple[Benchmark, list[Sample]]] | None = None,
+    overwrite: bool = False,
+) -> dict:
+    """Every benchmark of `cfg` in turn, with a progress bar; writes results.json and results.md.
+
+    `model_name` is what `vlm` was loaded from (a directory or a preset; any other name stands for a model
+    built in memory, known by its weights). The run directory records it with the options, and a rerun
+    with a different model or options is refused (`identity.RunDirError`) unless `overwrite` starts over.
+    `work`: the output of `read_benchmarks(cfg)`, when it was read already. The summary's "out" is the run
+    directory (the default when `cfg.out` is None)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    cfg.out.mkdir(parents=True, exist_ok=True)
-    benchmarks = [get_benchmark(name) for name in cfg.benchmarks]  # unknown names fail before any work
+    work = read_benchmarks(cfg) if work is None else work
+    out = cfg.out or identity.default_out(cfg.benchmarks, model_name, vlm, cfg.mode)
+    cfg = replace(cfg, out=out)
+    model = identity.identify(model_name, vlm, identity.known_files(out))
+    options = {
+        b.name: identity.benchmark_options(b, cfg.data_root, cfg.mode, cfg.max_new_tokens) for b, _ in work
+    }
+    record = identity.claim(out, model, options, overwrite)
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / identity.RECORD, json.dumps(record, indent=2))
+
     results: dict[str, dict] = {}
     columns = (
         TextColumn("{task.description}"),
@@ -184,8 +227,8 @@ def evaluate(vlm, cfg: EvalConfig, model_name: str, console=None) -> dict:
         TimeRemainingColumn(),
     )
     with Progress(*columns, console=console, transient=False, disable=console is None) as bar:
-        for benchmark in benchmarks:
-            task = bar.add_task(benchmark.name, total=None, rate="")
+        for benchmark, samples in work:
+            task = bar.add_task(benchmark.name, total=len(samples), rate="")
             clock = {"t": time.perf_counter(), "n": None}
 
             def progress(n: int, total: int, task=task, clock=clock) -> None:
@@ -196,9 +239,13 @@ def evaluate(vlm, cfg: EvalConfig, model_name: str, console=None) -> dict:
                     task, completed=n, total=total, rate=f"{rate:.1f} samples/s" if n > clock["n"] else ""
                 )
 
-            results[benchmark.name] = evaluate_benchmark(vlm, benchmark, cfg, progress)
+            results[benchmark.name] = evaluate_benchmark(vlm, benchmark, cfg, progress, samples) | {
+                "options": options[benchmark.name]
+            }
     summary = {
         "model": model_name,
+        "model_identity": {k: v for k, v in record["model"].items() if k != "files"},
+        "out": str(out),
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
         "benchmarks": results,
         "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -206,8 +253,8 @@ def evaluate(vlm, cfg: EvalConfig, model_name: str, console=None) -> dict:
         "device": str(vlm.device),
         "dtype": str(vlm.dtype),
     }
-    write_atomic(cfg.out / "results.json", json.dumps(summary, indent=2, default=str))
-    write_atomic(cfg.out / "results.md", markdown([summary]))
+    write_atomic(out / "results.json", json.dumps(summary, indent=2, default=str))
+    write_atomic(out / "results.md", markdown([summary]))
     return summary
 
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from mambavl.checkpoints.fields import show, type_problems
+
 MIXERS = ("mamba1", "mamba2", "attention")
 FFNS = ("none", "mlp", "moe")
 BCDT_NORMS = (None, "weightless", "weighted")
@@ -58,6 +60,12 @@ class LMConfig:
         def fix(name, value):
             object.__setattr__(self, name, value)
 
+        # types and ranges first: the derived sizes below would turn a string d_model into a string d_inner,
+        # and a huge n_layer into a huge tuple
+        values = {f: getattr(self, f) for f in self.__dataclass_fields__}
+        problems = type_problems(LMConfig, values) or self._range_problems()
+        if problems:
+            raise ValueError(f"invalid LMConfig ({self.family}): " + "; ".join(problems))
         if not self.d_inner:
             fix("d_inner", self.expand * self.d_model)
         if not self.dt_rank:
@@ -73,8 +81,23 @@ class LMConfig:
             fix("head_dim", self.d_model // max(self.n_heads, 1))
         self.validate()
 
+    def _range_problems(self) -> list[str]:
+        problems = [
+            f"{name} must be {rule}, got {show(getattr(self, name))}"
+            for name, rule, ok in _RANGES
+            if not ok(getattr(self, name))
+        ]
+        lo, hi = self.dt_limit
+        if not 0 <= lo <= hi:
+            problems.append(f"dt_limit must be (low, high) with 0 ≤ low ≤ high, got {tuple(self.dt_limit)}")
+        if self.default_mixer not in MIXERS:
+            problems.append(f"default_mixer={self.default_mixer!r}; expected one of {MIXERS}")
+        return problems
+
     def validate(self) -> None:
         problems = []
+        if not _size(self.d_inner):  # derived: expand × d_model
+            problems.append(f"d_inner (expand × d_model) must be in [1, {MAX_SIZE}], got {self.d_inner}")
         if len(self.mixers) != self.n_layer or len(self.ffns) != self.n_layer:
             problems.append(f"mixers/ffns must list {self.n_layer} layers")
         if bad := set(self.mixers) - set(MIXERS):
@@ -95,6 +118,8 @@ class LMConfig:
             problems.append(
                 f"attention needs n_heads ({self.n_heads}) a multiple of n_kv_heads ({self.n_kv_heads}) > 0"
             )
+        if "attention" in self.mixers and self.head_dim <= 0:
+            problems.append(f"attention needs head_dim > 0 (d_model {self.d_model} / n_heads {self.n_heads})")
         if any(f != "none" for f in self.ffns) and self.d_ffn <= 0:
             problems.append("a feed-forward layer needs d_ffn > 0")
         if "moe" in self.ffns and not 1 <= self.top_k <= self.n_experts:
@@ -106,6 +131,38 @@ class LMConfig:
     def nheads(self) -> int:
         """Mamba-2 SSM heads."""
         return self.d_inner // self.headdim
+
+
+# Bounds far above any real model (64 layers, d_model 8192, a 256k vocabulary, 256 experts): a config past
+# them is broken or hostile, and would only hang the loader or overflow a tensor's size.
+MAX_LAYERS = 4096
+MAX_SIZE = 2**24
+MAX_EXPERTS = 1024
+
+
+def _size(v) -> bool:
+    return 0 < v <= MAX_SIZE
+
+
+def _size_or_derived(v) -> bool:
+    return 0 <= v <= MAX_SIZE
+
+
+def _finite_positive(v) -> bool:
+    return math.isfinite(v) and v > 0
+
+
+_SIZES = ("d_model", "vocab_size", "d_state", "d_conv", "expand", "headdim", "ngroups", "chunk_size")
+_SIZES_OR_ZERO = ("d_inner", "dt_rank", "n_heads", "n_kv_heads", "head_dim", "d_ffn")  # 0: derived, or none
+# (field, rule, check) of the values a config gives, checked before anything is derived from them
+_RANGES = [
+    *((n, f"in [1, {MAX_SIZE}]", _size) for n in _SIZES),
+    *((n, f"in [0, {MAX_SIZE}]", _size_or_derived) for n in _SIZES_OR_ZERO),
+    ("n_layer", f"in [1, {MAX_LAYERS}]", lambda v: 1 <= v <= MAX_LAYERS),
+    ("n_experts", f"in [1, {MAX_EXPERTS}]", lambda v: 1 <= v <= MAX_EXPERTS),
+    ("top_k", "> 0", lambda v: v > 0),
+    *((n, "finite and > 0", _finite_positive) for n in ("bcdt_eps", "gated_norm_eps", "norm_eps")),
+]
 
 
 def pad_vocab(vocab_size: int, multiple: int) -> int:

@@ -15,125 +15,133 @@ from pathlib import Path
 
 import torch
 
+from mambavl.checkpoints.fields import ConfigFields, show
 from mambavl.checkpoints.files import CheckpointError
-from mambavl.lm.config import LMConfig, pad_vocab
+from mambavl.lm.config import MAX_LAYERS, LMConfig, pad_vocab
 from mambavl.ops.timestep import NO_LIMIT
 
 
-def _auto_rank(value, d_model: int) -> int:
-    return math.ceil(d_model / 16) if value in (None, "auto") else int(value)
+def _rank(f: ConfigFields, key: str, d_model: int) -> int:
+    """A dt rank: an integer, or "auto" (the default) for ceil(d_model / 16)."""
+    if f.raw.get(key, "auto") in (None, "auto"):
+        return math.ceil(d_model / 16)
+    return f.integer(key)
 
 
-def _limit(value) -> tuple[float, float]:
+def _limit(f: ConfigFields, key: str, default) -> tuple[float, float]:
     """A time_step_limit pair; transformers ≥ 5 writes infinity as {"__float__": "Infinity"}."""
+    value = f.raw.get(key)
+    if value is None:
+        return default
 
     def num(v):
-        return float(v["__float__"] if isinstance(v, dict) else v)
+        v = v.get("__float__") if isinstance(v, dict) else v
+        if isinstance(v, bool) or not isinstance(v, int | float | str):
+            raise ValueError
+        return float(v)
 
-    return tuple(num(v) for v in value)
+    try:
+        if not isinstance(value, list | tuple) or len(value) != 2:
+            raise ValueError
+        return tuple(num(v) for v in value)
+    except ValueError:
+        raise f.fail(key, "a pair of numbers [low, high]", value) from None
 
 
-def _require(source: Path, key: str, value, allowed) -> None:
-    if value not in allowed:
-        raise CheckpointError(
-            f"{source}: {key}={value!r} is not supported; mambavl implements {key} in {list(allowed)}"
-        )
-
-
-def _hf_mamba(raw: dict, source: Path) -> LMConfig:
-    falcon = raw["model_type"] == "falcon_mamba"
-    _require(source, "hidden_act", raw.get("hidden_act", "silu"), ["silu"])
-    d_model = raw.get("hidden_size", 768)
-    expand = raw.get("expand", 2)
+def _hf_mamba(f: ConfigFields) -> LMConfig:
+    falcon = f.raw["model_type"] == "falcon_mamba"
+    f.text("hidden_act", "silu", ["silu"])
+    d_model = f.integer("hidden_size", 768)
+    expand = f.integer("expand", 2)
     return LMConfig(
-        family=raw["model_type"],
+        family=f.raw["model_type"],
         d_model=d_model,
-        n_layer=raw.get("num_hidden_layers", 32),
-        vocab_size=raw.get("vocab_size", 50280),
-        d_state=raw.get("state_size", 16),
-        d_conv=raw.get("conv_kernel", 4),
+        n_layer=f.integer("num_hidden_layers", 32),
+        vocab_size=f.integer("vocab_size", 50280),
+        d_state=f.integer("state_size", 16),
+        d_conv=f.integer("conv_kernel", 4),
         expand=expand,
         # FalconMamba-7B's config says expand 16 yet intermediate_size 8192: the weights have the latter.
-        d_inner=raw.get("intermediate_size") or expand * d_model,
-        conv_bias=raw.get("use_conv_bias", True),
-        proj_bias=raw.get("use_bias", False),
-        dt_rank=_auto_rank(raw.get("time_step_rank", "auto"), d_model),
+        d_inner=f.integer("intermediate_size", 0, minimum=0) or expand * d_model,
+        conv_bias=f.flag("use_conv_bias", True),
+        proj_bias=f.flag("use_bias", False),
+        dt_rank=_rank(f, "time_step_rank", d_model),
         bcdt_norm="weightless" if falcon else None,
-        bcdt_eps=raw.get("mixer_rms_eps", 1e-6),
-        norm_eps=raw.get("layer_norm_epsilon", 1e-5),
-        residual_in_fp32=raw.get("residual_in_fp32", True),
-        tie_embeddings=raw.get("tie_word_embeddings", True),
-        extra=raw,
+        bcdt_eps=f.number("mixer_rms_eps", 1e-6),
+        norm_eps=f.number("layer_norm_epsilon", 1e-5),
+        residual_in_fp32=f.flag("residual_in_fp32", True),
+        tie_embeddings=f.flag("tie_word_embeddings", True),
+        extra=f.raw,
     )
 
 
-def _hf_mamba2(raw: dict, source: Path) -> LMConfig:
-    _require(source, "hidden_act", raw.get("hidden_act", "silu"), ["silu"])
-    d_model = raw.get("hidden_size", 4096)
-    d_inner = raw.get("expand", 2) * d_model
-    heads, headdim = raw.get("num_heads", 128), raw.get("head_dim", 64)
+def _hf_mamba2(f: ConfigFields) -> LMConfig:
+    f.text("hidden_act", "silu", ["silu"])
+    d_model = f.integer("hidden_size", 4096)
+    d_inner = f.integer("expand", 2) * d_model
+    heads, headdim = f.integer("num_heads", 128), f.integer("head_dim", 64)
     if heads * headdim != d_inner:
         raise CheckpointError(
-            f"{source}: num_heads {heads} × head_dim {headdim} must equal expand × hidden_size = {d_inner}"
+            f"{f.source}: num_heads {heads} × head_dim {headdim} must equal expand × hidden_size = {d_inner}"
         )
-    eps = raw.get("layer_norm_epsilon", 1e-5)
+    eps = f.number("layer_norm_epsilon", 1e-5)
     return LMConfig(
         family="mamba2",
         default_mixer="mamba2",
         d_model=d_model,
-        n_layer=raw.get("num_hidden_layers", 64),
-        vocab_size=raw.get("vocab_size", 32768),
-        d_state=raw.get("state_size", 128),
-        d_conv=raw.get("conv_kernel", 4),
+        n_layer=f.integer("num_hidden_layers", 64),
+        vocab_size=f.integer("vocab_size", 32768),
+        d_state=f.integer("state_size", 128),
+        d_conv=f.integer("conv_kernel", 4),
         d_inner=d_inner,
         headdim=headdim,
-        ngroups=raw.get("n_groups", 8),
-        chunk_size=raw.get("chunk_size", 256),
-        dt_limit=_limit(raw.get("time_step_limit", NO_LIMIT)),
-        conv_bias=raw.get("use_conv_bias", True),
-        proj_bias=raw.get("use_bias", False),
+        ngroups=f.integer("n_groups", 8),
+        chunk_size=f.integer("chunk_size", 256),
+        dt_limit=_limit(f, "time_step_limit", NO_LIMIT),
+        conv_bias=f.flag("use_conv_bias", True),
+        proj_bias=f.flag("use_bias", False),
         gated_norm_eps=eps,
         norm_eps=eps,
-        residual_in_fp32=raw.get("residual_in_fp32", True),
-        tie_embeddings=raw.get("tie_word_embeddings", False),
-        extra=raw,
+        residual_in_fp32=f.flag("residual_in_fp32", True),
+        tie_embeddings=f.flag("tie_word_embeddings", False),
+        extra=f.raw,
     )
 
 
-def _hf_jamba(raw: dict, source: Path) -> LMConfig:
-    _require(source, "hidden_act", raw.get("hidden_act", "silu"), ["silu"])
-    n = raw.get("num_hidden_layers", 32)
-    d_model = raw.get("hidden_size", 4096)
-    ap, ao = raw.get("attn_layer_period", 8), raw.get("attn_layer_offset", 4)
-    ep, eo = raw.get("expert_layer_period", 2), raw.get("expert_layer_offset", 1)
-    experts = raw.get("num_experts", 16)
-    heads = raw.get("num_attention_heads", 32)
-    eps = raw.get("rms_norm_eps", 1e-6)
+def _hf_jamba(f: ConfigFields) -> LMConfig:
+    f.text("hidden_act", "silu", ["silu"])
+    n = f.integer("num_hidden_layers", 32)
+    d_model = f.integer("hidden_size", 4096)
+    ap, ao = f.integer("attn_layer_period", 8), f.integer("attn_layer_offset", 4, minimum=0)
+    ep, eo = f.integer("expert_layer_period", 2), f.integer("expert_layer_offset", 1, minimum=0)
+    experts = f.integer("num_experts", 16)
+    heads = f.integer("num_attention_heads", 32)
+    eps = f.number("rms_norm_eps", 1e-6)
     return LMConfig(
         family="jamba",
         d_model=d_model,
         n_layer=n,
-        vocab_size=raw.get("vocab_size", 65536),
-        mixers=tuple("attention" if i % ap == ao else "mamba1" for i in range(n)),
-        ffns=tuple("moe" if experts > 1 and i % ep == eo else "mlp" for i in range(n)),
-        d_state=raw.get("mamba_d_state", 16),
-        d_conv=raw.get("mamba_d_conv", 4),
-        expand=raw.get("mamba_expand", 2),
-        dt_rank=_auto_rank(raw.get("mamba_dt_rank", "auto"), d_model),
-        conv_bias=raw.get("mamba_conv_bias", True),
-        proj_bias=raw.get("mamba_proj_bias", False),
+        vocab_size=f.integer("vocab_size", 65536),
+        mixers=tuple("attention" if i % ap == ao else "mamba1" for i in range(min(n, MAX_LAYERS))),
+        ffns=tuple("moe" if experts > 1 and i % ep == eo else "mlp" for i in range(min(n, MAX_LAYERS))),
+        d_state=f.integer("mamba_d_state", 16),
+        d_conv=f.integer("mamba_d_conv", 4),
+        expand=f.integer("mamba_expand", 2),
+        dt_rank=_rank(f, "mamba_dt_rank", d_model),
+        conv_bias=f.flag("mamba_conv_bias", True),
+        proj_bias=f.flag("mamba_proj_bias", False),
         bcdt_norm="weighted",
         bcdt_eps=eps,
         n_heads=heads,
-        n_kv_heads=raw.get("num_key_value_heads") or heads,
-        head_dim=raw.get("head_dim") or d_model // heads,
-        d_ffn=raw.get("intermediate_size", 14336),
+        n_kv_heads=f.integer("num_key_value_heads", heads),
+        head_dim=f.integer("head_dim", d_model // heads),
+        d_ffn=f.integer("intermediate_size", 14336),
         n_experts=experts,
-        top_k=raw.get("num_experts_per_tok", 2),
+        top_k=f.integer("num_experts_per_tok", 2),
         norm_eps=eps,
         residual_in_fp32=False,
-        tie_embeddings=raw.get("tie_word_embeddings", False),
-        extra=raw,
+        tie_embeddings=f.flag("tie_word_embeddings", False),
+        extra=f.raw,
     )
 
 
@@ -157,44 +165,51 @@ MAMBA_SSM_DEFAULTS = {
 }
 
 
-def _mamba_ssm(raw: dict, source: Path) -> LMConfig:
-    ssm = dict(raw.get("ssm_cfg") or {})
-    layer = ssm.pop("layer", "Mamba1")
-    _require(source, "ssm_cfg.layer", layer, list(MAMBA_SSM_DEFAULTS))
-    _require(source, "d_intermediate", raw.get("d_intermediate", 0), [0])
-    _require(source, "attn_layer_idx", list(raw.get("attn_layer_idx") or []), [[]])
-    _require(source, "rms_norm", raw.get("rms_norm", True), [True])
-    _require(source, "ssm_cfg.activation", ssm.get("activation", "silu"), ["silu", "swish"])
-    o = {**MAMBA_SSM_DEFAULTS[layer], **ssm}
-    d_model = raw["d_model"]
-    if o.get("d_ssm") not in (None, o["expand"] * d_model):
-        raise CheckpointError(f"{source}: ssm_cfg.d_ssm={o['d_ssm']} (a partial SSM) is not supported")
+def _mamba_ssm(f: ConfigFields) -> LMConfig:
+    ssm = f.section("ssm_cfg")
+    layer = ssm.text("layer", "Mamba1", list(MAMBA_SSM_DEFAULTS))
+    if d_intermediate := f.integer("d_intermediate", 0, minimum=0):
+        raise CheckpointError(f"{f.source}: d_intermediate={d_intermediate} (an MLP) is not supported")
+    if f.raw.get("attn_layer_idx"):
+        raise CheckpointError(
+            f"{f.source}: attn_layer_idx (attention layers) is not supported; it must be []"
+        )
+    if not f.flag("rms_norm", True):
+        raise CheckpointError(f"{f.source}: rms_norm=false (LayerNorm blocks) is not supported")
+    ssm.text("activation", "silu", ["silu", "swish"])
+    o = MAMBA_SSM_DEFAULTS[layer]
+    d_model = f.integer("d_model")
+    expand = ssm.integer("expand", o["expand"])
+    if ssm.raw.get("d_ssm") not in (None, expand * d_model):
+        raise CheckpointError(
+            f"{f.source}: ssm_cfg.d_ssm={show(ssm.raw['d_ssm'])} (a partial SSM) is not supported"
+        )
     common = dict(
         d_model=d_model,
-        n_layer=raw["n_layer"],
-        vocab_size=pad_vocab(raw["vocab_size"], raw.get("pad_vocab_size_multiple", 8)),
-        d_state=o["d_state"],
-        d_conv=o["d_conv"],
-        expand=o["expand"],
-        conv_bias=o["conv_bias"],
-        proj_bias=o["bias"],
-        norm_eps=raw.get("norm_epsilon", 1e-5),
-        residual_in_fp32=raw.get("residual_in_fp32", True),
-        tie_embeddings=raw.get("tie_embeddings", True),
-        extra=raw,
+        n_layer=f.integer("n_layer"),
+        vocab_size=pad_vocab(f.integer("vocab_size"), f.integer("pad_vocab_size_multiple", 8)),
+        d_state=ssm.integer("d_state", o["d_state"]),
+        d_conv=ssm.integer("d_conv", o["d_conv"]),
+        expand=expand,
+        conv_bias=ssm.flag("conv_bias", o["conv_bias"]),
+        proj_bias=ssm.flag("bias", o["bias"]),
+        norm_eps=f.number("norm_epsilon", 1e-5),
+        residual_in_fp32=f.flag("residual_in_fp32", True),
+        tie_embeddings=f.flag("tie_embeddings", True),
+        extra=f.raw,
     )
     if layer == "Mamba1":
-        return LMConfig(family="mamba", dt_rank=_auto_rank(o["dt_rank"], d_model), **common)
+        return LMConfig(family="mamba", dt_rank=_rank(ssm, "dt_rank", d_model), **common)
     return LMConfig(
         family="mamba2",
         default_mixer="mamba2",
-        headdim=o["headdim"],
-        ngroups=o["ngroups"],
-        chunk_size=o["chunk_size"],
-        dt_limit=_limit(o["dt_limit"]),
-        gated_norm=o["rmsnorm"],
-        norm_before_gate=o["norm_before_gate"],
-        d_has_hdim=o["D_has_hdim"],
+        headdim=ssm.integer("headdim", o["headdim"]),
+        ngroups=ssm.integer("ngroups", o["ngroups"]),
+        chunk_size=ssm.integer("chunk_size", o["chunk_size"]),
+        dt_limit=_limit(ssm, "dt_limit", o["dt_limit"]),
+        gated_norm=ssm.flag("rmsnorm", o["rmsnorm"]),
+        norm_before_gate=ssm.flag("norm_before_gate", o["norm_before_gate"]),
+        d_has_hdim=ssm.flag("D_has_hdim", o["D_has_hdim"]),
         gated_norm_eps=1e-5,
         **common,
     )
@@ -203,18 +218,24 @@ def _mamba_ssm(raw: dict, source: Path) -> LMConfig:
 HF_LAYOUTS = {"mamba": _hf_mamba, "falcon_mamba": _hf_mamba, "mamba2": _hf_mamba2, "jamba": _hf_jamba}
 
 
-def lm_config_from_json(raw: dict, source: Path) -> tuple[LMConfig, str]:
-    """The LMConfig of a config.json and the layout name ('mamba_ssm' or the HF model_type)."""
+def lm_config_from_json(raw: dict, source: Path | str) -> tuple[LMConfig, str]:
+    """The LMConfig of a config.json and the layout name ('mamba_ssm' or the HF model_type). Every field
+    is checked as it is read: a wrong one is a CheckpointError naming `source` and the field."""
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{source}: expected a JSON object, got {type(raw).__name__}")
+    f = ConfigFields(raw, source)
     model_type = raw.get("model_type")
+    if model_type is not None and not isinstance(model_type, str):
+        raise f.fail("model_type", "a string", model_type)
     try:
         if model_type is None and "d_model" in raw and "n_layer" in raw:
-            return _mamba_ssm(raw, source), "mamba_ssm"
+            return _mamba_ssm(f), "mamba_ssm"
         if model_type in HF_LAYOUTS:
-            return HF_LAYOUTS[model_type](raw, source), model_type
-    except (KeyError, TypeError, ValueError) as e:
-        if isinstance(e, CheckpointError):
-            raise
-        raise CheckpointError(f"{source}: invalid language-model config ({type(e).__name__}: {e})") from e
+            return HF_LAYOUTS[model_type](f), model_type
+    except CheckpointError:
+        raise
+    except ValueError as e:  # LMConfig's own checks: sizes that do not fit together
+        raise CheckpointError(f"{source}: invalid language-model config ({e})") from e
     raise CheckpointError(
         f"{source}: unknown model_type {model_type!r}. mambavl reads model_type "
         f"{sorted(HF_LAYOUTS)} (transformers) or mamba_ssm's config (d_model, n_layer, ssm_cfg)."

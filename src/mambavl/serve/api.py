@@ -1,11 +1,13 @@
 """The HTTP API in OpenAI's format (FastAPI): `POST /v1/chat/completions` (streamed as server-sent events
-or whole), `GET /v1/models`, `GET /health`, `GET /metrics` (Prometheus) and the web chat page at `/`.
+or whole), `GET /v1/models`, `GET /health`, `GET /metrics` (Prometheus) and the web chat page at `/` (with
+its icon at `/favicon.ico`).
 Requests go to the `Engine`; a client that disconnects cancels its request and frees its slots."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import secrets
 import threading
 import time
@@ -20,11 +22,12 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
+from mambavl.serve.connections import OVER_CAPACITY, ConnectionLimits
 from mambavl.serve.engine import Delta, Engine, Failed, Finished, QueueFull
 from mambavl.serve.engine import Request as EngineRequest
 from mambavl.serve.images import ImagePolicy, RequestError, fetch_image
 from mambavl.serve.metrics import Metrics
-from mambavl.serve.schema import ChatRequest, parse_conversation
+from mambavl.serve.schema import SYSTEM_MESSAGES, ChatRequest, conversation_prompt
 
 
 @dataclass(frozen=True)
@@ -35,51 +38,90 @@ class ServeConfig:
     default_max_tokens: int = 256
     max_tokens: int = 2048  # the most a request may ask for
     images: ImagePolicy = field(default_factory=ImagePolicy)
+    connections: ConnectionLimits = field(default_factory=ConnectionLimits)
+    # System text the model's prompt format has no slot for: "fold" it into the user's message, or "refuse"
+    system_messages: str = "fold"
+
+    def __post_init__(self):
+        if self.system_messages not in SYSTEM_MESSAGES:
+            raise ValueError(
+                f"system_messages={self.system_messages!r}: expected one of {', '.join(SYSTEM_MESSAGES)}"
+            )
 
 
-def error(status: int, message: str, kind: str | None = None) -> JSONResponse:
-    kinds = {
-        401: "authentication_error",
-        404: "not_found_error",
-        503: "overloaded_error",
-        504: "timeout_error",
-    }
-    body = {"message": message, "type": kind or kinds.get(status, "invalid_request_error"), "code": status}
-    return JSONResponse({"error": body}, status_code=status)
+log = logging.getLogger("mambavl.serve")
+# OpenAI's error types: `invalid_request_error` is for the client's mistakes (4xx) only
+ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error"}
+
+
+def error(status: int, message: str, close: bool = False) -> JSONResponse:
+    """An error response in OpenAI's format; `close` ends the connection after it."""
+    kind = "server_error" if status >= 500 else ERROR_TYPES.get(status, "invalid_request_error")
+    # Messages quote what the client sent, which may hold a lone surrogate: escape it, never fail on it.
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
+    body = {"message": message, "type": kind, "code": status}
+    headers = {"Connection": "close"} if close else None
+    return JSONResponse({"error": body}, status_code=status, headers=headers)
 
 
 class Limits:
-    """ASGI middleware: refuses bodies over the limit (413) and counts responses by route and status."""
+    """ASGI middleware: refuses bodies over the limit (413) or slower than the deadline (408) and
+    connections over the cap (503), answers an unhandled exception with a 500 in OpenAI's format, and
+    counts every response by route and status."""
 
-    def __init__(self, app, max_body: int, metrics: Metrics):
-        self.app, self.max_body, self.metrics = app, max_body, metrics
+    def __init__(self, app, max_body: int, body_timeout: float, metrics: Metrics):
+        self.app, self.max_body, self.body_timeout, self.metrics = app, max_body, body_timeout, metrics
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         route = scope["path"] if scope["path"] in ROUTES else "other"
-        status = {"code": 500}
+        status: dict = {"code": 500, "started": False}
 
         async def counting_send(message):
             if message["type"] == "http.response.start":
-                status["code"] = message["status"]
+                status.update(code=message["status"], started=True)
             await send(message)
 
-        body, refusal = await self._read_body(scope, receive)
+        try:
+            await self._answer(scope, receive, counting_send, status)
+        finally:
+            self.metrics.http_responses.labels(route=route, status=str(status["code"])).inc()
+
+    async def _answer(self, scope, receive, send, status: dict) -> None:
+        body, refusal = await self._read_body_in_time(scope, receive)
         if refusal is not None:
-            await error(refusal[0], refusal[1])(scope, receive, counting_send)
-        else:
-            replayed = False
+            # A slow client is cut off. One whose body is refused may send the rest (dropped unread, up to
+            # the body deadline) so that it reads this answer instead of a reset connection.
+            code, why = refusal
+            return await error(code, why, close=code == 408)(scope, receive, send)
+        if scope.get("state", {}).get(OVER_CAPACITY):  # answered once its body is in, then closed
+            message = "the server has too many open connections; retry shortly"
+            return await error(503, message, close=True)(scope, receive, send)
+        replayed = False
 
-            async def replay():  # the buffered body first, then the client's own messages (disconnect)
-                nonlocal replayed
-                if not replayed:
-                    replayed = True
-                    return {"type": "http.request", "body": body, "more_body": False}
-                return await receive()
+        async def replay():  # the buffered body first, then the client's own messages (disconnect)
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
 
-            await self.app(scope, replay, counting_send)
-        self.metrics.http_responses.labels(route=route, status=str(status["code"])).inc()
+        try:
+            await self.app(scope, replay, send)
+        except Exception as e:
+            log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
+            if status["started"]:
+                raise  # the response has begun: uvicorn closes the connection
+            message = f"internal error ({type(e).__name__}) while handling the request; the server goes on"
+            await error(500, message)(scope, replay, send)
+
+    async def _read_body_in_time(self, scope, receive) -> tuple[bytes, tuple[int, str] | None]:
+        try:
+            return await asyncio.wait_for(self._read_body(scope, receive), self.body_timeout)
+        except asyncio.TimeoutError:
+            why = f"the request body did not arrive within {self.body_timeout:g} s of its headers"
+            return b"", (408, why)
 
     async def _read_body(self, scope, receive) -> tuple[bytes, tuple[int, str] | None]:
         """The whole body (at most `max_body` bytes are ever held), or the reason it is refused."""
@@ -105,7 +147,7 @@ class Limits:
                 return b"".join(chunks), None
 
 
-ROUTES = ("/", "/health", "/metrics", "/v1/models", "/v1/chat/completions")
+ROUTES = ("/", "/favicon.ico", "/health", "/metrics", "/v1/models", "/v1/chat/completions")
 
 
 def create_app(engine: Engine, config: ServeConfig | None = None) -> FastAPI:
@@ -122,7 +164,12 @@ def create_app(engine: Engine, config: ServeConfig | None = None) -> FastAPI:
         await asyncio.to_thread(engine.stop)
 
     app = FastAPI(title="mambavl", lifespan=lifespan, docs_url=None, redoc_url=None)
-    app.add_middleware(Limits, max_body=config.max_body_bytes, metrics=metrics)
+    app.add_middleware(
+        Limits,
+        max_body=config.max_body_bytes,
+        body_timeout=config.connections.body_timeout,
+        metrics=metrics,
+    )
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request, exc: RequestValidationError):
@@ -137,6 +184,9 @@ def create_app(engine: Engine, config: ServeConfig | None = None) -> FastAPI:
 
     @app.exception_handler(HTTPException)
     async def http_error(request, exc: HTTPException):
+        cause = exc.__cause__  # FastAPI's "error parsing the body" hides why: invalid UTF-8, nesting, ...
+        if exc.status_code == 400 and cause is not None:
+            return error(400, f"the body is not valid JSON: {type(cause).__name__}: {cause}")
         return error(exc.status_code, str(exc.detail))
 
     def authorised(request: Request) -> None:
@@ -151,6 +201,10 @@ def create_app(engine: Engine, config: ServeConfig | None = None) -> FastAPI:
     async def page():
         html = (resources.files("mambavl.serve") / "web" / "index.html").read_text(encoding="utf-8")
         return HTMLResponse(html, headers=PAGE_HEADERS)
+
+    @app.get("/favicon.ico")
+    async def icon():  # browsers ask for it on every page of the server, the JSON ones too
+        return Response(FAVICON, media_type="image/svg+xml", headers={"Cache-Control": "max-age=86400"})
 
     @app.get("/health")
     async def health():
@@ -168,6 +222,9 @@ def create_app(engine: Engine, config: ServeConfig | None = None) -> FastAPI:
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorised)])
     async def chat(body: ChatRequest, request: Request):
+        broken = lone_surrogate(body.model_dump(exclude_none=True))
+        if broken:
+            return error(400, broken)
         try:
             job, events = await submit(body)
         except RequestError as e:
@@ -208,14 +265,12 @@ def create_app(engine: Engine, config: ServeConfig | None = None) -> FastAPI:
         if body.n > engine.config.slots:
             raise RequestError(f"n={body.n} is over the server's {engine.config.slots} slots")
         try:
-            system, turns, urls = parse_conversation(body.messages)
+            prompt, urls = conversation_prompt(engine.vlm, body.messages, config.system_messages)
             if len(urls) > 1:
                 raise RequestError(
                     f"{len(urls)} images were sent; this model takes one image per conversation"
                 )
-            builder = engine.vlm.get_prompt_builder(system)
-            for role, text in turns:
-                builder.add_turn(role, text)
+            engine.check_prompt(prompt)  # its length in characters, before any work in proportion to it
             params = body.sampling(min(config.default_max_tokens, config.max_tokens))
         except RequestError:
             raise
@@ -224,10 +279,14 @@ def create_app(engine: Engine, config: ServeConfig | None = None) -> FastAPI:
         image = None
         if urls:  # decoded and transformed in a worker thread, beside the engine's decoding
             image = await run_in_threadpool(engine.vlm.preprocess, await fetch_image(urls[0], config.images))
+        try:  # tokenized and checked against the model's length in a worker thread, before it is queued
+            tokens = await run_in_threadpool(engine.encode, prompt, image)
+        except ValueError as e:
+            raise RequestError(str(e)) from e
         events: asyncio.Queue = asyncio.Queue()
         mailbox = app.state.mailbox
         job = EngineRequest(
-            image, builder.get_prompt(), params, sink=lambda event: mailbox.post(events, event), n=body.n
+            image, prompt, params, sink=lambda event: mailbox.post(events, event), n=body.n, tokens=tokens
         )
         engine.submit(job)
         return job, events
@@ -304,6 +363,27 @@ class Mailbox:
             queue.put_nowait(event)
 
 
+def lone_surrogate(value, where: str = "") -> str | None:
+    """Where a string in a request holds half of a UTF-16 pair (JSON allows "\\ud800" alone; no
+    tokenizer or UTF-8 encoder does), as an error message, or None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            return (
+                f"{where or 'a string'} holds a lone surrogate (U+{ord(value[e.start]):04X}) at character "
+                f"{e.start}: text must be valid Unicode; send characters outside the BMP as a surrogate pair"
+            )
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        inner = f"{where}[{key}]" if isinstance(key, int) else f"{where}.{key}".lstrip(".")
+        found = lone_surrogate(item, inner)
+        if found:
+            return found
+    return None
+
+
 def merge_deltas(events: list) -> list:
     """Consecutive text deltas of one choice as one (fewer, larger chunks when a client lags behind)."""
     out: list = []
@@ -322,6 +402,12 @@ PAGE_HEADERS = {
     "script-src 'unsafe-inline'; connect-src 'self'",
     "X-Content-Type-Options": "nosniff",
 }
+# The page's icon: an "m" on the page's accent colour (SVG, which browsers take whatever the file's name).
+FAVICON = (
+    '<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 32 32"><rect width="32" height="32" rx="7" '
+    'fill="#2f6fde"/><path d="M7 23V12l4.5 6 4.5-6 4.5 6 4.5-6v11" fill="none" stroke="#fff" '
+    'stroke-width="3" stroke-linecap="round" stroke-linejoin="round"/></svg>'
+)
 NO_BUFFERING = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 

@@ -8,11 +8,15 @@ memory of `slots` sequences is allocated once, whatever their lengths.
 
 The engine runs in one background thread; callers talk to it through `submit` / `cancel` and receive
 events (`Started`, `Delta`, `Finished`, `Failed`) through the request's `sink`, called from that thread.
+Whatever a request carries fails that request alone: its prompt is measured and tokenized in the
+caller's thread (`encode`) before it is queued, every step of its own work in the engine thread is
+guarded, and a supervisor restarts the loop (failing only the requests it held) if it dies anyway.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import queue
 import sys
 import threading
@@ -25,8 +29,10 @@ import torch
 
 from mambavl.vision.images import ImageError
 from mambavl.vlm.graphs import BUCKETS, GraphDecoder, slot_decoder
-from mambavl.vlm.model import VLM
-from mambavl.vlm.sampling import SamplingParams, next_tokens
+from mambavl.vlm.model import VLM, PreparedImage, PromptIds
+from mambavl.vlm.sampling import SamplingParams, greedy_tokens, next_tokens, seeded_generator
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -39,9 +45,12 @@ class EngineConfig:
     # The interpreter's thread switch interval while the engine runs (Python's default is 5 ms): after
     # each GPU step the engine thread waits up to this long for the lock that the HTTP threads hold.
     switch_interval: float | None = 0.0005
+    # A prompt's text is refused unread beyond the model's max_length × this many characters: tokenizing
+    # costs time in proportion to the text, and no tokenizer packs this many characters into each token.
+    chars_per_token: int = 32
 
     def __post_init__(self):
-        for name in ("slots", "max_queue", "prefill_batch"):
+        for name in ("slots", "max_queue", "prefill_batch", "chars_per_token"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} is invalid: it must be ≥ 1")
         if self.timeout is not None and self.timeout <= 0:
@@ -95,6 +104,9 @@ class Request:
     cancelled: bool = False
     done: bool = False
     unfinished: int = 0  # choices still decoding
+    # The prompt tokenized and checked by `Engine.encode` in the caller's thread; None: the engine
+    # tokenizes it at prefill (bounded by the same limits).
+    tokens: PromptIds | None = None
 
 
 @dataclass(eq=False)
@@ -138,7 +150,9 @@ class Engine:
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
-        self.error: BaseException | None = None  # what stopped the engine thread, if anything did
+        self.error: BaseException | None = None  # the last fault of the engine loop, if any ever came
+        self.restarts = 0  # times the supervisor restarted the engine loop after a fault
+        vlm.positions_per_view  # noqa: B018 (measured once here, before any worker thread asks for it)
 
     # ---- the callers' side -----------------------------------------------------------------------------
     def start(self) -> Engine:
@@ -163,11 +177,53 @@ class Engine:
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
+    @property
+    def max_prompt_chars(self) -> int:
+        """The longest prompt text read at all (see `EngineConfig.chars_per_token`)."""
+        return self.vlm.config.max_length * self.config.chars_per_token
+
+    def check_prompt(self, prompt: str) -> None:
+        """Refuses a prompt that cannot fit the model, whatever it tokenizes to, or is not text (ValueError):
+        the checks that cost nothing, made before anything that costs time in proportion to the text."""
+        if not isinstance(prompt, str):
+            raise ValueError(f"the prompt must be a string, not {type(prompt).__name__}")
+        if len(prompt) > self.max_prompt_chars:
+            raise ValueError(
+                f"the prompt is {len(prompt):,} characters; {self.vlm.config.name} takes at most "
+                f"{self.vlm.config.max_length} positions, so prompts over {self.max_prompt_chars:,} "
+                "characters are refused unread; shorten the prompt"
+            )
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(
+                f"the prompt is not valid Unicode text: character {e.start} is {prompt[e.start]!r} "
+                f"({e.reason}); send UTF-8 text"
+            ) from None
+
+    def encode(self, prompt: str, image: PreparedImage | None = None) -> PromptIds:
+        """The prompt's ids, checked against the model's length (image positions included) before any work
+        on the GPU; ValueError if it is over. Called in the caller's thread (a server's worker threads),
+        where tokenizing lets the engine thread run meanwhile."""
+        self.check_prompt(prompt)
+        tokens = self.vlm.encode_prompt(prompt, image is not None, release_gil=True)
+        positions = len(tokens.ids) + (self.vlm.image_positions(image) if image is not None else 0)
+        if positions > self.vlm.config.max_length:
+            raise ValueError(
+                f"the input is {positions} positions (image + prompt) but {self.vlm.config.name} takes at "
+                f"most {self.vlm.config.max_length}; shorten the prompt"
+            )
+        return tokens
+
     def submit(self, request: Request) -> Request:
+        """Queues a request (ValueError if it can never run, QueueFull or RuntimeError if not now). Give it
+        `tokens` from `encode` to keep tokenizing out of the engine thread."""
         if request.n > self.config.slots:
             raise ValueError(
                 f"n={request.n} choices need more slots than the server has ({self.config.slots})"
             )
+        if request.tokens is None:
+            self.check_prompt(request.prompt)
         with self._cond:
             if self._stopping or not self.running:
                 raise RuntimeError("the engine is not running")
@@ -188,9 +244,13 @@ class Engine:
             self._cond.notify_all()
 
     def stream(self, image, prompt: str, n: int = 1, **params) -> Iterator[Event]:
-        """Submits a request and yields its events until it ends (a blocking convenience for scripts)."""
+        """Submits a request and yields its events until it ends (a blocking convenience for scripts).
+        The image is read and the prompt tokenized and checked here, in the caller's thread."""
         events: queue.Queue[Event] = queue.Queue()
-        request = self.submit(Request(image, prompt, SamplingParams(**params), events.put, n=n))
+        sampling = SamplingParams(**params)
+        image = None if image is None else self.vlm.preprocess(image)
+        tokens = self.encode(prompt, image)
+        request = self.submit(Request(image, prompt, sampling, events.put, n=n, tokens=tokens))
         remaining = n
         try:
             while remaining:
@@ -228,24 +288,42 @@ class Engine:
                 self.decoder.prepare(self.config.slots)
 
     def _run(self) -> None:
-        try:
-            with torch.inference_mode():
-                while True:
-                    with self._cond:
-                        while not (self._stopping or self._waiting or self._rows):
-                            self._cond.wait()
-                        if self._stopping:
-                            break
-                    self._drop_ended()
-                    self._admit()
-                    if self._rows:
-                        self._step_or_fail()
-                    self._gauge()
-        except BaseException as e:  # a bug: every request hears of it rather than hanging
-            self.error = e
-            self._fail_all(f"the engine stopped: {type(e).__name__}: {e}", 500)
-            raise
+        """The supervisor: runs the loop, and if it dies on a fault (a bug: every request's own work is
+        guarded), fails the requests it held with a 500 and starts it again."""
+        while True:
+            try:
+                with torch.inference_mode():
+                    self._loop()
+                break
+            except Exception as e:
+                self._restart(e)
+            except BaseException as e:  # the interpreter is going down: every request hears of it
+                self.error = e
+                self._fail_all(f"the engine stopped: {type(e).__name__}: {e}", 500)
+                raise
         self._fail_all("the server is shutting down", 503)
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not (self._stopping or self._waiting or self._rows):
+                    self._cond.wait()
+                if self._stopping:
+                    return
+            self._drop_ended()
+            self._admit()
+            if self._rows:
+                self._step_or_fail()
+            self._gauge()
+
+    def _restart(self, e: Exception) -> None:
+        self.error = e
+        self.restarts += 1
+        log.error("the engine loop failed and restarts (restart %d)", self.restarts, exc_info=e)
+        if self.metrics is not None:
+            self.metrics.engine_restarts.inc()
+        # The decoder's slots may be half-written: no sequence survives, and the next prefill reloads them.
+        self._fail_all(f"the engine failed and restarted: {type(e).__name__}: {e}", 500)
 
     def _fail_all(self, message: str, status: int) -> None:
         with self._cond:
@@ -264,9 +342,20 @@ class Engine:
             request.cancelled = True
 
     def _fail(self, request: Request, message: str, status: int) -> None:
+        if request.done:  # it has had its answer (or its failure) already
+            return
         self._emit(request, Failed(message, status))
         request.done = True
         self._count({400: "rejected", 503: "shutdown", 504: "timeout"}.get(status, "failed"))
+
+    def _end(self, request: Request, what: str, e: Exception) -> None:
+        """Fails one request for a fault in its own work (500: the input was checked, so it is our bug)
+        and frees its rows at the next `_retire`; the other requests go on."""
+        log.error("%s failed for %s", what, request.id, exc_info=e)
+        self._fail(request, f"{what} failed: {type(e).__name__}: {e}", 500)
+        for s in self._rows:
+            if s.request is request:
+                s.finished = True
 
     def _expired(self, request: Request, now: float) -> bool:
         timeout = self.config.timeout
@@ -304,52 +393,84 @@ class Engine:
                 request = self._waiting.popleft()
                 free -= request.n
                 batch.append(request)
+        batch = [r for r in batch if self._ready(r)]
         if batch:
             self._prefill(batch)
 
+    def _ready(self, request: Request) -> bool:
+        """Reads the image and tokenizes the prompt of a request submitted without `tokens` (a script's;
+        the server's come tokenized), failing it alone if they are bad."""
+        if request.tokens is not None:
+            return True
+        try:
+            if request.image is not None:
+                request.image = self.vlm.preprocess(request.image)
+            request.tokens = self.encode(request.prompt, request.image)
+            return True
+        except (ValueError, ImageError) as e:
+            self._fail(request, str(e), 400)
+        except Exception as e:
+            self._end(request, "reading the request", e)
+        return False
+
     def _prefill(self, batch: list[Request]) -> None:
-        vlm = self.vlm
         started = time.monotonic()
         try:
-            state, logits, packed, prompt_ids = vlm.prefill_prompts(
-                [r.image for r in batch], [r.prompt for r in batch]
+            state, logits, packed, prompt_ids = self.vlm.prefill_prompts(
+                [r.image for r in batch], [r.tokens for r in batch]
             )
         except Exception as e:
             if len(batch) > 1:  # find the request at fault: prefill them one by one
                 for request in batch:
                     self._prefill([request])
                 return
-            bad_input = isinstance(e, ValueError | ImageError)
-            self._fail(
-                batch[0],
-                str(e) if bad_input else f"prefill failed: {type(e).__name__}: {e}",
-                400 if bad_input else 500,
-            )
+            if isinstance(e, ValueError | ImageError):
+                self._fail(batch[0], str(e), 400)
+            else:
+                self._end(batch[0], "prefill", e)
             return
         if self.metrics is not None:
             self.metrics.prefill_seconds.observe(time.monotonic() - started)
-        lengths = packed.lengths.tolist()
+        self._start(batch, state, logits, packed.lengths.tolist(), prompt_ids)
+
+    def _start(self, batch: list[Request], state, logits: torch.Tensor, lengths: list, prompt_ids) -> None:
+        """Prefilled requests take their slots and choose their first tokens."""
         new: list[_Sequence] = []
         rows: list[int] = []
         for j, request in enumerate(batch):
+            try:
+                seqs = [
+                    _Sequence(request, index, prompt_ids[j], self._generator(request, index))
+                    for index in range(request.n)
+                ]
+            except Exception as e:
+                self._end(request, "seeding", e)
+                continue
             self._emit(request, Started(int(lengths[j])))
             if self.metrics is not None:
                 self.metrics.prompt_tokens.inc(int(lengths[j]))
                 self.metrics.time_to_first_token.observe(time.monotonic() - request.submitted)
             request.unfinished = request.n
-            seed = request.params.seed
-            for index in range(request.n):
-                generator = None
-                if seed is not None:
-                    generator = torch.Generator(device=vlm.device).manual_seed(seed + index)
-                new.append(_Sequence(request, index, prompt_ids[j], generator))
-                rows.append(j)
+            new.extend(seqs)
+            rows.extend([j] * request.n)
+        if not new:
+            return
         first = len(self._rows)
         self._rows.extend(new)
-        self.decoder.load(state.select(rows), list(range(first, first + len(new))))
+        try:
+            self.decoder.load(state.select(rows), list(range(first, first + len(new))))
+        except Exception as e:  # shared by the batch: each of its requests fails, the live ones go on
+            for request in dict.fromkeys(s.request for s in new):
+                self._end(request, "loading the prefilled state", e)
+            self._retire()
+            return
         chosen = self._choose(logits[torch.as_tensor(rows, device=logits.device)], new)
         self._advance(new, chosen)
         self._retire()
+
+    def _generator(self, request: Request, index: int) -> torch.Generator | None:
+        seed = request.params.seed
+        return None if seed is None else seeded_generator(seed, self.vlm.device, index)
 
     def _step_or_fail(self) -> None:
         try:
@@ -372,8 +493,9 @@ class Engine:
         self._advance(list(self._rows), chosen)
         self._retire()
 
-    def _choose(self, logits: torch.Tensor, seqs: list[_Sequence]) -> list[int]:
-        """The next token of every row: plain greedy rows in one argmax, the others one by one."""
+    def _choose(self, logits: torch.Tensor, seqs: list[_Sequence]) -> list[int | None]:
+        """The next token of every row: plain greedy rows in one argmax, the others one by one (None
+        where choosing failed: that row's request has failed alone)."""
         vocab = self._tok.vocab_size
         chosen: list[int | None] = [None] * len(seqs)
         greedy = [i for i, s in enumerate(seqs) if s.greedy_argmax()]
@@ -385,44 +507,49 @@ class Engine:
             if short:
                 rows = rows.clone()
                 rows[torch.as_tensor(short, device=rows.device), self._eos] = float("-inf")
-            picks = rows.argmax(-1).tolist()
+            picks = greedy_tokens(rows).tolist()
             for i, token in zip(greedy, picks, strict=True):
                 chosen[i] = token
         for i, s in enumerate(seqs):
-            if chosen[i] is None:
-                chosen[i] = int(
-                    next_tokens(
-                        logits[i : i + 1],
-                        s.params,
-                        [s.prompt_ids + s.ids],
-                        len(s.ids),
-                        self._eos,
-                        vocab,
-                        s.generator,
-                        [s.ids],
-                    )[0]
-                )
-        return chosen  # type: ignore[return-value]
+            if chosen[i] is None and not s.finished:
+                chosen[i] = self._sample(s, logits[i : i + 1], vocab)
+        return chosen
 
-    def _advance(self, seqs: list[_Sequence], chosen: list[int]) -> None:
+    def _sample(self, s: _Sequence, logits: torch.Tensor, vocab: int) -> int | None:
+        try:
+            ids = next_tokens(
+                logits, s.params, [s.prompt_ids + s.ids], len(s.ids), self._eos, vocab, s.generator, [s.ids]
+            )
+            return int(ids[0])
+        except Exception as e:
+            self._end(s.request, "sampling", e)
+            return None
+
+    def _advance(self, seqs: list[_Sequence], chosen: list[int | None]) -> None:
         for s, token in zip(seqs, chosen, strict=True):
-            if s.finished:
+            if s.finished or token is None:
                 continue
-            if token == self._eos:
-                self._finish(s, "stop", _shown(self._tok.decode(s.ids)))
-                continue
-            s.ids.append(token)
-            s.token = token
-            if self.metrics is not None:
-                self.metrics.generation_tokens.inc()
-            text = _shown(self._tok.decode(s.ids))
-            hit = [text.find(stop) for stop in s.params.stop if stop in text]
-            if hit:
-                self._finish(s, "stop", text[: min(hit)])
-            elif len(s.ids) >= s.params.max_new_tokens:
-                self._finish(s, "length", text)
-            else:
-                self._send(s, text[: _safe_length(text, s.params.stop)])
+            try:
+                self._advance_one(s, token)
+            except Exception as e:
+                self._end(s.request, "detokenizing", e)
+
+    def _advance_one(self, s: _Sequence, token: int) -> None:
+        if token == self._eos:
+            self._finish(s, "stop", _shown(self._tok.decode(s.ids)))
+            return
+        s.ids.append(token)
+        s.token = token
+        if self.metrics is not None:
+            self.metrics.generation_tokens.inc()
+        text = _shown(self._tok.decode(s.ids))
+        hit = [text.find(stop) for stop in s.params.stop if stop in text]
+        if hit:
+            self._finish(s, "stop", text[: min(hit)])
+        elif len(s.ids) >= s.params.max_new_tokens:
+            self._finish(s, "length", text)
+        else:
+            self._send(s, text[: _safe_length(text, s.params.stop)])
 
     def _send(self, s: _Sequence, text: str) -> None:
         if len(text) > len(s.sent) and text.startswith(s.sent):

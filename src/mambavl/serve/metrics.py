@@ -19,6 +19,14 @@ class Metrics:
         self.http_responses = Counter(
             "mambavl_http_responses", "HTTP responses, by route and status", ["route", "status"], registry=r
         )
+        self.connections = Gauge("mambavl_connections", "Open HTTP connections", registry=r)
+        self.client_timeouts = Counter(
+            "mambavl_client_timeouts",
+            "Connections closed because the client was too slow sending a request's headers, or the rest of "
+            "a body the server refused",
+            ["phase"],
+            registry=r,
+        )
         self.prompt_tokens = Counter(
             "mambavl_prompt_tokens", "Positions prefilled (image + text)", registry=r
         )
@@ -27,6 +35,11 @@ class Metrics:
         self.slots_total.set(slots)
         self.slots_used = Gauge("mambavl_slots_used", "Slots holding a live sequence", registry=r)
         self.queue_length = Gauge("mambavl_queue_length", "Requests waiting for a slot", registry=r)
+        self.engine_restarts = Counter(
+            "mambavl_engine_restarts",
+            "Times the engine loop failed and was restarted (the requests it held failed with a 500)",
+            registry=r,
+        )
         self.time_to_first_token = Histogram(
             "mambavl_time_to_first_token_seconds",
             "Submission to the end of prefill",
@@ -38,7 +51,7 @@ class Metrics:
         )
         self.prefill_seconds = Histogram(
             "mambavl_prefill_seconds",
-            "One prefill batch (towers, projector, LM), tokenizing included",
+            "One prefill batch (towers, projector, LM)",
             buckets=LATENCY,
             registry=r,
         )

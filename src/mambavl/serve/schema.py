@@ -4,11 +4,16 @@ ignored; fields that do not (e.g. `user`) are accepted."""
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from mambavl.vlm.sampling import SamplingParams
+from mambavl.vlm.sampling import SEED_END, SEED_MIN, SamplingParams
+
+MAX_STOPS = 4
+# The engine looks for every stop string in the answer, and for each of its prefixes at the answer's end,
+# after every token: long ones would cost every stream on the server time.
+MAX_STOP_CHARS = 256
 
 
 class ImageURL(BaseModel):
@@ -40,7 +45,8 @@ class StreamOptions(BaseModel):
 
 
 class ChatRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # Python's JSON reader takes NaN and Infinity: no sampling setting may be either.
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     messages: list[Message] = Field(min_length=1)
     model: str | None = None
@@ -52,7 +58,7 @@ class ChatRequest(BaseModel):
     top_p: float | None = Field(None, gt=0, le=1)
     n: int = Field(1, ge=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_MIN, lt=SEED_END)  # any 64-bit integer, signed or not
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     # extensions under vLLM's names
@@ -72,8 +78,10 @@ class ChatRequest(BaseModel):
     @classmethod
     def _stops(cls, v):
         stops = [v] if isinstance(v, str) else list(v or [])
-        if len(stops) > 4 or any(not s for s in stops):
-            raise ValueError("stop takes at most 4 non-empty strings")
+        if len(stops) > MAX_STOPS or any(not s or len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(
+                f"stop takes at most {MAX_STOPS} non-empty strings of at most {MAX_STOP_CHARS} characters"
+            )
         return stops
 
     def unsupported(self) -> str | None:
@@ -108,33 +116,95 @@ class ChatRequest(BaseModel):
         )
 
 
-def parse_conversation(messages: list[Message]) -> tuple[str | None, list[tuple[str, str]], list[str]]:
-    """messages -> (system prompt, turns as (role, text) with 'human' / 'gpt' roles, image URLs).
+# What the server does with system text the model's prompt format has no place for (see `vlm.prompts`):
+# fold it into the user's message (OpenAI clients send a system message by default), or refuse the request.
+SYSTEM_MESSAGES = ("fold", "refuse")
 
-    The system message may only come first; user and assistant turns alternate, starting and ending with
-    the user. An image part becomes `<image>` in its turn's text (models that take the image first drop
-    the marker; LLaVA-style ones put the image there)."""
-    system = None
-    turns: list[tuple[str, str]] = []
+
+class Turn(NamedTuple):
+    role: str  # "human", "gpt", or "system": folded into the next user message
+    text: str
+    index: int  # where it is in the request's messages
+
+
+def conversation_prompt(vlm, messages: list[Message], system_messages: str = "fold") -> tuple[str, list[str]]:
+    """messages -> (the prompt in the model's format, image URLs).
+
+    System and developer messages before the first user message make the system prompt (joined by blank
+    lines): it goes where the prompt format has a system slot (Viper's chat templates), else it is folded
+    into the first user message as `{system}\n\n{message}`. One after the first user message is folded into
+    the next user message, on every format. Empty ones are ignored. With `system_messages="refuse"` any
+    system text that would be folded is refused instead."""
+    if system_messages not in SYSTEM_MESSAGES:
+        raise ValueError(f"system_messages={system_messages!r}: expected one of {', '.join(SYSTEM_MESSAGES)}")
+    system, turns, images = parse_conversation(messages)
+    builder = vlm.get_prompt_builder(system)
+    if system_messages == "refuse":
+        _refuse_folding(system, turns, builder.system_slot)
+    for turn in turns:
+        if turn.role == "system":
+            builder.add_system(turn.text)
+        else:
+            builder.add_turn(turn.role, turn.text)
+    return builder.get_prompt(), images
+
+
+def _refuse_folding(system: str | None, turns: list[Turn], system_slot: bool) -> None:
+    fix = "put the instructions in the user's message, or start the server with --system-messages fold"
+    if system is not None and not system_slot:
+        raise ValueError(
+            "this model's prompt format has no system prompt (it was trained without one) and this server "
+            f"refuses to fold system messages into the user's message (--system-messages refuse): {fix}"
+        )
+    for turn in turns:
+        if turn.role == "system":
+            raise ValueError(
+                f"messages[{turn.index}]: a system message after the first user message would be folded into "
+                "the next user message, which this server refuses (--system-messages refuse): send system "
+                f"messages first, or {fix}"
+            )
+
+
+def parse_conversation(messages: list[Message]) -> tuple[str | None, list[Turn], list[str]]:
+    """messages -> (system prompt or None, turns, image URLs).
+
+    The system prompt is the text of the system / developer messages before the first user message,
+    joined by blank lines; later ones become "system" turns (folded into the next user message). Empty
+    system messages are dropped. User and assistant turns alternate, starting and ending with the user.
+    An image part becomes `<image>` in its turn's text (models that take the image first drop the marker;
+    LLaVA-style ones put the image there)."""
+    leading: list[str] = []
+    turns: list[Turn] = []
     images: list[str] = []
+    spoken = 0  # user and assistant turns so far
     for i, m in enumerate(messages):
         if m.role in ("system", "developer"):
-            if i != 0:
-                raise ValueError(f"messages[{i}]: a {m.role} message may only come first")
-            system = _text(m, i, images, allow_images=False)
+            text = _text(m, i, images, allow_images=False)
+            if not text.strip():
+                continue
+            if spoken:
+                turns.append(Turn("system", text, i))
+            else:
+                leading.append(text)
             continue
         role = "human" if m.role == "user" else "gpt"
-        expected = "human" if len(turns) % 2 == 0 else "gpt"
+        expected = "human" if spoken % 2 == 0 else "gpt"
         if role != expected:
             want = "user" if expected == "human" else "assistant"
             raise ValueError(
                 f"messages[{i}] is from the {m.role}, expected the {want}: turns alternate user / "
                 "assistant, starting with the user"
             )
-        turns.append((role, _text(m, i, images, allow_images=m.role == "user")))
-    if not turns or turns[-1][0] != "human":
+        turns.append(Turn(role, _text(m, i, images, allow_images=m.role == "user"), i))
+        spoken += 1
+    if turns and turns[-1].role == "system":
+        raise ValueError(
+            f"messages[{turns[-1].index}]: a {messages[turns[-1].index].role} message after the last user "
+            "message has no user message to go with: send it before the user message it is for"
+        )
+    if not spoken or turns[-1].role != "human":
         raise ValueError("the last message must be the user's: it is what the model answers")
-    return system, turns, images
+    return ("\n\n".join(leading) if leading else None), turns, images
 
 
 def _text(m: Message, i: int, images: list[str], allow_images: bool) -> str:

@@ -11,6 +11,7 @@ import httpx
 import uvicorn
 
 from mambavl.serve.api import ServeConfig, create_app
+from mambavl.serve.connections import uvicorn_config
 from mambavl.serve.engine import Engine
 
 
@@ -29,9 +30,9 @@ class ServerThread:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.startup_timeout = startup_timeout  # capturing CUDA graphs of a big model takes a while
-        self.server = uvicorn.Server(
-            uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on")
-        )
+        limits = (config or ServeConfig()).connections
+        options = dict(host="127.0.0.1", port=self.port, log_level="warning", lifespan="on")
+        self.server = uvicorn.Server(uvicorn_config(self.app, limits, engine.metrics, **options))
         self.thread = threading.Thread(target=self.server.run, name="mambavl-server", daemon=True)
 
     def __enter__(self) -> str:

@@ -73,8 +73,9 @@ class TrainConfig:
     gradient_checkpointing: bool = True
     resize: str | None = None  # image resize strategy (default: the model's)
     # data
-    skip_bad: bool = False
-    verify_images: bool = False
+    skip_bad: bool = False  # train without unusable samples: those found up front, and images that fail
+    # to load mid-run (each listed in run_dir/skipped.jsonl); else the first one stops the run
+    verify_images: bool = False  # decode every image before training (else only their existence is checked)
     group_by_length: bool = True
     blank_images: bool = False  # replace every image by a grey one: the blind baseline
     cache_images: bool = False  # keep every transformed image in memory after its first use

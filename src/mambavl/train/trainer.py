@@ -4,7 +4,9 @@ Per optimizer step, the global batch (the same for any process count, see `data.
 micro-batches; each process runs its own, and every micro-batch's summed loss is divided by the number
 of learned tokens in the *whole global batch*. The gradient is then the token-weighted mean over the
 global batch however it is split — Cobra's intent (it weights by tokens since 2024-08), exact across
-processes too. bf16 runs under autocast with fp32 master weights.
+processes too. A sample whose image fails to load at batch time stops the run, or with `skip_bad` learns
+nothing and the step's gradient is divided by the tokens actually learned (`_renormalise`). bf16 runs
+under autocast with fp32 master weights.
 """
 
 from __future__ import annotations
@@ -12,16 +14,18 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import shutil
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 
 from mambavl.data.batching import micro_batches, plan_epoch
-from mambavl.data.collate import TrainDataset, collate
-from mambavl.data.mixture import DataSource, TrainingData, load_training_data, registry_sources
+from mambavl.data.collate import BadImage, TrainDataset, collate
+from mambavl.data.mixture import DataError, DataSource, TrainingData, load_training_data, registry_sources
 from mambavl.train import checkpoint
 from mambavl.train.config import TrainConfig
 from mambavl.train.distributed import World, setup, shard
@@ -29,8 +33,21 @@ from mambavl.train.metrics import MetricsLog, plot_loss, progress_bar, read_metr
 from mambavl.train.recipe import configure_trainable, merge_lora, optimizer, scheduler
 from mambavl.vlm.sequence import IGNORE_INDEX
 
-# Options a resumed run may change; any other difference from the saved config is refused.
-RESUMABLE_CHANGES = {"resume", "progress", "num_workers", "log_every", "save_every", "keep_checkpoints"}
+# Options a resumed run may change; any other difference from the saved config is refused. The run dir
+# itself may differ: a run moved, copied or downloaded elsewhere resumes where it now is. skip_bad may be
+# turned on to get past an image that stopped the run: the run so far skipped nothing (it would have
+# stopped), so it is what a run with skip_bad from the start did up to there. (Turned off, the first
+# unusable sample stops the run again: nothing diverges silently.)
+RESUMABLE_CHANGES = {
+    "resume",
+    "run_dir",
+    "skip_bad",
+    "progress",
+    "num_workers",
+    "log_every",
+    "save_every",
+    "keep_checkpoints",
+}
 
 
 class RunDirError(ValueError):
@@ -51,16 +68,22 @@ def build_model(source: str, seed: int, resize: str | None = None, from_parts: b
     model `mambavl.load` reads."""
     from mambavl.checkpoints.vlm import load
     from mambavl.presets import PRESETS, create_from_parts
+    from mambavl.vlm.tokenizer import load_tokenizer
 
     if source in PRESETS:
         config = PRESETS[source] if resize is None else replace(PRESETS[source], resize=resize)
+        # the tokenizer first: the one part a preset may need from the hub, so that offline it fails at
+        # once, before gigabytes of weights are built
+        tokenizer = load_tokenizer(config.tokenizer, config.eos_token)
         if from_parts:
-            return create_from_parts(config)
+            vlm = create_from_parts(config)
+            vlm.tokenizer = tokenizer
+            return vlm
         from mambavl.vlm.model import VLM
 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            return VLM(config)
+            return VLM(config, tokenizer=tokenizer)
     vlm = load(source)
     if resize is not None:
         vlm.config = replace(vlm.config, resize=resize)
@@ -86,15 +109,47 @@ def learned_tokens(ex) -> int:
     return n
 
 
-def _prepare_run_dir(cfg: TrainConfig, world: World) -> Path | None:
-    """Refuses a run dir that holds another run; on --resume, checks the config and finds the checkpoint."""
+# What a run writes in its directory; a run that stopped before its first step leaves only these.
+RUN_FILES = ("config.json", "skipped.jsonl", "metrics.jsonl", "checkpoints")
+
+
+def _started(run: Path) -> bool:
+    """Whether the run in a run dir got anywhere: a step logged or a checkpoint (even a broken one) saved.
+    One that did not (it failed on its first batch, say) has nothing to resume and nothing to lose."""
+    metrics = run / "metrics.jsonl"
+    if metrics.is_file() and read_metrics(metrics):
+        return True
+    saves = run / "checkpoints"
+    return saves.is_dir() and any(not checkpoint.STALE.fullmatch(p.name) for p in saves.iterdir())
+
+
+def _clear_run_files(run: Path) -> None:
+    for name in RUN_FILES:
+        path = run / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def _prepare_run_dir(cfg: TrainConfig, world: World, say) -> Path | None:
+    """Refuses a run dir that holds another run; on --resume, checks the config and finds the checkpoint.
+    A run that stopped before its first step is no run to keep: the new one takes its directory over."""
     run = cfg.run_dir
     saved = run / "config.json"
     # Every rank looks before rank 0 writes, so all of them reach the same verdict.
     holds_run = saved.is_file()
+    stillborn = holds_run and not _started(run)
     not_empty = run.is_dir() and any(run.iterdir())
     world.barrier()
-    if holds_run:
+    if stillborn:
+        say(
+            f"{run} holds a run that stopped before its first step (no step logged, no checkpoint): "
+            "starting over in it with the options given"
+        )
+        if world.main:
+            _clear_run_files(run)
+    elif holds_run:
         if not cfg.resume:
             raise RunDirError(
                 f"{run} already holds a run: pass --resume to continue it, or choose another --run-dir"
@@ -107,8 +162,8 @@ def _prepare_run_dir(cfg: TrainConfig, world: World) -> Path | None:
         if changed:
             diff = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
             raise RunDirError(f"{run}: cannot resume with different options ({diff})")
-        return checkpoint.latest(run / "checkpoints")
-    if not_empty:
+        return _resume_point(run / "checkpoints", world, say)
+    elif not_empty:
         raise RunDirError(f"{run} is not empty but holds no run: choose an empty or new --run-dir")
     if world.main:
         run.mkdir(parents=True, exist_ok=True)
@@ -117,6 +172,27 @@ def _prepare_run_dir(cfg: TrainConfig, world: World) -> Path | None:
         tmp.replace(saved)
     world.barrier()
     return None
+
+
+def _resume_point(directory: Path, world: World, say) -> Path | None:
+    """Rank 0 removes what interrupted saves left and picks the newest complete checkpoint; every rank
+    then acts on its verdict (or its refusal), so all of them resume from the same step."""
+    verdict: tuple[str | None, tuple[str, ...], str | None] = (None, (), None)
+    if world.main:
+        removed = checkpoint.clean_stale(directory)
+        names = ", ".join(p.name for p in removed)
+        cleaned = (f"removed what interrupted checkpoint saves left: {names}",) if removed else ()
+        try:
+            point = checkpoint.resume_point(directory)
+            verdict = (str(point.path) if point.path else None, cleaned + point.notes, None)
+        except checkpoint.ResumeError as e:
+            verdict = (None, cleaned, str(e))
+    path, notes, error = world.broadcast_object(verdict)
+    for note in notes:
+        say(note)
+    if error is not None:
+        raise checkpoint.ResumeError(error)
+    return None if path is None else Path(path)
 
 
 def train(
@@ -135,8 +211,9 @@ def train(
 
     vlm = build_model(cfg.model, cfg.seed, cfg.resize, from_parts)
     data = load_training_data(data_sources(cfg), vlm, cfg.stage, cfg.seed, cfg.skip_bad, cfg.verify_images)
-    resume_from = _prepare_run_dir(cfg, world)  # after the model and data are known to be usable
+    resume_from = _prepare_run_dir(cfg, world, say)  # after the model and data are known to be usable
     _report_problems(data, cfg.run_dir, world, say)
+    bad_images = BadImages(cfg.run_dir / "skipped.jsonl", cfg.skip_bad, console.print)
     configure_trainable(vlm, cfg)
     if precision == "bf16" and not any(p.requires_grad for p in vlm.vision.parameters()):
         vlm.vision.to(torch.bfloat16)  # frozen: no master copy needed (as the seeds do)
@@ -164,7 +241,7 @@ def train(
     position = checkpoint.Position(0, 0, 0, 0, 0.0)
     if resume_from is not None:
         position = checkpoint.load(resume_from, model, opt, sched, world)
-        say(f"resumed from {resume_from.name} (step {position.step}, epoch {position.epoch})")
+        say(f"resumed from {resume_from} (step {position.step}, epoch {position.epoch})")
     log = MetricsLog(cfg.run_dir / "metrics.jsonl", position.step) if world.main else None
 
     dataset = TrainDataset(
@@ -212,10 +289,12 @@ def train(
                 torch.manual_seed(cfg.seed * 1_000_003 + step * 101 + world.rank)  # dropout etc., resumable
                 n_global = sum(tokens_of[i] for i in global_batch)
                 positions = sum(data.lengths[i] for i in global_batch)
-                local_loss = 0.0
+                local_loss, local_left_out = 0.0, 0
                 n_micro = len(mine[k])
                 for j in range(n_micro):
                     batch = next(batches_iter).to(world.device)
+                    bad_images.take(batch.bad, step + 1)  # refuses them, unless told to skip them
+                    local_left_out += sum(tokens_of[b.index] for b in batch.bad)
                     if world.distributed:  # reduce-scatter gradients once, after the last micro-batch
                         model.set_requires_gradient_sync(j == n_micro - 1)
                     with autocast:
@@ -223,6 +302,8 @@ def train(
                     # FSDP averages gradients over processes; × size makes it the global-batch sum
                     (out.loss * (world.size / max(n_global, 1))).backward()
                     local_loss += float(out.loss.detach())
+                if cfg.skip_bad:  # every process asks (it cannot know whether another one left any out)
+                    n_global = _renormalise(model, n_global, n_global - int(world.all_sum(local_left_out)))
                 grad_norm = torch.nn.utils.clip_grad_norm_(
                     [p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm
                 )
@@ -278,7 +359,7 @@ def train(
             loss_value = records[-1]["loss"]
         plot_loss(records, cfg.run_dir / "loss.png", f"{cfg.model} — {cfg.stage}")
         say(f"done: {step} steps, final loss {loss_value:.4f}; model in {model_dir}")
-    return TrainResult(cfg.run_dir, step, loss_value, model_dir, len(data.problems))
+    return TrainResult(cfg.run_dir, step, loss_value, model_dir, len(data.problems) + len(bad_images.listed))
 
 
 def export(model, cfg: TrainConfig, world: World, config, tokenizer) -> Path | None:
@@ -304,11 +385,68 @@ def export(model, cfg: TrainConfig, world: World, config, tokenizer) -> Path | N
     return out
 
 
+def _renormalise(model, planned: int, kept: int) -> int:
+    """The gradient of a step some of whose learned tokens were left out (their images failed to load),
+    divided by the tokens actually learned rather than those planned: the same token-weighted mean a
+    global batch without those samples gives. Returns the tokens learned."""
+    if kept != planned and kept > 0:
+        factor = max(planned, 1) / kept
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad.mul_(factor)  # sharded (FSDP) or not: each process scales its own part
+    return kept
+
+
+class BadImages:
+    """Samples whose image failed to load at batch time. Without skip_bad, the first one stops the run,
+    named with its image and the two ways out; with it, each is listed once in `path` (skipped.jsonl,
+    with the step it was first met at) however often its batch comes round, and training goes on."""
+
+    def __init__(self, path: Path, skip_bad: bool, warn):
+        self.path, self.skip_bad, self.warn = path, skip_bad, warn
+        # a resumed run lists what its earlier part met already (so does every process of a run)
+        self.listed = {(r["id"], r["image"]) for r in _batch_time_entries(path)}
+
+    def take(self, bad: list[BadImage], step: int) -> None:
+        if bad and not self.skip_bad:
+            first = bad[0]
+            raise DataError(
+                f"sample {first.id!r}: its image {first.image} cannot be loaded ({first.reason}). Pass "
+                "--skip-bad to train without such samples (each is listed in the run dir's skipped.jsonl), "
+                "or --verify-images to find them all before training starts"
+            )
+        for b in bad:
+            if (b.id, b.image) in self.listed:
+                continue
+            self.listed.add((b.id, b.image))
+            entry = {"id": b.id, "image": b.image, "reason": b.reason, "step": step}
+            with open(self.path, "a") as f:  # one short line per write: appends of processes do not mix
+                f.write(json.dumps(entry) + "\n")
+            self.warn(
+                f"[yellow]skipping sample {escape(b.id)}[/yellow]: its image failed to load "
+                f"({escape(b.reason)}); listed in {escape(str(self.path))}",
+                highlight=False,
+                soft_wrap=True,
+            )
+
+
+def _batch_time_entries(path: Path) -> list[dict]:
+    """The entries of skipped.jsonl that `BadImages` wrote (they carry the step); a line cut short by a
+    kill is passed over."""
+    if not path.is_file():
+        return []
+    return [r for r in read_metrics(path) if isinstance(r, dict) and "step" in r and "image" in r]
+
+
 def _report_problems(data: TrainingData, run_dir: Path, world: World, say) -> None:
     if not data.problems or not world.main:
         return
     path = run_dir / "skipped.jsonl"
-    path.write_text("".join(json.dumps({"id": p.id, "reason": p.reason}) + "\n" for p in data.problems))
+    found = [{"id": p.id, "reason": p.reason} for p in data.problems]
+    # a resumed run's list keeps what its earlier part met at batch time; replaced whole, never half-written
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in found + _batch_time_entries(path)))
+    tmp.replace(path)
     say(f"[yellow]skipping {len(data.problems)} unusable samples[/yellow] (listed in {path}):")
-    for p in data.problems[:5]:
-        say(f"  {p}")
+    for p in data.problems[:5]:  # ids and reasons come from the data: never read as markup
+        say(f"  {escape(str(p))}")

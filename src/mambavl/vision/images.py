@@ -4,11 +4,17 @@ EXIF rotation applied, every PIL mode converted deliberately, a pixel limit chec
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 DEFAULT_MAX_PIXELS = 64_000_000  # ~8k × 8k; raise it explicitly for larger images
+# What PIL raises for a file that is not what it claims, while opening or decoding: truncated data
+# (OSError, EOFError, struct.error, zlib.error), a bad header (SyntaxError), a text chunk that
+# decompresses past PngImagePlugin.MAX_TEXT_CHUNK (ValueError), ...
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error)
 
 
 class ImageError(ValueError):
@@ -45,7 +51,7 @@ def load_image(image, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     try:
         img = ImageOps.exif_transpose(img)
         return to_rgb(img)
-    except (OSError, SyntaxError) as e:  # PIL reports truncated data lazily, at decode time
+    except DECODE_ERRORS as e:  # PIL reports bad data lazily, at decode time
         raise ImageError(f"the image could not be decoded ({e}); the file is truncated or corrupt") from e
 
 
@@ -56,6 +62,8 @@ def _open(source, name: str) -> Image.Image:
         raise ImageError(f"{name}: not an image file PIL can read") from e
     except Image.DecompressionBombError as e:
         raise ImageError(f"{name}: refused as a decompression bomb ({e})") from e
+    except DECODE_ERRORS as e:
+        raise ImageError(f"{name}: not a readable image ({e}); the file is corrupt or hostile") from e
     return img
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 from torch import nn
@@ -64,6 +65,19 @@ class PreparedImage:
     grid: tuple[int, int] | None = None
 
 
+@dataclass(frozen=True)
+class PromptIds:
+    """A tokenized prompt: its ids before the image and after it. `after` is empty unless the image goes
+    at the prompt's `<image>` (LLaVA-style); where the image goes first, or there is none, `before` is all."""
+
+    before: list[int]
+    after: list[int] = field(default_factory=list)
+
+    @property
+    def ids(self) -> list[int]:
+        return self.before + self.after
+
+
 @dataclass
 class LossSum:
     loss: torch.Tensor  # summed over the learned tokens
@@ -109,6 +123,40 @@ class VLM(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    # ---- the seeds' attribute names: scripts written for Cobra / ML-Mamba read these (`mambavl.compat`) ----
+    # (imports inside: mambavl.compat and mambavl.presets import this module)
+    @property
+    def model_id(self) -> str:
+        return self.config.name
+
+    @property
+    def arch_specifier(self) -> str:
+        """The released run config's ("no-align+fused-gelu-mlp") for the seeds' released models; the
+        projector's name for every other model."""
+        from mambavl.presets import RELEASES
+
+        release = RELEASES.get(self.config.name)
+        return release.arch_specifier if release else self.config.projector
+
+    @property
+    def half_precision_dtype(self) -> torch.dtype:
+        """The dtype the seeds run in: `vlm.to(dtype=vlm.half_precision_dtype)`."""
+        return torch.bfloat16
+
+    @property
+    def vision_backbone(self):
+        """The vision tower as the seeds' `VisionBackbone` shows it (`identifier`, `image_transform`, ...)."""
+        from mambavl.compat import VisionBackbone
+
+        return VisionBackbone(self)
+
+    @property
+    def llm_backbone(self):
+        """The LM as the seeds' `LLMBackbone` shows it (`identifier`, `llm`, `tokenizer`, ...)."""
+        from mambavl.compat import LLMBackbone
+
+        return LLMBackbone(self)
 
     def save_pretrained(self, directory):
         """mambavl's own layout: config.json, model.safetensors (all weights), tokenizer.json."""
@@ -163,6 +211,42 @@ class VLM(nn.Module):
         views, grid = anyres_views(img, list(self.config.anyres), self.vision.image_size)
         return PreparedImage([self.image_transform(v) for v in views], img.size, grid)
 
+    @cached_property
+    def positions_per_view(self) -> int:
+        """Positions one view of an image takes after the projector (e.g. 729 patches, or 196 after
+        LDPv2's pooling), from a dry run of the projector (once)."""
+        projector_dtype = next(self.projector.parameters()).dtype
+        features = torch.zeros(1, self.vision.num_patches, self.vision.embed_dim, device=self.device)
+        with torch.no_grad():
+            return self.projector(features.to(projector_dtype)).shape[1]
+
+    def image_positions(self, image: PreparedImage) -> int:
+        """Positions `image` takes in the LM's input, without running the tower: what a server checks a
+        request's length with before queuing it."""
+        per_view = self.positions_per_view
+        if self.config.anyres is None:
+            return per_view
+        if self.image_newline is None:
+            return per_view * len(image.views)
+        shape_only = torch.zeros(len(image.views), per_view, 1)  # one channel: merge_anyres only unpads
+        return merge_anyres(shape_only, image.grid, image.size, torch.zeros(1)).shape[0]
+
+    def encode_prompt(
+        self, prompt: str, has_image: bool, name: str = "the prompt", release_gil: bool = False
+    ) -> PromptIds:
+        """A prompt's ids, split where its image goes. `release_gil` lets other threads run meanwhile
+        (a server tokenizes in worker threads beside its engine thread)."""
+        encode = self.tokenizer.encode_releasing_gil if release_gil else self.tokenizer.encode
+        if self.config.image_placement == "placeholder":
+            if has_image:
+                return PromptIds(*(encode(t) for t in split_at_placeholder(prompt)))
+            if IMAGE_PLACEHOLDER in prompt:
+                raise ValueError(f"{name} has '{IMAGE_PLACEHOLDER}' but no image was given for it")
+        ids = encode(prompt)
+        if not ids and not has_image:
+            raise ValueError(f"{name} is empty and has no image: there is nothing to continue from")
+        return PromptIds(ids)
+
     def image_embeddings(self, images: list) -> list[torch.Tensor]:
         """Each image's embedding sequence [N_i, d_model]; with AnyRes, N_i depends on the image's shape.
         Images: anything `load_image` reads, or `preprocess`'s output."""
@@ -178,9 +262,12 @@ class VLM(nn.Module):
                 out.append(features.flatten(0, 1))
         return out
 
-    def prepare(self, images: list, prompts: list[str]) -> tuple[MultimodalBatch, list[list[int]]]:
+    def prepare(
+        self, images: list, prompts: list[str | PromptIds]
+    ) -> tuple[MultimodalBatch, list[list[int]]]:
         """Rows of (image or None, prompt) -> a packed batch, and each row's prompt ids. The image goes
-        first (Cobra, ML-Mamba) or where the prompt says `<image>` (Viper, LLaVA-style)."""
+        first (Cobra, ML-Mamba) or where the prompt says `<image>` (Viper, LLaVA-style). A prompt may
+        come tokenized already (`encode_prompt`)."""
         with_image = [b for b, im in enumerate(images) if im is not None]
         encoded = dict(
             zip(
@@ -196,20 +283,17 @@ class VLM(nn.Module):
         rows, all_ids = [], []
         for b, prompt in enumerate(prompts):
             image = encoded.get(b)
+            tokens = (
+                prompt
+                if isinstance(prompt, PromptIds)
+                else self.encode_prompt(prompt, image is not None, name=f"prompt {b}")
+            )
             if self.config.image_placement == "placeholder" and image is not None:
-                before, after = (self.tokenizer.encode(t) for t in split_at_placeholder(prompt))
-                row, ids = torch.cat([embed(before), image, embed(after)]), before + after
+                row = torch.cat([embed(tokens.before), image, embed(tokens.after)])
             else:
-                if self.config.image_placement == "placeholder" and IMAGE_PLACEHOLDER in prompt:
-                    raise ValueError(f"prompt {b} has '{IMAGE_PLACEHOLDER}' but no image was given for it")
-                ids = self.tokenizer.encode(prompt)
-                if not ids and image is None:
-                    raise ValueError(
-                        f"prompt {b} is empty and has no image: there is nothing to continue from"
-                    )
-                row = splice_image_first(embed(ids), image)[0]
+                row = splice_image_first(embed(tokens.before), image)[0]
             rows.append(row)
-            all_ids.append(ids)
+            all_ids.append(tokens.ids)
         batch = pack(rows, [None] * len(rows))
         longest = int(batch.lengths.max())
         if longest > self.config.max_length:

@@ -5,10 +5,11 @@ byte-level, no merges, so it needs nothing from the network and encodes any text
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-from mambavl.checkpoints.files import hub_file
+from mambavl.checkpoints.files import CheckpointError, hub_file
 
 EOS = "<|endoftext|>"
 # Chat markers of the prompt formats the tiny presets use (zephyr, ChatML): one id each, as a real chat
@@ -34,6 +35,12 @@ class TextTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def encode_releasing_gil(self, text: str) -> list[int]:
+        """The same ids as `encode`, letting other Python threads run meanwhile (tokenizers' `encode`
+        holds the GIL throughout; its batch form does not): for servers that tokenize beside a busy
+        thread."""
+        return self.tokenizer.encode_batch([text], add_special_tokens=False)[0].ids
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -61,18 +68,40 @@ def numbered_tokenizer(vocab_size: int) -> TextTokenizer:
 
 
 def hub_tokenizer(repo_id: str) -> TextTokenizer:
-    """tokenizer.json of a hub repo (local cache first)."""
-    return TextTokenizer(Tokenizer.from_file(str(hub_file(repo_id, "tokenizer.json"))))
+    """tokenizer.json of a hub repo (local cache first; offline and not cached: a HubUnavailable at once)."""
+    return TextTokenizer(
+        Tokenizer.from_file(str(hub_file(repo_id, "tokenizer.json", "the tokenizer (tokenizer.json)")))
+    )
+
+
+def tokenizer_file(path: str | Path, eos_token: str = EOS) -> TextTokenizer:
+    """A local tokenizer.json, checked: present, readable by `tokenizers`, and holding `eos_token` (else
+    answers would never end). Errors are CheckpointErrors naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(
+            f"{path}: no such tokenizer file; copy the model's tokenizer.json beside its weights"
+        )
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises plain Exceptions for bad JSON and for unknown models alike
+        raise CheckpointError(
+            f"{path}: not a tokenizer file `tokenizers` can read ({e}); copy the model's tokenizer.json again"
+        ) from e
+    if tok.token_to_id(eos_token) is None:
+        raise CheckpointError(
+            f"{path}: has no {eos_token!r} token, the token that ends an answer; this tokenizer does not "
+            "belong to the model (or the model's eos_token is wrong)"
+        )
+    return TextTokenizer(tok, eos_token)
 
 
 def load_tokenizer(name: str, eos_token: str = EOS) -> TextTokenizer:
     """ "bytes" (built in), a local tokenizer.json, or a hub repo."""
-    from pathlib import Path
-
     if name == "bytes":
         tok = byte_tokenizer()
-    elif Path(name).is_file():
-        tok = TextTokenizer(Tokenizer.from_file(name))
+    elif Path(name).is_file() or name.endswith(".json"):
+        tok = tokenizer_file(name, eos_token)
     else:
         tok = hub_tokenizer(name)
     tok.eos_token = eos_token
@@ -83,7 +112,8 @@ def hub_chat_template(repo_id: str) -> str:
     """The `chat_template` of a hub repo's tokenizer_config.json (what `apply_chat_template` renders)."""
     import json
 
-    template = json.loads(hub_file(repo_id, "tokenizer_config.json").read_text()).get("chat_template")
+    config = hub_file(repo_id, "tokenizer_config.json", "the chat template (tokenizer_config.json)")
+    template = json.loads(config.read_text()).get("chat_template")
     if isinstance(template, list):  # several named templates: the default one
         template = next((t["template"] for t in template if t.get("name") == "default"), None)
     if not template:
