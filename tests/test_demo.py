@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 
 import pytest
@@ -52,6 +53,9 @@ def test_demo_runs_end_to_end_and_writes_a_loadable_model(tmp_path):
     assert saved["heldout_accuracy"] == report["heldout_accuracy"]
     assert set(saved["per_type_accuracy"]) == set(QUESTION_TYPES)
     assert saved["blind_accuracy"] is not None and saved["heldout_questions"] == 4 * len(QUESTION_TYPES)
+    # with two cores the blind baseline trained in a second process; its eval is an ordinary run too
+    assert saved["blind_in_parallel"] == ((os.cpu_count() or 1) >= 2)
+    assert (tmp_path / "demo" / "eval" / "blind" / "run.json").is_file()
     vlm = mambavl.load(tmp_path / "demo" / "model")
     assert vlm.config.name == "tiny-cobra"
     # the held-out score is an ordinary eval run: evaluating again resumes it and changes nothing
