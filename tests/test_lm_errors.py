@@ -31,7 +31,7 @@ def test_missing_directory():
 
 
 def test_hub_id_offline_and_not_cached_says_so():
-    with pytest.raises(CheckpointError, match="not in the Hugging Face cache"):
+    with pytest.raises(CheckpointError, match="not in the local Hugging Face cache"):
         load_lm("acme/not-downloaded")
 
 
