@@ -27,6 +27,39 @@ def _seed():
     yield
 
 
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any connection or name lookup beyond this machine fails the test at once (loopback stays open for
+    the tests' own servers): for tests of code whose job is to reach the hub, so that a mistake in a
+    fake can never turn into a real download."""
+    import socket
+
+    def host_of(address) -> str:
+        return address[0] if isinstance(address, tuple) else str(address)
+
+    def guard(original):
+        def connect(sock, address, *args):
+            if sock.family in (socket.AF_INET, socket.AF_INET6) and host_of(address) not in LOOPBACK:
+                raise AssertionError(f"the test tried to connect to {address!r}: tests never use the network")
+            return original(sock, address, *args)
+
+        return connect
+
+    lookup = socket.getaddrinfo
+
+    def getaddrinfo(host, *args, **kwargs):
+        if host not in (*LOOPBACK, None, ""):
+            raise AssertionError(f"the test tried to look up {host!r}: tests never use the network")
+        return lookup(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket.socket, "connect", guard(socket.socket.connect))
+    monkeypatch.setattr(socket.socket, "connect_ex", guard(socket.socket.connect_ex))
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+
+
 @pytest.fixture
 def exact_fp32():
     """fp32 matmuls and convolutions without TF32 on GPUs (TF32 differs from the CPU reference by ~1e-3)."""

@@ -22,6 +22,11 @@ from mambavl.cli import app
 PROXY_VARIABLES = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
 
 
+@pytest.fixture(autouse=True)
+def _no_network(no_network):
+    """Every test here exercises code that would reach the hub: none may get past the machine."""
+
+
 class Connections:
     """Stands in for `socket.create_connection`: records where it was asked to connect, and answers as
     told: refused (an OSError), accepted, or never (a stalled lookup, until the test ends)."""
@@ -235,3 +240,16 @@ def test_training_a_preset_offline_fails_before_building_it(hub, tmp_path):
     assert line.startswith("error: --model cobra+3b needs the tokenizer (tokenizer.json)")
     assert "--model DIR" in line
     assert not (tmp_path / "r").exists()
+
+
+def test_this_files_tests_cannot_reach_past_the_machine():
+    """The guard every test here runs under: a lookup or a connection beyond loopback fails at once."""
+    import socket
+
+    with pytest.raises(AssertionError, match="never use the network"):
+        socket.getaddrinfo("huggingface.co", 443)
+    with pytest.raises(AssertionError, match="never use the network"):
+        socket.create_connection(("192.0.2.1", 443), timeout=1)
+    server = socket.create_server(("127.0.0.1", 0))
+    with server, socket.create_connection(server.getsockname(), timeout=1):
+        pass  # loopback stays open for the tests' own servers

@@ -109,6 +109,11 @@ print(f'user_prompt : {user_prompt} \ngenerated_text : {generated_text}')
 IMAGE = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 60, 3), dtype=np.uint8))
 
 
+@pytest.fixture(autouse=True)
+def _no_network(no_network):
+    """Every test here exercises code that would reach the hub: none may get past the machine."""
+
+
 def ported(snippet: str, **changes: tuple[str, str]) -> str:
     """The snippet with each (old, new) change made exactly once (a changed README fails here, loudly)."""
     for old, new in changes.values():

@@ -167,8 +167,11 @@ def test_slow_clients_are_cut_off_at_their_deadlines_while_others_are_served(vlm
         for sock in (silent, half_head, kept):
             assert read_until_closed(sock) == b""  # closed, no answer: no request was ever read
         head, _, body = read_until_closed(half_body).partition(b"\r\n\r\n")
+        # Not cut before its deadline. That it was cut at all is what read_until_closed shows: it returns
+        # only when the server closes, and the socket's own 15 s timeout would fail the test otherwise. No
+        # upper bound on the time: on a loaded machine it says nothing about the server.
         waited = time.monotonic() - start
-        assert 1.4 <= waited < 6, waited
+        assert waited >= 1.4, waited
         assert head.startswith(b"HTTP/1.1 408") and b"connection: close" in head.lower()
         assert b"did not arrive within 1.5 s" in body and b'"invalid_request_error"' in body
 
