@@ -21,36 +21,22 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 import mambavl
-from mambavl.data.shapes import write_shapes
+import test_train
 from mambavl.train import TrainConfig, train
 from mambavl.train import checkpoint as ckpt
 from mambavl.train.metrics import read_metrics
+from test_train import tiny_cfg
 
 SRC = str(Path(mambavl.__file__).parents[1])
 STEPS = 6  # 3 steps an epoch: checkpoints at steps 2, 3, 4 and 6; the newest two are kept (4 and 6)
 
 
-@pytest.fixture(scope="module")
-def shapes(tmp_path_factory):
-    return write_shapes(tmp_path_factory.mktemp("shapes"), train_scenes=24, heldout_scenes=4, image_size=56)
+shapes = test_train.shapes  # the same fixture: the tiny shapes data test_train trains on
 
 
 def run_cfg(shapes, run_dir, **kw) -> TrainConfig:
-    base = dict(
-        model="tiny-cobra",
-        run_dir=Path(run_dir),
-        stage="finetune",
-        data=(f"{shapes['finetune']}:{shapes['images']}",),
-        max_steps=STEPS,
-        save_every=2,
-        global_batch_size=8,
-        per_device_batch_size=4,
-        learning_rate=3e-3,
-        precision="fp32",
-        progress=False,
-        seed=3,
-    )
-    return TrainConfig(**(base | kw))
+    """test_train's tiny run, saving a checkpoint every 2 steps."""
+    return tiny_cfg(shapes, run_dir, **({"max_steps": STEPS, "save_every": 2} | kw))
 
 
 @pytest.fixture(scope="module")

@@ -482,6 +482,18 @@ def _download_preset(config: VLMConfig, **hub_options) -> Path:
     return paths[0].parent
 
 
+def _layout(directory: Path) -> tuple[str, dict]:
+    """Which layout a model directory holds ("ours", "llava" or "seed": a Cobra / ML-Mamba run), and its
+    config.json ({} when it has none, as a seed's checkpoint-only directory may)."""
+    config = directory / "config.json"
+    raw = read_json(config) if config.is_file() else {}
+    if raw.get("format") == FORMAT:
+        return "ours", raw
+    if ConfigFields(raw, config).text("model_type", None) in LLAVA_TYPES:
+        return "llava", raw
+    return "seed", raw
+
+
 def load(
     name_or_path: str | Path,
     dtype: torch.dtype | None = None,
@@ -508,11 +520,10 @@ def load(
                 f"({sorted(k for k, v in PRESETS.items() if v.hub_layout)})"
             )
         directory = _download_preset(preset, **hub_options)
-    raw = read_json(directory / "config.json") if (directory / "config.json").is_file() else {}
-    model_type = ConfigFields(raw, directory / "config.json").text("model_type", None)
-    if raw.get("format") == FORMAT:
+    layout, raw = _layout(directory)
+    if layout == "ours":
         vlm = _from_ours(directory, raw, dtype)
-    elif model_type in LLAVA_TYPES:
+    elif layout == "llava":
         vlm = _from_llava(directory, raw, preset, pretrained_tower, dtype)
     else:
         vlm = _from_seed(directory, preset, pretrained_tower, dtype)
@@ -539,10 +550,10 @@ def read_config(name_or_path: str | Path) -> tuple[VLMConfig, str] | None:
         if name in PRESETS:
             return PRESETS[name], "mambavl preset"
         raise CheckpointError(f"{name}: neither a model directory nor a preset ({', '.join(PRESETS)})")
-    raw = read_json(directory / "config.json") if (directory / "config.json").is_file() else {}
-    if raw.get("format") == FORMAT:
+    layout, raw = _layout(directory)
+    if layout == "ours":
         return config_from_dict(raw.get("config"), directory / "config.json"), "mambavl"
-    if str(raw.get("model_type")) in LLAVA_TYPES:
+    if layout == "llava":
         return _llava_config(directory, raw, None), f"LLaVA / Viper ({raw['model_type']})"
     seed_files = (directory / "checkpoints" / "latest-checkpoint.pt", directory / "latest-checkpoint.pt")
     if "model" not in raw and (raw or not any(p.is_file() for p in seed_files)):
@@ -565,12 +576,11 @@ def model_files(name_or_path: str | Path) -> list[Path]:
         if preset.hub_layout is None:
             return []
         directory = _download_preset(preset)
-    config = directory / "config.json"
-    raw = read_json(config) if config.is_file() else {}
-    if raw.get("format") == FORMAT:
+    layout, _ = _layout(directory)
+    if layout == "ours":
         files = [directory / "model.safetensors", directory / "tokenizer.json"]
-    elif str(raw.get("model_type")) in LLAVA_TYPES:
+    elif layout == "llava":
         files = [*weight_files(directory), directory / "tokenizer.json", directory / "tokenizer_config.json"]
     else:
         files = [_find_checkpoint(directory)]
-    return [p for p in (config, *files) if p.is_file()]
+    return [p for p in (directory / "config.json", *files) if p.is_file()]

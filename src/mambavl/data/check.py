@@ -13,13 +13,7 @@ from mambavl.vision.images import ImageError, load_image
 
 def image_tokens(vlm) -> int | None:
     """Image positions per sample for single-view models (None for AnyRes: it depends on the image)."""
-    import torch
-
-    if vlm.config.anyres is not None:
-        return None
-    features = torch.zeros(1, vlm.vision.num_patches, vlm.vision.embed_dim, device=vlm.device)
-    with torch.no_grad():  # e.g. 729 patches, or 196 after LDPv2's pooling
-        return vlm.projector(features.to(next(vlm.projector.parameters()).dtype)).shape[1]
+    return None if vlm.config.anyres is not None else vlm.positions_per_view
 
 
 def image_problem(image: str, image_root: Path, max_pixels: int, decode: bool = True) -> str | None:
