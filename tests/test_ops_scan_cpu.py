@@ -53,7 +53,7 @@ def test_cpu_scan_gradients_equal_autograd_of_the_loop(batch, dim, n, length):
     gh = torch.randn_like(h_ref)
     grads = torch.autograd.grad((y * gy).sum() + (h * gh).sum(), list(x.values()))
     ref = torch.autograd.grad((y_ref * gy).sum() + (h_ref * gh).sum(), list(ref_x.values()))
-    for name, got, want in zip(x, grads, ref):
+    for name, got, want in zip(x, grads, ref, strict=True):
         scale = want.abs().max().clamp(min=1.0)
         assert (got.double() - want).abs().max() <= 2e-4 * scale, name
 
@@ -68,5 +68,25 @@ def test_cpu_scan_blocks_chain_the_state(monkeypatch):
     grads6 = torch.autograd.grad(y6.square().sum() + h6.sum(), list(x.values()))
     torch.testing.assert_close(y6, y)
     torch.testing.assert_close(h6, h)
-    for got, want in zip(grads6, grads):
+    for got, want in zip(grads6, grads, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_cpu_scan_under_bf16_autocast_computes_in_fp32():
+    """Training with --precision bf16 on a CPU: bf16 inputs and output gradient, fp32 inside."""
+    x = _inputs(2, 6, 4, 9, seed=2)
+    low = {
+        k: (v.detach().bfloat16() if k in ("u", "delta", "B", "C", "z") else v.detach().float())
+        for k, v in x.items()
+    }
+    low = {k: v.requires_grad_() for k, v in low.items()}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = ops.selective_scan(**low, delta_softplus=True, backend="torch")
+    y.float().square().sum().backward()
+    ref = {k: v.detach().float().requires_grad_() for k, v in low.items()}
+    y_ref = ops.selective_scan(**ref, delta_softplus=True, backend="torch")
+    y_ref.float().square().sum().backward()
+    torch.testing.assert_close(y.float(), y_ref.float(), rtol=2e-2, atol=2e-2)
+    for name in low:
+        assert low[name].grad is not None and torch.isfinite(low[name].grad).all(), name
+        torch.testing.assert_close(low[name].grad.float(), ref[name].grad, rtol=5e-2, atol=5e-2)

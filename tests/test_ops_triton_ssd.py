@@ -131,16 +131,30 @@ def test_ssd_triton_strided_views():
     _compare(inputs, 8, FP32, dt_softplus=True)
 
 
-def test_ssd_triton_refuses_training_and_auto_falls_back(monkeypatch):
+def test_ssd_triton_trains_and_auto_falls_back(monkeypatch):
+    """The kernels have a backward: training under an explicit triton backend (argument or MAMBAVL_BACKEND)
+    runs them, never the reference's autograd; `auto` on CPU tensors stays on the reference."""
+    import mambavl.ops.ssd as reference
+
     inputs = _inputs(length=9)
     inputs["x"].requires_grad_(True)
-    with pytest.raises(ValueError, match="forward-only"):
-        ops.mamba_chunk_scan_combined(**inputs, chunk_size=8, backend="triton")
-    monkeypatch.setenv("MAMBAVL_BACKEND", "triton")
-    with pytest.raises(ValueError, match="forward-only"):
-        ops.mamba_chunk_scan_combined(**inputs, chunk_size=8)
-    with torch.no_grad():  # no gradient needed: the kernels run
-        ops.mamba_chunk_scan_combined(**inputs, chunk_size=8)
+    want = ops.mamba_chunk_scan_combined(**inputs, chunk_size=8, backend="torch")
+    (want_grad,) = torch.autograd.grad(want.sum(), inputs["x"])
+
+    def no_reference(*args, **kwargs):
+        raise AssertionError("the triton backend ran the reference")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(reference, "segsum", no_reference)
+        for backend, env in (("triton", "auto"), (None, "triton")):
+            patch.setenv("MAMBAVL_BACKEND", env)
+            y = ops.mamba_chunk_scan_combined(**inputs, chunk_size=8, backend=backend)
+            assert y.grad_fn is not None
+            (grad,) = torch.autograd.grad(y.sum(), inputs["x"])
+            torch.testing.assert_close(y, want, **FP32)
+            torch.testing.assert_close(grad, want_grad, **FP32)
     monkeypatch.setenv("MAMBAVL_BACKEND", "auto")
-    ops.mamba_chunk_scan_combined(**inputs, chunk_size=8).sum().backward()
+    y = ops.mamba_chunk_scan_combined(**inputs, chunk_size=8)
+    assert (DEVICE == "cuda") == ("_ChunkScan" in type(y.grad_fn).__name__)  # auto: Triton only on CUDA
+    y.sum().backward()
     assert inputs["x"].grad is not None

@@ -299,6 +299,11 @@ def train(
     num_workers: int = typer.Option(None, help="Data loader worker processes."),
     save_every: int = typer.Option(None, help="Checkpoint every N steps (and at each epoch's end)."),
     resume: bool = typer.Option(None, "--resume", help="Continue the run in the run directory."),
+    report_to: list[str] = typer.Option(  # noqa: B008
+        None,
+        "--report-to",
+        help="Also log to wandb and/or tensorboard (repeatable or comma-separated; files in the run dir).",
+    ),
     from_parts: bool = typer.Option(
         False, "--from-parts", help="Preset with pretrained tower(s) and LM (as the seeds start)."
     ),
@@ -338,6 +343,7 @@ def train(
         num_workers=num_workers,
         save_every=save_every,
         resume=resume,
+        report_to=tuple(report_to) if report_to else None,
     )
     options |= {k: v for k, v in given.items() if v is not None}
     if lora_rank is not None:
@@ -366,7 +372,7 @@ def train(
     except HubUnavailable as e:
         _fail(e.instead(HUB_AVOIDED, needed_by=f"--model {options['model']}"), code=1)
     except (DataError, RunDirError, ValueError, FileNotFoundError, CheckpointSaveError) as e:
-        console.print(f"[red]error:[/red] {e}", highlight=False)
+        console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from e
 
 
@@ -512,7 +518,8 @@ def bench(
         "bench", help="Directory for bench.json and bench.png (train.json with --train)."
     ),
     peers: str = typer.Option(
-        "hf-mamba,gpt-neox,mamba-ssm", help="Peers measured in the same run, comma-separated, or 'none'."
+        "hf-mamba,gpt-neox,mamba-ssm",
+        help="Peers measured in the same run, comma-separated, or 'none' (--train: hf-mamba, mamba-ssm).",
     ),
     prefill_lengths: str = typer.Option("1024,4096,16384,65536,131072", help="Our prefill prompt lengths."),
     peer_prefill_lengths: str = typer.Option("800,1024,4096,16384,65536", help="The peers' prompt lengths."),
@@ -529,7 +536,10 @@ def bench(
     batch: int = typer.Option(8, help="--train: rows per step."),
     checkpointing: str = typer.Option("both", help="--train: gradient checkpointing on, off, both or none."),
     kernels: bool = typer.Option(
-        False, "--kernels", help="Time the decode-step kernels against what they replace instead."
+        False,
+        "--kernels",
+        help="Time the decode-step kernels against what they replace instead (with --train: the training "
+        "kernels, forward and backward).",
     ),
     sweep: bool = typer.Option(False, "--sweep", help="--kernels: also time every candidate tile."),
     serve: bool = typer.Option(
@@ -556,6 +566,12 @@ def bench(
         raise typer.Exit(1)
     chosen = () if peers.strip() == "none" else tuple(p.strip() for p in peers.split(",") if p.strip())
     try:
+        if kernels and train:
+            from mambavl.bench.train_kernels import run_train_kernels
+
+            run_train_kernels(model, Path(out), batch, say=console.print)
+            console.print(f"wrote {Path(out) / 'train_kernels.json'}")
+            return
         if kernels:
             from mambavl.bench.kernels import run_kernels
 
@@ -566,8 +582,9 @@ def bench(
             from mambavl.bench.train import run_train
 
             run_train(
-                model, Path(out), steps, batch, checkpointing, with_peer=bool(chosen), say=console.print
+                model, Path(out), steps, batch, checkpointing, peers=chosen, say=console.print, device=device
             )
+            console.print(f"wrote {Path(out) / 'train.json'}")
             return
         cfg = BenchConfig(
             preset=model,

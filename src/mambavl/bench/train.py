@@ -1,19 +1,30 @@
-"""`mambavl bench --train`: training-step throughput and memory of a preset at full size (random
+"""`mambavl bench --train`: training-step throughput, memory and MFU of a preset at full size (random
 weights), through the real entry point (`mambavl.train.train`: data pipeline, bf16 autocast, gradient
-checkpointing, AdamW), and in the same run the peer: HF transformers' Mamba (`MambaForCausalLM`, same
-LM config) doing the same forward + backward + AdamW step on token batches of the same shape.
+checkpointing on and/or off, AdamW), and in the same run its peers doing a training step of the same
+LM config on token batches of the same shape:
 
-    mambavl bench --train --model cobra+3b --steps 5 --batch 8 --out bench-train
+- ``hf-mamba``: transformers' ``MambaForCausalLM`` / ``Mamba2ForCausalLM`` (its own kernel choice),
+  gradient checkpointing on, as it was first measured;
+- ``mamba-ssm``: the reference implementation, ``mamba_ssm``'s ``MambaLMHeadModel`` (RMSNorm with the
+  residual add fused, residual in fp32, its Triton / CUDA kernels), no gradient checkpointing, fused AdamW;
+- ``gpt-neox`` is an inference peer only: named here, it is a note.
+
+    mambavl bench --train --model cobra+3b --steps 5 --batch 8 --peers mamba-ssm --out bench-train
 
 Synthetic data: shapes scenes at the tower's resolution, multi-turn conversations (byte tokenizer, so
-nothing is downloaded). Tokens/s counts every position (image + text) of a step, measured after the
-first step (warm-up). MFU = model FLOPs (6 × LM parameters per position for forward + backward, plus
-2 × vision parameters per patch for the frozen towers' forward; recomputation not counted) over the
-GPU's dense bf16 peak.
+nothing is downloaded), one image per row. Every side trains in bf16 autocast over fp32 master weights;
+a peer's rows hold as many positions as ours do on average (image + text). A step's time is the median
+over the steps after the first (warm-up: compilation, autotuning). No checkpoint and no model is written
+(`save_final` off): at full size each would be tens of GB. A peer never stops the run: one that cannot
+run (mamba_ssm not importable, out of memory) is an entry with its `error`, printed, and ours is still
+reported, whether the peer was asked for by name or not. `train.json` holds every entry, the FLOPs each
+step counts and the MFU formula (`MFU_FORMULA`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import statistics
 import tempfile
@@ -23,7 +34,21 @@ from pathlib import Path
 
 import torch
 
+from mambavl.bench.timing import sync
+
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
+TRAIN_PEERS = ("hf-mamba", "mamba-ssm")
+INFERENCE_ONLY = ("gpt-neox",)
+GIB = 2**30
+
+MFU_FORMULA = (
+    "MFU = (6 × LM parameters × LM positions per step + 2 × vision parameters × patches per image × "
+    "images per step) / step seconds / the GPU's dense bf16 peak FLOP/s. LM positions are every position "
+    "a step runs through the LM (image + text), forward + backward (6 per parameter, the LM head counted "
+    "at every position); the frozen towers run forward only (2 per parameter per patch); the projector and "
+    "recomputation under gradient checkpointing are not counted. The peers run the LM alone: their vision "
+    "term is 0, and they count the same LM parameters as ours"
+)
 
 
 def peak_flops() -> float | None:
@@ -33,166 +58,342 @@ def peak_flops() -> float | None:
     return next((v for k, v in PEAK_BF16.items() if k in name), None)
 
 
-def ours(preset: str, steps: int, batch: int, tmp: Path, checkpointing: bool) -> dict:
-    from mambavl.data.shapes import write_shapes
+def _release() -> None:
+    gc.collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_gib(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None
+
+
+# ---- the work a step counts ------------------------------------------------------------------------------
+def model_sizes(preset: str) -> dict:
+    """The parameters the MFU counts: the LM's (a tied head once), the towers', and patches per image."""
+    from mambavl.presets import create
+
+    vlm = create(preset, device="meta")
+    return {
+        "lm_params": vlm.lm.num_parameters(),
+        "vision_params": sum(p.numel() for p in vlm.vision.parameters()),
+        "patches_per_image": vlm.vision.num_patches,
+        "image_size": vlm.vision.image_size,
+        "lm": vlm.lm.config,
+    }
+
+
+def flops_per_step(sizes: dict, positions: float, images: float) -> dict:
+    """`MFU_FORMULA`'s numerator, its two terms apart."""
+    lm = 6 * sizes["lm_params"] * positions
+    vision = 2 * sizes["vision_params"] * sizes["patches_per_image"] * images
+    return {"lm": lm, "vision": vision, "total": lm + vision}
+
+
+def with_mfu(entry: dict, sizes: dict, images: float, peak: float | None) -> dict:
+    """The entry with its FLOPs per step and MFU (None without a known peak, e.g. on CPUs)."""
+    if "step_s" not in entry:
+        return entry
+    flops = flops_per_step(sizes, entry["positions_per_step"], images)
+    mfu = flops["total"] / entry["step_s"] / peak if peak else None
+    return entry | {"flops_per_step": flops, "mfu": mfu}
+
+
+# ---- ours ------------------------------------------------------------------------------------------------
+def ours(
+    preset: str,
+    data: str,
+    run_dir: Path,
+    steps: int,
+    batch: int,
+    checkpointing: bool,
+    device: torch.device,
+    num_workers: int = 4,
+) -> dict:
+    """A `mambavl.train` finetune of `steps` steps on `data`; no checkpoint, no model written."""
     from mambavl.presets import PRESETS
     from mambavl.train import TrainConfig, train
+    from mambavl.train.distributed import World
     from mambavl.train.metrics import read_metrics
 
     config = replace(PRESETS[preset], name=f"{preset}-bytes", tokenizer="bytes")
-    PRESETS[config.name] = config  # this process only: the preset with the offline tokenizer
-    paths = write_shapes(tmp / "data", train_scenes=batch * steps, heldout_scenes=1, image_size=384)
-    torch.cuda.reset_peak_memory_stats()
+    PRESETS[config.name] = config  # for this run only: the preset with the offline tokenizer
     cfg = TrainConfig(
         model=config.name,
-        run_dir=tmp / f"run-{checkpointing}",
+        run_dir=run_dir,
         stage="finetune",
-        data=(f"{paths['finetune']}:{paths['images']}",),
+        data=(data,),
         max_steps=steps,
         global_batch_size=batch,
         per_device_batch_size=batch,
         precision="bf16",
         gradient_checkpointing=checkpointing,
         group_by_length=True,
-        num_workers=4,
-        save_every=10**9,
-        keep_checkpoints=1,
+        num_workers=num_workers,
+        save_every=0,
+        save_final=False,
         progress=False,
     )
+    _release()
+    _reset_peak(device)
     t0 = time.perf_counter()
-    train(cfg)
+    try:
+        # on a GPU: torchrun's process (or a world of one); on the CPU: a world of one there
+        train(cfg, world=World() if device.type == "cpu" else None)
+    finally:
+        PRESETS.pop(config.name, None)
     wall = time.perf_counter() - t0
-    records = read_metrics(cfg.run_dir / "metrics.jsonl")[1:]  # the first step warms up
+    everything = read_metrics(run_dir / "metrics.jsonl")
+    warm = everything[1:] or everything  # the first step warms up
     return {
-        "tokens_per_s": statistics.median(r["tokens_per_s"] for r in records),
-        "step_s": statistics.median(r["step_s"] for r in records),
-        "positions_per_step": statistics.median(r["tokens"] for r in records),
-        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
-        "losses": [r["loss"] for r in read_metrics(cfg.run_dir / "metrics.jsonl")],
+        "tokens_per_s": statistics.median(r["tokens_per_s"] for r in warm),
+        "step_s": statistics.median(r["step_s"] for r in warm),
+        "positions_per_step": statistics.median(r["tokens"] for r in warm),
+        "peak_memory_gib": _peak_gib(device),
+        "losses": [r["loss"] for r in everything],
+        "gradient_checkpointing": checkpointing,
         "wall_s_incl_setup": wall,
     }
 
 
-def peer(preset: str, steps: int, batch: int, length: int, checkpointing: bool) -> dict:
-    from transformers import MambaConfig, MambaForCausalLM
-
-    from mambavl.presets import PRESETS
-
-    lm = PRESETS[preset].lm
-    if set(lm.mixers) != {"mamba1"}:
-        return {"skipped": f"no transformers peer for {lm.family}"}
-    hf = MambaConfig(
-        vocab_size=lm.vocab_size,
-        hidden_size=lm.d_model,
-        state_size=lm.d_state,
-        num_hidden_layers=lm.n_layer,
-        expand=lm.d_inner // lm.d_model,
-        conv_kernel=lm.d_conv,
-        time_step_rank=lm.dt_rank,
-        use_bias=False,
-        use_conv_bias=True,
-        tie_word_embeddings=True,
-        residual_in_fp32=True,
-    )
-    model = MambaForCausalLM(hf).cuda()
-    if checkpointing:
-        model.gradient_checkpointing_enable()
+# ---- the peers -------------------------------------------------------------------------------------------
+def _timed_steps(model, loss_of, ids: torch.Tensor, steps: int, device: torch.device) -> dict:
+    """`steps` training steps (bf16 autocast over the fp32 weights, fused AdamW), timed each between
+    synchronisations; the figures of the steps after the first."""
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=2e-5, fused=True)
-    ids = torch.randint(0, lm.vocab_size, (batch, length), device="cuda")
-    torch.cuda.reset_peak_memory_stats()
-    times = []
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16)
+    _reset_peak(device)
+    times, losses = [], []
     for _ in range(steps):
-        torch.cuda.synchronize()
+        sync(device)
         t0 = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(input_ids=ids, labels=ids).loss
+        with autocast:
+            loss = loss_of(model, ids)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
+        sync(device)
         times.append(time.perf_counter() - t0)
+        losses.append(float(loss.detach()))
     step = statistics.median(times[1:] or times)
-    out = {
-        "tokens_per_s": batch * length / step,
+    positions = ids.numel()
+    return {
+        "tokens_per_s": positions / step,
         "step_s": step,
-        "positions_per_step": batch * length,
-        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
-        "mamba_ssm_kernels": _importable("mamba_ssm") and _importable("causal_conv1d"),
+        "positions_per_step": positions,
+        "peak_memory_gib": _peak_gib(device),
+        "losses": losses,
+        "params": sum(p.numel() for p in model.parameters()),
     }
-    del model, opt
-    torch.cuda.empty_cache()
-    return out
+
+
+def _next_token_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of each position's prediction of the next token (fp32, as ours)."""
+    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+
+
+def hf_peer(lm, steps: int, batch: int, length: int, device: torch.device) -> dict:
+    """transformers' causal LM of the same LM config, gradient checkpointing on."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    from mambavl.bench.peers import _hf_class, _tokens, hf_mamba_config
+
+    config, notes = hf_mamba_config(lm)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    # transformers 5.x renamed it; older releases know only the first name
+    getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
+    ids = _tokens(lm.vocab_size, batch, length, device)
+    try:
+        out = _timed_steps(model, lambda m, x: m(input_ids=x, labels=x).loss, ids, steps, device)
+    finally:
+        del model
+        _release()
+    return out | {
+        "name": f"transformers {_hf_class(config)} {transformers.__version__}",
+        "gradient_checkpointing": True,
+        "mamba_ssm_kernels": _importable("mamba_ssm") and _importable("causal_conv1d"),
+        "notes": notes,
+    }
+
+
+def mamba_ssm_peer(lm, steps: int, batch: int, length: int, device: torch.device) -> dict:
+    """mamba_ssm's MambaLMHeadModel of the same LM config (`peers.mamba_ssm_config`: rms_norm,
+    fused_add_norm, residual in fp32, the mixer's own sizes), no gradient checkpointing. ImportError when
+    mamba_ssm cannot be imported."""
+    from mambavl.bench.peers import _import_mamba_ssm, _tokens, mamba_ssm_config
+
+    module, real_extension = _import_mamba_ssm()
+    from mamba_ssm.models.config_mamba import MambaConfig
+    from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
+
+    kwargs, notes = mamba_ssm_config(lm)
+    model = MambaLMHeadModel(MambaConfig(**kwargs), device=device, dtype=torch.float32)
+    ids = _tokens(lm.vocab_size, batch, length, device)
+    try:
+        out = _timed_steps(model, lambda m, x: _next_token_loss(m(x).logits, x), ids, steps, device)
+    finally:
+        del model
+        _release()
+    kind = kwargs["ssm_cfg"]["layer"]
+    notes = [
+        *notes,
+        f"{kind}, ssm_cfg {json.dumps(kwargs['ssm_cfg'], sort_keys=True)}; loss: cross-entropy of the "
+        "next token at every position (the head at every position)",
+        "selective_scan_cuda (CUDA extension): "
+        + ("installed" if real_extension else "not installed (a placeholder let mamba_ssm import)")
+        + "; causal_conv1d: "
+        + ("installed" if _importable("causal_conv1d") else "not installed"),
+    ]
+    return out | {
+        "name": f"mamba_ssm {getattr(module, '__version__', '?')} MambaLMHeadModel",
+        "gradient_checkpointing": False,
+        "config": {k: v for k, v in kwargs.items() if k != "ssm_cfg"} | {"ssm_cfg": kwargs["ssm_cfg"]},
+        "notes": notes,
+    }
+
+
+PEER_RUNNERS = {"hf-mamba": ("transformers_mamba_checkpointing_on", hf_peer)}
+PEER_RUNNERS["mamba-ssm"] = ("mamba_ssm_checkpointing_off", mamba_ssm_peer)
 
 
 def _importable(name: str) -> bool:
     import importlib.util
 
-    return importlib.util.find_spec(name) is not None
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
 
 
-def mfu(preset: str, result: dict, with_vision: bool) -> float | None:
-    from mambavl.presets import create
+def _peer_entry(name: str, lm, steps: int, batch: int, length: int, device: torch.device) -> dict:
+    """A peer's figures, or its `error`: a peer never stops the run."""
+    from mambavl.bench.peers import _short
 
-    peak = peak_flops()
-    if peak is None or "tokens_per_s" not in result:
-        return None
-    vlm = create(preset, device="meta")
-    lm_params = vlm.lm.num_parameters()
-    flops_per_step = 6 * lm_params * result["positions_per_step"]
-    if with_vision:
-        vision_params = sum(p.numel() for p in vlm.vision.parameters())
-        images = result["batch"]
-        flops_per_step += 2 * vision_params * vlm.vision.num_patches * images
-    return flops_per_step / result["step_s"] / peak
+    _, runner = PEER_RUNNERS[name]
+    try:
+        return runner(lm, steps, batch, length, device) | {"batch": batch}
+    except ImportError as e:
+        hint = "; pip install mamba-ssm causal-conv1d to measure it" if name == "mamba-ssm" else ""
+        return {"error": f"{e}{hint}"}
+    except torch.OutOfMemoryError as e:
+        return {"error": f"out of memory: {e}"[:300]}
+    except Exception as e:
+        return {"error": _short(e)}
+    finally:
+        _release()
 
 
+# ---- the run ---------------------------------------------------------------------------------------------
 def run_train(
     preset: str,
     out: Path,
     steps: int = 5,
     batch: int = 8,
     checkpointing: str = "both",
-    with_peer: bool = True,
+    peers=("hf-mamba",),
     length: int | None = None,
     say=print,
+    device: str = "cuda",
+    num_workers: int = 4,
+    work: Path | None = None,
+    peak: float | None = None,
 ) -> dict:
-    """Ours with gradient checkpointing on and/or off, then the peer; writes `out/train.json`."""
-    if not torch.cuda.is_available():
-        raise RuntimeError("the training benchmark needs a CUDA GPU")
+    """Ours with gradient checkpointing on and/or off, then the named peers; writes `out/train.json`.
+
+    `length`: positions per row of the peers' batches (default: ours' average). `work`: where our runs'
+    directories go (default: a temporary directory, removed). `peak`: the FLOP/s the MFU divides by
+    (default: the GPU's dense bf16 peak, when the GPU is known)."""
+    from mambavl.data.shapes import write_shapes
+
     choices = {"on": (True,), "off": (False,), "both": (True, False), "none": ()}
     if checkpointing not in choices:
         raise ValueError(f"checkpointing must be one of {sorted(choices)}, got {checkpointing!r}")
+    peers = tuple(peers)
+    known = TRAIN_PEERS + INFERENCE_ONLY
+    if unknown := [p for p in peers if p not in known]:
+        raise ValueError(f"unknown peers {unknown}; the training peers are {', '.join(TRAIN_PEERS)}")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(
+            "the training benchmark needs a CUDA GPU (--device cpu runs it as a functional check)"
+        )
+    if steps < 1 or batch < 1:
+        raise ValueError(f"steps and batch must be positive, got {steps} and {batch}")
+    peak = peak if peak is not None else (peak_flops() if dev.type == "cuda" else None)
+    sizes = model_sizes(preset)
     out.mkdir(parents=True, exist_ok=True)
     result = {
         "preset": preset,
-        "device": torch.cuda.get_device_name(),
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else str(dev),
         "torch": torch.__version__,
         "batch": batch,
         "steps": steps,
+        "peak_flops": peak,
+        "mfu_formula": MFU_FORMULA,
+        "lm_params": sizes["lm_params"],
+        "vision_params": sizes["vision_params"],
+        "patches_per_image": sizes["patches_per_image"],
+        "notes": [],
     }
-    with tempfile.TemporaryDirectory() as tmp:
+    with contextlib.ExitStack() as stack:
+        root = Path(work) if work is not None else Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        shapes = write_shapes(
+            root / "data", train_scenes=batch * steps, heldout_scenes=1, image_size=sizes["image_size"]
+        )
+        data = f"{shapes['finetune']}:{shapes['images']}"
         for ckpt in choices[checkpointing]:
             key = f"mambavl_checkpointing_{'on' if ckpt else 'off'}"
             try:
-                run = ours(preset, steps, batch, Path(tmp), ckpt)
-                result[key] = run | {"batch": batch}
-                result[key]["mfu"] = mfu(preset, result[key], with_vision=True)
+                run = ours(preset, data, root / key, steps, batch, ckpt, dev, num_workers)
+                result[key] = with_mfu(run | {"batch": batch}, sizes, images=batch, peak=peak)
             except torch.OutOfMemoryError as e:
                 result[key] = {"error": f"out of memory: {e}"[:300]}
-                torch.cuda.empty_cache()
+                _release()
             say(json.dumps({key: result[key]}, indent=1))
-    if with_peer:
-        done = next(
-            (v for k, v in result.items() if k.startswith("mambavl_") and "positions_per_step" in v), {}
-        )
-        length = length or int(done.get("positions_per_step", 922 * batch) // batch)
-        key = "transformers_mamba_checkpointing_on"
-        try:
-            result[key] = peer(preset, steps, batch, length, True) | {"batch": batch}
-            result[key]["mfu"] = mfu(preset, result[key], with_vision=False)
-        except torch.OutOfMemoryError as e:
-            result[key] = {"error": f"out of memory: {e}"[:300]}
+    done = next((v for k, v in result.items() if k.startswith("mambavl_") and "positions_per_step" in v), {})
+    length = length or max(2, round(done.get("positions_per_step", 922 * batch) / batch))
+    result["peer_positions_per_row"] = length
+    for name in peers:
+        if name in INFERENCE_ONLY:
+            note = f"{name}: an inference peer only; no training step measured"
+            result["notes"].append(note)
+            say(note)
+            continue
+        key, _ = PEER_RUNNERS[name]
+        entry = _peer_entry(name, sizes["lm"], steps, batch, length, dev)
+        result[key] = with_mfu(entry, sizes, images=0, peak=peak)
+        if "error" in entry:
+            say(f"{name}: not measured: {entry['error']}")
         say(json.dumps({key: result[key]}, indent=1))
     (out / "train.json").write_text(json.dumps(result, indent=2))
+    for line in summary(result):
+        say(line)
     return result
+
+
+def summary(result: dict) -> list[str]:
+    """One line per entry: tokens/s, step, peak memory, MFU."""
+    lines = []
+    for key, entry in result.items():
+        if not isinstance(entry, dict) or not ("step_s" in entry or "error" in entry):
+            continue
+        if "error" in entry:
+            lines.append(f"{key}: {entry['error']}")
+            continue
+        memory = (
+            f"{entry['peak_memory_gib']:.1f} GiB" if entry.get("peak_memory_gib") is not None else "- GiB"
+        )
+        mfu = f"{100 * entry['mfu']:.2f} % MFU" if entry.get("mfu") is not None else "MFU -"
+        lines.append(
+            f"{key}: {entry['tokens_per_s']:,.0f} tok/s, {entry['step_s']:.3f} s/step, {memory}, {mfu}"
+        )
+    return lines

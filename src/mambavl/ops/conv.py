@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mambavl.ops.dispatch import backend_for, needs_grad
+from mambavl.ops.dispatch import backend_for
 
 
 def _activate(y: torch.Tensor, activation: str | None) -> torch.Tensor:
@@ -31,20 +31,13 @@ def causal_conv1d_fn(
     """x: [B, D, L]; weight: [D, W]; initial_states: [B, D, W-1] (the inputs before x, zeros if None).
 
     Returns y [B, D, L] and, with `return_final_states`, the last W-1 inputs [B, D, W-1] (fp32).
-    `backend`: see `ops.dispatch`; the Triton kernel is forward-only (calls that need a gradient, or
-    the final states, run this reference under `auto`).
+    `backend`: see `ops.dispatch`; the Triton kernels have a backward (x, weight, bias, initial_states,
+    and through the final states), and their y takes x's memory layout.
     """
     if backend_for(x, backend) == "triton":
-        grad = needs_grad(x, weight, bias, initial_states)
-        if not grad and not return_final_states:
-            from mambavl.ops.triton.conv import causal_conv1d_fn as fused
+        from mambavl.ops.triton.conv import causal_conv1d_fn as fused
 
-            return fused(x, weight, bias, initial_states, activation)
-        if backend == "triton":
-            why = "it has no backward yet" if grad else "it does not return the final states"
-            raise NotImplementedError(
-                f"the Triton causal_conv1d_fn cannot run this call ({why}): use backend='torch'"
-            )
+        return fused(x, weight, bias, initial_states, return_final_states, activation)
     batch, dim, _ = x.shape
     width = weight.shape[-1]
     if initial_states is None:

@@ -5,10 +5,22 @@ Semantics of mamba_ssm's `rms_norm_fn` and `layernorm_gated.rmsnorm_fn`: statist
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
-from mambavl.ops.dispatch import backend_for, needs_grad
+from mambavl.ops.dispatch import backend_for
+
+
+def _use_triton(x: torch.Tensor, backend: str | None, group: int) -> bool:
+    """The Triton kernels hold a group of channels in registers: under `auto`, wider groups run the
+    reference; asked for by name, the kernel refuses them loudly."""
+    if backend_for(x, backend) != "triton":
+        return False
+    from mambavl.ops.triton.norms import MAX_BLOCK
+
+    return group <= MAX_BLOCK or (backend or os.environ.get("MAMBAVL_BACKEND", "auto")) == "triton"
 
 
 def rms_norm(
@@ -24,16 +36,12 @@ def rms_norm(
 
     With `prenorm=True` also returns the new residual (x + residual), kept in fp32 when
     `residual_in_fp32` — the residual stream of a pre-norm block. `backend`: see `ops.dispatch`; the
-    Triton kernel is forward-only, so calls that need a gradient run the reference under `auto`.
+    Triton kernels have a backward (gradients for x, residual and weight, the new residual's included).
     """
-    if backend_for(x, backend) == "triton" and x.shape[-1] <= 65536:
-        grad = needs_grad(x, weight, residual)
-        if not grad:
-            from mambavl.ops.triton.norms import rms_norm as fused
+    if _use_triton(x, backend, x.shape[-1]):
+        from mambavl.ops.triton.norms import rms_norm as fused
 
-            return fused(x, weight, eps, residual, prenorm, residual_in_fp32)
-        if backend == "triton":
-            raise NotImplementedError("the Triton rms_norm has no backward yet: use backend='torch' to train")
+        return fused(x, weight, eps, residual, prenorm, residual_in_fp32)
     dtype = x.dtype
     xf = x.float()
     if residual is not None:
@@ -54,8 +62,15 @@ def rms_norm_gated(
     eps: float = 1e-6,
     group_size: int | None = None,
     norm_before_gate: bool = True,
+    backend: str | None = None,
 ) -> torch.Tensor:
-    """RMSNorm over groups of `group_size` channels, gated by silu(z) before or after the norm."""
+    """RMSNorm over groups of `group_size` channels, gated by silu(z) before or after the norm.
+
+    `backend`: see `ops.dispatch`; the Triton kernels have a backward (x, weight and z)."""
+    if _use_triton(x, backend, group_size or x.shape[-1]):
+        from mambavl.ops.triton.norms import rms_norm_gated as fused
+
+        return fused(x, weight, z, eps, group_size, norm_before_gate)
     dtype = x.dtype
     xf = x.float()
     gate = F.silu(z.float()) if z is not None else None

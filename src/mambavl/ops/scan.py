@@ -123,6 +123,7 @@ class _SelectiveScanCPU(torch.autograd.Function):
     """
 
     @staticmethod
+    @torch.amp.custom_fwd(device_type="cpu", cast_inputs=torch.float32)  # fp32 inside, under autocast too
     def forward(ctx, dt, du, A, Bt, Ct, h0):
         # Channels innermost and contiguous in every operand: strided broadcasts are many times slower.
         # Contractions over N or D are batched matrix products (no [B, L, N, D] temporaries).
@@ -140,10 +141,11 @@ class _SelectiveScanCPU(torch.autograd.Function):
         return y, h.transpose(1, 2).contiguous()
 
     @staticmethod
+    @torch.amp.custom_bwd(device_type="cpu")
     def backward(ctx, dy, dh_last):
         dt, du, At, Bt, Ct, h0, hs, decay = ctx.saved_tensors
         batch, length, n, dim = hs.shape
-        dy = dy.contiguous()
+        dy, dh_last = dy.float().contiguous(), dh_last.float()
         # d loss / d h_t from the read-out, then the adjoint (in place, backwards in time)
         G = Ct[..., None] * dy[:, :, None, :]
         G[:, -1] += dh_last.transpose(1, 2)
@@ -195,24 +197,23 @@ def selective_scan(
     u, delta, z: [B, D, L]; A: [D, N]; B, C: [B, N, L] (or [B, G, N, L], or [D, N]); D, delta_bias: [D].
     `initial_state` [B, D, N] continues a sequence (an extension of mamba_ssm's signature, which always
     starts from zeros). Returns y [B, D, L] in u's dtype, and with `return_last_state` the fp32 state.
-    `backend`: see `ops.dispatch`. The Triton kernel (`ops.triton.scan`) is forward-only and takes
-    input-dependent B and C; other calls run this reference under `auto`.
+    `backend`: see `ops.dispatch`. The Triton kernel (`ops.triton.scan`, forward and backward: every input
+    and the last state are differentiable) takes input-dependent B and C; under `auto` calls with B and C
+    of shape [D, N] run this reference, and an explicit `triton` refuses them.
     """
     if backend_for(u, backend) == "triton":
-        grad = needs_grad(u, delta, A, B, C, D, z, delta_bias, initial_state)
-        if not grad and B.dim() >= 3 and C.dim() >= 3:
+        if B.dim() >= 3 and C.dim() >= 3:  # forward and backward fused (an autograd Function)
             from mambavl.ops.triton.scan import selective_scan as fused
 
             return fused(
-                u, delta, A, B, C,
-                None if D is None else D.contiguous(), z,
-                None if delta_bias is None else delta_bias.contiguous(),
-                delta_softplus, return_last_state, initial_state,
-            )  # fmt: skip
-        if backend == "triton":
-            why = "it has no backward yet" if grad else "it needs input-dependent B and C"
+                u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, initial_state
+            )
+        import os
+
+        if (backend or os.environ.get("MAMBAVL_BACKEND", "auto")) == "triton":  # asked for: never fall back
             raise NotImplementedError(
-                f"the Triton selective_scan cannot run this call ({why}): use backend='torch'"
+                "the Triton selective_scan needs input-dependent B and C ([B, N, L] or [B, G, N, L]), got "
+                f"B {tuple(B.shape)} and C {tuple(C.shape)}: use backend='torch'"
             )
     dtype = u.dtype
     batch, dim, length = u.shape

@@ -6,12 +6,10 @@ Signature of mamba_ssm's `mamba_chunk_scan_combined`. Inside a chunk the scan is
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
-from mambavl.ops.dispatch import backend_for, needs_grad
+from mambavl.ops.dispatch import backend_for
 from mambavl.ops.timestep import NO_LIMIT, timestep
 
 
@@ -48,22 +46,14 @@ def mamba_chunk_scan_combined(
     """x: [B, L, H, P]; dt: [B, L, H]; A: [H]; B, C: [B, L, G, N]; D: [H] or [H, P]; z like x;
     dt_bias: [H]; initial_states: [B, H, P, N]. Returns y like x (and the fp32 final state).
 
-    `backend`: "torch" (this reference), "triton" (`ops.triton.ssd`) or "auto" (see `ops.dispatch`). The
-    Triton kernels are forward-only: calls that need a gradient run the reference under `auto`, and raise
-    when Triton was asked for explicitly.
+    `backend`: "torch" (this reference), "triton" (`ops.triton.ssd`, with its own backward: gradients for
+    every tensor input and through the final state) or "auto" (see `ops.dispatch`).
     """
     if backend_for(x, backend) == "triton":
-        inputs = (x, dt, A, B, C, D, z, dt_bias, initial_states)
-        grad = needs_grad(*inputs)
-        if not grad:
-            from mambavl.ops.triton.ssd import mamba_chunk_scan_combined as fused
+        from mambavl.ops.triton.ssd import mamba_chunk_scan_combined as fused
 
-            args = (x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus)
-            return fused(*args, initial_states, return_final_states, dt_limit)
-        if (backend or os.environ.get("MAMBAVL_BACKEND", "auto")) == "triton":
-            raise ValueError(
-                "the Triton SSD (mamba_chunk_scan_combined) is forward-only: use backend='torch' to train"
-            )
+        args = (x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus)
+        return fused(*args, initial_states, return_final_states, dt_limit)
     dtype = x.dtype
     batch, length, nheads, headdim = x.shape
     groups = B.shape[2]

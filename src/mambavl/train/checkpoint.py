@@ -358,6 +358,7 @@ def _write(directory: Path, weights: dict, optim: dict, sched: dict, position: P
     pointer = directory / f".{LATEST}.tmp"
     try:
         directory.mkdir(parents=True, exist_ok=True)
+        _check_space(directory, name, _nbytes(weights, tensors))
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         save_file(weights, str(tmp / WEIGHTS))
@@ -373,6 +374,8 @@ def _write(directory: Path, weights: dict, optim: dict, sched: dict, position: P
         pointer.write_text(name)
         os.replace(pointer, directory / LATEST)
         _fsync_dir(directory)
+    except CheckpointSaveError:
+        raise  # refused before anything was written
     except (OSError, SafetensorError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
         pointer.unlink(missing_ok=True)
@@ -384,32 +387,91 @@ def _write(directory: Path, weights: dict, optim: dict, sched: dict, position: P
     return final
 
 
-def _save_error(error: Exception, name: str, directory: Path, *parts: dict) -> CheckpointSaveError:
-    """The failure in words: what could not be written, what is still intact, what to do."""
+def _nbytes(*parts: dict) -> int:
+    return sum(t.numel() * t.element_size() for part in parts for t in part.values())
+
+
+def _free_bytes(directory: Path) -> int | None:
+    """Space the disk holding `directory` has left for us (None: unknown; some network and FUSE file
+    systems report a zero-sized disk)."""
+    try:
+        usage = shutil.disk_usage(directory)
+    except OSError:
+        return None
+    return usage.free if usage.total > 0 else None
+
+
+def _check_space(directory: Path, name: str, need: int) -> None:
+    """Refuses a save that cannot fit before a byte of it is written: a multi-GB write that fails near its
+    end would take minutes and fill the disk for everyone else meanwhile."""
+    free = _free_bytes(directory)
+    if free is not None and free < need:
+        raise CheckpointSaveError(
+            errno.ENOSPC,
+            f"not enough space to write the checkpoint {name} to {directory}: it needs about "
+            f"{need / 2**20:,.0f} MiB and the disk has {free / 2**20:,.0f} MiB free; nothing was written, "
+            f"{_intact(directory)}. Free some space, then continue the run with --resume",
+        )
+
+
+def _newest(directory: Path) -> Path | None:
+    try:
+        return resume_point(directory).path
+    except (ResumeError, OSError):
+        return None
+
+
+def _intact(directory: Path) -> str:
+    previous = _newest(directory)
+    if previous is None:
+        return "there is no earlier checkpoint"
+    return f"the previous checkpoint {previous.name} is intact and `latest` is unchanged"
+
+
+def _errno(error: Exception) -> int | None:
     code = getattr(error, "errno", None)
     if code is None:  # safetensors reports I/O errors as text: "... (os error 28)"
         m = re.search(r"os error (\d+)", str(error))
         code = int(m.group(1)) if m else None
-    try:
-        previous = resume_point(directory).path
-    except (ResumeError, OSError):
-        previous = None
-    intact = (
-        f"the previous checkpoint {previous.name} is intact and `latest` is unchanged"
-        if previous is not None
-        else "there is no earlier checkpoint"
-    )
+    return code
+
+
+def _save_error(error: Exception, name: str, directory: Path, *parts: dict) -> CheckpointSaveError:
+    """The failure in words: what could not be written, what is still intact, what to do."""
+    code = _errno(error)
+    intact = _intact(directory)
     if code in NO_SPACE:
-        need = sum(t.numel() * t.element_size() for part in parts for t in part.values())
         return CheckpointSaveError(
             code,
             f"no space left on device while writing the checkpoint {name} to {directory} (it needs about "
-            f"{need / 2**20:,.0f} MiB); {intact}. Free some space, then continue the run with --resume",
+            f"{_nbytes(*parts) / 2**20:,.0f} MiB); {intact}. Free some space, then continue the run with "
+            "--resume",
         )
     return CheckpointSaveError(
         code or errno.EIO,
         f"could not write the checkpoint {name} to {directory} ({error}); {intact}. "
         "Fix the cause, then continue the run with --resume",
+    )
+
+
+def model_save_error(
+    error: Exception, model_dir: Path, checkpoints: Path, weights: dict
+) -> CheckpointSaveError:
+    """The trained model (`run_dir/model`, written after the last checkpoint) could not be saved: the run
+    is not lost, `--resume` on the finished run writes the model again without training."""
+    code = _errno(error)
+    last = _newest(checkpoints)
+    kept = f"the run's last checkpoint {last.name} is intact" if last else "the run has no checkpoint"
+    cause = (
+        f"no space left on device (it needs about {_nbytes(weights) / 2**20:,.0f} MiB)"
+        if code in NO_SPACE
+        else str(error)
+    )
+    fix = "Free some space" if code in NO_SPACE else "Fix the cause"
+    return CheckpointSaveError(
+        code or errno.EIO,
+        f"could not write the trained model to {model_dir}: {cause}; {kept}. {fix}, then run the same "
+        "command with --resume: it writes the model without training again",
     )
 
 

@@ -11,6 +11,9 @@ import json
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
+from mambavl.train.trackers import TRACKERS
+from mambavl.train.trackers import parse as parse_trackers
+
 STAGES = ("align", "finetune", "full")
 
 # Cobra_3B: align_* and finetune_* (epochs, global / per-device batch, lr, weight decay, grad clip,
@@ -87,13 +90,15 @@ class TrainConfig:
     log_every: int = 1
     resume: bool = False  # continue the run in run_dir (else a run dir that holds a run is refused)
     progress: bool = True
+    report_to: tuple[str, ...] = ()  # trackers besides metrics.jsonl: "wandb", "tensorboard"
+    save_final: bool = True  # checkpoint and export the model at the end (off: a throughput measurement)
 
     def resolved(self) -> TrainConfig:
         if self.stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
         defaults = STAGE_DEFAULTS[self.stage]
         filled = {k: v for k, v in defaults.items() if getattr(self, k) is None}
-        cfg = replace(self, **filled)
+        cfg = replace(self, **filled, report_to=parse_trackers(self.report_to))
         cfg.check()
         return cfg
 
@@ -111,6 +116,9 @@ class TrainConfig:
             raise ValueError("LoRA adapts the LM, which the align stage does not train: use finetune or full")
         if self.max_steps is None and (self.epochs or 0) <= 0:
             raise ValueError("give epochs ≥ 1 or max_steps")
+        unknown = [name for name in self.report_to if name not in TRACKERS]
+        if unknown:
+            raise ValueError(f"report_to: unknown tracker(s) {unknown}; choose from {', '.join(TRACKERS)}")
 
     # ---- files ----------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -137,6 +145,8 @@ class TrainConfig:
             d["data_root"] = Path(d["data_root"])
         if "data" in d:
             d["data"] = tuple([d["data"]] if isinstance(d["data"], str) else d["data"])
+        if "report_to" in d:
+            d["report_to"] = parse_trackers(d["report_to"])
         return cls(**d)
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 from rich.markup import escape
+from safetensors import SafetensorError
 
 from mambavl.data.batching import micro_batches, plan_epoch
 from mambavl.data.collate import BadImage, TrainDataset, collate
@@ -31,6 +32,8 @@ from mambavl.train.config import TrainConfig
 from mambavl.train.distributed import World, setup, shard
 from mambavl.train.metrics import MetricsLog, plot_loss, progress_bar, read_metrics
 from mambavl.train.recipe import configure_trainable, merge_lora, optimizer, scheduler
+from mambavl.train.trackers import STATE_FILE, TENSORBOARD_DIR, Trackers
+from mambavl.train.trackers import check as check_trackers
 from mambavl.vlm.sequence import IGNORE_INDEX
 
 # Options a resumed run may change; any other difference from the saved config is refused. The run dir
@@ -47,6 +50,8 @@ RESUMABLE_CHANGES = {
     "log_every",
     "save_every",
     "keep_checkpoints",
+    "report_to",
+    "save_final",
 }
 
 
@@ -110,7 +115,15 @@ def learned_tokens(ex) -> int:
 
 
 # What a run writes in its directory; a run that stopped before its first step leaves only these.
-RUN_FILES = ("config.json", "skipped.jsonl", "metrics.jsonl", "checkpoints")
+RUN_FILES = (
+    "config.json",
+    "skipped.jsonl",
+    "metrics.jsonl",
+    "checkpoints",
+    TENSORBOARD_DIR,
+    "wandb",
+    STATE_FILE,
+)
 
 
 def _started(run: Path) -> bool:
@@ -202,6 +215,7 @@ def train(
     from_parts: bool = False,
 ) -> TrainResult:
     cfg = cfg.resolved()
+    check_trackers(cfg.report_to)  # a missing package is named now, not after the model is built
     world = world or setup()
     console = console or Console()
     say = console.print if world.main else (lambda *a, **k: None)
@@ -264,10 +278,15 @@ def train(
         if progress
         else None
     )
+    tracked = (  # rank 0 reports
+        Trackers.open(cfg.report_to, cfg.run_dir, cfg.to_dict(), position.step)
+        if world.main and cfg.report_to
+        else Trackers()
+    )
     step, epoch, loss_value = position.step, position.epoch, math.nan
     tokens_seen, elapsed = position.tokens, position.elapsed_s
     start_batch = position.batch_in_epoch
-    with progress or contextlib.nullcontext():
+    with progress or contextlib.nullcontext(), tracked:  # the trackers are finished however the loop ends
         while step < total:
             plan = plan_epoch(
                 data.lengths, data.has_image, cfg.global_batch_size, cfg.seed, epoch, cfg.group_by_length
@@ -335,11 +354,14 @@ def train(
                 }
                 if log is not None and (step % cfg.log_every == 0 or step == total):
                     log.write(record)
+                    tracked.log(record, step)
                 if progress is not None:
                     progress.update(task, advance=1, loss=f"{loss_value:.4f}", tps=f"{positions / dt:,.0f}")
                 done_batches = start_batch + k + 1
                 epoch_end = done_batches == steps_per_epoch
-                if (cfg.save_every and step % cfg.save_every == 0) or epoch_end or step == total:
+                final = step == total
+                due = (cfg.save_every and step % cfg.save_every == 0) or epoch_end or final
+                if due and (cfg.save_final or not final):
                     pos = checkpoint.Position(
                         step,
                         epoch + 1 if epoch_end else epoch,
@@ -352,13 +374,15 @@ def train(
                     )
             epoch += 1
             start_batch = 0
-    model_dir = export(model, cfg, world, vlm.config, vlm.tokenizer)
+    # without save_final (a throughput measurement) the run ends without its multi-GB checkpoint and model
+    model_dir = export(model, cfg, world, vlm.config, vlm.tokenizer) if cfg.save_final else None
     if world.main:
         records = read_metrics(cfg.run_dir / "metrics.jsonl")
         if math.isnan(loss_value) and records:  # resumed a finished run: nothing left to do
             loss_value = records[-1]["loss"]
         plot_loss(records, cfg.run_dir / "loss.png", f"{cfg.model} — {cfg.stage}")
-        say(f"done: {step} steps, final loss {loss_value:.4f}; model in {model_dir}")
+        saved = f"model in {model_dir}" if model_dir is not None else "no model saved (save_final off)"
+        say(f"done: {step} steps, final loss {loss_value:.4f}; {saved}")
     return TrainResult(cfg.run_dir, step, loss_value, model_dir, len(data.problems) + len(bad_images.listed))
 
 
@@ -380,9 +404,15 @@ def export(model, cfg: TrainConfig, world: World, config, tokenizer) -> Path | N
     fresh.load_state_dict({k: v.float() for k, v in full.items()}, strict=True)
     if cfg.lora is not None:
         merge_lora(fresh.lm)
-    out = fresh.save_pretrained(cfg.run_dir / "model")
-    world.barrier()
-    return out
+    try:
+        return fresh.save_pretrained(cfg.run_dir / "model")
+    except (OSError, SafetensorError) as e:  # a full disk, most likely: the run itself is safe
+        weights = fresh.state_dict()
+        raise checkpoint.model_save_error(
+            e, cfg.run_dir / "model", cfg.run_dir / "checkpoints", weights
+        ) from e
+    finally:
+        world.barrier()
 
 
 def _renormalise(model, planned: int, kept: int) -> int:

@@ -1,11 +1,31 @@
-"""Causal depthwise conv1d for decode: the new input(s) against the rolling window, the state shifted
-in place, bias and SiLU fused. One program per (sequence, block of channels)."""
+"""Causal depthwise conv1d in Triton: the sequence kernels (forward and backward, for prefill and training)
+and the decode update (the new input(s) against the rolling window, the state shifted in place).
+
+Sequence layout: x [B, D, L] with any strides, usually a transposed view of a channel-contiguous
+[B, L, D] projection; outputs and input gradients take x's layout, so that writes stay coalesced.
+The backward recomputes the pre-activation instead of saving it: only the inputs are kept for it.
+"""
 
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
+
+from mambavl.ops.dispatch import needs_grad
+
+# Launch parameters of the sequence kernels, by x's layout ("channels": D contiguous; "time": L
+# contiguous): (BLOCK_D, BLOCK_T, num_warps), chosen to stay well under 128 registers a thread on sm_90
+# (the backward recomputes W shifted pre-activations per tile, so it takes small tiles).
+# PROGRAMS_PER_SM sets how many programs the backward aims for; each walks several time tiles, so that
+# the weight-gradient partials stay few.
+TILES = {
+    "fwd_channels": (128, 16, 4),
+    "fwd_time": (16, 128, 4),
+    "bwd_channels": (32, 16, 4),
+    "bwd_time": (16, 32, 4),
+}
+PROGRAMS_PER_SM = 8
 
 
 @triton.jit
@@ -63,8 +83,7 @@ def _conv_update_kernel(
 
 def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None) -> torch.Tensor:
     """Same contract as `mambavl.ops.causal_conv1d_update`."""
-    if activation not in (None, "silu", "swish"):
-        raise ValueError(f"activation must be None or 'silu', got {activation!r}")
+    _check_activation(activation)
     squeeze = x.dim() == 2
     if squeeze:
         x = x[:, :, None]
@@ -87,39 +106,64 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None) -> t
     return out[:, :, 0] if squeeze else out
 
 
+# --- the sequence: xc = [initial window (W-1 inputs, zeros if none), x]; y_t = act(b + Σ_k w_k xc_{t+k}).
+# Positions below are x's: position p < 0 is column W-1+p of the initial window.
+
+
+# The kernels address channels through row pointers (x + b·x_b + d·x_d, one per channel of the block) and
+# take a time stride; helpers get p0, the first position of p, to skip the initial window where p ≥ 0.
+
+
 @triton.jit
-def _conv_seq_kernel(
-    x, init, weight, bias, out,
-    D, L, W,
-    x_b, x_d, x_l, i_b, i_d, i_s, w_d, w_w, o_b, o_d, o_l,
-    HAS_INIT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, MAX_W: tl.constexpr,
+def _inputs_at(xrow, irow, md, p, p0, live, x_l, i_s, W: tl.constexpr, HAS_INIT: tl.constexpr):
+    """The [BLOCK_D, len(p)] inputs at positions p (fp32), zero where not `live` or before the window."""
+    v = tl.load(
+        xrow[:, None] + p[None, :] * x_l, mask=md[:, None] & (live & (p >= 0))[None, :], other=0.0
+    ).to(tl.float32)
+    if HAS_INIT:  # noqa: SIM102
+        if p0 < 0:  # a window column per position, broadcast in registers (no second 2D load layout)
+            for j in tl.static_range(W - 1):
+                col = tl.load(irow + j * i_s, mask=md, other=0.0).to(tl.float32)
+                v += tl.where((live & (p == j - (W - 1)))[None, :], col[:, None], 0.0)
+    return v
+
+
+@triton.jit
+def _preactivation(
+    xrow, irow, wrow, brow, md, t, t0, live, x_l, i_s, w_w,
+    W: tl.constexpr, HAS_INIT: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):  # fmt: skip
-    # Output tile [BLOCK_D, BLOCK_T]: y_t = Σ_k w_k x_{t - (W-1) + k}; inputs before 0 come from `init`
-    # (its last W-1 columns), or are zero.
-    b = tl.program_id(0)
-    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    t = tl.program_id(2) * BLOCK_T + tl.arange(0, BLOCK_T)
-    md, mt = d < D, t < L
-    acc = tl.zeros([BLOCK_D, BLOCK_T], dtype=tl.float32)
-    for k in tl.static_range(MAX_W):
-        if k < W:
-            wk = tl.load(weight + d * w_d + k * w_w, mask=md, other=0.0).to(tl.float32)
-            src = t - (W - 1) + k
-            v = tl.load(
-                x + b * x_b + d[:, None] * x_d + src[None, :] * x_l,
-                mask=md[:, None] & (mt & (src >= 0))[None, :],
-                other=0.0,
-            ).to(tl.float32)
-            if HAS_INIT:  # src in [-(W-1), 0): column W-1+src of the initial window
-                v += tl.load(
-                    init + b * i_b + d[:, None] * i_d + (src + W - 1)[None, :] * i_s,
-                    mask=md[:, None] & (mt & (src < 0))[None, :],
-                    other=0.0,
-                ).to(tl.float32)
-            acc += wk[:, None] * v
+    """b + Σ_k w_k x_{t-(W-1)+k} for the output positions t (t0 the first), fp32."""
+    acc = tl.load(wrow, mask=md, other=0.0).to(tl.float32)[:, None] * _inputs_at(
+        xrow, irow, md, t - (W - 1), t0 - (W - 1), live, x_l, i_s, W, HAS_INIT
+    )
+    for k in tl.static_range(1, W):
+        wk = tl.load(wrow + k * w_w, mask=md, other=0.0).to(tl.float32)
+        acc += wk[:, None] * _inputs_at(
+            xrow, irow, md, t - (W - 1) + k, t0 - (W - 1) + k, live, x_l, i_s, W, HAS_INIT
+        )
     if HAS_BIAS:
-        acc += tl.load(bias + d, mask=md, other=0.0).to(tl.float32)[:, None]
+        acc += tl.load(brow, mask=md, other=0.0).to(tl.float32)[:, None]
+    return acc
+
+
+@triton.jit
+def _conv_fwd_kernel(
+    x, init, weight, bias, out,
+    D, L,
+    x_b, x_d, x_l, i_b, i_d, i_s, w_d, w_w, o_b, o_d, o_l,
+    W: tl.constexpr, HAS_INIT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+):  # fmt: skip
+    b = tl.program_id(0).to(tl.int64)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    t0 = tl.program_id(2) * BLOCK_T
+    t = t0 + tl.arange(0, BLOCK_T)
+    md, mt = d < D, t < L
+    acc = _preactivation(
+        x + b * x_b + d * x_d, init + b * i_b + d * i_d, weight + d * w_d, bias + d, md, t, t0, mt,
+        x_l, i_s, w_w, W, HAS_INIT, HAS_BIAS,
+    )  # fmt: skip
     if SILU:
         acc = acc * tl.sigmoid(acc)
     tl.store(
@@ -129,23 +173,261 @@ def _conv_seq_kernel(
     )
 
 
-def causal_conv1d_fn(x, weight, bias=None, initial_states=None, activation=None) -> torch.Tensor:
-    """`mambavl.ops.causal_conv1d_fn` without `return_final_states` (forward only)."""
+@triton.jit
+def _output_grad(
+    xrow, irow, wrow, brow, dyrow, md, t, t0, L, x_l, i_s, w_w, dy_l,
+    W: tl.constexpr, HAS_INIT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+):  # fmt: skip
+    """The gradient at the pre-activation of outputs t (zero outside [0, L)): dy, times silu' if any."""
+    live = (t >= 0) & (t < L)
+    g = tl.load(dyrow[:, None] + t[None, :] * dy_l, mask=md[:, None] & live[None, :], other=0.0).to(
+        tl.float32
+    )
+    if SILU:
+        pre = _preactivation(xrow, irow, wrow, brow, md, t, t0, live, x_l, i_s, w_w, W, HAS_INIT, HAS_BIAS)
+        sg = tl.sigmoid(pre)
+        g = g * sg * (1.0 + pre * (1.0 - sg))
+    return g
+
+
+@triton.jit
+def _input_grad(
+    xrow, irow, wrow, brow, dyrow, frow, g0, md, p, p0, L, x_l, i_s, w_w, dy_l, f_s,
+    W: tl.constexpr, HAS_INIT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+    HAS_DFINAL: tl.constexpr,
+):  # fmt: skip
+    """d/dx_p = Σ_j w_{W-1-j} g_{p+j} (+ the final-window gradient where p is among the last W-1
+    inputs); g0 is g at p, already computed by the caller."""
+    acc = tl.load(wrow + (W - 1) * w_w, mask=md, other=0.0).to(tl.float32)[:, None] * g0
+    for j in tl.static_range(1, W):
+        g = _output_grad(
+            xrow,
+            irow,
+            wrow,
+            brow,
+            dyrow,
+            md,
+            p + j,
+            p0 + j,
+            L,
+            x_l,
+            i_s,
+            w_w,
+            dy_l,
+            W,
+            HAS_INIT,
+            HAS_BIAS,
+            SILU,
+        )
+        acc += tl.load(wrow + (W - 1 - j) * w_w, mask=md, other=0.0).to(tl.float32)[:, None] * g
+    if HAS_DFINAL:  # the final window is xc's last W-1 entries: x positions L-(W-1) ... L-1
+        f = p - L + (W - 1)
+        acc += tl.load(
+            frow[:, None] + f[None, :] * f_s, mask=md[:, None] & ((f >= 0) & (f < W - 1))[None, :], other=0.0
+        ).to(tl.float32)
+    return acc
+
+
+@triton.jit
+def _conv_bwd_kernel(
+    x, init, weight, bias, dy, dfinal, dx, dinit, dw_part, db_part,
+    D, L, TILES,
+    x_b, x_d, x_l, i_b, i_d, i_s, w_d, w_w, dy_b, dy_d, dy_l, f_b, f_d, f_s, dx_b, dx_d, dx_l,
+    di_b, di_d, di_s,
+    W: tl.constexpr, HAS_INIT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+    HAS_DFINAL: tl.constexpr, STORE_DINIT: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_W: tl.constexpr,
+):  # fmt: skip
+    # Program (b, channel block, c) walks time tiles [c·TILES, (c+1)·TILES): dx there, and its partial
+    # sums of dweight [BLOCK_D, W] and dbias, stored in row b·chunks + c of the partials.
+    b = tl.program_id(0).to(tl.int64)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    c = tl.program_id(2)
+    md = d < D
+    xrow, irow, wrow, brow = x + b * x_b + d * x_d, init + b * i_b + d * i_d, weight + d * w_d, bias + d
+    dyrow, frow = dy + b * dy_b + d * dy_d, dfinal + b * f_b + d * f_d
+    kk = tl.arange(0, BLOCK_W)
+    dw = tl.zeros([BLOCK_D, BLOCK_W], dtype=tl.float32)
+    db = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for tile in range(c * TILES, tl.minimum((c + 1) * TILES, tl.cdiv(L, BLOCK_T))):
+        p0 = tile * BLOCK_T
+        p = p0 + tl.arange(0, BLOCK_T)
+        mp = p < L
+        g0 = _output_grad(
+            xrow, irow, wrow, brow, dyrow, md, p, p0, L, x_l, i_s, w_w, dy_l, W, HAS_INIT, HAS_BIAS, SILU
+        )
+        db += tl.sum(g0, axis=1)
+        for k in tl.static_range(W):
+            xk = _inputs_at(xrow, irow, md, p - (W - 1) + k, p0 - (W - 1) + k, mp, x_l, i_s, W, HAS_INIT)
+            dw += tl.where(kk[None, :] == k, tl.sum(g0 * xk, axis=1)[:, None], 0.0)
+        acc = _input_grad(
+            xrow, irow, wrow, brow, dyrow, frow, g0, md, p, p0, L, x_l, i_s, w_w, dy_l, f_s,
+            W, HAS_INIT, HAS_BIAS, SILU, HAS_DFINAL,
+        )  # fmt: skip
+        tl.store(
+            dx + b * dx_b + d[:, None] * dx_d + p[None, :] * dx_l,
+            acc.to(dx.dtype.element_ty),
+            mask=md[:, None] & mp[None, :],
+        )
+    if STORE_DINIT:  # noqa: SIM102 (a compile-time flag, then a run-time test)
+        if c == 0:  # the initial window: positions -(W-1) ... -1
+            p0 = -(W - 1)
+            p = p0 + kk
+            g0 = _output_grad(
+                xrow, irow, wrow, brow, dyrow, md, p, p0, L, x_l, i_s, w_w, dy_l, W, HAS_INIT, HAS_BIAS, SILU
+            )
+            acc = _input_grad(
+                xrow, irow, wrow, brow, dyrow, frow, g0, md, p, p0, L, x_l, i_s, w_w, dy_l, f_s,
+                W, HAS_INIT, HAS_BIAS, SILU, HAS_DFINAL,
+            )  # fmt: skip
+            tl.store(
+                dinit + b * di_b + d[:, None] * di_d + (p + W - 1)[None, :] * di_s,
+                acc.to(dinit.dtype.element_ty),
+                mask=md[:, None] & (p < 0)[None, :],
+            )
+    row = b * tl.num_programs(2) + c
+    tl.store(dw_part + row * D * W + d[:, None] * W + kk[None, :], dw, mask=md[:, None] & (kk < W)[None, :])
+    if HAS_BIAS:
+        tl.store(db_part + row * D + d, db, mask=md)
+
+
+def _check_activation(activation) -> None:
     if activation not in (None, "silu", "swish"):
         raise ValueError(f"activation must be None or 'silu', got {activation!r}")
+
+
+def _channels_last(x: torch.Tensor) -> bool:
+    return x.stride(1) == 1 and x.shape[2] > 1
+
+
+def _empty_like_layout(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An empty [B, D, L] tensor laid out as x is: channel-contiguous, or time-contiguous."""
     batch, dim, length = x.shape
+    if _channels_last(x):
+        return torch.empty(batch, length, dim, device=x.device, dtype=dtype).transpose(1, 2)
+    return torch.empty(batch, dim, length, device=x.device, dtype=dtype)
+
+
+def _tiles(x: torch.Tensor, direction: str) -> tuple[int, int, int]:
+    return TILES[f"{direction}_{'channels' if _channels_last(x) else 'time'}"]
+
+
+def _programs_target(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count * PROGRAMS_PER_SM
+    return 4  # the interpreter: few programs, each walking more tiles
+
+
+def _final_states(x: torch.Tensor, initial_states: torch.Tensor | None, width: int) -> torch.Tensor:
+    """The last W-1 inputs of [initial window, x], fp32, in a new contiguous tensor."""
+    batch, dim, length = x.shape
+    keep = width - 1
+    if keep == 0:
+        return x.new_zeros(batch, dim, 0, dtype=torch.float32)
+    if initial_states is not None:
+        before = initial_states.float()
+    else:
+        before = x.new_zeros(batch, dim, keep, dtype=torch.float32)
+    window = torch.cat([before, x[:, :, max(0, length - keep) :].float()], dim=-1)
+    return window[:, :, window.shape[-1] - keep :].contiguous()
+
+
+def _conv_forward(x, weight, bias, initial_states, activation) -> torch.Tensor:
+    batch, dim, length = x.shape
+    width = weight.shape[1]
+    out = _empty_like_layout(x, x.dtype)
+    init = initial_states if initial_states is not None else x
+    block_d, block_t, warps = _tiles(x, "fwd")
+    grid = (batch, triton.cdiv(dim, block_d), triton.cdiv(length, block_t))
+    _conv_fwd_kernel[grid](
+        x, init, weight, bias if bias is not None else weight, out,
+        dim, length,
+        *x.stride(), *init.stride(), *weight.stride(), *out.stride(),
+        W=width, HAS_INIT=initial_states is not None, HAS_BIAS=bias is not None, SILU=activation is not None,
+        BLOCK_D=block_d, BLOCK_T=block_t, num_warps=warps,
+    )  # fmt: skip
+    return out
+
+
+def _conv_backward(x, weight, bias, initial_states, activation, dy, dfinal, want_dinit):
+    """(dx, dinitial_states or None, dweight, dbias or None); the weight gradients in fp32."""
+    batch, dim, length = x.shape
+    width = weight.shape[1]
+    dx = _empty_like_layout(x, x.dtype)
+    init = initial_states if initial_states is not None else x
+    store_dinit = want_dinit and initial_states is not None and width > 1
+    dinit = torch.empty_like(initial_states, memory_format=torch.contiguous_format) if store_dinit else dx
+    block_d, block_t, warps = _tiles(x, "bwd")
+    d_blocks, t_tiles = triton.cdiv(dim, block_d), triton.cdiv(length, block_t)
+    chunks = max(1, min(t_tiles, triton.cdiv(_programs_target(x.device), batch * d_blocks)))
+    tiles = triton.cdiv(t_tiles, chunks)
+    chunks = triton.cdiv(t_tiles, tiles)
+    dw_part = torch.empty(batch * chunks, dim, width, device=x.device, dtype=torch.float32)
+    db_part = (
+        torch.empty(batch * chunks, dim, device=x.device, dtype=torch.float32)
+        if bias is not None
+        else dw_part
+    )
+    fin = dfinal if dfinal is not None else dy
+    _conv_bwd_kernel[(batch, d_blocks, chunks)](
+        x, init, weight, bias if bias is not None else weight, dy, fin, dx, dinit, dw_part, db_part,
+        dim, length, tiles,
+        *x.stride(), *init.stride(), *weight.stride(), *dy.stride(), *fin.stride(), *dx.stride(),
+        *dinit.stride(),
+        W=width, HAS_INIT=initial_states is not None, HAS_BIAS=bias is not None, SILU=activation is not None,
+        HAS_DFINAL=dfinal is not None, STORE_DINIT=store_dinit,
+        BLOCK_D=block_d, BLOCK_T=block_t, BLOCK_W=max(2, triton.next_power_of_2(width)), num_warps=warps,
+    )  # fmt: skip
+    dbias = db_part.sum(0) if bias is not None else None
+    return dx, dinit if store_dinit else None, dw_part.sum(0), dbias
+
+
+class _CausalConv1d(torch.autograd.Function):
+    """Keeps only the inputs for the backward; the pre-activation is recomputed there."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, initial_states, return_final_states, activation):
+        y = _conv_forward(x, weight, bias, initial_states, activation)
+        ctx.save_for_backward(x, weight, bias, initial_states)
+        ctx.activation = activation
+        ctx.set_materialize_grads(False)
+        if return_final_states:
+            return y, _final_states(x, initial_states, weight.shape[1])
+        return y
+
+    @staticmethod
+    def backward(ctx, dy, dfinal=None):
+        x, weight, bias, initial_states = ctx.saved_tensors
+        if dy is None:
+            dy = torch.zeros_like(x)
+        dx, dinit, dweight, dbias = _conv_backward(
+            x, weight, bias, initial_states, ctx.activation, dy, dfinal, ctx.needs_input_grad[3]
+        )
+        if initial_states is not None and dinit is None and ctx.needs_input_grad[3]:
+            dinit = torch.zeros_like(initial_states)  # a width-1 conv has no window to read
+        return (
+            dx,
+            dweight.to(weight.dtype),
+            dbias.to(bias.dtype) if dbias is not None else None,
+            dinit,
+            None,
+            None,
+        )
+
+
+def causal_conv1d_fn(
+    x, weight, bias=None, initial_states=None, return_final_states=False, activation=None
+):  # fmt: skip
+    """Same contract as `mambavl.ops.causal_conv1d_fn`, differentiable in x, weight, bias and
+    initial_states (and through the returned final states, which are the last W-1 inputs, fp32).
+    y takes x's layout: channel-contiguous for a transposed [B, L, D] view, else contiguous."""
+    _check_activation(activation)
     width = weight.shape[1]
     if initial_states is not None and initial_states.shape[-1] != width - 1:
         raise ValueError(f"initial_states must hold {width - 1} inputs, got {initial_states.shape[-1]}")
-    out = torch.empty(batch, dim, length, device=x.device, dtype=x.dtype)
-    init = initial_states if initial_states is not None else x
-    block_d, block_t = 32, 64
-    grid = (batch, triton.cdiv(dim, block_d), triton.cdiv(length, block_t))
-    _conv_seq_kernel[grid](
-        x, init, weight, bias if bias is not None else weight, out,
-        dim, length, width,
-        *x.stride(), *init.stride(), *weight.stride(), *out.stride(),
-        HAS_INIT=initial_states is not None, HAS_BIAS=bias is not None, SILU=activation is not None,
-        BLOCK_D=block_d, BLOCK_T=block_t, MAX_W=triton.next_power_of_2(max(width, 2)),
-    )  # fmt: skip
-    return out
+    if needs_grad(x, weight, bias, initial_states):
+        return _CausalConv1d.apply(x, weight, bias, initial_states, return_final_states, activation)
+    y = _conv_forward(x, weight, bias, initial_states, activation)
+    if return_final_states:
+        return y, _final_states(x, initial_states, width)
+    return y

@@ -1,30 +1,97 @@
-"""The Mamba-1 selective scan (prefill), fused: Δ (bias, softplus), the discretisation, the scan, the
-read-out through C, the skip D and the SiLU gate, in one pass over the inputs.
+"""The Mamba-1 selective scan (prefill and training), fused: Δ (bias, softplus), the discretisation, the scan,
+the read-out through C, the skip D and the SiLU gate, in one pass over the inputs; and its backward.
 
-One program per (sequence, block of BLOCK_D channels). It walks the sequence in chunks of BLOCK_T steps:
-inside a chunk the recurrence h_t = exp(Δ_t A)·h_{t-1} + Δ_t B_t u_t is a parallel associative scan over
-a [BLOCK_T, BLOCK_D, N] tile in registers, and the state at the chunk's end carries to the next chunk.
+Forward: one program per (sequence, block of BLOCK_D channels). It walks the sequence in tiles of BLOCK_T
+steps: inside a tile the recurrence h_t = exp(Δ_t A)·h_{t-1} + Δ_t B_t u_t is a parallel associative scan
+over a [BLOCK_D, N, BLOCK_T] tile in registers, and the state at the tile's end carries to the next tile.
 Inputs are read once and y written once, so the kernel streams at memory speed; the [B, L, D, N] states
-that the reference materialises never leave the chip. Positions past the end are identity steps
-(Δ = 0), so the carried state is exactly the state after the last real token.
+that the reference materialises never leave the chip. Positions past the end are identity steps (Δ = 0),
+so the carried state is exactly the state after the last real token. When a gradient is needed, it also
+stores the fp32 state at the start of every chunk of CHUNK steps: that, and the inputs, is all the
+backward keeps (B·D·N·L/CHUNK floats; nothing of size L·N per channel).
+
+Backward: one program per (sequence, group of B/C, run of channels inside the group). It walks the chunks
+from last to first. For each chunk and each block of BLOCK_D channels it reloads the chunk's start state,
+recomputes the chunk's states with the forward scan, and runs the adjoint
+    G_t = C_t·dy_t + exp(Δ_{t+1} A)·G_{t+1}     (d loss / d h_t)
+as a reverse associative scan; the adjoint at the chunk's start, exp(Δ_s A)·G_s = d loss / d h_{s-1},
+carries to the previous chunk (and is d initial_state after the first). Every gradient is then a local
+product: d(Δu) = Σ_n G·B, dB = Σ_d G·Δu, dC = Σ_d h·dy, and through the decay, with exp(Δ_t A)·h_{t-1}
+= h_t − Δ_t B_t u_t (no shifted copy of the states), s = G·(h_t − Δ_t B_t u_t) gives dΔ += Σ_n s·A and
+dA = Σ s·Δ. dB and dC are summed over the channels of a group: each program reduces its channels in
+registers and adds one [N, CHUNK] tile per chunk into an fp32 buffer with atomics (per-program partials
+would be hundreds of copies of dB for D = 5120). Per-channel sums (dA, dD, dΔ_bias) go to per-sequence
+fp32 partials that the host sums over the batch (deterministic, and race-free: a program owns its rows).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
+from mambavl.ops.dispatch import needs_grad
+
+LOG2E = tl.constexpr(1.4426950408889634)
+
+
+@dataclass(frozen=True)
+class ScanTiles:
+    """Launch parameters. The forward's tiles come from a sweep on an H200 (Mamba-1 2.8B shapes); the
+    backward's were chosen from sm_90 register counts (no spills, 128 registers a thread), untimed.
+
+    Forward: `block_t` steps × `block_d` channels per tile, `num_warps` warps. Training keeps the state
+    every `chunk` steps (a multiple of `block_t`), which is also the backward's tile length; the backward
+    tiles are `bwd_block_d` channels × N × `chunk`, on `bwd_warps` warps, and one program walks
+    `bwd_channels` channels (a multiple of `bwd_block_d`), which sets how many programs add into each
+    element of dB and dC: channels-per-group / bwd_channels.
+    """
+
+    block_t: int = 16
+    block_d: int = 2
+    num_warps: int = 1
+    chunk: int = 32
+    bwd_block_d: int = 2
+    bwd_channels: int = 16
+    bwd_warps: int = 8
+
+    def __post_init__(self):
+        for name in ("block_t", "chunk", "block_d", "bwd_block_d"):
+            value = getattr(self, name)
+            if value < 1 or value & (value - 1):
+                raise ValueError(f"ScanTiles.{name} must be a power of two, got {value}")
+        if self.chunk % self.block_t:
+            raise ValueError(f"ScanTiles.chunk ({self.chunk}) must be a multiple of block_t ({self.block_t})")
+        if self.bwd_channels % self.bwd_block_d:
+            raise ValueError(
+                f"ScanTiles.bwd_channels ({self.bwd_channels}) must be a multiple of bwd_block_d "
+                f"({self.bwd_block_d})"
+            )
+
+
+DEFAULT_TILES = ScanTiles()
+
 
 @triton.jit
 def _combine(a1, x1, a2, x2):
-    # (a1, x1) then (a2, x2): h -> a2 (a1 h + x1) + x2
+    # (a1, x1) then (a2, x2): h -> a2 (a1 h + x1) + x2. With reverse=True the scan visits later steps
+    # first, so the same composition gives G_t = a_t G_{t+1} + x_t.
     return a1 * a2, a2 * x1 + x2
 
 
 @triton.jit
+def _timestep(raw, SOFTPLUS: tl.constexpr):
+    """Δ from its (biased) input: softplus, the identity above 20 as in the reference, or as it is."""
+    if SOFTPLUS:
+        raw = tl.where(raw <= 20.0, tl.log(1.0 + tl.exp(raw)), raw)
+    return raw
+
+
+@triton.jit
 def _selective_scan_kernel(
-    u, delta, A, B, C, D, z, bias, h0, y, h_last,
+    u, delta, A, B, C, D, z, bias, h0, y, h_last, states,
     dim, length, N, channels_per_group,
     u_b, u_d, u_t,
     dl_b, dl_d, dl_t,
@@ -35,10 +102,12 @@ def _selective_scan_kernel(
     h0_b, h0_d, h0_n,
     y_b, y_d, y_t,
     hl_b, hl_d, hl_n,
+    st_b, st_c, st_d, st_n,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    HAS_H0: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_H0: tl.constexpr, SAVE_STATES: tl.constexpr, CHUNK: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)  # batch offsets can pass 2^31 elements on long sequences
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     n = tl.arange(0, BLOCK_N)
     t = tl.arange(0, BLOCK_T)
@@ -61,6 +130,10 @@ def _selective_scan_kernel(
         h = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
 
     for start in range(0, length, BLOCK_T):
+        if SAVE_STATES:  # noqa: SIM102 (a compile-time branch around a run-time one)
+            if start % CHUNK == 0:  # the state before this chunk, for the backward to start from
+                st = states + b * st_b + (start // CHUNK) * st_c + d[:, None] * st_d + n[None, :] * st_n
+                tl.store(st, h, mask=md[:, None] & mn[None, :])
         # Tiles are [D, N, T] with time last: the scan then runs within threads and warps (time is the
         # layout's fastest axis), never through shared memory across warps.
         tt = start + t
@@ -71,8 +144,7 @@ def _selective_scan_kernel(
         dt = dt.to(tl.float32)
         if HAS_BIAS:
             dt += dt_bias[:, None]
-        if SOFTPLUS:
-            dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(dt)), dt)
+        dt = _timestep(dt, SOFTPLUS)
         dt = tl.where(m2, dt, 0.0)  # past the end: identity steps
         bv = tl.load(
             B + b * b_b + g[:, None, None] * b_g + n[None, :, None] * b_n + tt[None, None, :] * b_t,
@@ -87,7 +159,7 @@ def _selective_scan_kernel(
         decay = tl.exp(dt[:, None, :] * a[:, :, None])  # [D, N, T]
         drive = (dt * uv)[:, None, :] * bv
         decay, drive = tl.associative_scan((decay, drive), 2, _combine)
-        hs = decay * h[:, :, None] + drive  # the state after every step of the chunk
+        hs = decay * h[:, :, None] + drive  # the state after every step of the tile
         out = tl.sum(hs * cv, axis=1)  # [D, T]
         h = tl.sum(tl.where((t == BLOCK_T - 1)[None, None, :], hs, 0.0), axis=2)
         if HAS_D:
@@ -105,6 +177,278 @@ def _selective_scan_kernel(
     )
 
 
+@triton.jit
+def _selective_scan_bwd_kernel(
+    u, delta, A, B, C, D, z, bias, states, dout,
+    du, ddelta, dz, dA, dB, dC, dD, dbias, carry,
+    dim, length, N, groups, channels_per_group, programs_per_group,
+    u_b, u_d, u_t,
+    dl_b, dl_d, dl_t,
+    a_d, a_n,
+    b_b, b_g, b_n, b_t,
+    c_b, c_g, c_n, c_t,
+    z_b, z_d, z_t,
+    st_b, st_c, st_d, st_n,
+    do_b, do_d, do_t,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, SUB_BLOCKS: tl.constexpr,
+):  # fmt: skip
+    # Outputs (all contiguous): du, ddelta, dz [B, D, L]; dA (partials) and carry [B, D, N] fp32;
+    # dB, dC [B, G, N, L] fp32 (accumulated); dD, dbias (partials) [B, D] fp32.
+    # Every pointer moved to this program's sequence once, in 64 bits (a batch's offset can pass 2^31
+    # elements on long sequences); the offsets inside a sequence stay 32-bit.
+    b = tl.program_id(0).to(tl.int64)
+    u += b * u_b
+    delta += b * dl_b
+    B += b * b_b
+    C += b * c_b
+    z += b * z_b
+    states += b * st_b
+    dout += b * do_b
+    du += b * dim * length
+    ddelta += b * dim * length
+    dz += b * dim * length
+    dA += b * dim * N
+    carry += b * dim * N
+    dD += b * dim
+    dbias += b * dim
+    dB += b * groups * N * length
+    dC += b * groups * N * length
+    g = tl.program_id(1) // programs_per_group
+    first = (tl.program_id(1) % programs_per_group) * (BLOCK_D * SUB_BLOCKS)
+    n = tl.arange(0, BLOCK_N)
+    t = tl.arange(0, CHUNK)
+    k = tl.arange(0, BLOCK_D)
+    mn = n < N
+    n_chunks = tl.cdiv(length, CHUNK)
+
+    for back in range(0, n_chunks):
+        # The carry and the per-channel partials go through global memory between chunks, and a value
+        # may be stored by one thread and read back by another: a CTA barrier orders those accesses.
+        tl.debug_barrier()
+        c = n_chunks - 1 - back
+        t0 = c * CHUNK
+        tt = t0 + t
+        mt = tt < length
+        m_nt = mn[:, None] & mt[None, :]
+        # B and C of this chunk: one [N, T] tile for every channel of the group
+        bv = tl.load(B + g * b_g + n[:, None] * b_n + tt[None, :] * b_t, mask=m_nt, other=0.0)
+        cv = tl.load(C + g * c_g + n[:, None] * c_n + tt[None, :] * c_t, mask=m_nt, other=0.0)
+        bv, cv = bv.to(tl.float32)[None], cv.to(tl.float32)[None]
+        acc_b = tl.zeros([BLOCK_N, CHUNK], dtype=tl.float32)
+        acc_c = tl.zeros([BLOCK_N, CHUNK], dtype=tl.float32)
+
+        for sub in range(0, SUB_BLOCKS):
+            d_in = first + sub * BLOCK_D + k
+            md = d_in < channels_per_group
+            d = g * channels_per_group + d_in
+            m_dn = md[:, None] & mn[None, :]
+            m_dt = md[:, None] & mt[None, :]
+            a = tl.load(A + d[:, None] * a_d + n[None, :] * a_n, mask=m_dn, other=0.0).to(tl.float32)
+            a2 = a * LOG2E  # exp(Δa) = exp2(Δ·a·log2 e)
+            if HAS_BIAS:
+                dt_bias = tl.load(bias + d, mask=md, other=0.0).to(tl.float32)
+            row = d[:, None] * length + tt[None, :]  # in the [B, D, L] outputs
+            row_dn = d[:, None] * N + n[None, :]  # in the [B, D, N] buffers
+            h0 = tl.load(states + c * st_c + d[:, None] * st_d + n[None, :] * st_n, mask=m_dn)
+            lam = tl.load(carry + row_dn, mask=m_dn, other=0.0)  # d loss / d (state after this chunk)
+
+            uv = tl.load(u + d[:, None] * u_d + tt[None, :] * u_t, mask=m_dt, other=0.0)
+            uv = uv.to(tl.float32)
+            raw = tl.load(delta + d[:, None] * dl_d + tt[None, :] * dl_t, mask=m_dt, other=0.0)
+            # Δ one step later, inside the chunk (the chunk's last step takes the carried adjoint instead),
+            # and Δ at the chunk's start
+            m_next = md[:, None] & ((t < CHUNK - 1) & (tt + 1 < length))[None, :]
+            raw_next = tl.load(delta + d[:, None] * dl_d + (tt + 1)[None, :] * dl_t, mask=m_next, other=0.0)
+            raw_next = raw_next.to(tl.float32)
+            raw0 = tl.load(delta + d * dl_d + t0 * dl_t, mask=md, other=0.0).to(tl.float32)
+            raw = raw.to(tl.float32)
+            if HAS_BIAS:  # the softplus derivative below needs the biased input
+                raw += dt_bias[:, None]
+                raw_next += dt_bias[:, None]
+                raw0 += dt_bias
+            dt = tl.where(m_dt, _timestep(raw, SOFTPLUS), 0.0)
+            dt_next = tl.where(m_next, _timestep(raw_next, SOFTPLUS), 0.0)
+            dt0 = _timestep(raw0, SOFTPLUS)
+            dy = tl.load(dout + d[:, None] * do_d + tt[None, :] * do_t, mask=m_dt, other=0.0)
+            dy = dy.to(tl.float32)
+
+            # the chunk's states, as in the forward
+            dtu = dt * uv
+            decay, hs = tl.associative_scan(
+                (tl.exp2(dt[:, None, :] * a2[:, :, None]), dtu[:, None, :] * bv), 2, _combine
+            )
+            hs += decay * h0[:, :, None]
+            if HAS_D:
+                skip = tl.load(D + d, mask=md, other=0.0).to(tl.float32)
+            if HAS_Z:
+                zv = tl.load(z + d[:, None] * z_d + tt[None, :] * z_t, mask=m_dt, other=0.0)
+                zv = zv.to(tl.float32)
+                y = tl.sum(hs * cv, axis=1)
+                if HAS_D:
+                    y += skip[:, None] * uv
+                gate = tl.sigmoid(zv)
+                dzv = dy * y * gate * (1.0 + zv * (1.0 - gate))
+                tl.store(dz + row, dzv.to(dz.dtype.element_ty), mask=m_dt)
+                dy *= zv * gate
+            acc_c += tl.sum(hs * dy[:, None, :], axis=0)
+
+            # the adjoint, backwards through the chunk from the carried one
+            decay_next = tl.exp2(dt_next[:, None, :] * a2[:, :, None])
+            adj_decay, adj = tl.associative_scan((decay_next, cv * dy[:, None, :]), 2, _combine, reverse=True)
+            adj += adj_decay * lam[:, :, None]
+            adj_start = tl.sum(tl.where((t == 0)[None, None, :], adj, 0.0), axis=2)
+            tl.store(carry + row_dn, tl.exp2(dt0[:, None] * a2) * adj_start, mask=m_dn)
+
+            acc_b += tl.sum(adj * dtu[:, None, :], axis=0)
+            adj_b = tl.sum(adj * bv, axis=1)  # d loss / d (Δu), [D, T]
+            s = adj * (hs - dtu[:, None, :] * bv)  # adjoint × exp(Δa)·h_{t-1}
+            ddt = uv * adj_b + tl.sum(s * a[:, :, None], axis=1)
+            duv = dt * adj_b
+            if HAS_D:
+                duv += skip[:, None] * dy
+                tl.store(dD + d, tl.load(dD + d, mask=md) + tl.sum(dy * uv, 1), mask=md)
+            tl.store(
+                dA + row_dn,
+                tl.load(dA + row_dn, mask=m_dn) + tl.sum(s * dt[:, None, :], 2),
+                mask=m_dn,
+            )
+            if SOFTPLUS:
+                ddt = tl.where(raw <= 20.0, ddt * tl.sigmoid(raw), ddt)
+            ddt = tl.where(m_dt, ddt, 0.0)
+            if HAS_BIAS:
+                tl.store(dbias + d, tl.load(dbias + d, mask=md) + tl.sum(ddt, 1), mask=md)
+            tl.store(du + row, duv.to(du.dtype.element_ty), mask=m_dt)
+            tl.store(ddelta + row, ddt.to(ddelta.dtype.element_ty), mask=m_dt)
+
+        bc = g * N * length + n[:, None] * length + tt[None, :]
+        tl.atomic_add(dB + bc, acc_b, mask=m_nt, sem="relaxed")
+        tl.atomic_add(dC + bc, acc_c, mask=m_nt, sem="relaxed")
+
+
+def _grouped(M: torch.Tensor) -> torch.Tensor:
+    """B or C as [B, G, N, L]."""
+    return M[:, None] if M.dim() == 3 else M
+
+
+def _forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, tiles, save_states):
+    """y [B, D, L] (u's dtype), the last state [B, D, N] fp32, and with `save_states` the fp32 state at
+    the start of every chunk, [B, D, N, n_chunks] (stored chunk-major, so each program's writes are
+    contiguous); else None."""
+    batch, dim, length = u.shape
+    N = A.shape[-1]
+    Bg, Cg = _grouped(B), _grouped(C)
+    groups = Bg.shape[1]
+    if dim % groups or Cg.shape[1] != groups:
+        raise ValueError(f"selective_scan: {groups} groups of B/C do not divide {dim} channels")
+    y = torch.empty(batch, dim, length, device=u.device, dtype=u.dtype)
+    h_last = torch.empty(batch, dim, N, device=u.device, dtype=torch.float32)
+    n_chunks = triton.cdiv(length, tiles.chunk)
+    states = None
+    if save_states:
+        states = torch.empty(batch, n_chunks, dim, N, device=u.device, dtype=torch.float32)
+    dummy = h_last
+    st = states if states is not None else dummy[:, None]
+    h0 = initial_state if initial_state is not None else dummy
+    zt = z if z is not None else u
+    grid = (batch, triton.cdiv(dim, tiles.block_d))
+    _selective_scan_kernel[grid](
+        u, delta, A, Bg, Cg,
+        D if D is not None else dummy, zt, delta_bias if delta_bias is not None else dummy, h0, y, h_last, st,
+        dim, length, N, dim // groups,
+        *u.stride(), *delta.stride(), *A.stride(), *Bg.stride(), *Cg.stride(), *zt.stride(),
+        *h0.stride(), *y.stride(), *h_last.stride(), *st.stride(),
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+        SOFTPLUS=delta_softplus, HAS_H0=initial_state is not None,
+        SAVE_STATES=save_states, CHUNK=tiles.chunk,
+        BLOCK_T=tiles.block_t, BLOCK_D=tiles.block_d, BLOCK_N=max(triton.next_power_of_2(N), 2),
+        num_warps=tiles.num_warps,
+    )  # fmt: skip
+    return y, h_last, (states.permute(0, 2, 3, 1) if states is not None else None)
+
+
+def _backward(u, delta, A, B, C, D, z, delta_bias, states, delta_softplus, tiles, dout, dh_last):
+    """Gradients of every input (fp32 where they are sums over the batch or over channels)."""
+    batch, dim, length = u.shape
+    N = A.shape[-1]
+    Bg, Cg = _grouped(B), _grouped(C)
+    groups = Bg.shape[1]
+    per_group = dim // groups
+    f32 = dict(device=u.device, dtype=torch.float32)
+    du = torch.empty(batch, dim, length, device=u.device, dtype=u.dtype)
+    ddelta = torch.empty(batch, dim, length, device=u.device, dtype=delta.dtype)
+    dz = torch.empty(batch, dim, length, device=u.device, dtype=z.dtype) if z is not None else du
+    dA = torch.zeros(batch, dim, N, **f32)
+    dB = torch.zeros(batch, groups, N, length, **f32)
+    dC = torch.zeros(batch, groups, N, length, **f32)
+    dD = torch.zeros(batch, dim, **f32)
+    dbias = torch.zeros(batch, dim, **f32)
+    # d loss / d (state after the current chunk); after the first chunk, d loss / d initial_state
+    if dh_last is None:
+        carry = torch.zeros(batch, dim, N, **f32)
+    else:
+        carry = dh_last.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+    if dout is None:  # only the last state is used: zeros without memory
+        dout = u.new_zeros(()).expand(u.shape)
+    st = states.permute(0, 3, 1, 2)  # [B, n_chunks, D, N]
+    programs = triton.cdiv(per_group, tiles.bwd_channels)
+    sub_blocks = tiles.bwd_channels // tiles.bwd_block_d
+    zt = z if z is not None else u
+    grid = (batch, groups * programs)
+    _selective_scan_bwd_kernel[grid](
+        u, delta, A, Bg, Cg,
+        D if D is not None else dD, zt, delta_bias if delta_bias is not None else dD, st, dout,
+        du, ddelta, dz, dA, dB, dC, dD, dbias, carry,
+        dim, length, N, groups, per_group, programs,
+        *u.stride(), *delta.stride(), *A.stride(), *Bg.stride(), *Cg.stride(), *zt.stride(),
+        *st.stride(), *dout.stride(),
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
+        CHUNK=tiles.chunk, BLOCK_D=tiles.bwd_block_d, BLOCK_N=max(triton.next_power_of_2(N), 2),
+        SUB_BLOCKS=sub_blocks,
+        num_warps=tiles.bwd_warps,
+    )  # fmt: skip
+    return dict(
+        u=du,
+        delta=ddelta,
+        A=dA.sum(0),
+        B=dB if B.dim() == 4 else dB[:, 0],
+        C=dC if C.dim() == 4 else dC[:, 0],
+        D=dD.sum(0),
+        z=dz if z is not None else None,
+        delta_bias=dbias.sum(0),
+        initial_state=carry,
+    )
+
+
+class _SelectiveScanFn(torch.autograd.Function):
+    """The fused forward, keeping the inputs and the chunk-start states; the fused backward."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, tiles):
+        y, h_last, states = _forward(
+            u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, tiles, save_states=True
+        )
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, states)
+        ctx.delta_softplus, ctx.tiles = delta_softplus, tiles
+        ctx.set_materialize_grads(False)
+        return y, h_last
+
+    @staticmethod
+    def backward(ctx, dy, dh_last):
+        u, delta, A, B, C, D, z, delta_bias, states = ctx.saved_tensors
+        saved = (u, delta, A, B, C, D, z, delta_bias, states)
+        grads = _backward(*saved, ctx.delta_softplus, ctx.tiles, dy, dh_last)
+        names = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
+        like = dict(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias)
+        out = []
+        for i, name in enumerate(names):
+            grad = grads[name] if ctx.needs_input_grad[i] else None
+            if grad is not None and name in like:
+                grad = grad.to(like[name].dtype)
+            out.append(grad)
+        return (*out, None, None)
+
+
 def selective_scan(
     u: torch.Tensor,
     delta: torch.Tensor,
@@ -117,38 +461,20 @@ def selective_scan(
     delta_softplus: bool = False,
     return_last_state: bool = False,
     initial_state: torch.Tensor | None = None,
-    block_t: int | None = None,
-    block_d: int | None = None,
-    num_warps: int = 1,
+    tiles: ScanTiles | None = None,
 ):
-    """`ops.selective_scan` for B and C of shape [B, N, L] or [B, G, N, L] (forward only)."""
-    batch, dim, length = u.shape
-    N = A.shape[-1]
-    Bg = B[:, None] if B.dim() == 3 else B
-    Cg = C[:, None] if C.dim() == 3 else C
-    groups = Bg.shape[1]
-    if dim % groups or Cg.shape[1] != groups:
-        raise ValueError(f"selective_scan: {groups} groups of B/C do not divide {dim} channels")
-    y = torch.empty(batch, dim, length, device=u.device, dtype=u.dtype)
-    h_last = torch.empty(batch, dim, N, device=u.device, dtype=torch.float32)
-    block_n = max(triton.next_power_of_2(N), 2)
-    # Small tiles, many programs: a sweep on an H200 (Mamba-1 2.8B shapes, 16k tokens) found
-    # [2 channels × 16 states × 16 steps] on one warp the fastest of the tiles tried.
-    block_t = block_t or 16
-    block_d = block_d or 2
-    dummy = h_last
-    h0 = initial_state if initial_state is not None else dummy
-    zt = z if z is not None else u
-    grid = (batch, triton.cdiv(dim, block_d))
-    _selective_scan_kernel[grid](
-        u, delta, A, Bg, Cg,
-        D if D is not None else dummy, zt, delta_bias if delta_bias is not None else dummy, h0, y, h_last,
-        dim, length, N, dim // groups,
-        *u.stride(), *delta.stride(), *A.stride(), *Bg.stride(), *Cg.stride(), *zt.stride(),
-        *h0.stride(), *y.stride(), *h_last.stride(),
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-        SOFTPLUS=delta_softplus, HAS_H0=initial_state is not None,
-        BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_N=block_n,
-        num_warps=num_warps,
-    )  # fmt: skip
+    """`ops.selective_scan` for B and C of shape [B, N, L] or [B, G, N, L], differentiable in every input
+    (and through the returned last state). `tiles`: launch parameters (`ScanTiles`; `DEFAULT_TILES` when
+    None, which is what `ops.selective_scan` runs)."""
+    tiles = tiles or DEFAULT_TILES
+    D = D.contiguous() if D is not None else None  # the kernels index D and the bias with stride 1
+    delta_bias = delta_bias.contiguous() if delta_bias is not None else None
+    if needs_grad(u, delta, A, B, C, D, z, delta_bias, initial_state):
+        y, h_last = _SelectiveScanFn.apply(
+            u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, tiles
+        )
+    else:
+        y, h_last, _ = _forward(
+            u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, tiles, save_states=False
+        )
     return (y, h_last) if return_last_state else y

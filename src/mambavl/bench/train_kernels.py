@@ -1,0 +1,236 @@
+"""`mambavl bench --kernels --train`: the training kernels, forward and forward + backward, at a preset's
+full-size shapes, each against the PyTorch reference it replaces and, where importable, the seeds' own
+kernels (mamba_ssm's CUDA selective scan, causal_conv1d, mamba_ssm's Triton norms and SSD), in one run.
+
+For a Mamba-1 LM: the selective scan (Δ bias + softplus, D, the z gate), the causal conv1d (bias, SiLU) and
+the pre-norm RMSNorm with its residual add; for a Mamba-2 LM: the SSD chunked scan, the conv1d over x, B
+and C, the RMSNorm and the gated, grouped RMSNorm. Shapes: `batch` rows of `length` positions in bf16
+(fp32 A, D and Δ bias, as the models hold them). Every timing is the median of CUDA-event timed calls after
+warm-up; "fwd+bwd" is one forward and one backward with gradients for every input that has one.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import statistics
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+
+def _time(fn: Callable[[], object], repeat: int = 10, warmup: int = 3) -> float:
+    """Median seconds of fn() between CUDA events."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeat):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
+def _measure(make: Callable[[], tuple[Callable, dict]]) -> dict:
+    """Forward and forward + backward time and the backward's extra peak memory of one implementation.
+    `make()` returns (call(**inputs) -> output tensor or tuple, inputs)."""
+    call, inputs = make()
+    leaves = [v for v in inputs.values() if isinstance(v, torch.Tensor) and v.requires_grad]
+
+    def forward():
+        with torch.no_grad():
+            call(**inputs)
+
+    def forward_backward():
+        out = call(**inputs)
+        outs = [o for o in (out if isinstance(out, tuple) else (out,)) if o.requires_grad]
+        torch.autograd.grad(outs, leaves, grad_outputs=[torch.ones_like(o) for o in outs])
+
+    try:
+        fwd = _time(forward)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        both = _time(forward_backward)
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    except torch.cuda.OutOfMemoryError:
+        return {"error": "out of memory"}
+    return {"fwd_ms": fwd * 1e3, "fwd_bwd_ms": both * 1e3, "extra_peak_mib": peak}
+
+
+def _leaf(t: torch.Tensor, grad: bool = True) -> torch.Tensor:
+    return t.requires_grad_(grad)
+
+
+# ---- the ops at a preset's shapes ------------------------------------------------------------------------
+def _scan_inputs(batch: int, dim: int, n: int, length: int) -> dict:
+    kw = dict(device="cuda")
+    bf = dict(device="cuda", dtype=torch.bfloat16)
+    return dict(
+        u=_leaf(torch.randn(batch, dim, length, **bf)),
+        delta=_leaf(torch.randn(batch, dim, length, **bf) - 2),
+        A=_leaf(-torch.rand(dim, n, **kw) * 8),
+        B=_leaf(torch.randn(batch, n, length, **bf)),
+        C=_leaf(torch.randn(batch, n, length, **bf)),
+        D=_leaf(torch.ones(dim, **kw)),
+        z=_leaf(torch.randn(batch, dim, length, **bf)),
+        delta_bias=_leaf(torch.randn(dim, **kw) * 0.1),
+    )
+
+
+def _conv_inputs(batch: int, dim: int, width: int, length: int) -> dict:
+    # as in the mixers: a [B, D, L] view of in_proj's [B, L, 2D] output
+    x = torch.randn(batch, length, dim, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+    return dict(
+        x=_leaf(x.detach()),
+        weight=_leaf(torch.randn(dim, width, device="cuda") * 0.3),
+        bias=_leaf(torch.randn(dim, device="cuda") * 0.1),
+    )
+
+
+def _norm_inputs(rows: int, width: int) -> dict:
+    bf = dict(device="cuda", dtype=torch.bfloat16)
+    return dict(
+        x=_leaf(torch.randn(rows, width, **bf)),
+        residual=_leaf(torch.randn(rows, width, device="cuda")),
+        weight=_leaf(torch.ones(width, device="cuda")),
+    )
+
+
+def _ssd_inputs(batch: int, length: int, heads: int, p: int, groups: int, n: int) -> dict:
+    bf = dict(device="cuda", dtype=torch.bfloat16)
+    return dict(
+        x=_leaf(torch.randn(batch, length, heads, p, **bf)),
+        dt=_leaf(torch.randn(batch, length, heads, **bf) - 2),
+        A=_leaf(-torch.rand(heads, device="cuda") * 8),
+        B=_leaf(torch.randn(batch, length, groups, n, **bf)),
+        C=_leaf(torch.randn(batch, length, groups, n, **bf)),
+        D=_leaf(torch.ones(heads, device="cuda")),
+        dt_bias=_leaf(torch.randn(heads, device="cuda") * 0.1),
+    )
+
+
+def _peer(module: str, name: str):
+    try:
+        return getattr(importlib.import_module(module), name)
+    except Exception:  # not installed, or its CUDA extension missing
+        return None
+
+
+def _cases(lm, batch: int, length: int) -> dict[str, dict[str, Callable[[], tuple[Callable, dict]]]]:
+    """op -> implementation -> make(); only implementations that can run here."""
+    from mambavl import ops
+
+    rows = batch * length
+    cases: dict[str, dict] = {}
+
+    def ours(fn, **fixed):
+        return lambda **kw: fn(**kw, **fixed, backend="triton")
+
+    def ref(fn, **fixed):
+        return lambda **kw: fn(**kw, **fixed, backend="torch")
+
+    if "mamba1" in lm.mixers:
+        d, n = lm.d_inner, lm.d_state
+        scan = lambda: _scan_inputs(batch, d, n, length)  # noqa: E731
+        peer_scan = _peer("mamba_ssm.ops.selective_scan_interface", "selective_scan_fn")
+        cases["selective_scan"] = {
+            "ours": lambda: (ours(ops.selective_scan, delta_softplus=True), scan()),
+            "torch": lambda: (ref(ops.selective_scan, delta_softplus=True), scan()),
+        }
+        if peer_scan is not None:
+            cases["selective_scan"]["mamba_ssm"] = lambda: (
+                lambda **kw: peer_scan(**kw, delta_softplus=True),
+                scan(),
+            )
+    if "mamba2" in lm.mixers:
+        h, p, g, n = lm.nheads, lm.headdim, lm.ngroups, lm.d_state
+        ssd = lambda: _ssd_inputs(batch, length, h, p, g, n)  # noqa: E731
+        fixed = dict(chunk_size=lm.chunk_size, dt_softplus=True)
+        cases["ssd"] = {
+            "ours": lambda: (ours(ops.mamba_chunk_scan_combined, **fixed), ssd()),
+            "torch": lambda: (ref(ops.mamba_chunk_scan_combined, **fixed), ssd()),
+        }
+        peer_ssd = _peer("mamba_ssm.ops.triton.ssd_combined", "mamba_chunk_scan_combined")
+        if peer_ssd is not None:
+            cases["ssd"]["mamba_ssm"] = lambda: (lambda **kw: peer_ssd(**kw, **fixed), ssd())
+        gated = lambda: {  # noqa: E731
+            "x": _leaf(torch.randn(rows, lm.d_inner, device="cuda", dtype=torch.bfloat16)),
+            "weight": _leaf(torch.ones(lm.d_inner, device="cuda")),
+            "z": _leaf(torch.randn(rows, lm.d_inner, device="cuda", dtype=torch.bfloat16)),
+        }
+        gfixed = dict(group_size=lm.d_inner // g, norm_before_gate=lm.norm_before_gate, eps=lm.gated_norm_eps)
+        cases["rms_norm_gated"] = {
+            "ours": lambda: (ours(ops.rms_norm_gated, **gfixed), gated()),
+            "torch": lambda: (ref(ops.rms_norm_gated, **gfixed), gated()),
+        }
+        peer_gated = _peer("mamba_ssm.ops.triton.layernorm_gated", "rmsnorm_fn")
+        if peer_gated is not None:
+            cases["rms_norm_gated"]["mamba_ssm"] = lambda: (
+                lambda x, weight, z: peer_gated(x, weight, None, z=z, **gfixed),
+                gated(),
+            )
+    conv_dim = lm.d_inner + (2 * lm.ngroups * lm.d_state if "mamba2" in lm.mixers else 0)
+    conv = lambda: _conv_inputs(batch, conv_dim, lm.d_conv, length)  # noqa: E731
+    cases["causal_conv1d"] = {
+        "ours": lambda: (ours(ops.causal_conv1d_fn, activation="silu"), conv()),
+        "torch": lambda: (ref(ops.causal_conv1d_fn, activation="silu"), conv()),
+    }
+    peer_conv = _peer("causal_conv1d", "causal_conv1d_fn")
+    if peer_conv is not None:
+        cases["causal_conv1d"]["causal_conv1d"] = lambda: (
+            lambda **kw: peer_conv(**kw, activation="silu"),
+            conv(),
+        )
+    norm = lambda: _norm_inputs(rows, lm.d_model)  # noqa: E731
+    nfixed = dict(eps=lm.norm_eps, prenorm=True, residual_in_fp32=True)
+    cases["rms_norm_add"] = {
+        "ours": lambda: (ours(ops.rms_norm, **nfixed), norm()),
+        "torch": lambda: (ref(ops.rms_norm, **nfixed), norm()),
+    }
+    peer_norm = _peer("mamba_ssm.ops.triton.layer_norm", "rms_norm_fn")
+    if peer_norm is not None:
+        cases["rms_norm_add"]["mamba_ssm"] = lambda: (
+            lambda x, residual, weight: peer_norm(x, weight, None, residual=residual, **nfixed),
+            norm(),
+        )
+    return cases
+
+
+def run_train_kernels(preset: str, out: Path, batch: int = 8, length: int = 936, say=print) -> dict:
+    """Times every training kernel of `preset`'s LM; writes out/train_kernels.json and returns it."""
+    from mambavl.presets import PRESETS
+
+    if not torch.cuda.is_available():
+        raise RuntimeError("bench --kernels --train times CUDA kernels: it needs a GPU")
+    lm = PRESETS[preset].lm
+    result: dict = {
+        "preset": preset,
+        "batch": batch,
+        "length": length,
+        "device": torch.cuda.get_device_name(),
+        "dtype": "bfloat16 activations, fp32 A / D / biases / weights of norms and conv",
+        "ops": {},
+    }
+    for op, impls in _cases(lm, batch, length).items():
+        result["ops"][op] = {}
+        for name, make in impls.items():
+            entry = _measure(make)
+            result["ops"][op][name] = entry
+            torch.cuda.empty_cache()
+            if "error" in entry:
+                say(f"{op:16s} {name:14s} {entry['error']}")
+            else:
+                say(
+                    f"{op:16s} {name:14s} fwd {entry['fwd_ms']:8.3f} ms"
+                    f"   fwd+bwd {entry['fwd_bwd_ms']:8.3f} ms"
+                    f"   +{entry['extra_peak_mib']:8.0f} MiB"
+                )
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "train_kernels.json").write_text(json.dumps(result, indent=2))
+    return result
