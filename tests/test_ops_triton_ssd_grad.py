@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import test_ops_triton_ssd
 from mambavl import ops
 
 pytest.importorskip("triton")
@@ -18,20 +19,8 @@ BF16 = dict(rtol=3e-2, atol=3e-2)
 
 
 def _inputs(batch=1, length=21, heads=4, p=6, groups=2, n=16, dtype=torch.float32):
-    def r(*shape):
-        return torch.randn(*shape, device=DEVICE)
-
-    return dict(
-        x=r(batch, length, heads, p).to(dtype),
-        dt=r(batch, length, heads).to(dtype),
-        A=-torch.rand(heads, device=DEVICE) * 3 - 0.1,
-        B=r(batch, length, groups, n).to(dtype),
-        C=r(batch, length, groups, n).to(dtype),
-        D=r(heads, p),
-        z=r(batch, length, heads, p).to(dtype),
-        dt_bias=r(heads),
-        initial_states=r(batch, heads, p, n),
-    )
+    """test_ops_triton_ssd's inputs, with this file's defaults (three chunks of 8, the last partial)."""
+    return test_ops_triton_ssd._inputs(batch, length, heads, p, groups, n, dtype)
 
 
 def _grads(inputs, chunk, backend, gy, gfinal, **options):
