@@ -316,3 +316,56 @@ def test_a_full_disk_when_saving_the_model_is_clear_and_resume_writes_it(shapes,
     result = train(TrainConfig(**(vars(cfg) | {"resume": True})))
     assert result.model_dir == run / "model" and mambavl.load(result.model_dir) is not None
     assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == [1, 2]  # nothing trained again
+
+
+def test_profile_adds_one_step_outside_the_figures(tmp_path):
+    """--profile: one more training step runs under the profiler, its table written beside train.json;
+    the timed figures and losses are those of the asked-for steps only."""
+    said = []
+    result = bench.run_train(
+        "tiny-mlmamba",
+        tmp_path / "out",
+        checkpointing="off",
+        peers=(),
+        say=lambda *a, **k: said.append(" ".join(map(str, a))),
+        work=tmp_path / "work",
+        profile=True,
+        **CPU,
+    )
+    ours = result["mambavl_checkpointing_off"]
+    assert len(ours["losses"]) == CPU["steps"]
+    assert (
+        len(read_metrics(tmp_path / "work" / "mambavl_checkpointing_off" / "metrics.jsonl"))
+        == CPU["steps"] + 1
+    )
+    table = (tmp_path / "out" / "profile_mambavl_checkpointing_off.txt").read_text()
+    assert table.startswith("CPU self time") and table in said
+    rows = [line.split() for line in table.splitlines()[3:] if line.strip()]
+    assert rows and all(float(r[0]) >= 0 and r[1].endswith("%") and int(r[2]) >= 1 for r in rows)
+    assert any("aten::" in line for line in table.splitlines())  # the step's ops are named
+
+
+def test_profile_summary_orders_by_time_and_shares_add_up():
+    from torch.autograd import DeviceType
+
+    from mambavl.train.profile import summary
+
+    Event = namedtuple(
+        "Event", ["key", "count", "self_cpu_time_total", "self_device_time_total", "device_type"]
+    )
+    cpu = DeviceType.CPU
+    events = [Event("a", 1, 100.0, 0.0, cpu), Event("b", 2, 300.0, 0.0, cpu), Event("c", 1, 0.0, 0.0, cpu)]
+    lines = summary(events, rows=5).splitlines()
+    assert lines[0] == "CPU self time 0.4 ms in all; the top 5:"
+    body = [line.split() for line in lines[3:]]
+    assert [r[-1] for r in body] == ["b", "a"]  # slowest first; nothing timed, nothing listed
+    assert [r[1] for r in body] == ["75.0%", "25.0%"]
+    # on a GPU: the kernels alone (the op that launched one carries its time too)
+    on_gpu = [
+        Event("kernel", 4, 0.0, 2000.0, DeviceType.CUDA),
+        Event("op launching it", 4, 10.0, 2000.0, cpu),
+        Event("cpu-only", 1, 50.0, 0.0, cpu),
+    ]
+    lines = summary(on_gpu).splitlines()
+    assert lines[0] == "device (kernels) self time 2.0 ms in all; the top 40:"
+    assert [line.split()[-1] for line in lines[3:]] == ["kernel"]

@@ -20,7 +20,9 @@ NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
 FP32 = dict(rtol=1e-4, atol=1e-4)
 BF16 = dict(rtol=2e-2, atol=2e-2)
 # Several chunks on short sequences; the forward's tiles must divide the chunk.
-SMALL = ScanTiles(block_t=4, block_d=2, chunk=8, bwd_block_d=2, bwd_channels=4)
+# Three copies of dB/dC, so that several programs add into each; backward tiles of half a chunk, so that
+# every other one advances the chunk's saved state first.
+SMALL = ScanTiles(block_t=4, block_d=2, chunk=8, bwd_block_t=4, bwd_block_d=2, bwd_slots=3)
 
 
 def _inputs(batch, dim, n, length, groups, dtype, bare=False):
@@ -169,8 +171,12 @@ def test_tiles_are_checked():
         ScanTiles(block_t=16, chunk=8)
     with pytest.raises(ValueError, match="power of two"):
         ScanTiles(chunk=48)
-    with pytest.raises(ValueError, match="bwd_channels"):
-        ScanTiles(bwd_block_d=4, bwd_channels=6)
+    with pytest.raises(ValueError, match="multiple of bwd_block_t"):
+        ScanTiles(chunk=16, bwd_block_t=32)
+    with pytest.raises(ValueError, match="bwd_block_d must be a power of two"):
+        ScanTiles(bwd_block_d=6)
+    with pytest.raises(ValueError, match="at least 1"):
+        ScanTiles(bwd_slots=0)
 
 
 def _mixer_run(monkeypatch, backend, cfg, hidden, gout):
@@ -207,8 +213,8 @@ def test_mamba1_mixer_trains_the_same_under_triton(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("groups", [None, 2])
 def test_selective_scan_gradients_default_tiles(monkeypatch, dtype, groups):
-    """The launch parameters the GPU runs (`ScanTiles()`): with chunk 32 and 16 channels a program, five
-    chunks, the last one ragged, and two full programs and a ragged one in every group."""
+    """The launch parameters the GPU runs (`ScanTiles()`): five chunks of the default length, the last one
+    ragged; with groups, 37 channels a group, so the backward's blocks shrink to one channel."""
     monkeypatch.setattr(kernel, "DEFAULT_TILES", ScanTiles())
     inputs = _inputs(2, 37 * (groups or 1), 16, 150, groups, dtype)
     _compare(inputs, FP32 if dtype == torch.float32 else BF16, softplus=True)

@@ -530,7 +530,9 @@ def bench(
     ),
     dtype: str = typer.Option("bfloat16", help="bfloat16, float16 or float32."),
     device: str = typer.Option("cuda", help="Device (the targets are for a CUDA GPU)."),
-    profile: bool = typer.Option(True, help="Also profile one prefill and a few decode steps by kernel."),
+    profile: bool = typer.Option(
+        True, help="Also profile one prefill and a few decode steps by kernel (--train: one more step)."
+    ),
     train: bool = typer.Option(False, "--train", help="Measure a finetune step (tokens/s, MFU) instead."),
     steps: int = typer.Option(5, help="--train: steps (the first is warm-up)."),
     batch: int = typer.Option(8, help="--train: rows per step."),
@@ -569,7 +571,7 @@ def bench(
         if kernels and train:
             from mambavl.bench.train_kernels import run_train_kernels
 
-            run_train_kernels(model, Path(out), batch, say=console.print)
+            run_train_kernels(model, Path(out), batch, say=console.print, sweep=sweep)
             console.print(f"wrote {Path(out) / 'train_kernels.json'}")
             return
         if kernels:
@@ -582,7 +584,15 @@ def bench(
             from mambavl.bench.train import run_train
 
             run_train(
-                model, Path(out), steps, batch, checkpointing, peers=chosen, say=console.print, device=device
+                model,
+                Path(out),
+                steps,
+                batch,
+                checkpointing,
+                peers=chosen,
+                say=console.print,
+                device=device,
+                profile=profile,
             )
             console.print(f"wrote {Path(out) / 'train.json'}")
             return

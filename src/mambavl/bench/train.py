@@ -115,8 +115,10 @@ def ours(
     checkpointing: bool,
     device: torch.device,
     num_workers: int = 4,
+    profile: bool = False,
 ) -> dict:
-    """A `mambavl.train` finetune of `steps` steps on `data`; no checkpoint, no model written."""
+    """A `mambavl.train` finetune of `steps` steps on `data`; no checkpoint, no model written. With
+    `profile`, one more step runs under the profiler (`run_dir/profile.txt`), outside the figures."""
     from mambavl.presets import PRESETS
     from mambavl.train import TrainConfig, train
     from mambavl.train.distributed import World
@@ -129,7 +131,8 @@ def ours(
         run_dir=run_dir,
         stage="finetune",
         data=(data,),
-        max_steps=steps,
+        max_steps=steps + profile,
+        profile_step=steps + 1 if profile else 0,
         global_batch_size=batch,
         per_device_batch_size=batch,
         precision="bf16",
@@ -149,7 +152,7 @@ def ours(
     finally:
         PRESETS.pop(config.name, None)
     wall = time.perf_counter() - t0
-    everything = read_metrics(run_dir / "metrics.jsonl")
+    everything = read_metrics(run_dir / "metrics.jsonl")[:steps]  # the profiled step is not counted
     warm = everything[1:] or everything  # the first step warms up
     return {
         "tokens_per_s": statistics.median(r["tokens_per_s"] for r in warm),
@@ -306,12 +309,14 @@ def run_train(
     num_workers: int = 4,
     work: Path | None = None,
     peak: float | None = None,
+    profile: bool = False,
 ) -> dict:
     """Ours with gradient checkpointing on and/or off, then the named peers; writes `out/train.json`.
 
     `length`: positions per row of the peers' batches (default: ours' average). `work`: where our runs'
     directories go (default: a temporary directory, removed). `peak`: the FLOP/s the MFU divides by
-    (default: the GPU's dense bf16 peak, when the GPU is known)."""
+    (default: the GPU's dense bf16 peak, when the GPU is known). `profile`: one more step of ours runs under
+    the profiler, its table in `out/profile_<key>.txt`."""
     from mambavl.data.shapes import write_shapes
 
     choices = {"on": (True,), "off": (False,), "both": (True, False), "none": ()}
@@ -347,13 +352,20 @@ def run_train(
     with contextlib.ExitStack() as stack:
         root = Path(work) if work is not None else Path(stack.enter_context(tempfile.TemporaryDirectory()))
         shapes = write_shapes(
-            root / "data", train_scenes=batch * steps, heldout_scenes=1, image_size=sizes["image_size"]
+            root / "data",
+            train_scenes=batch * (steps + profile),
+            heldout_scenes=1,
+            image_size=sizes["image_size"],
         )
         data = f"{shapes['finetune']}:{shapes['images']}"
         for ckpt in choices[checkpointing]:
             key = f"mambavl_checkpointing_{'on' if ckpt else 'off'}"
             try:
-                run = ours(preset, data, root / key, steps, batch, ckpt, dev, num_workers)
+                run = ours(preset, data, root / key, steps, batch, ckpt, dev, num_workers, profile)
+                if profile:
+                    table = (root / key / "profile.txt").read_text()
+                    (out / f"profile_{key}.txt").write_text(table)
+                    say(table)
                 result[key] = with_mfu(run | {"batch": batch}, sizes, images=batch, peak=peak)
             except torch.OutOfMemoryError as e:
                 result[key] = {"error": f"out of memory: {e}"[:300]}

@@ -83,6 +83,30 @@ def _scan_inputs(batch: int, dim: int, n: int, length: int) -> dict:
     )
 
 
+def _scan_inputs_as_mixed(batch: int, dim: int, n: int, length: int, rank: int) -> dict:
+    """The scan's inputs laid out as Mamba1Mixer hands them over: u, Δ and z channel-contiguous views of
+    [B, L, ·] tensors (z half of in_proj's output), B and C slices of x_proj's [B, L, rank + 2N] output."""
+    bf = dict(device="cuda", dtype=torch.bfloat16)
+    xz = torch.randn(batch, length, 2 * dim, **bf)
+    x_dbl = torch.randn(batch, length, rank + 2 * n, **bf)
+    return dict(
+        u=_leaf(torch.randn(batch, length, dim, **bf).transpose(1, 2)),
+        delta=_leaf((torch.randn(batch, length, dim, **bf) - 2).transpose(1, 2)),
+        A=_leaf(-torch.rand(dim, n, device="cuda") * 8),
+        B=_leaf(x_dbl[..., rank : rank + n].transpose(1, 2).detach()),
+        C=_leaf(x_dbl[..., rank + n :].transpose(1, 2).detach()),
+        D=_leaf(torch.ones(dim, device="cuda")),
+        z=_leaf(xz[..., dim:].transpose(1, 2).detach()),
+        delta_bias=_leaf(torch.randn(dim, device="cuda") * 0.1),
+    )
+
+
+def _channels_last_output(fn):
+    """fn's [B, D, L] output handed on as [B, L, D], as the mixer's out_proj takes it: the gradient
+    then comes back channel-contiguous."""
+    return lambda **kw: fn(**kw).transpose(1, 2).contiguous()
+
+
 def _conv_inputs(batch: int, dim: int, width: int, length: int) -> dict:
     # as in the mixers: a [B, D, L] view of in_proj's [B, L, 2D] output
     x = torch.randn(batch, length, dim, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
@@ -148,6 +172,10 @@ def _cases(lm, batch: int, length: int) -> dict[str, dict[str, Callable[[], tupl
                 lambda **kw: peer_scan(**kw, delta_softplus=True),
                 scan(),
             )
+        mixed = lambda: _scan_inputs_as_mixed(batch, d, n, length, lm.dt_rank)  # noqa: E731
+        cases["selective_scan_mixer_layout"] = {
+            "ours": lambda: (_channels_last_output(ours(ops.selective_scan, delta_softplus=True)), mixed()),
+        }
     if "mamba2" in lm.mixers:
         h, p, g, n = lm.nheads, lm.headdim, lm.ngroups, lm.d_state
         ssd = lambda: _ssd_inputs(batch, length, h, p, g, n)  # noqa: E731
@@ -202,8 +230,80 @@ def _cases(lm, batch: int, length: int) -> dict[str, dict[str, Callable[[], tupl
     return cases
 
 
-def run_train_kernels(preset: str, out: Path, batch: int = 8, length: int = 936, say=print) -> dict:
-    """Times every training kernel of `preset`'s LM; writes out/train_kernels.json and returns it."""
+def sweep_scan(lm, batch: int, length: int, say=print, budget_s: float = 180.0) -> list[dict]:
+    """Forward + backward time of the Mamba-1 scan for every candidate `ScanTiles` of the backward (chunk,
+    channels a program, warps, dB/dC copies), fastest first; stops trying new ones after `budget_s`."""
+    import itertools
+    import time
+
+    from mambavl.ops.triton.scan import DEFAULT_TILES, ScanTiles, selective_scan
+
+    inputs = _scan_inputs(batch, lm.d_inner, lm.d_state, length)
+    leaves = list(inputs.values())
+    rows, start = [], time.perf_counter()
+    grid = itertools.product((16, 32, 64), (1, 2, 4), (1, 2), (4, 16))
+    for chunk, block_d, warps, slots in grid:
+        if time.perf_counter() - start > budget_s:
+            say(f"sweep: stopped after {budget_s:.0f} s")
+            break
+        tiles = ScanTiles(
+            block_t=DEFAULT_TILES.block_t, block_d=DEFAULT_TILES.block_d, num_warps=DEFAULT_TILES.num_warps,
+            chunk=chunk, bwd_block_d=block_d, bwd_warps=warps, bwd_slots=slots,
+        )  # fmt: skip
+
+        def step(tiles=tiles):
+            y = selective_scan(**inputs, delta_softplus=True, tiles=tiles)
+            torch.autograd.grad(y, leaves, torch.ones_like(y))
+
+        try:
+            ms = _time(step, repeat=5, warmup=1) * 1e3
+        except Exception as e:  # a launch that cannot run here (registers, shared memory)
+            say(f"sweep {tiles}: {type(e).__name__}")
+            continue
+        rows.append(
+            {"chunk": chunk, "bwd_block_d": block_d, "bwd_warps": warps, "bwd_slots": slots, "fwd_bwd_ms": ms}
+        )
+        say(f"sweep chunk {chunk:3d} block_d {block_d} warps {warps} slots {slots:3d}: {ms:8.3f} ms")
+    return sorted(rows, key=lambda r: r["fwd_bwd_ms"])
+
+
+def sweep_conv(lm, batch: int, length: int, say=print) -> list[dict]:
+    """Forward + backward time of the causal conv1d (as the mixers lay x out) for candidate backward tiles
+    and program counts, fastest first."""
+    from mambavl import ops
+    from mambavl.ops.triton import conv
+
+    saved = dict(conv.TILES), conv.PROGRAMS_PER_SM
+    inputs = _conv_inputs(batch, lm.d_inner, lm.d_conv, length)
+    leaves = list(inputs.values())
+    rows = []
+    try:
+        for tile in ((32, 16, 4), (64, 16, 4), (32, 32, 4), (64, 32, 8)):
+            for per_sm in (8, 32, 128):
+                conv.TILES["bwd_channels"], conv.PROGRAMS_PER_SM = tile, per_sm
+
+                def step():
+                    y = ops.causal_conv1d_fn(**inputs, activation="silu", backend="triton")
+                    torch.autograd.grad(y, leaves, torch.ones_like(y))
+
+                try:
+                    ms = _time(step, repeat=5, warmup=1) * 1e3
+                except Exception as e:
+                    say(f"conv sweep {tile} {per_sm}: {type(e).__name__}")
+                    continue
+                rows.append({"bwd_tile": tile, "programs_per_sm": per_sm, "fwd_bwd_ms": ms})
+                say(f"conv sweep tile {tile} programs/SM {per_sm}: {ms:8.3f} ms")
+    finally:
+        conv.TILES.update(saved[0])
+        conv.PROGRAMS_PER_SM = saved[1]
+    return sorted(rows, key=lambda r: r["fwd_bwd_ms"])
+
+
+def run_train_kernels(
+    preset: str, out: Path, batch: int = 8, length: int = 936, say=print, sweep: bool = False
+) -> dict:
+    """Times every training kernel of `preset`'s LM; writes out/train_kernels.json and returns it. With
+    `sweep`, also the Mamba-1 scan under every candidate tile (`sweep_scan`)."""
     from mambavl.presets import PRESETS
 
     if not torch.cuda.is_available():
@@ -231,6 +331,11 @@ def run_train_kernels(preset: str, out: Path, batch: int = 8, length: int = 936,
                     f"   fwd+bwd {entry['fwd_bwd_ms']:8.3f} ms"
                     f"   +{entry['extra_peak_mib']:8.0f} MiB"
                 )
+    if sweep and "mamba1" in lm.mixers:
+        result["scan_tile_sweep"] = sweep_scan(lm, batch, length, say)
+        say(f"fastest: {result['scan_tile_sweep'][:3]}")
+        result["conv_tile_sweep"] = sweep_conv(lm, batch, length, say)
+        say(f"fastest: {result['conv_tile_sweep'][:3]}")
     out.mkdir(parents=True, exist_ok=True)
     (out / "train_kernels.json").write_text(json.dumps(result, indent=2))
     return result

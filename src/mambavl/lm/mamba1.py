@@ -47,7 +47,9 @@ class Mamba1Mixer(nn.Module):
         T = hidden.shape[1]
         if state is not None and T == 1 and valid is None:  # a decode step: one fused op
             return self.out_proj(self.step(self.in_proj(hidden)[:, 0], state)[:, None])
-        x, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)  # [B, D, T] each
+        # [B, D, T] views of [B, T, D] halves: split on the last axis, so that the backward joins their
+        # (channel-contiguous) gradients into in_proj's layout with one concatenation and no transpose
+        x, z = (half.transpose(1, 2) for half in self.in_proj(hidden).chunk(2, dim=-1))
         x = conv_step(x, self.conv1d, state, valid)
 
         dt, B, C = self.x_proj(x.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)

@@ -92,6 +92,7 @@ class TrainConfig:
     progress: bool = True
     report_to: tuple[str, ...] = ()  # trackers besides metrics.jsonl: "wandb", "tensorboard"
     save_final: bool = True  # checkpoint and export the model at the end (off: a throughput measurement)
+    profile_step: int = 0  # profile this step (from 1) by kernel into run_dir/profile.txt; 0: none
 
     def resolved(self) -> TrainConfig:
         if self.stage not in STAGES:

@@ -31,6 +31,7 @@ from mambavl.train import checkpoint
 from mambavl.train.config import TrainConfig
 from mambavl.train.distributed import World, setup, shard
 from mambavl.train.metrics import MetricsLog, plot_loss, progress_bar, read_metrics
+from mambavl.train.profile import profiled
 from mambavl.train.recipe import configure_trainable, merge_lora, optimizer, scheduler
 from mambavl.train.trackers import STATE_FILE, TENSORBOARD_DIR, Trackers
 from mambavl.train.trackers import check as check_trackers
@@ -52,6 +53,7 @@ RESUMABLE_CHANGES = {
     "keep_checkpoints",
     "report_to",
     "save_final",
+    "profile_step",
 }
 
 
@@ -304,40 +306,50 @@ def train(
             for k, global_batch in enumerate(batches):
                 if step >= total:
                     break
-                t0 = time.perf_counter()
-                torch.manual_seed(cfg.seed * 1_000_003 + step * 101 + world.rank)  # dropout etc., resumable
-                n_global = sum(tokens_of[i] for i in global_batch)
-                positions = sum(data.lengths[i] for i in global_batch)
-                local_loss, local_left_out = 0.0, 0
-                n_micro = len(mine[k])
-                for j in range(n_micro):
-                    batch = next(batches_iter).to(world.device)
-                    bad_images.take(batch.bad, step + 1)  # refuses them, unless told to skip them
-                    local_left_out += sum(tokens_of[b.index] for b in batch.bad)
-                    if world.distributed:  # reduce-scatter gradients once, after the last micro-batch
-                        model.set_requires_gradient_sync(j == n_micro - 1)
-                    with autocast:
-                        out = model(**batch.model_inputs())
-                    # FSDP averages gradients over processes; × size makes it the global-batch sum
-                    (out.loss * (world.size / max(n_global, 1))).backward()
-                    local_loss += float(out.loss.detach())
-                if cfg.skip_bad:  # every process asks (it cannot know whether another one left any out)
-                    n_global = _renormalise(model, n_global, n_global - int(world.all_sum(local_left_out)))
-                grad_norm = torch.nn.utils.clip_grad_norm_(
-                    [p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm
+                profiler = (
+                    profiled(cfg.run_dir / "profile.txt", world.device)
+                    if world.main and step + 1 == cfg.profile_step
+                    else contextlib.nullcontext()
                 )
-                grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-                opt.step()
-                sched.step()
-                opt.zero_grad(set_to_none=True)
-                loss_value = world.all_sum(local_loss) / max(n_global, 1)
-                if not math.isfinite(loss_value):
-                    raise FloatingPointError(
-                        f"step {step + 1}: the loss is {loss_value}; lower the learning rate or check "
-                        "the data (the last checkpoint is intact)"
+                with profiler:
+                    t0 = time.perf_counter()
+                    # dropout etc., resumable
+                    torch.manual_seed(cfg.seed * 1_000_003 + step * 101 + world.rank)
+                    n_global = sum(tokens_of[i] for i in global_batch)
+                    positions = sum(data.lengths[i] for i in global_batch)
+                    local_loss, local_left_out = 0.0, 0
+                    n_micro = len(mine[k])
+                    for j in range(n_micro):
+                        batch = next(batches_iter).to(world.device)
+                        bad_images.take(batch.bad, step + 1)  # refuses them, unless told to skip them
+                        local_left_out += sum(tokens_of[b.index] for b in batch.bad)
+                        if world.distributed:  # reduce-scatter gradients once, after the last micro-batch
+                            model.set_requires_gradient_sync(j == n_micro - 1)
+                        with autocast:
+                            out = model(**batch.model_inputs())
+                        # FSDP averages gradients over processes; × size makes it the global-batch sum
+                        (out.loss * (world.size / max(n_global, 1))).backward()
+                        local_loss += float(out.loss.detach())
+                    if cfg.skip_bad:  # every process asks (it cannot know whether another one left any out)
+                        kept = n_global - int(world.all_sum(local_left_out))
+                        n_global = _renormalise(model, n_global, kept)
+                    grad_norm = torch.nn.utils.clip_grad_norm_(
+                        [p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm
                     )
-                step += 1
-                dt = time.perf_counter() - t0
+                    if hasattr(grad_norm, "full_tensor"):
+                        grad_norm = grad_norm.full_tensor()
+                    grad_norm = float(grad_norm)
+                    opt.step()
+                    sched.step()
+                    opt.zero_grad(set_to_none=True)
+                    loss_value = world.all_sum(local_loss) / max(n_global, 1)
+                    if not math.isfinite(loss_value):
+                        raise FloatingPointError(
+                            f"step {step + 1}: the loss is {loss_value}; lower the learning rate or check "
+                            "the data (the last checkpoint is intact)"
+                        )
+                    step += 1
+                    dt = time.perf_counter() - t0
                 elapsed += dt
                 tokens_seen += positions
                 record = {

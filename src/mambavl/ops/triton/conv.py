@@ -25,7 +25,7 @@ TILES = {
     "bwd_channels": (32, 16, 4),
     "bwd_time": (16, 32, 4),
 }
-PROGRAMS_PER_SM = 8
+PROGRAMS_PER_SM = 128
 
 
 @triton.jit

@@ -10,18 +10,20 @@ so the carried state is exactly the state after the last real token. When a grad
 stores the fp32 state at the start of every chunk of CHUNK steps: that, and the inputs, is all the
 backward keeps (B·D·N·L/CHUNK floats; nothing of size L·N per channel).
 
-Backward: one program per (sequence, group of B/C, run of channels inside the group). It walks the chunks
-from last to first. For each chunk and each block of BLOCK_D channels it reloads the chunk's start state,
-recomputes the chunk's states with the forward scan, and runs the adjoint
+Backward: one program per (sequence, block of channels), which walks the chunks from last to first with
+the adjoint carried in registers. For each chunk it reloads the chunk's start state, recomputes the chunk's
+states with the forward scan, and runs the adjoint
     G_t = C_t·dy_t + exp(Δ_{t+1} A)·G_{t+1}     (d loss / d h_t)
 as a reverse associative scan; the adjoint at the chunk's start, exp(Δ_s A)·G_s = d loss / d h_{s-1},
 carries to the previous chunk (and is d initial_state after the first). Every gradient is then a local
 product: d(Δu) = Σ_n G·B, dB = Σ_d G·Δu, dC = Σ_d h·dy, and through the decay, with exp(Δ_t A)·h_{t-1}
 = h_t − Δ_t B_t u_t (no shifted copy of the states), s = G·(h_t − Δ_t B_t u_t) gives dΔ += Σ_n s·A and
-dA = Σ s·Δ. dB and dC are summed over the channels of a group: each program reduces its channels in
-registers and adds one [N, CHUNK] tile per chunk into an fp32 buffer with atomics (per-program partials
-would be hundreds of copies of dB for D = 5120). Per-channel sums (dA, dD, dΔ_bias) go to per-sequence
-fp32 partials that the host sums over the batch (deterministic, and race-free: a program owns its rows).
+dA = Σ s·Δ. dB and dC are sums over the channels of a group: each program reduces its channels in
+registers and adds one [N, CHUNK] tile per chunk into one of a few fp32 copies with atomics (spread so
+that thousands of programs do not queue on the same addresses); the host sums the copies. Per-channel
+sums (dA, dD, dΔ_bias) stay in registers and are stored once per sequence; the host sums the batch.
+Programs are small (a few channels, one or two warps) and many, so that the GPU hides each one's latency
+behind the others: nothing a program needs waits on global memory from one chunk to the next.
 """
 
 from __future__ import annotations
@@ -39,36 +41,40 @@ LOG2E = tl.constexpr(1.4426950408889634)
 
 @dataclass(frozen=True)
 class ScanTiles:
-    """Launch parameters. The forward's tiles come from a sweep on an H200 (Mamba-1 2.8B shapes); the
-    backward's were chosen from sm_90 register counts (no spills, 128 registers a thread), untimed.
+    """Launch parameters, from sweeps on an H200 at Mamba-1 2.8B shapes (`mambavl bench --kernels --train
+    --sweep`).
 
     Forward: `block_t` steps × `block_d` channels per tile, `num_warps` warps. Training keeps the state
-    every `chunk` steps (a multiple of `block_t`), which is also the backward's tile length; the backward
-    tiles are `bwd_block_d` channels × N × `chunk`, on `bwd_warps` warps, and one program walks
-    `bwd_channels` channels (a multiple of `bwd_block_d`), which sets how many programs add into each
-    element of dB and dC: channels-per-group / bwd_channels.
+    every `chunk` steps (a multiple of `block_t`): B·D·N·L/chunk fp32 values a layer. Backward: one
+    program per sequence and `bwd_block_d` channels (fewer where a group of B/C has fewer), tiles of
+    `bwd_block_d` × N × `bwd_block_t` steps on `bwd_warps` warps (a tile that starts inside a chunk first
+    advances the saved state through the chunk's earlier tiles: short tiles keep registers few without
+    saving more states); its programs add their share of dB and dC into `bwd_slots` copies (summed
+    afterwards), so that fewer of them add into the same addresses at once.
     """
 
     block_t: int = 16
     block_d: int = 2
     num_warps: int = 1
     chunk: int = 32
+    bwd_block_t: int = 16
     bwd_block_d: int = 2
-    bwd_channels: int = 16
-    bwd_warps: int = 8
+    bwd_warps: int = 1
+    bwd_slots: int = 4
 
     def __post_init__(self):
-        for name in ("block_t", "chunk", "block_d", "bwd_block_d"):
+        for name in ("block_t", "chunk", "block_d", "bwd_block_t", "bwd_block_d"):
             value = getattr(self, name)
             if value < 1 or value & (value - 1):
                 raise ValueError(f"ScanTiles.{name} must be a power of two, got {value}")
         if self.chunk % self.block_t:
             raise ValueError(f"ScanTiles.chunk ({self.chunk}) must be a multiple of block_t ({self.block_t})")
-        if self.bwd_channels % self.bwd_block_d:
+        if self.chunk % self.bwd_block_t:
             raise ValueError(
-                f"ScanTiles.bwd_channels ({self.bwd_channels}) must be a multiple of bwd_block_d "
-                f"({self.bwd_block_d})"
+                f"ScanTiles.chunk ({self.chunk}) must be a multiple of bwd_block_t ({self.bwd_block_t})"
             )
+        if self.bwd_slots < 1 or self.num_warps < 1 or self.bwd_warps < 1:
+            raise ValueError("ScanTiles: bwd_slots, num_warps and bwd_warps must be at least 1")
 
 
 DEFAULT_TILES = ScanTiles()
@@ -181,7 +187,7 @@ def _selective_scan_kernel(
 def _selective_scan_bwd_kernel(
     u, delta, A, B, C, D, z, bias, states, dout,
     du, ddelta, dz, dA, dB, dC, dD, dbias, carry,
-    dim, length, N, groups, channels_per_group, programs_per_group,
+    dim, length, N, groups, channels_per_group, slots,
     u_b, u_d, u_t,
     dl_b, dl_d, dl_t,
     a_d, a_n,
@@ -190,12 +196,18 @@ def _selective_scan_bwd_kernel(
     z_b, z_d, z_t,
     st_b, st_c, st_d, st_n,
     do_b, do_d, do_t,
+    du_b, du_d, du_t,
+    dd_b, dd_d, dd_t,
+    dz_b, dz_d, dz_t,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, SUB_BLOCKS: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    # Outputs (all contiguous): du, ddelta, dz [B, D, L]; dA (partials) and carry [B, D, N] fp32;
-    # dB, dC [B, G, N, L] fp32 (accumulated); dD, dbias (partials) [B, D] fp32.
-    # Every pointer moved to this program's sequence once, in 64 bits (a batch's offset can pass 2^31
+    # The saved states are CHUNK steps apart; the backward walks tiles of BLOCK_T steps (a divisor of
+    # CHUNK): a tile that starts inside a chunk first advances the chunk's saved state to its start.
+    # Outputs: du, ddelta, dz [B, D, L], each laid out as its input; dA [B, D, N], dD and dbias [B, D]
+    # fp32 (per sequence: the host sums the batch); carry [B, D, N] fp32 (d loss / d initial state); dB, dC
+    # [slots, B, G, N, L] fp32, accumulated with atomics (the host sums the slots).
+    # Every pointer moves to this program's sequence once, in 64 bits (a batch's offset can pass 2^31
     # elements on long sequences); the offsets inside a sequence stay 32-bit.
     b = tl.program_id(0).to(tl.int64)
     u += b * u_b
@@ -205,125 +217,140 @@ def _selective_scan_bwd_kernel(
     z += b * z_b
     states += b * st_b
     dout += b * do_b
-    du += b * dim * length
-    ddelta += b * dim * length
-    dz += b * dim * length
-    dA += b * dim * N
-    carry += b * dim * N
-    dD += b * dim
-    dbias += b * dim
-    dB += b * groups * N * length
-    dC += b * groups * N * length
-    g = tl.program_id(1) // programs_per_group
-    first = (tl.program_id(1) % programs_per_group) * (BLOCK_D * SUB_BLOCKS)
+    du += b * du_b
+    ddelta += b * dd_b
+    dz += b * dz_b
+    # the programs of one sequence and group spread their atomic adds over `slots` copies of dB and dC
+    slot = (tl.program_id(1) % slots).to(tl.int64)
+    dB += (slot * tl.num_programs(0) + b) * groups * N * length
+    dC += (slot * tl.num_programs(0) + b) * groups * N * length
+    first = tl.program_id(1) * BLOCK_D  # BLOCK_D divides channels_per_group: one group a program
+    g = first // channels_per_group
+    d = first + tl.arange(0, BLOCK_D)
     n = tl.arange(0, BLOCK_N)
-    t = tl.arange(0, CHUNK)
-    k = tl.arange(0, BLOCK_D)
-    mn = n < N
-    n_chunks = tl.cdiv(length, CHUNK)
+    t = tl.arange(0, BLOCK_T)
+    md, mn = d < dim, n < N
+    m_dn = md[:, None] & mn[None, :]
+    row_dn = d[:, None] * N + n[None, :]  # in the [B, D, N] buffers
+    a = tl.load(A + d[:, None] * a_d + n[None, :] * a_n, mask=m_dn, other=0.0).to(tl.float32)
+    a2 = a * LOG2E  # exp(Δa) = exp2(Δ·a·log2 e)
+    if HAS_BIAS:
+        dt_bias = tl.load(bias + d, mask=md, other=0.0).to(tl.float32)
+    if HAS_D:
+        skip = tl.load(D + d, mask=md, other=0.0).to(tl.float32)
+    # d loss / d (state after the current chunk), carried backwards in registers
+    lam = tl.load(carry + b * dim * N + row_dn, mask=m_dn, other=0.0)
+    acc_a = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
+    acc_skip = tl.zeros([BLOCK_D], dtype=tl.float32)
+    acc_bias = tl.zeros([BLOCK_D], dtype=tl.float32)
+    n_tiles = tl.cdiv(length, BLOCK_T)
 
-    for back in range(0, n_chunks):
-        # The carry and the per-channel partials go through global memory between chunks, and a value
-        # may be stored by one thread and read back by another: a CTA barrier orders those accesses.
-        tl.debug_barrier()
-        c = n_chunks - 1 - back
-        t0 = c * CHUNK
+    for back in range(0, n_tiles):
+        t0 = (n_tiles - 1 - back) * BLOCK_T
+        c = t0 // CHUNK
+        h0 = tl.load(states + c * st_c + d[:, None] * st_d + n[None, :] * st_n, mask=m_dn, other=0.0)
+        for s0 in range(c * CHUNK, t0, BLOCK_T):  # the chunk's earlier tiles, forward, to this tile's start
+            ts = s0 + t  # all inside the sequence: a later tile exists
+            bs = tl.load(B + g * b_g + n[:, None] * b_n + ts[None, :] * b_t, mask=mn[:, None], other=0.0)
+            us = tl.load(u + d[:, None] * u_d + ts[None, :] * u_t, mask=md[:, None], other=0.0)
+            raws = tl.load(delta + d[:, None] * dl_d + ts[None, :] * dl_t, mask=md[:, None], other=0.0)
+            raws = raws.to(tl.float32)
+            if HAS_BIAS:
+                raws += dt_bias[:, None]
+            dts = _timestep(raws, SOFTPLUS)
+            decay_s, drive_s = tl.associative_scan(
+                (
+                    tl.exp2(dts[:, None, :] * a2[:, :, None]),
+                    (dts * us.to(tl.float32))[:, None, :] * bs.to(tl.float32)[None],
+                ),
+                2,
+                _combine,
+            )
+            last = (t == BLOCK_T - 1)[None, None, :]
+            h0 = tl.sum(tl.where(last, decay_s, 0.0), axis=2) * h0 + tl.sum(
+                tl.where(last, drive_s, 0.0), axis=2
+            )
         tt = t0 + t
         mt = tt < length
         m_nt = mn[:, None] & mt[None, :]
-        # B and C of this chunk: one [N, T] tile for every channel of the group
+        m_dt = md[:, None] & mt[None, :]
         bv = tl.load(B + g * b_g + n[:, None] * b_n + tt[None, :] * b_t, mask=m_nt, other=0.0)
         cv = tl.load(C + g * c_g + n[:, None] * c_n + tt[None, :] * c_t, mask=m_nt, other=0.0)
         bv, cv = bv.to(tl.float32)[None], cv.to(tl.float32)[None]
-        acc_b = tl.zeros([BLOCK_N, CHUNK], dtype=tl.float32)
-        acc_c = tl.zeros([BLOCK_N, CHUNK], dtype=tl.float32)
+        uv = tl.load(u + d[:, None] * u_d + tt[None, :] * u_t, mask=m_dt, other=0.0).to(tl.float32)
+        raw = tl.load(delta + d[:, None] * dl_d + tt[None, :] * dl_t, mask=m_dt, other=0.0).to(tl.float32)
+        # Δ one step later, inside the tile (the tile's last step takes the carried adjoint instead),
+        # and Δ at the tile's start
+        m_next = md[:, None] & ((t < BLOCK_T - 1) & (tt + 1 < length))[None, :]
+        raw_next = tl.load(delta + d[:, None] * dl_d + (tt + 1)[None, :] * dl_t, mask=m_next, other=0.0)
+        raw_next = raw_next.to(tl.float32)
+        raw0 = tl.load(delta + d * dl_d + t0 * dl_t, mask=md, other=0.0).to(tl.float32)
+        if HAS_BIAS:  # the softplus derivative below needs the biased input
+            raw += dt_bias[:, None]
+            raw_next += dt_bias[:, None]
+            raw0 += dt_bias
+        dt = tl.where(m_dt, _timestep(raw, SOFTPLUS), 0.0)
+        dt_next = tl.where(m_next, _timestep(raw_next, SOFTPLUS), 0.0)
+        dt0 = _timestep(raw0, SOFTPLUS)
+        dy = tl.load(dout + d[:, None] * do_d + tt[None, :] * do_t, mask=m_dt, other=0.0).to(tl.float32)
 
-        for sub in range(0, SUB_BLOCKS):
-            d_in = first + sub * BLOCK_D + k
-            md = d_in < channels_per_group
-            d = g * channels_per_group + d_in
-            m_dn = md[:, None] & mn[None, :]
-            m_dt = md[:, None] & mt[None, :]
-            a = tl.load(A + d[:, None] * a_d + n[None, :] * a_n, mask=m_dn, other=0.0).to(tl.float32)
-            a2 = a * LOG2E  # exp(Δa) = exp2(Δ·a·log2 e)
-            if HAS_BIAS:
-                dt_bias = tl.load(bias + d, mask=md, other=0.0).to(tl.float32)
-            row = d[:, None] * length + tt[None, :]  # in the [B, D, L] outputs
-            row_dn = d[:, None] * N + n[None, :]  # in the [B, D, N] buffers
-            h0 = tl.load(states + c * st_c + d[:, None] * st_d + n[None, :] * st_n, mask=m_dn)
-            lam = tl.load(carry + row_dn, mask=m_dn, other=0.0)  # d loss / d (state after this chunk)
-
-            uv = tl.load(u + d[:, None] * u_d + tt[None, :] * u_t, mask=m_dt, other=0.0)
-            uv = uv.to(tl.float32)
-            raw = tl.load(delta + d[:, None] * dl_d + tt[None, :] * dl_t, mask=m_dt, other=0.0)
-            # Δ one step later, inside the chunk (the chunk's last step takes the carried adjoint instead),
-            # and Δ at the chunk's start
-            m_next = md[:, None] & ((t < CHUNK - 1) & (tt + 1 < length))[None, :]
-            raw_next = tl.load(delta + d[:, None] * dl_d + (tt + 1)[None, :] * dl_t, mask=m_next, other=0.0)
-            raw_next = raw_next.to(tl.float32)
-            raw0 = tl.load(delta + d * dl_d + t0 * dl_t, mask=md, other=0.0).to(tl.float32)
-            raw = raw.to(tl.float32)
-            if HAS_BIAS:  # the softplus derivative below needs the biased input
-                raw += dt_bias[:, None]
-                raw_next += dt_bias[:, None]
-                raw0 += dt_bias
-            dt = tl.where(m_dt, _timestep(raw, SOFTPLUS), 0.0)
-            dt_next = tl.where(m_next, _timestep(raw_next, SOFTPLUS), 0.0)
-            dt0 = _timestep(raw0, SOFTPLUS)
-            dy = tl.load(dout + d[:, None] * do_d + tt[None, :] * do_t, mask=m_dt, other=0.0)
-            dy = dy.to(tl.float32)
-
-            # the chunk's states, as in the forward
-            dtu = dt * uv
-            decay, hs = tl.associative_scan(
-                (tl.exp2(dt[:, None, :] * a2[:, :, None]), dtu[:, None, :] * bv), 2, _combine
-            )
-            hs += decay * h0[:, :, None]
+        # the chunk's states, as in the forward
+        dtu = dt * uv
+        decay, hs = tl.associative_scan(
+            (tl.exp2(dt[:, None, :] * a2[:, :, None]), dtu[:, None, :] * bv), 2, _combine
+        )
+        hs += decay * h0[:, :, None]
+        if HAS_Z:
+            zv = tl.load(z + d[:, None] * z_d + tt[None, :] * z_t, mask=m_dt, other=0.0).to(tl.float32)
+            y = tl.sum(hs * cv, axis=1)
             if HAS_D:
-                skip = tl.load(D + d, mask=md, other=0.0).to(tl.float32)
-            if HAS_Z:
-                zv = tl.load(z + d[:, None] * z_d + tt[None, :] * z_t, mask=m_dt, other=0.0)
-                zv = zv.to(tl.float32)
-                y = tl.sum(hs * cv, axis=1)
-                if HAS_D:
-                    y += skip[:, None] * uv
-                gate = tl.sigmoid(zv)
-                dzv = dy * y * gate * (1.0 + zv * (1.0 - gate))
-                tl.store(dz + row, dzv.to(dz.dtype.element_ty), mask=m_dt)
-                dy *= zv * gate
-            acc_c += tl.sum(hs * dy[:, None, :], axis=0)
+                y += skip[:, None] * uv
+            gate = tl.sigmoid(zv)
+            dzv = dy * y * gate * (1.0 + zv * (1.0 - gate))
+            tl.store(dz + d[:, None] * dz_d + tt[None, :] * dz_t, dzv.to(dz.dtype.element_ty), mask=m_dt)
+            dy *= zv * gate
+        tl.atomic_add(
+            dC + g * N * length + n[:, None] * length + tt[None, :],
+            tl.sum(hs * dy[:, None, :], axis=0),
+            mask=m_nt,
+            sem="relaxed",
+        )
 
-            # the adjoint, backwards through the chunk from the carried one
-            decay_next = tl.exp2(dt_next[:, None, :] * a2[:, :, None])
-            adj_decay, adj = tl.associative_scan((decay_next, cv * dy[:, None, :]), 2, _combine, reverse=True)
-            adj += adj_decay * lam[:, :, None]
-            adj_start = tl.sum(tl.where((t == 0)[None, None, :], adj, 0.0), axis=2)
-            tl.store(carry + row_dn, tl.exp2(dt0[:, None] * a2) * adj_start, mask=m_dn)
+        # the adjoint, backwards through the chunk from the carried one
+        decay_next = tl.exp2(dt_next[:, None, :] * a2[:, :, None])
+        adj_decay, adj = tl.associative_scan((decay_next, cv * dy[:, None, :]), 2, _combine, reverse=True)
+        adj += adj_decay * lam[:, :, None]
+        adj_start = tl.sum(tl.where((t == 0)[None, None, :], adj, 0.0), axis=2)
+        lam = tl.exp2(dt0[:, None] * a2) * adj_start
 
-            acc_b += tl.sum(adj * dtu[:, None, :], axis=0)
-            adj_b = tl.sum(adj * bv, axis=1)  # d loss / d (Δu), [D, T]
-            s = adj * (hs - dtu[:, None, :] * bv)  # adjoint × exp(Δa)·h_{t-1}
-            ddt = uv * adj_b + tl.sum(s * a[:, :, None], axis=1)
-            duv = dt * adj_b
-            if HAS_D:
-                duv += skip[:, None] * dy
-                tl.store(dD + d, tl.load(dD + d, mask=md) + tl.sum(dy * uv, 1), mask=md)
-            tl.store(
-                dA + row_dn,
-                tl.load(dA + row_dn, mask=m_dn) + tl.sum(s * dt[:, None, :], 2),
-                mask=m_dn,
-            )
-            if SOFTPLUS:
-                ddt = tl.where(raw <= 20.0, ddt * tl.sigmoid(raw), ddt)
-            ddt = tl.where(m_dt, ddt, 0.0)
-            if HAS_BIAS:
-                tl.store(dbias + d, tl.load(dbias + d, mask=md) + tl.sum(ddt, 1), mask=md)
-            tl.store(du + row, duv.to(du.dtype.element_ty), mask=m_dt)
-            tl.store(ddelta + row, ddt.to(ddelta.dtype.element_ty), mask=m_dt)
+        tl.atomic_add(
+            dB + g * N * length + n[:, None] * length + tt[None, :],
+            tl.sum(adj * dtu[:, None, :], axis=0),
+            mask=m_nt,
+            sem="relaxed",
+        )
+        adj_b = tl.sum(adj * bv, axis=1)  # d loss / d (Δu), [D, T]
+        s = adj * (hs - dtu[:, None, :] * bv)  # adjoint × exp(Δa)·h_{t-1}
+        ddt = uv * adj_b + tl.sum(s * a[:, :, None], axis=1)
+        acc_a += tl.sum(s * dt[:, None, :], 2)
+        duv = dt * adj_b
+        if HAS_D:
+            duv += skip[:, None] * dy
+            acc_skip += tl.sum(dy * uv, 1)
+        if SOFTPLUS:
+            ddt = tl.where(raw <= 20.0, ddt * tl.sigmoid(raw), ddt)
+        ddt = tl.where(m_dt, ddt, 0.0)
+        if HAS_BIAS:
+            acc_bias += tl.sum(ddt, 1)
+        tl.store(du + d[:, None] * du_d + tt[None, :] * du_t, duv.to(du.dtype.element_ty), mask=m_dt)
+        tl.store(ddelta + d[:, None] * dd_d + tt[None, :] * dd_t, ddt.to(ddelta.dtype.element_ty), mask=m_dt)
 
-        bc = g * N * length + n[:, None] * length + tt[None, :]
-        tl.atomic_add(dB + bc, acc_b, mask=m_nt, sem="relaxed")
-        tl.atomic_add(dC + bc, acc_c, mask=m_nt, sem="relaxed")
+    tl.store(carry + b * dim * N + row_dn, lam, mask=m_dn)
+    tl.store(dA + b * dim * N + row_dn, acc_a, mask=m_dn)
+    if HAS_D:
+        tl.store(dD + b * dim + d, acc_skip, mask=md)
+    if HAS_BIAS:
+        tl.store(dbias + b * dim + d, acc_bias, mask=md)
 
 
 def _grouped(M: torch.Tensor) -> torch.Tensor:
@@ -367,6 +394,15 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
     return y, h_last, (states.permute(0, 2, 3, 1) if states is not None else None)
 
 
+def _empty_like_layout(x: torch.Tensor) -> torch.Tensor:
+    """An empty [B, D, L] tensor laid out as x: channel-contiguous when x is (a transposed view of a
+    [B, L, D] projection, as in the mixers: its gradient then needs no copy there), else contiguous."""
+    batch, dim, length = x.shape
+    if x.stride(1) == 1 and length > 1:
+        return torch.empty(batch, length, dim, device=x.device, dtype=x.dtype).transpose(1, 2)
+    return torch.empty(batch, dim, length, device=x.device, dtype=x.dtype)
+
+
 def _backward(u, delta, A, B, C, D, z, delta_bias, states, delta_softplus, tiles, dout, dh_last):
     """Gradients of every input (fp32 where they are sums over the batch or over channels)."""
     batch, dim, length = u.shape
@@ -374,16 +410,21 @@ def _backward(u, delta, A, B, C, D, z, delta_bias, states, delta_softplus, tiles
     Bg, Cg = _grouped(B), _grouped(C)
     groups = Bg.shape[1]
     per_group = dim // groups
+    block_d = tiles.bwd_block_d
+    while per_group % block_d:  # a program's channels stay inside one group
+        block_d //= 2
+    programs = dim // block_d
+    slots = max(1, min(tiles.bwd_slots, programs // groups))
     f32 = dict(device=u.device, dtype=torch.float32)
-    du = torch.empty(batch, dim, length, device=u.device, dtype=u.dtype)
-    ddelta = torch.empty(batch, dim, length, device=u.device, dtype=delta.dtype)
-    dz = torch.empty(batch, dim, length, device=u.device, dtype=z.dtype) if z is not None else du
-    dA = torch.zeros(batch, dim, N, **f32)
-    dB = torch.zeros(batch, groups, N, length, **f32)
-    dC = torch.zeros(batch, groups, N, length, **f32)
-    dD = torch.zeros(batch, dim, **f32)
-    dbias = torch.zeros(batch, dim, **f32)
-    # d loss / d (state after the current chunk); after the first chunk, d loss / d initial_state
+    du = _empty_like_layout(u)
+    ddelta = _empty_like_layout(delta)
+    dz = _empty_like_layout(z) if z is not None else du
+    dA = torch.empty(batch, dim, N, **f32)
+    dB = torch.zeros(slots, batch, groups, N, length, **f32)
+    dC = torch.zeros(slots, batch, groups, N, length, **f32)
+    dD = torch.empty(batch, dim, **f32)
+    dbias = torch.empty(batch, dim, **f32)
+    # d loss / d (state after the last chunk) in, d loss / d initial_state out
     if dh_last is None:
         carry = torch.zeros(batch, dim, N, **f32)
     else:
@@ -391,31 +432,28 @@ def _backward(u, delta, A, B, C, D, z, delta_bias, states, delta_softplus, tiles
     if dout is None:  # only the last state is used: zeros without memory
         dout = u.new_zeros(()).expand(u.shape)
     st = states.permute(0, 3, 1, 2)  # [B, n_chunks, D, N]
-    programs = triton.cdiv(per_group, tiles.bwd_channels)
-    sub_blocks = tiles.bwd_channels // tiles.bwd_block_d
     zt = z if z is not None else u
-    grid = (batch, groups * programs)
-    _selective_scan_bwd_kernel[grid](
+    _selective_scan_bwd_kernel[(batch, programs)](
         u, delta, A, Bg, Cg,
         D if D is not None else dD, zt, delta_bias if delta_bias is not None else dD, st, dout,
         du, ddelta, dz, dA, dB, dC, dD, dbias, carry,
-        dim, length, N, groups, per_group, programs,
+        dim, length, N, groups, per_group, slots,
         *u.stride(), *delta.stride(), *A.stride(), *Bg.stride(), *Cg.stride(), *zt.stride(),
-        *st.stride(), *dout.stride(),
+        *st.stride(), *dout.stride(), *du.stride(), *ddelta.stride(), *dz.stride(),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
-        CHUNK=tiles.chunk, BLOCK_D=tiles.bwd_block_d, BLOCK_N=max(triton.next_power_of_2(N), 2),
-        SUB_BLOCKS=sub_blocks,
-        num_warps=tiles.bwd_warps,
+        CHUNK=tiles.chunk, BLOCK_T=tiles.bwd_block_t, BLOCK_D=block_d,
+        BLOCK_N=max(triton.next_power_of_2(N), 2), num_warps=tiles.bwd_warps,
     )  # fmt: skip
+    dB, dC = dB.sum(0), dC.sum(0)
     return dict(
         u=du,
         delta=ddelta,
         A=dA.sum(0),
         B=dB if B.dim() == 4 else dB[:, 0],
         C=dC if C.dim() == 4 else dC[:, 0],
-        D=dD.sum(0),
+        D=dD.sum(0) if D is not None else None,
         z=dz if z is not None else None,
-        delta_bias=dbias.sum(0),
+        delta_bias=dbias.sum(0) if delta_bias is not None else None,
         initial_state=carry,
     )
 
