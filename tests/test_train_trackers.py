@@ -241,3 +241,23 @@ def test_only_rank_0_reports(shapes, tmp_path):  # noqa: F811
     assert len(list((run / trackers.TENSORBOARD_DIR).glob("events.out.tfevents.*"))) == 1
     records = read_metrics(run / "metrics.jsonl")
     assert tensorboard_scalars(run, "train/loss") == [(r["step"], float32(r["loss"])) for r in records]
+
+
+def test_profile_step_writes_where_that_steps_time_went(shapes, tmp_path, monkeypatch):  # noqa: F811
+    """Step N runs under the profiler: its table lands in the run dir, and the run trains as without it
+    (the same losses); `mambavl train --profile-step N` asks for it."""
+    plain = train(tiny_cfg(shapes, tmp_path / "plain", max_steps=2))
+    profiled = train(tiny_cfg(shapes, tmp_path / "profiled", max_steps=2, profile_step=2))
+    table = (profiled.run_dir / "profile.txt").read_text()
+    assert table.startswith("CPU self time") and "aten::" in table
+    assert not (plain.run_dir / "profile.txt").exists()
+    losses = [r["loss"] for r in read_metrics(profiled.run_dir / "metrics.jsonl")]
+    assert losses == [r["loss"] for r in read_metrics(plain.run_dir / "metrics.jsonl")]
+    with pytest.raises(ValueError, match="profile_step must be a step number"):
+        train(tiny_cfg(shapes, tmp_path / "bad", profile_step=-1))
+    seen = []
+    monkeypatch.setattr(mambavl.train, "train", lambda cfg, **kw: seen.append(cfg))
+    args = ["train", "--model", "tiny-cobra", "--run-dir", str(tmp_path / "r"), "--max-steps", "3"]
+    result = CliRunner().invoke(app, [*args, "--profile-step", "3"])
+    assert result.exit_code == 0, result.output
+    assert seen[0].profile_step == 3

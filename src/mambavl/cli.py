@@ -307,6 +307,9 @@ def train(
     from_parts: bool = typer.Option(
         False, "--from-parts", help="Preset with pretrained tower(s) and LM (as the seeds start)."
     ),
+    profile_step: int = typer.Option(
+        None, help="Profile this step (from 1) by kernel into RUN_DIR/profile.txt (where its time goes)."
+    ),
 ) -> None:
     """Train a VLM stage (as Cobra's scripts/pretrain.py). Run under torchrun for several processes."""
     from pathlib import Path
@@ -344,6 +347,7 @@ def train(
         save_every=save_every,
         resume=resume,
         report_to=tuple(report_to) if report_to else None,
+        profile_step=profile_step,
     )
     options |= {k: v for k, v in given.items() if v is not None}
     if lora_rank is not None:

@@ -120,6 +120,10 @@ class TrainConfig:
         unknown = [name for name in self.report_to if name not in TRACKERS]
         if unknown:
             raise ValueError(f"report_to: unknown tracker(s) {unknown}; choose from {', '.join(TRACKERS)}")
+        if self.profile_step < 0:
+            raise ValueError(
+                f"profile_step must be a step number (from 1), or 0 for none; got {self.profile_step}"
+            )
 
     # ---- files ----------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
