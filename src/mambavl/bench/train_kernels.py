@@ -231,8 +231,9 @@ def _cases(lm, batch: int, length: int) -> dict[str, dict[str, Callable[[], tupl
 
 
 def sweep_scan(lm, batch: int, length: int, say=print, budget_s: float = 180.0) -> list[dict]:
-    """Forward + backward time of the Mamba-1 scan for every candidate `ScanTiles` of the backward (chunk,
-    channels a program, warps, dB/dC copies), fastest first; stops trying new ones after `budget_s`."""
+    """Forward + backward time of the Mamba-1 scan for every candidate `ScanTiles` of the backward (saved
+    chunk and backward tile, channels a program, warps, dB/dC copies), fastest first; stops trying new ones
+    after `budget_s`."""
     import itertools
     import time
 
@@ -241,14 +242,15 @@ def sweep_scan(lm, batch: int, length: int, say=print, budget_s: float = 180.0) 
     inputs = _scan_inputs(batch, lm.d_inner, lm.d_state, length)
     leaves = list(inputs.values())
     rows, start = [], time.perf_counter()
-    grid = itertools.product((16, 32, 64), (1, 2, 4), (1, 2), (4, 16))
-    for chunk, block_d, warps, slots in grid:
+    steps = ((16, 16), (32, 16), (32, 32), (64, 16), (64, 32))  # (chunk, backward tile)
+    grid = itertools.product(steps, (1, 2, 4), (1, 2), (1, 4, 16))
+    for (chunk, block_t), block_d, warps, slots in grid:
         if time.perf_counter() - start > budget_s:
             say(f"sweep: stopped after {budget_s:.0f} s")
             break
         tiles = ScanTiles(
             block_t=DEFAULT_TILES.block_t, block_d=DEFAULT_TILES.block_d, num_warps=DEFAULT_TILES.num_warps,
-            chunk=chunk, bwd_block_d=block_d, bwd_warps=warps, bwd_slots=slots,
+            chunk=chunk, bwd_block_t=block_t, bwd_block_d=block_d, bwd_warps=warps, bwd_slots=slots,
         )  # fmt: skip
 
         def step(tiles=tiles):
@@ -260,10 +262,9 @@ def sweep_scan(lm, batch: int, length: int, say=print, budget_s: float = 180.0) 
         except Exception as e:  # a launch that cannot run here (registers, shared memory)
             say(f"sweep {tiles}: {type(e).__name__}")
             continue
-        rows.append(
-            {"chunk": chunk, "bwd_block_d": block_d, "bwd_warps": warps, "bwd_slots": slots, "fwd_bwd_ms": ms}
-        )
-        say(f"sweep chunk {chunk:3d} block_d {block_d} warps {warps} slots {slots:3d}: {ms:8.3f} ms")
+        row = dict(chunk=chunk, bwd_block_t=block_t, bwd_block_d=block_d, bwd_warps=warps, bwd_slots=slots)
+        rows.append(row | {"fwd_bwd_ms": ms})
+        say(f"sweep {row}: {ms:8.3f} ms")
     return sorted(rows, key=lambda r: r["fwd_bwd_ms"])
 
 
