@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -414,3 +415,52 @@ def test_renormalising_a_step_equals_training_without_the_failed_sample(shapes, 
     for name, p in vlm.named_parameters():
         if p.grad is not None:
             torch.testing.assert_close(mixed[name], p.grad, rtol=1e-4, atol=1e-7, msg=name)
+
+
+# ---- gradient checkpointing "auto" ----------------------------------------------------------------------
+def test_auto_checkpointing_turns_on_and_redoes_the_step_that_ran_out_of_memory(
+    shapes, tmp_path, monkeypatch
+):
+    """On one GPU "auto" starts without recomputation; a step that runs out of memory is redone with it,
+    and it stays on. Here a CPU plays the GPU: the start is forced off and the first forward without
+    recomputation raises torch.OutOfMemoryError. The run equals one with checkpointing on from the start."""
+    from mambavl.train import trainer
+    from mambavl.vlm.model import VLM
+
+    reference = train(tiny_cfg(shapes, tmp_path / "on", max_steps=3, gradient_checkpointing=True))
+    monkeypatch.setattr(trainer, "checkpointing_at_start", lambda cfg, device, processes: False)
+    real, failed = VLM.forward, []
+
+    def forward(self, *args, **kwargs):
+        if not self.lm.gradient_checkpointing and not failed:
+            failed.append(True)
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(VLM, "forward", forward)
+    said = []
+    console = type("Console", (), {"print": lambda self, *a, **k: said.append(" ".join(map(str, a)))})()
+    auto = train(tiny_cfg(shapes, tmp_path / "auto", max_steps=3), console=console)
+    assert failed and any("ran out of GPU memory without gradient checkpointing" in s for s in said)
+    got, want = (read_metrics(r.run_dir / "metrics.jsonl") for r in (auto, reference))
+    assert [r["gradient_checkpointing"] for r in got] == [True, True, True]
+    assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in want], rel=1e-6)
+    # chosen explicitly off, running out of memory is the user's error to see
+    failed.clear()
+    with pytest.raises(torch.OutOfMemoryError):
+        train(tiny_cfg(shapes, tmp_path / "off", max_steps=1, gradient_checkpointing=False))
+
+
+def test_checkpointing_at_start():
+    from mambavl.train.recipe import checkpointing_at_start
+
+    auto = TrainConfig(model="tiny-cobra", run_dir=Path("r"))
+    assert auto.gradient_checkpointing == "auto"
+    assert checkpointing_at_start(auto, torch.device("cuda"), 1) is False
+    assert checkpointing_at_start(auto, torch.device("cuda"), 2) is True  # a process cannot retry alone
+    assert checkpointing_at_start(auto, torch.device("cpu"), 1) is True
+    for choice in (True, False):
+        cfg = TrainConfig(model="tiny-cobra", run_dir=Path("r"), gradient_checkpointing=choice)
+        assert checkpointing_at_start(cfg, torch.device("cuda"), 1) is choice
+    with pytest.raises(ValueError, match="gradient_checkpointing must be true, false or 'auto'"):
+        replace(auto, gradient_checkpointing="sometimes", stage="finetune").resolved()

@@ -288,7 +288,11 @@ def train(
     train_vision: bool = typer.Option(None, "--train-vision", help="Unfreeze the vision tower."),
     train_lm: bool = typer.Option(None, "--train-lm", help="Align: train the LM too (random-init LMs)."),
     precision: str = typer.Option(None, help="auto (bf16 on GPUs), bf16 or fp32."),
-    gradient_checkpointing: bool = typer.Option(None, help="Recompute LM blocks in backward (default on)."),
+    gradient_checkpointing: bool = typer.Option(
+        None,
+        help="Recompute LM blocks in backward (default: off on one GPU, turned on if a step runs out of "
+        "memory; on otherwise).",
+    ),
     skip_bad: bool = typer.Option(
         None,
         "--skip-bad",

@@ -73,7 +73,9 @@ class TrainConfig:
     train_lm: bool = False  # align: train the LM too (an LM that starts from random weights needs it)
     lora: LoraConfig | None = None  # LoRA on the LM instead of training it whole (finetune / full)
     precision: str = "auto"  # "bf16" (autocast, fp32 master weights), "fp32", "auto": bf16 on GPUs
-    gradient_checkpointing: bool = True
+    # "auto": off on one GPU (the faster step), switched on for good if a step runs out of GPU memory (that
+    # step is redone); on with several processes and on CPUs. True / False: always on / off.
+    gradient_checkpointing: bool | str = "auto"
     resize: str | None = None  # image resize strategy (default: the model's)
     # data
     skip_bad: bool = False  # train without unusable samples: those found up front, and images that fail
@@ -120,6 +122,10 @@ class TrainConfig:
         unknown = [name for name in self.report_to if name not in TRACKERS]
         if unknown:
             raise ValueError(f"report_to: unknown tracker(s) {unknown}; choose from {', '.join(TRACKERS)}")
+        if self.gradient_checkpointing not in (True, False, "auto"):
+            raise ValueError(
+                f"gradient_checkpointing must be true, false or 'auto', got {self.gradient_checkpointing!r}"
+            )
         if self.profile_step < 0:
             raise ValueError(
                 f"profile_step must be a step number (from 1), or 0 for none; got {self.profile_step}"

@@ -17,7 +17,17 @@ from torch import nn
 from mambavl.train.config import LoraConfig, TrainConfig
 
 
-def configure_trainable(vlm: nn.Module, cfg: TrainConfig) -> None:
+def checkpointing_at_start(cfg: TrainConfig, device: torch.device, processes: int) -> bool:
+    """Whether the LM recomputes its blocks in the backward from the first step: `cfg`'s choice, or for
+    "auto" off on a single GPU (the trainer turns it on if a step runs out of memory) and on otherwise (on
+    a CPU running out of memory is not an error it can catch; with several processes one cannot retry
+    alone)."""
+    if cfg.gradient_checkpointing != "auto":
+        return bool(cfg.gradient_checkpointing)
+    return not (device.type == "cuda" and processes == 1)
+
+
+def configure_trainable(vlm: nn.Module, cfg: TrainConfig, checkpointing: bool | None = None) -> None:
     vlm.requires_grad_(False)
     vlm.projector.requires_grad_(True)
     if vlm.image_newline is not None:
@@ -29,7 +39,9 @@ def configure_trainable(vlm: nn.Module, cfg: TrainConfig) -> None:
             vlm.lm.requires_grad_(True)
     if cfg.stage == "full" or cfg.train_vision:
         vlm.vision.requires_grad_(True)
-    vlm.lm.gradient_checkpointing = cfg.gradient_checkpointing
+    if checkpointing is None:
+        checkpointing = cfg.gradient_checkpointing is not False  # no device known: "auto" is on
+    vlm.lm.gradient_checkpointing = checkpointing
 
 
 def add_lora(lm: nn.Module, lora: LoraConfig) -> None:

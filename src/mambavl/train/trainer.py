@@ -32,7 +32,7 @@ from mambavl.train.config import TrainConfig
 from mambavl.train.distributed import World, setup, shard
 from mambavl.train.metrics import MetricsLog, plot_loss, progress_bar, read_metrics
 from mambavl.train.profile import profiled
-from mambavl.train.recipe import configure_trainable, merge_lora, optimizer, scheduler
+from mambavl.train.recipe import checkpointing_at_start, configure_trainable, merge_lora, optimizer, scheduler
 from mambavl.train.trackers import STATE_FILE, TENSORBOARD_DIR, Trackers
 from mambavl.train.trackers import check as check_trackers
 from mambavl.vlm.sequence import IGNORE_INDEX
@@ -54,6 +54,7 @@ RESUMABLE_CHANGES = {
     "report_to",
     "save_final",
     "profile_step",
+    "gradient_checkpointing",  # recomputation gives the same gradients: a run may switch it either way
 }
 
 
@@ -230,7 +231,9 @@ def train(
     resume_from = _prepare_run_dir(cfg, world, say)  # after the model and data are known to be usable
     _report_problems(data, cfg.run_dir, world, say)
     bad_images = BadImages(cfg.run_dir / "skipped.jsonl", cfg.skip_bad, console.print)
-    configure_trainable(vlm, cfg)
+    configure_trainable(vlm, cfg, checkpointing_at_start(cfg, world.device, world.size))
+    # "auto" may still turn recomputation on, once, if a step runs out of GPU memory
+    may_turn_on = cfg.gradient_checkpointing == "auto" and not vlm.lm.gradient_checkpointing
     if precision == "bf16" and not any(p.requires_grad for p in vlm.vision.parameters()):
         vlm.vision.to(torch.bfloat16)  # frozen: no master copy needed (as the seeds do)
     vlm.to(world.device)
@@ -317,19 +320,29 @@ def train(
                     torch.manual_seed(cfg.seed * 1_000_003 + step * 101 + world.rank)
                     n_global = sum(tokens_of[i] for i in global_batch)
                     positions = sum(data.lengths[i] for i in global_batch)
-                    local_loss, local_left_out = 0.0, 0
-                    n_micro = len(mine[k])
-                    for j in range(n_micro):
+                    step_batches = []
+                    for _ in mine[k]:
                         batch = next(batches_iter).to(world.device)
                         bad_images.take(batch.bad, step + 1)  # refuses them, unless told to skip them
-                        local_left_out += sum(tokens_of[b.index] for b in batch.bad)
-                        if world.distributed:  # reduce-scatter gradients once, after the last micro-batch
-                            model.set_requires_gradient_sync(j == n_micro - 1)
-                        with autocast:
-                            out = model(**batch.model_inputs())
-                        # FSDP averages gradients over processes; × size makes it the global-batch sum
-                        (out.loss * (world.size / max(n_global, 1))).backward()
-                        local_loss += float(out.loss.detach())
+                        step_batches.append(batch)
+                    local_left_out = sum(tokens_of[b.index] for batch in step_batches for b in batch.bad)
+                    try:
+                        local_loss = _forward_backward(model, step_batches, autocast, world, n_global)
+                        out_of_memory = False
+                    except torch.OutOfMemoryError:
+                        if not may_turn_on:
+                            raise
+                        out_of_memory = True  # handled below, once the failed step's tensors are freed
+                    if out_of_memory:
+                        opt.zero_grad(set_to_none=True)
+                        torch.cuda.empty_cache()
+                        vlm.lm.gradient_checkpointing, may_turn_on = True, False
+                        say(
+                            f"step {step + 1} ran out of GPU memory without gradient checkpointing: "
+                            "recomputing the LM's blocks from now on (--gradient-checkpointing to start so)"
+                        )
+                        torch.manual_seed(cfg.seed * 1_000_003 + step * 101 + world.rank)
+                        local_loss = _forward_backward(model, step_batches, autocast, world, n_global)
                     if cfg.skip_bad:  # every process asks (it cannot know whether another one left any out)
                         kept = n_global - int(world.all_sum(local_left_out))
                         n_global = _renormalise(model, n_global, kept)
@@ -362,6 +375,7 @@ def train(
                     "tokens": positions,
                     "tokens_per_s": positions / dt,
                     "step_s": dt,
+                    "gradient_checkpointing": vlm.lm.gradient_checkpointing,
                     "elapsed_s": elapsed,
                 }
                 if log is not None and (step % cfg.log_every == 0 or step == total):
@@ -396,6 +410,20 @@ def train(
         saved = f"model in {model_dir}" if model_dir is not None else "no model saved (save_final off)"
         say(f"done: {step} steps, final loss {loss_value:.4f}; {saved}")
     return TrainResult(cfg.run_dir, step, loss_value, model_dir, len(data.problems) + len(bad_images.listed))
+
+
+def _forward_backward(model, batches: list, autocast, world: World, n_global: int) -> float:
+    """One step's micro-batches, forward and backward, gradients accumulated; the summed loss."""
+    total = 0.0
+    for j, batch in enumerate(batches):
+        if world.distributed:  # reduce-scatter gradients once, after the last micro-batch
+            model.set_requires_gradient_sync(j == len(batches) - 1)
+        with autocast:
+            out = model(**batch.model_inputs())
+        # FSDP averages gradients over processes; × size makes it the global-batch sum
+        (out.loss * (world.size / max(n_global, 1))).backward()
+        total += float(out.loss.detach())
+    return total
 
 
 def export(model, cfg: TrainConfig, world: World, config, tokenizer) -> Path | None:
