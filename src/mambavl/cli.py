@@ -552,6 +552,12 @@ def bench(
         "kernels, forward and backward).",
     ),
     sweep: bool = typer.Option(False, "--sweep", help="--kernels: also time every candidate tile."),
+    equality: bool = typer.Option(
+        False,
+        "--equality",
+        help="--train: train the preset with the torch and then the triton backend from the same seed and "
+        "compare one step's fp32 gradients and the loss curves (--steps 100 --model tiny-cobra, say).",
+    ),
     serve: bool = typer.Option(
         False, "--serve", help="Load the HTTP server with concurrent streaming clients instead."
     ),
@@ -576,6 +582,14 @@ def bench(
         raise typer.Exit(1)
     chosen = () if peers.strip() == "none" else tuple(p.strip() for p in peers.split(",") if p.strip())
     try:
+        if equality:
+            if not train:
+                raise typer.BadParameter("--equality measures training: add --train")
+            from mambavl.bench.equality import run_equality
+
+            run_equality(model, Path(out), steps, batch, device, say=console.print)
+            console.print(f"wrote {Path(out) / 'equality.json'}")
+            return
         if kernels and train:
             from mambavl.bench.train_kernels import run_train_kernels
 
