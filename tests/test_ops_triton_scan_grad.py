@@ -210,11 +210,11 @@ def test_mamba1_mixer_trains_the_same_under_triton(monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("groups", [None, 2])
+@pytest.mark.parametrize(("groups", "dtype"), [(None, torch.bfloat16), (2, torch.float32)])
 def test_selective_scan_gradients_default_tiles(monkeypatch, dtype, groups):
-    """The launch parameters the GPU runs (`ScanTiles()`): five chunks of the default length, the last one
-    ragged; with groups, 37 channels a group, so the backward's blocks shrink to one channel."""
+    """The launch parameters the GPU runs (`ScanTiles()`): three chunks of the default length, the last one
+    ragged, and backward tiles that start inside a chunk; with groups, 21 channels a group, so the
+    backward's blocks shrink to one channel."""
     monkeypatch.setattr(kernel, "DEFAULT_TILES", ScanTiles())
-    inputs = _inputs(2, 37 * (groups or 1), 16, 150, groups, dtype)
+    inputs = _inputs(1, 21 * (groups or 1), 16, 80, groups, dtype)
     _compare(inputs, FP32 if dtype == torch.float32 else BF16, softplus=True)
