@@ -149,16 +149,11 @@ def run_equality(
 ) -> dict:
     """Both measurements, `backends[1]` against the reference `backends[0]`; writes out/equality.json and
     returns it."""
+    from mambavl.bench.train import training_device
     from mambavl.data.shapes import write_shapes
     from mambavl.presets import PRESETS, create
 
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(
-            "--equality on cuda needs a GPU (--device cpu with TRITON_INTERPRET=1 runs it slowly)"
-        )
-    if steps < 1 or batch < 1:
-        raise ValueError(f"steps and batch must be positive, got {steps} and {batch}")
+    dev = training_device(device, steps, batch, "--device cpu with TRITON_INTERPRET=1 runs it, slowly")
     size = create(preset, device="meta").vision.image_size
     result: dict = {
         "preset": preset,

@@ -74,6 +74,16 @@ def _peak_gib(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None
 
 
+def training_device(device: str, steps: int, batch: int, cpu_hint: str) -> torch.device:
+    """The device a training benchmark runs on, refused with a clear error where it cannot run."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"the training benchmark needs a CUDA GPU ({cpu_hint})")
+    if steps < 1 or batch < 1:
+        raise ValueError(f"steps and batch must be positive, got {steps} and {batch}")
+    return dev
+
+
 # ---- the work a step counts ------------------------------------------------------------------------------
 def model_sizes(preset: str) -> dict:
     """The parameters the MFU counts: the LM's (a tied head once), the towers', and patches per image."""
@@ -326,13 +336,7 @@ def run_train(
     known = TRAIN_PEERS + INFERENCE_ONLY
     if unknown := [p for p in peers if p not in known]:
         raise ValueError(f"unknown peers {unknown}; the training peers are {', '.join(TRAIN_PEERS)}")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(
-            "the training benchmark needs a CUDA GPU (--device cpu runs it as a functional check)"
-        )
-    if steps < 1 or batch < 1:
-        raise ValueError(f"steps and batch must be positive, got {steps} and {batch}")
+    dev = training_device(device, steps, batch, "--device cpu runs it as a functional check")
     peak = peak if peak is not None else (peak_flops() if dev.type == "cuda" else None)
     sizes = model_sizes(preset)
     out.mkdir(parents=True, exist_ok=True)
