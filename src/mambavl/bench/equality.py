@@ -40,14 +40,11 @@ def backend(name: str):
             os.environ["MAMBAVL_BACKEND"] = before
 
 
-def _config(preset: str, data: str, run_dir: Path, steps: int, batch: int, precision: str):
-    from mambavl.presets import PRESETS
+def _config(model: str, data: str, run_dir: Path, steps: int, batch: int, precision: str):
     from mambavl.train import TrainConfig
 
-    name = f"{preset}-bytes"
-    PRESETS[name] = replace(PRESETS[preset], name=name, tokenizer="bytes")  # offline; removed by the caller
     return TrainConfig(
-        model=name,
+        model=model,
         run_dir=run_dir,
         stage="finetune",
         data=(data,),
@@ -149,9 +146,9 @@ def run_equality(
 ) -> dict:
     """Both measurements, `backends[1]` against the reference `backends[0]`; writes out/equality.json and
     returns it."""
-    from mambavl.bench.train import training_device
+    from mambavl.bench.train import offline_preset, training_device
     from mambavl.data.shapes import write_shapes
-    from mambavl.presets import PRESETS, create
+    from mambavl.presets import create
 
     dev = training_device(device, steps, batch, "--device cpu with TRITON_INTERPRET=1 runs it, slowly")
     size = create(preset, device="meta").vision.image_size
@@ -165,18 +162,15 @@ def run_equality(
     }
     if dev.type == "cuda":
         result["device"] = torch.cuda.get_device_name(dev)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, offline_preset(preset) as model:
         root = Path(tmp)
         shapes = write_shapes(root / "data", train_scenes=batch * steps, heldout_scenes=1, image_size=size)
         data = f"{shapes['finetune']}:{shapes['images']}"
         precision = "bf16" if dev.type == "cuda" else "fp32"
-        try:
-            cfg = _config(preset, data, root / "runs", steps, batch, "fp32")
-            result["gradients_fp32"] = compare_gradients(*gradients(cfg, dev, backends))
-            cfg = _config(preset, data, root / "runs", steps, batch, precision)
-            curves = loss_curves(cfg, backends)
-        finally:
-            PRESETS.pop(f"{preset}-bytes", None)
+        cfg = _config(model, data, root / "runs", steps, batch, "fp32")
+        result["gradients_fp32"] = compare_gradients(*gradients(cfg, dev, backends))
+        cfg = _config(model, data, root / "runs", steps, batch, precision)
+        curves = loss_curves(cfg, backends)
     result["loss_curve"] = compare_curves(*curves) | {
         "precision": precision,
         "curves": dict(zip(("reference", "candidate"), curves, strict=True)),

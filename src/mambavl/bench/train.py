@@ -115,6 +115,20 @@ def with_mfu(entry: dict, sizes: dict, images: float, peak: float | None) -> dic
     return entry | {"flops_per_step": flops, "mfu": mfu}
 
 
+@contextlib.contextmanager
+def offline_preset(preset: str):
+    """For the block only: `preset` registered under a new name with the byte tokenizer (nothing to
+    download); yields that name."""
+    from mambavl.presets import PRESETS
+
+    config = replace(PRESETS[preset], name=f"{preset}-bytes", tokenizer="bytes")
+    PRESETS[config.name] = config
+    try:
+        yield config.name
+    finally:
+        PRESETS.pop(config.name, None)
+
+
 # ---- ours ------------------------------------------------------------------------------------------------
 def ours(
     preset: str,
@@ -129,38 +143,33 @@ def ours(
 ) -> dict:
     """A `mambavl.train` finetune of `steps` steps on `data`; no checkpoint, no model written. With
     `profile`, one more step runs under the profiler (`run_dir/profile.txt`), outside the figures."""
-    from mambavl.presets import PRESETS
     from mambavl.train import TrainConfig, train
     from mambavl.train.distributed import World
     from mambavl.train.metrics import read_metrics
 
-    config = replace(PRESETS[preset], name=f"{preset}-bytes", tokenizer="bytes")
-    PRESETS[config.name] = config  # for this run only: the preset with the offline tokenizer
-    cfg = TrainConfig(
-        model=config.name,
-        run_dir=run_dir,
-        stage="finetune",
-        data=(data,),
-        max_steps=steps + profile,
-        profile_step=steps + 1 if profile else 0,
-        global_batch_size=batch,
-        per_device_batch_size=batch,
-        precision="bf16",
-        gradient_checkpointing=checkpointing,
-        group_by_length=True,
-        num_workers=num_workers,
-        save_every=0,
-        save_final=False,
-        progress=False,
-    )
-    _release()
-    _reset_peak(device)
-    t0 = time.perf_counter()
-    try:
+    with offline_preset(preset) as model:
+        cfg = TrainConfig(
+            model=model,
+            run_dir=run_dir,
+            stage="finetune",
+            data=(data,),
+            max_steps=steps + profile,
+            profile_step=steps + 1 if profile else 0,
+            global_batch_size=batch,
+            per_device_batch_size=batch,
+            precision="bf16",
+            gradient_checkpointing=checkpointing,
+            group_by_length=True,
+            num_workers=num_workers,
+            save_every=0,
+            save_final=False,
+            progress=False,
+        )
+        _release()
+        _reset_peak(device)
+        t0 = time.perf_counter()
         # on a GPU: torchrun's process (or a world of one); on the CPU: a world of one there
         train(cfg, world=World() if device.type == "cpu" else None)
-    finally:
-        PRESETS.pop(config.name, None)
     wall = time.perf_counter() - t0
     everything = read_metrics(run_dir / "metrics.jsonl")[:steps]  # the profiled step is not counted
     warm = everything[1:] or everything  # the first step warms up

@@ -11,20 +11,11 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 
-def _device_us(event) -> float:
-    # torch ≥ 2.4 names it device time; older releases cuda time
-    return float(getattr(event, "self_device_time_total", getattr(event, "self_cuda_time_total", 0.0)))
-
-
-def _on_device(event) -> bool:
-    return getattr(event, "device_type", DeviceType.CPU) != DeviceType.CPU
-
-
 def summary(events, rows: int = 40) -> str:
     """The kernels (on a GPU; else the CPU ops) that took the most time, by self time, with their share.
     On a GPU only device events count: an op that launches a kernel also carries the kernel's time, so
     ops and kernels together would count it twice."""
-    kernels = [(e, _device_us(e)) for e in events if _on_device(e)]
+    kernels = [(e, float(e.self_device_time_total)) for e in events if e.device_type != DeviceType.CPU]
     timed = kernels or [(e, float(e.self_cpu_time_total)) for e in events]
     timed = [(e, us) for e, us in timed if us > 0]
     total = sum(us for _, us in timed) or 1.0

@@ -27,7 +27,7 @@ def checkpointing_at_start(cfg: TrainConfig, device: torch.device, processes: in
     return not (device.type == "cuda" and processes == 1)
 
 
-def configure_trainable(vlm: nn.Module, cfg: TrainConfig, checkpointing: bool | None = None) -> None:
+def configure_trainable(vlm: nn.Module, cfg: TrainConfig, checkpointing: bool) -> None:
     vlm.requires_grad_(False)
     vlm.projector.requires_grad_(True)
     if vlm.image_newline is not None:
@@ -39,9 +39,7 @@ def configure_trainable(vlm: nn.Module, cfg: TrainConfig, checkpointing: bool | 
             vlm.lm.requires_grad_(True)
     if cfg.stage == "full" or cfg.train_vision:
         vlm.vision.requires_grad_(True)
-    if checkpointing is None:
-        checkpointing = cfg.gradient_checkpointing is not False  # no device known: "auto" is on
-    vlm.lm.gradient_checkpointing = checkpointing
+    vlm.lm.gradient_checkpointing = checkpointing  # `checkpointing_at_start`
 
 
 def add_lora(lm: nn.Module, lora: LoraConfig) -> None:

@@ -316,8 +316,7 @@ def train(
                 )
                 with profiler:
                     t0 = time.perf_counter()
-                    # dropout etc., resumable
-                    torch.manual_seed(cfg.seed * 1_000_003 + step * 101 + world.rank)
+                    torch.manual_seed(_step_seed(cfg, step, world))
                     n_global = sum(tokens_of[i] for i in global_batch)
                     positions = sum(data.lengths[i] for i in global_batch)
                     step_batches = []
@@ -341,7 +340,7 @@ def train(
                             f"step {step + 1} ran out of GPU memory without gradient checkpointing: "
                             "recomputing the LM's blocks from now on (--gradient-checkpointing to start so)"
                         )
-                        torch.manual_seed(cfg.seed * 1_000_003 + step * 101 + world.rank)
+                        torch.manual_seed(_step_seed(cfg, step, world))
                         local_loss = _forward_backward(model, step_batches, autocast, world, n_global)
                     if cfg.skip_bad:  # every process asks (it cannot know whether another one left any out)
                         kept = n_global - int(world.all_sum(local_left_out))
@@ -410,6 +409,12 @@ def train(
         saved = f"model in {model_dir}" if model_dir is not None else "no model saved (save_final off)"
         say(f"done: {step} steps, final loss {loss_value:.4f}; {saved}")
     return TrainResult(cfg.run_dir, step, loss_value, model_dir, len(data.problems) + len(bad_images.listed))
+
+
+def _step_seed(cfg: TrainConfig, step: int, world: World) -> int:
+    """The random seed of a step (dropout etc.): a function of the run's seed, the step and the rank, so
+    that a resumed or a redone step draws the same numbers."""
+    return cfg.seed * 1_000_003 + step * 101 + world.rank
 
 
 def _forward_backward(model, batches: list, autocast, world: World, n_global: int) -> float:

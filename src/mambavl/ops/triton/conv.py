@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from mambavl.ops.dispatch import needs_grad
+from mambavl.ops.triton.layout import channels_last, empty_like_layout
 
 # Launch parameters of the sequence kernels, by x's layout ("channels": D contiguous; "time": L
 # contiguous): (BLOCK_D, BLOCK_T, num_warps), chosen to stay well under 128 registers a thread on sm_90
@@ -296,20 +297,8 @@ def _check_activation(activation) -> None:
         raise ValueError(f"activation must be None or 'silu', got {activation!r}")
 
 
-def _channels_last(x: torch.Tensor) -> bool:
-    return x.stride(1) == 1 and x.shape[2] > 1
-
-
-def _empty_like_layout(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """An empty [B, D, L] tensor laid out as x is: channel-contiguous, or time-contiguous."""
-    batch, dim, length = x.shape
-    if _channels_last(x):
-        return torch.empty(batch, length, dim, device=x.device, dtype=dtype).transpose(1, 2)
-    return torch.empty(batch, dim, length, device=x.device, dtype=dtype)
-
-
 def _tiles(x: torch.Tensor, direction: str) -> tuple[int, int, int]:
-    return TILES[f"{direction}_{'channels' if _channels_last(x) else 'time'}"]
+    return TILES[f"{direction}_{'channels' if channels_last(x) else 'time'}"]
 
 
 def _programs_target(device: torch.device) -> int:
@@ -335,7 +324,7 @@ def _final_states(x: torch.Tensor, initial_states: torch.Tensor | None, width: i
 def _conv_forward(x, weight, bias, initial_states, activation) -> torch.Tensor:
     batch, dim, length = x.shape
     width = weight.shape[1]
-    out = _empty_like_layout(x, x.dtype)
+    out = empty_like_layout(x, x.dtype)
     init = initial_states if initial_states is not None else x
     block_d, block_t, warps = _tiles(x, "fwd")
     grid = (batch, triton.cdiv(dim, block_d), triton.cdiv(length, block_t))
@@ -353,7 +342,7 @@ def _conv_backward(x, weight, bias, initial_states, activation, dy, dfinal, want
     """(dx, dinitial_states or None, dweight, dbias or None); the weight gradients in fp32."""
     batch, dim, length = x.shape
     width = weight.shape[1]
-    dx = _empty_like_layout(x, x.dtype)
+    dx = empty_like_layout(x, x.dtype)
     init = initial_states if initial_states is not None else x
     store_dinit = want_dinit and initial_states is not None and width > 1
     dinit = torch.empty_like(initial_states, memory_format=torch.contiguous_format) if store_dinit else dx

@@ -35,6 +35,7 @@ import triton
 import triton.language as tl
 
 from mambavl.ops.dispatch import needs_grad
+from mambavl.ops.triton.layout import empty_like_layout
 
 LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -394,15 +395,6 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
     return y, h_last, (states.permute(0, 2, 3, 1) if states is not None else None)
 
 
-def _empty_like_layout(x: torch.Tensor) -> torch.Tensor:
-    """An empty [B, D, L] tensor laid out as x: channel-contiguous when x is (a transposed view of a
-    [B, L, D] projection, as in the mixers: its gradient then needs no copy there), else contiguous."""
-    batch, dim, length = x.shape
-    if x.stride(1) == 1 and length > 1:
-        return torch.empty(batch, length, dim, device=x.device, dtype=x.dtype).transpose(1, 2)
-    return torch.empty(batch, dim, length, device=x.device, dtype=x.dtype)
-
-
 def _backward(u, delta, A, B, C, D, z, delta_bias, states, delta_softplus, tiles, dout, dh_last):
     """Gradients of every input (fp32 where they are sums over the batch or over channels)."""
     batch, dim, length = u.shape
@@ -416,9 +408,9 @@ def _backward(u, delta, A, B, C, D, z, delta_bias, states, delta_softplus, tiles
     programs = dim // block_d
     slots = max(1, min(tiles.bwd_slots, programs // groups))
     f32 = dict(device=u.device, dtype=torch.float32)
-    du = _empty_like_layout(u)
-    ddelta = _empty_like_layout(delta)
-    dz = _empty_like_layout(z) if z is not None else du
+    du = empty_like_layout(u)
+    ddelta = empty_like_layout(delta)
+    dz = empty_like_layout(z) if z is not None else du
     dA = torch.empty(batch, dim, N, **f32)
     dB = torch.zeros(slots, batch, groups, N, length, **f32)
     dC = torch.zeros(slots, batch, groups, N, length, **f32)
