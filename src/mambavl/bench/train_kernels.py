@@ -231,26 +231,27 @@ def _cases(lm, batch: int, length: int) -> dict[str, dict[str, Callable[[], tupl
 
 
 def sweep_scan(lm, batch: int, length: int, say=print, budget_s: float = 180.0) -> list[dict]:
-    """Forward + backward time of the Mamba-1 scan for every candidate `ScanTiles` of the backward (saved
-    chunk and backward tile, channels a program, warps, dB/dC copies), fastest first; stops trying new ones
-    after `budget_s`."""
+    """Forward + backward time of the Mamba-1 scan, its inputs laid out as the mixer hands them over, for
+    every candidate `ScanTiles` of the backward (chunk, channels a program, warps, dB/dC copies) that gives
+    each thread 2 to 16 steps of a tile, fastest first; stops trying new ones after `budget_s`."""
     import itertools
     import time
 
     from mambavl.ops.triton.scan import DEFAULT_TILES, ScanTiles, selective_scan
 
-    inputs = _scan_inputs(batch, lm.d_inner, lm.d_state, length)
+    inputs = _scan_inputs_as_mixed(batch, lm.d_inner, lm.d_state, length, lm.dt_rank)
     leaves = list(inputs.values())
     rows, start = [], time.perf_counter()
-    steps = ((16, 16), (32, 16), (32, 32), (64, 16), (64, 32))  # (chunk, backward tile)
-    grid = itertools.product(steps, (1, 2, 4), (1, 2), (1, 4, 16))
-    for (chunk, block_t), block_d, warps, slots in grid:
+    grid = itertools.product((128, 256, 512, 1024), (1, 2, 4, 8), (1, 2, 4, 8), (1, 4, 16))
+    for chunk, block_d, warps, slots in grid:
+        if not 2 <= chunk * block_d // (32 * warps) <= 16:
+            continue
         if time.perf_counter() - start > budget_s:
             say(f"sweep: stopped after {budget_s:.0f} s")
             break
         tiles = ScanTiles(
             block_t=DEFAULT_TILES.block_t, block_d=DEFAULT_TILES.block_d, num_warps=DEFAULT_TILES.num_warps,
-            chunk=chunk, bwd_block_t=block_t, bwd_block_d=block_d, bwd_warps=warps, bwd_slots=slots,
+            chunk=chunk, bwd_block_d=block_d, bwd_warps=warps, bwd_slots=slots,
         )  # fmt: skip
 
         def step(tiles=tiles):
@@ -262,7 +263,7 @@ def sweep_scan(lm, batch: int, length: int, say=print, budget_s: float = 180.0) 
         except Exception as e:  # a launch that cannot run here (registers, shared memory)
             say(f"sweep {tiles}: {type(e).__name__}")
             continue
-        row = dict(chunk=chunk, bwd_block_t=block_t, bwd_block_d=block_d, bwd_warps=warps, bwd_slots=slots)
+        row = dict(chunk=chunk, bwd_block_d=block_d, bwd_warps=warps, bwd_slots=slots)
         rows.append(row | {"fwd_bwd_ms": ms})
         say(f"sweep {row}: {ms:8.3f} ms")
     return sorted(rows, key=lambda r: r["fwd_bwd_ms"])

@@ -11,19 +11,20 @@ stores the fp32 state at the start of every chunk of CHUNK steps: that, and the 
 backward keeps (B·D·N·L/CHUNK floats; nothing of size L·N per channel).
 
 Backward: one program per (sequence, block of channels), which walks the chunks from last to first with
-the adjoint carried in registers. For each chunk it reloads the chunk's start state, recomputes the chunk's
-states with the forward scan, and runs the adjoint
+the adjoint carried between them. Its tiles are [channels, CHUNK steps], and inside a chunk it loops over
+the state index n: for each n it recomputes the chunk's states h[n] from the saved start state with the
+forward scan, and runs the adjoint
     G_t = C_t·dy_t + exp(Δ_{t+1} A)·G_{t+1}     (d loss / d h_t)
-as a reverse associative scan; the adjoint at the chunk's start, exp(Δ_s A)·G_s = d loss / d h_{s-1},
-carries to the previous chunk (and is d initial_state after the first). Every gradient is then a local
-product: d(Δu) = Σ_n G·B, dB = Σ_d G·Δu, dC = Σ_d h·dy, and through the decay, with exp(Δ_t A)·h_{t-1}
-= h_t − Δ_t B_t u_t (no shifted copy of the states), s = G·(h_t − Δ_t B_t u_t) gives dΔ += Σ_n s·A and
-dA = Σ s·Δ. dB and dC are sums over the channels of a group: each program reduces its channels in
-registers and adds one [N, CHUNK] tile per chunk into one of a few fp32 copies with atomics (spread so
-that thousands of programs do not queue on the same addresses); the host sums the copies. Per-channel
-sums (dA, dD, dΔ_bias) stay in registers and are stored once per sequence; the host sums the batch.
-Programs are small (a few channels, one or two warps) and many, so that the GPU hides each one's latency
-behind the others: nothing a program needs waits on global memory from one chunk to the next.
+as a reverse associative scan over the chunk; the adjoint at the chunk's start, exp(Δ_s A)·G_s = d loss /
+d h_{s-1}, carries to the previous chunk (and is d initial_state after the first). Scans run over time
+alone, first along each thread's own run of steps and then across threads, and every sum over n is a
+running sum in registers. Every gradient is then a local product: d(Δu) = Σ_n G·B, dB = Σ_d G·Δu,
+dC = Σ_d h·dy, and through the decay, with exp(Δ_t A)·h_{t-1} = h_t − Δ_t B_t u_t (no shifted copy of the
+states), s = G·(h_t − Δ_t B_t u_t) gives dΔ += Σ_n s·A and dA = Σ s·Δ. dB and dC are sums over the
+channels of a group: each program reduces its channels in registers and adds one row per n and chunk into
+one of a few fp32 copies with atomics (spread so that thousands of programs do not queue on the same
+addresses); the host sums the copies. Per-channel sums (dA, dD, dΔ_bias) are stored per sequence (and
+chunk); the host sums them.
 """
 
 from __future__ import annotations
@@ -47,33 +48,28 @@ class ScanTiles:
 
     Forward: `block_t` steps × `block_d` channels per tile, `num_warps` warps. Training keeps the state
     every `chunk` steps (a multiple of `block_t`): B·D·N·L/chunk fp32 values a layer. Backward: one
-    program per sequence and `bwd_block_d` channels (fewer where a group of B/C has fewer), tiles of
-    `bwd_block_d` × N × `bwd_block_t` steps on `bwd_warps` warps (a tile that starts inside a chunk first
-    advances the saved state through the chunk's earlier tiles: short tiles keep registers few without
-    saving more states); its programs add their share of dB and dC into `bwd_slots` copies (summed
-    afterwards), so that fewer of them add into the same addresses at once.
+    program per sequence and `bwd_block_d` channels (fewer where a group of B/C has fewer), on `bwd_warps`
+    warps, walking the chunks last to first with [bwd_block_d, chunk] tiles; its programs add their share
+    of dB and dC into `bwd_slots` copies (summed afterwards), so that fewer of them add into the same
+    addresses at once.
     """
 
     block_t: int = 16
     block_d: int = 2
     num_warps: int = 1
-    chunk: int = 32
-    bwd_block_t: int = 16
+    chunk: int = 256
     bwd_block_d: int = 2
-    bwd_warps: int = 1
+    bwd_warps: int = 2
     bwd_slots: int = 4
+    loop_forward: bool = False
 
     def __post_init__(self):
-        for name in ("block_t", "chunk", "block_d", "bwd_block_t", "bwd_block_d"):
+        for name in ("block_t", "chunk", "block_d", "bwd_block_d"):
             value = getattr(self, name)
             if value < 1 or value & (value - 1):
                 raise ValueError(f"ScanTiles.{name} must be a power of two, got {value}")
         if self.chunk % self.block_t:
             raise ValueError(f"ScanTiles.chunk ({self.chunk}) must be a multiple of block_t ({self.block_t})")
-        if self.chunk % self.bwd_block_t:
-            raise ValueError(
-                f"ScanTiles.chunk ({self.chunk}) must be a multiple of bwd_block_t ({self.bwd_block_t})"
-            )
         if self.bwd_slots < 1 or self.num_warps < 1 or self.bwd_warps < 1:
             raise ValueError("ScanTiles: bwd_slots, num_warps and bwd_warps must be at least 1")
 
@@ -185,6 +181,84 @@ def _selective_scan_kernel(
 
 
 @triton.jit
+def _selective_scan_loop_kernel(
+    u, delta, A, B, C, D, z, bias, h0, y, h_last, states,
+    dim, length, N, channels_per_group,
+    u_b, u_d, u_t,
+    dl_b, dl_d, dl_t,
+    a_d, a_n,
+    b_b, b_g, b_n, b_t,
+    c_b, c_g, c_n, c_t,
+    z_b, z_d, z_t,
+    h0_b, h0_d, h0_n,
+    y_b, y_d, y_t,
+    hl_b, hl_d, hl_n,
+    st_b, st_c, st_d, st_n,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    HAS_H0: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    # [BLOCK_D, CHUNK] tiles, the state index n as the loop inside a chunk (as in the backward); the state at
+    # every chunk's start goes to `states` [B, n_chunks, D, N], from which the next chunk starts.
+    b = tl.program_id(0).to(tl.int64)
+    u += b * u_b
+    delta += b * dl_b
+    z += b * z_b
+    y += b * y_b
+    states += b * st_b
+    first = tl.program_id(1) * BLOCK_D
+    g = first // channels_per_group  # BLOCK_D divides channels_per_group
+    B += b * b_b + g * b_g
+    C += b * c_b + g * c_g
+    d = first + tl.arange(0, BLOCK_D)
+    t = tl.arange(0, CHUNK)
+    md = d < dim
+    if HAS_BIAS:
+        dt_bias = tl.load(bias + d, mask=md, other=0.0).to(tl.float32)
+    if HAS_D:
+        skip = tl.load(D + d, mask=md, other=0.0).to(tl.float32)
+    for n in range(0, N):  # the first chunk's start state
+        if HAS_H0:
+            start = tl.load(h0 + b * h0_b + d * h0_d + n * h0_n, mask=md, other=0.0).to(tl.float32)
+        else:
+            start = tl.zeros([BLOCK_D], dtype=tl.float32)
+        tl.store(states + d * st_d + n * st_n, start, mask=md)
+    tl.debug_barrier()
+    n_chunks = tl.cdiv(length, CHUNK)
+    for c in range(0, n_chunks):
+        tt = c * CHUNK + t
+        m_dt = md[:, None] & (tt < length)[None, :]
+        uv = tl.load(u + d[:, None] * u_d + tt[None, :] * u_t, mask=m_dt, other=0.0).to(tl.float32)
+        raw = tl.load(delta + d[:, None] * dl_d + tt[None, :] * dl_t, mask=m_dt, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            raw += dt_bias[:, None]
+        dt = tl.where(m_dt, _timestep(raw, SOFTPLUS), 0.0)  # past the end: identity steps
+        dtu = dt * uv
+        out = tl.zeros([BLOCK_D, CHUNK], dtype=tl.float32)
+        for n in range(0, N):
+            a = tl.load(A + d * a_d + n * a_n, mask=md, other=0.0).to(tl.float32)
+            bn = tl.load(B + n * b_n + tt * b_t, mask=tt < length, other=0.0).to(tl.float32)
+            cn = tl.load(C + n * c_n + tt * c_t, mask=tt < length, other=0.0).to(tl.float32)
+            h = tl.load(states + c * st_c + d * st_d + n * st_n, mask=md, other=0.0)
+            decay, hs = tl.associative_scan(
+                (tl.exp2(dt * (a * LOG2E)[:, None]), dtu * bn[None, :]), 1, _combine
+            )
+            hs += decay * h[:, None]
+            out += hs * cn[None, :]
+            end = tl.sum(tl.where((t == CHUNK - 1)[None, :], hs, 0.0), 1)
+            if c + 1 < n_chunks:
+                tl.store(states + (c + 1) * st_c + d * st_d + n * st_n, end, mask=md)
+            else:
+                tl.store(h_last + b * hl_b + d * hl_d + n * hl_n, end, mask=md)
+        if HAS_D:
+            out += uv * skip[:, None]
+        if HAS_Z:
+            zv = tl.load(z + d[:, None] * z_d + tt[None, :] * z_t, mask=m_dt, other=0.0).to(tl.float32)
+            out *= zv * tl.sigmoid(zv)
+        tl.store(y + d[:, None] * y_d + tt[None, :] * y_t, out.to(y.dtype.element_ty), mask=m_dt)
+        tl.debug_barrier()  # this chunk's end states are written before the next chunk reads them
+
+
+@triton.jit
 def _selective_scan_bwd_kernel(
     u, delta, A, B, C, D, z, bias, states, dout,
     du, ddelta, dz, dA, dB, dC, dD, dbias, carry,
@@ -201,16 +275,19 @@ def _selective_scan_bwd_kernel(
     dd_b, dd_d, dd_t,
     dz_b, dz_d, dz_t,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    CHUNK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    # The saved states are CHUNK steps apart; the backward walks tiles of BLOCK_T steps (a divisor of
-    # CHUNK): a tile that starts inside a chunk first advances the chunk's saved state to its start.
-    # Outputs: du, ddelta, dz [B, D, L], each laid out as its input; dA [B, D, N], dD and dbias [B, D]
-    # fp32 (per sequence: the host sums the batch); carry [B, D, N] fp32 (d loss / d initial state); dB, dC
-    # [slots, B, G, N, L] fp32, accumulated with atomics (the host sums the slots).
+    # Tiles are [BLOCK_D, CHUNK]: channels × the steps of one chunk, time spread over the program's threads.
+    # The state index n is the loop inside a chunk, so the scans run over time alone (within each thread's
+    # run of steps first, then across threads) and every sum over n is a running sum in registers.
+    # Outputs: du, ddelta, dz [B, D, L], each laid out as its input; dA [B, n_chunks, D, N], dD and dbias
+    # [B, D] fp32 (per sequence and chunk: the host sums them); carry [2, B, D, N] fp32, d loss / d (state
+    # after the chunk) in and out, alternating between its two halves from chunk to chunk (slot 0 holds the
+    # gradient of the last state on entry); dB, dC [slots, B, G, N, L] fp32, accumulated with atomics.
     # Every pointer moves to this program's sequence once, in 64 bits (a batch's offset can pass 2^31
     # elements on long sequences); the offsets inside a sequence stay 32-bit.
     b = tl.program_id(0).to(tl.int64)
+    batch = tl.num_programs(0)
     u += b * u_b
     delta += b * dl_b
     B += b * b_b
@@ -221,133 +298,105 @@ def _selective_scan_bwd_kernel(
     du += b * du_b
     ddelta += b * dd_b
     dz += b * dz_b
-    # the programs of one sequence and group spread their atomic adds over `slots` copies of dB and dC
-    slot = (tl.program_id(1) % slots).to(tl.int64)
-    dB += (slot * tl.num_programs(0) + b) * groups * N * length
-    dC += (slot * tl.num_programs(0) + b) * groups * N * length
+    n_chunks = tl.cdiv(length, CHUNK)
+    dA += b * n_chunks * dim * N
+    slot = (tl.program_id(1) % slots).to(tl.int64)  # programs of one group spread their adds over copies
+    dB += (slot * batch + b) * groups * N * length
+    dC += (slot * batch + b) * groups * N * length
     first = tl.program_id(1) * BLOCK_D  # BLOCK_D divides channels_per_group: one group a program
     g = first // channels_per_group
+    B += g * b_g
+    C += g * c_g
+    dB += g * N * length
+    dC += g * N * length
     d = first + tl.arange(0, BLOCK_D)
-    n = tl.arange(0, BLOCK_N)
-    t = tl.arange(0, BLOCK_T)
-    md, mn = d < dim, n < N
-    m_dn = md[:, None] & mn[None, :]
-    row_dn = d[:, None] * N + n[None, :]  # in the [B, D, N] buffers
-    a = tl.load(A + d[:, None] * a_d + n[None, :] * a_n, mask=m_dn, other=0.0).to(tl.float32)
-    a2 = a * LOG2E  # exp(Δa) = exp2(Δ·a·log2 e)
+    t = tl.arange(0, CHUNK)
+    md = d < dim
     if HAS_BIAS:
         dt_bias = tl.load(bias + d, mask=md, other=0.0).to(tl.float32)
     if HAS_D:
         skip = tl.load(D + d, mask=md, other=0.0).to(tl.float32)
-    # d loss / d (state after the current chunk), carried backwards in registers
-    lam = tl.load(carry + b * dim * N + row_dn, mask=m_dn, other=0.0)
-    acc_a = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
     acc_skip = tl.zeros([BLOCK_D], dtype=tl.float32)
     acc_bias = tl.zeros([BLOCK_D], dtype=tl.float32)
-    n_tiles = tl.cdiv(length, BLOCK_T)
 
-    for back in range(0, n_tiles):
-        t0 = (n_tiles - 1 - back) * BLOCK_T
-        c = t0 // CHUNK
-        h0 = tl.load(states + c * st_c + d[:, None] * st_d + n[None, :] * st_n, mask=m_dn, other=0.0)
-        for s0 in range(c * CHUNK, t0, BLOCK_T):  # the chunk's earlier tiles, forward, to this tile's start
-            ts = s0 + t  # all inside the sequence: a later tile exists
-            bs = tl.load(B + g * b_g + n[:, None] * b_n + ts[None, :] * b_t, mask=mn[:, None], other=0.0)
-            us = tl.load(u + d[:, None] * u_d + ts[None, :] * u_t, mask=md[:, None], other=0.0)
-            raws = tl.load(delta + d[:, None] * dl_d + ts[None, :] * dl_t, mask=md[:, None], other=0.0)
-            raws = raws.to(tl.float32)
-            if HAS_BIAS:
-                raws += dt_bias[:, None]
-            dts = _timestep(raws, SOFTPLUS)
-            decay_s, drive_s = tl.associative_scan(
-                (
-                    tl.exp2(dts[:, None, :] * a2[:, :, None]),
-                    (dts * us.to(tl.float32))[:, None, :] * bs.to(tl.float32)[None],
-                ),
-                2,
-                _combine,
-            )
-            last = (t == BLOCK_T - 1)[None, None, :]
-            h0 = tl.sum(tl.where(last, decay_s, 0.0), axis=2) * h0 + tl.sum(
-                tl.where(last, drive_s, 0.0), axis=2
-            )
-        tt = t0 + t
+    for back in range(0, n_chunks):
+        c = n_chunks - 1 - back
+        lam_in = carry + ((back % 2) * batch + b) * dim * N  # d loss / d (state after this chunk)
+        lam_out = carry + (((back + 1) % 2) * batch + b) * dim * N  # ... before it
+        tt = c * CHUNK + t
         mt = tt < length
-        m_nt = mn[:, None] & mt[None, :]
         m_dt = md[:, None] & mt[None, :]
-        bv = tl.load(B + g * b_g + n[:, None] * b_n + tt[None, :] * b_t, mask=m_nt, other=0.0)
-        cv = tl.load(C + g * c_g + n[:, None] * c_n + tt[None, :] * c_t, mask=m_nt, other=0.0)
-        bv, cv = bv.to(tl.float32)[None], cv.to(tl.float32)[None]
-        uv = tl.load(u + d[:, None] * u_d + tt[None, :] * u_t, mask=m_dt, other=0.0).to(tl.float32)
+        # Δ at each step and one step later (the chunk's last step takes the carried adjoint instead)
         raw = tl.load(delta + d[:, None] * dl_d + tt[None, :] * dl_t, mask=m_dt, other=0.0).to(tl.float32)
-        # Δ one step later, inside the tile (the tile's last step takes the carried adjoint instead),
-        # and Δ at the tile's start
-        m_next = md[:, None] & ((t < BLOCK_T - 1) & (tt + 1 < length))[None, :]
+        m_next = md[:, None] & ((t < CHUNK - 1) & (tt + 1 < length))[None, :]
         raw_next = tl.load(delta + d[:, None] * dl_d + (tt + 1)[None, :] * dl_t, mask=m_next, other=0.0)
         raw_next = raw_next.to(tl.float32)
-        raw0 = tl.load(delta + d * dl_d + t0 * dl_t, mask=md, other=0.0).to(tl.float32)
-        if HAS_BIAS:  # the softplus derivative below needs the biased input
+        raw0 = tl.load(delta + d * dl_d + c * CHUNK * dl_t, mask=md, other=0.0).to(tl.float32)
+        if HAS_BIAS:
             raw += dt_bias[:, None]
             raw_next += dt_bias[:, None]
             raw0 += dt_bias
         dt = tl.where(m_dt, _timestep(raw, SOFTPLUS), 0.0)
         dt_next = tl.where(m_next, _timestep(raw_next, SOFTPLUS), 0.0)
         dt0 = _timestep(raw0, SOFTPLUS)
-        dy = tl.load(dout + d[:, None] * do_d + tt[None, :] * do_t, mask=m_dt, other=0.0).to(tl.float32)
-
-        # the chunk's states, as in the forward
+        uv = tl.load(u + d[:, None] * u_d + tt[None, :] * u_t, mask=m_dt, other=0.0).to(tl.float32)
         dtu = dt * uv
-        decay, hs = tl.associative_scan(
-            (tl.exp2(dt[:, None, :] * a2[:, :, None]), dtu[:, None, :] * bv), 2, _combine
-        )
-        hs += decay * h0[:, :, None]
+        dy = tl.load(dout + d[:, None] * do_d + tt[None, :] * do_t, mask=m_dt, other=0.0).to(tl.float32)
         if HAS_Z:
             zv = tl.load(z + d[:, None] * z_d + tt[None, :] * z_t, mask=m_dt, other=0.0).to(tl.float32)
-            y = tl.sum(hs * cv, axis=1)
-            if HAS_D:
-                y += skip[:, None] * uv
-            gate = tl.sigmoid(zv)
-            dzv = dy * y * gate * (1.0 + zv * (1.0 - gate))
-            tl.store(dz + d[:, None] * dz_d + tt[None, :] * dz_t, dzv.to(dz.dtype.element_ty), mask=m_dt)
-            dy *= zv * gate
-        tl.atomic_add(
-            dC + g * N * length + n[:, None] * length + tt[None, :],
-            tl.sum(hs * dy[:, None, :], axis=0),
-            mask=m_nt,
-            sem="relaxed",
-        )
+            dy *= zv * tl.sigmoid(zv)  # d loss / d (the output before the gate)
+            y = tl.zeros([BLOCK_D, CHUNK], dtype=tl.float32)  # that output, Σ_n C h, for dz
+        adj_b = tl.zeros([BLOCK_D, CHUNK], dtype=tl.float32)  # Σ_n G·B = d loss / d (Δu)
+        adj_a = tl.zeros([BLOCK_D, CHUNK], dtype=tl.float32)  # Σ_n s·A, the decay's share of dΔ
 
-        # the adjoint, backwards through the chunk from the carried one
-        decay_next = tl.exp2(dt_next[:, None, :] * a2[:, :, None])
-        adj_decay, adj = tl.associative_scan((decay_next, cv * dy[:, None, :]), 2, _combine, reverse=True)
-        adj += adj_decay * lam[:, :, None]
-        adj_start = tl.sum(tl.where((t == 0)[None, None, :], adj, 0.0), axis=2)
-        lam = tl.exp2(dt0[:, None] * a2) * adj_start
+        for n in range(0, N):
+            a_d1 = tl.load(A + d * a_d + n * a_n, mask=md, other=0.0).to(tl.float32)
+            a = a_d1[:, None]
+            bn = tl.load(B + n * b_n + tt * b_t, mask=mt, other=0.0).to(tl.float32)[None, :]
+            cn = tl.load(C + n * c_n + tt * c_t, mask=mt, other=0.0).to(tl.float32)[None, :]
+            h0 = tl.load(states + c * st_c + d * st_d + n * st_n, mask=md, other=0.0)
+            lam = tl.load(lam_in + d * N + n, mask=md, other=0.0)
+            # the chunk's states, as in the forward
+            decay, hs = tl.associative_scan((tl.exp2(dt * (a * LOG2E)), dtu * bn), 1, _combine)
+            hs += decay * h0[:, None]
+            # the adjoint G, backwards through the chunk from the carried one
+            adj_decay, adj = tl.associative_scan(
+                (tl.exp2(dt_next * (a * LOG2E)), cn * dy), 1, _combine, reverse=True
+            )
+            adj += adj_decay * lam[:, None]
+            adj_start = tl.sum(tl.where((t == 0)[None, :], adj, 0.0), 1)
+            tl.store(lam_out + d * N + n, tl.exp2(dt0 * a_d1 * LOG2E) * adj_start, mask=md)
+            tl.atomic_add(dB + n * length + tt, tl.sum(adj * dtu, 0), mask=mt, sem="relaxed")
+            tl.atomic_add(dC + n * length + tt, tl.sum(hs * dy, 0), mask=mt, sem="relaxed")
+            if HAS_Z:
+                y += hs * cn
+            adj_b += adj * bn
+            s = adj * (hs - dtu * bn)  # the adjoint × exp(Δa)·h_{t-1}
+            adj_a += s * a
+            tl.store(dA + (c * dim + d) * N + n, tl.sum(s * dt, 1), mask=md)
 
-        tl.atomic_add(
-            dB + g * N * length + n[:, None] * length + tt[None, :],
-            tl.sum(adj * dtu[:, None, :], axis=0),
-            mask=m_nt,
-            sem="relaxed",
-        )
-        adj_b = tl.sum(adj * bv, axis=1)  # d loss / d (Δu), [D, T]
-        s = adj * (hs - dtu[:, None, :] * bv)  # adjoint × exp(Δa)·h_{t-1}
-        ddt = uv * adj_b + tl.sum(s * a[:, :, None], axis=1)
-        acc_a += tl.sum(s * dt[:, None, :], 2)
+        # per step: du, dΔ (through the softplus), dz
+        ddt = uv * adj_b + adj_a
+        if SOFTPLUS:
+            ddt = tl.where(raw <= 20.0, ddt * tl.sigmoid(raw), ddt)
+        ddt = tl.where(m_dt, ddt, 0.0)
         duv = dt * adj_b
         if HAS_D:
             duv += skip[:, None] * dy
             acc_skip += tl.sum(dy * uv, 1)
-        if SOFTPLUS:
-            ddt = tl.where(raw <= 20.0, ddt * tl.sigmoid(raw), ddt)
-        ddt = tl.where(m_dt, ddt, 0.0)
         if HAS_BIAS:
             acc_bias += tl.sum(ddt, 1)
+        if HAS_Z:
+            if HAS_D:
+                y += skip[:, None] * uv
+            gate = tl.sigmoid(zv)
+            dyo = tl.load(dout + d[:, None] * do_d + tt[None, :] * do_t, mask=m_dt, other=0.0).to(tl.float32)
+            dzv = dyo * y * gate * (1.0 + zv * (1.0 - gate))
+            tl.store(dz + d[:, None] * dz_d + tt[None, :] * dz_t, dzv.to(dz.dtype.element_ty), mask=m_dt)
         tl.store(du + d[:, None] * du_d + tt[None, :] * du_t, duv.to(du.dtype.element_ty), mask=m_dt)
         tl.store(ddelta + d[:, None] * dd_d + tt[None, :] * dd_t, ddt.to(ddelta.dtype.element_ty), mask=m_dt)
+        tl.debug_barrier()  # this chunk's carry is written before the previous chunk reads it
 
-    tl.store(carry + b * dim * N + row_dn, lam, mask=m_dn)
-    tl.store(dA + b * dim * N + row_dn, acc_a, mask=m_dn)
     if HAS_D:
         tl.store(dD + b * dim + d, acc_skip, mask=md)
     if HAS_BIAS:
@@ -369,16 +418,34 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
     groups = Bg.shape[1]
     if dim % groups or Cg.shape[1] != groups:
         raise ValueError(f"selective_scan: {groups} groups of B/C do not divide {dim} channels")
-    y = torch.empty(batch, dim, length, device=u.device, dtype=u.dtype)
+    y = empty_like_layout(u)
     h_last = torch.empty(batch, dim, N, device=u.device, dtype=torch.float32)
     n_chunks = triton.cdiv(length, tiles.chunk)
+    dummy = h_last
+    h0 = initial_state if initial_state is not None else dummy
+    zt = z if z is not None else u
+    common = dict(
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+        SOFTPLUS=delta_softplus, HAS_H0=initial_state is not None, CHUNK=tiles.chunk,
+    )  # fmt: skip
+    if tiles.loop_forward:
+        states = torch.empty(batch, n_chunks, dim, N, device=u.device, dtype=torch.float32)
+        block_d = tiles.block_d
+        while (dim // groups) % block_d:
+            block_d //= 2
+        _selective_scan_loop_kernel[(batch, dim // block_d)](
+            u, delta, A, Bg, Cg,
+            D if D is not None else dummy, zt, delta_bias if delta_bias is not None else dummy, h0, y, h_last,
+            states, dim, length, N, dim // groups,
+            *u.stride(), *delta.stride(), *A.stride(), *Bg.stride(), *Cg.stride(), *zt.stride(),
+            *h0.stride(), *y.stride(), *h_last.stride(), *states.stride(),
+            **common, BLOCK_D=block_d, num_warps=tiles.num_warps,
+        )  # fmt: skip
+        return y, h_last, (states.permute(0, 2, 3, 1) if save_states else None)
     states = None
     if save_states:
         states = torch.empty(batch, n_chunks, dim, N, device=u.device, dtype=torch.float32)
-    dummy = h_last
     st = states if states is not None else dummy[:, None]
-    h0 = initial_state if initial_state is not None else dummy
-    zt = z if z is not None else u
     grid = (batch, triton.cdiv(dim, tiles.block_d))
     _selective_scan_kernel[grid](
         u, delta, A, Bg, Cg,
@@ -386,9 +453,7 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
         dim, length, N, dim // groups,
         *u.stride(), *delta.stride(), *A.stride(), *Bg.stride(), *Cg.stride(), *zt.stride(),
         *h0.stride(), *y.stride(), *h_last.stride(), *st.stride(),
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-        SOFTPLUS=delta_softplus, HAS_H0=initial_state is not None,
-        SAVE_STATES=save_states, CHUNK=tiles.chunk,
+        **common, SAVE_STATES=save_states,
         BLOCK_T=tiles.block_t, BLOCK_D=tiles.block_d, BLOCK_N=max(triton.next_power_of_2(N), 2),
         num_warps=tiles.num_warps,
     )  # fmt: skip
@@ -407,20 +472,23 @@ def _backward(u, delta, A, B, C, D, z, delta_bias, states, delta_softplus, tiles
         block_d //= 2
     programs = dim // block_d
     slots = max(1, min(tiles.bwd_slots, programs // groups))
+    n_chunks = states.shape[-1]
     f32 = dict(device=u.device, dtype=torch.float32)
     du = empty_like_layout(u)
     ddelta = empty_like_layout(delta)
     dz = empty_like_layout(z) if z is not None else du
-    dA = torch.empty(batch, dim, N, **f32)
+    dA = torch.empty(batch, n_chunks, dim, N, **f32)
     dB = torch.zeros(slots, batch, groups, N, length, **f32)
     dC = torch.zeros(slots, batch, groups, N, length, **f32)
     dD = torch.empty(batch, dim, **f32)
     dbias = torch.empty(batch, dim, **f32)
-    # d loss / d (state after the last chunk) in, d loss / d initial_state out
+    # d loss / d (state after a chunk), alternating between two halves: the last state's gradient in the
+    # first, d loss / d initial_state in the one the last chunk writes
+    carry = torch.empty(2, batch, dim, N, **f32)
     if dh_last is None:
-        carry = torch.zeros(batch, dim, N, **f32)
+        carry[0].zero_()
     else:
-        carry = dh_last.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+        carry[0].copy_(dh_last)
     if dout is None:  # only the last state is used: zeros without memory
         dout = u.new_zeros(()).expand(u.shape)
     st = states.permute(0, 3, 1, 2)  # [B, n_chunks, D, N]
@@ -433,20 +501,19 @@ def _backward(u, delta, A, B, C, D, z, delta_bias, states, delta_softplus, tiles
         *u.stride(), *delta.stride(), *A.stride(), *Bg.stride(), *Cg.stride(), *zt.stride(),
         *st.stride(), *dout.stride(), *du.stride(), *ddelta.stride(), *dz.stride(),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
-        CHUNK=tiles.chunk, BLOCK_T=tiles.bwd_block_t, BLOCK_D=block_d,
-        BLOCK_N=max(triton.next_power_of_2(N), 2), num_warps=tiles.bwd_warps,
+        CHUNK=tiles.chunk, BLOCK_D=block_d, num_warps=tiles.bwd_warps,
     )  # fmt: skip
     dB, dC = dB.sum(0), dC.sum(0)
     return dict(
         u=du,
         delta=ddelta,
-        A=dA.sum(0),
+        A=dA.sum((0, 1)),
         B=dB if B.dim() == 4 else dB[:, 0],
         C=dC if C.dim() == 4 else dC[:, 0],
         D=dD.sum(0) if D is not None else None,
         z=dz if z is not None else None,
         delta_bias=dbias.sum(0) if delta_bias is not None else None,
-        initial_state=carry,
+        initial_state=carry[n_chunks % 2],
     )
 
 
@@ -497,6 +564,9 @@ def selective_scan(
     (and through the returned last state). `tiles`: launch parameters (`ScanTiles`; `DEFAULT_TILES` when
     None, which is what `ops.selective_scan` runs)."""
     tiles = tiles or DEFAULT_TILES
+    # B and C are read by every channel's program: time-contiguous rows (a copy of L·N values where they
+    # come as slices of x_proj's output) keep those reads to a few wide loads
+    B, C = (M if M.stride(-1) == 1 else M.contiguous() for M in (B, C))
     D = D.contiguous() if D is not None else None  # the kernels index D and the bias with stride 1
     delta_bias = delta_bias.contiguous() if delta_bias is not None else None
     if needs_grad(u, delta, A, B, C, D, z, delta_bias, initial_state):
