@@ -19,9 +19,9 @@ NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
 # Tolerances relative to the largest entry of each reference gradient (gradients span orders of magnitude).
 FP32 = dict(rtol=1e-4, atol=1e-4)
 BF16 = dict(rtol=2e-2, atol=2e-2)
-# Several chunks on short sequences (the backward carries the adjoint between them); the forward's tiles must
-# divide the chunk. Three copies of dB/dC, so that several programs add into each.
-SMALL = ScanTiles(block_t=4, block_d=2, chunk=8, bwd_block_d=2, bwd_slots=3)
+# Several chunks on short sequences (the training forward carries the state and the backward the adjoint
+# between them). Three copies of dB/dC, so that several programs add into each.
+SMALL = ScanTiles(block_t=4, block_d=2, chunk=8, train_block_d=2, bwd_slots=3)
 
 
 def _inputs(batch, dim, n, length, groups, dtype, bare=False):
@@ -166,12 +166,10 @@ def test_environment_selects_the_kernel_and_shared_b_c_are_refused(monkeypatch):
 
 
 def test_tiles_are_checked():
-    with pytest.raises(ValueError, match="multiple of block_t"):
-        ScanTiles(block_t=16, chunk=8)
     with pytest.raises(ValueError, match="power of two"):
         ScanTiles(chunk=48)
-    with pytest.raises(ValueError, match="bwd_block_d must be a power of two"):
-        ScanTiles(bwd_block_d=6)
+    with pytest.raises(ValueError, match="train_block_d must be a power of two"):
+        ScanTiles(train_block_d=6)
     with pytest.raises(ValueError, match="at least 1"):
         ScanTiles(bwd_slots=0)
 
@@ -215,3 +213,17 @@ def test_selective_scan_gradients_default_tiles(monkeypatch, dtype, groups):
     monkeypatch.setattr(kernel, "DEFAULT_TILES", tiles)
     inputs = _inputs(1, 6 if groups is None else 5 * groups, 16, tiles.chunk + 37, groups, dtype)
     _compare(inputs, FP32 if dtype == torch.float32 else BF16, softplus=True)
+
+
+@pytest.mark.parametrize("groups", [None, 2])
+def test_training_and_prefill_forwards_agree(groups):
+    """The two forward kernels, the one training runs (it keeps the chunk states) and the prefill one (no
+    gradient), give the same output and last state."""
+    inputs = _inputs(2, 10, 5, 19, groups, torch.float32)
+    options = dict(delta_softplus=True, return_last_state=True, backend="triton")
+    with torch.no_grad():
+        y_prefill, h_prefill = ops.selective_scan(**inputs, **options)
+    leaves = {k: v.clone().requires_grad_(True) for k, v in inputs.items()}
+    y_train, h_train = ops.selective_scan(**leaves, **options)
+    _close("y", y_train.detach(), y_prefill, **FP32)
+    _close("the last state", h_train.detach(), h_prefill, **FP32)

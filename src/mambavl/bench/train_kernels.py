@@ -251,7 +251,7 @@ def sweep_scan(lm, batch: int, length: int, say=print, budget_s: float = 180.0) 
             break
         tiles = ScanTiles(
             block_t=DEFAULT_TILES.block_t, block_d=DEFAULT_TILES.block_d, num_warps=DEFAULT_TILES.num_warps,
-            chunk=chunk, bwd_block_d=block_d, bwd_warps=warps, bwd_slots=slots,
+            chunk=chunk, train_block_d=block_d, train_warps=warps, bwd_slots=slots,
         )  # fmt: skip
 
         def step(tiles=tiles):
@@ -263,7 +263,7 @@ def sweep_scan(lm, batch: int, length: int, say=print, budget_s: float = 180.0) 
         except Exception as e:  # a launch that cannot run here (registers, shared memory)
             say(f"sweep {tiles}: {type(e).__name__}")
             continue
-        row = dict(chunk=chunk, bwd_block_d=block_d, bwd_warps=warps, bwd_slots=slots)
+        row = dict(chunk=chunk, train_block_d=block_d, train_warps=warps, bwd_slots=slots)
         rows.append(row | {"fwd_bwd_ms": ms})
         say(f"sweep {row}: {ms:8.3f} ms")
     return sorted(rows, key=lambda r: r["fwd_bwd_ms"])

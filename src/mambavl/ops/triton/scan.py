@@ -1,14 +1,17 @@
 """The Mamba-1 selective scan (prefill and training), fused: Δ (bias, softplus), the discretisation, the scan,
 the read-out through C, the skip D and the SiLU gate, in one pass over the inputs; and its backward.
 
-Forward: one program per (sequence, block of BLOCK_D channels). It walks the sequence in tiles of BLOCK_T
-steps: inside a tile the recurrence h_t = exp(Δ_t A)·h_{t-1} + Δ_t B_t u_t is a parallel associative scan
-over a [BLOCK_D, N, BLOCK_T] tile in registers, and the state at the tile's end carries to the next tile.
-Inputs are read once and y written once, so the kernel streams at memory speed; the [B, L, D, N] states
-that the reference materialises never leave the chip. Positions past the end are identity steps (Δ = 0),
-so the carried state is exactly the state after the last real token. When a gradient is needed, it also
-stores the fp32 state at the start of every chunk of CHUNK steps: that, and the inputs, is all the
-backward keeps (B·D·N·L/CHUNK floats; nothing of size L·N per channel).
+Forward without a gradient (prefill): one program per (sequence, block of BLOCK_D channels). It walks the
+sequence in tiles of BLOCK_T steps: inside a tile the recurrence h_t = exp(Δ_t A)·h_{t-1} + Δ_t B_t u_t is
+a parallel associative scan over a [BLOCK_D, N, BLOCK_T] tile in registers, and the state at the tile's end
+carries to the next tile. Inputs are read once and y written once; the [B, L, D, N] states that the
+reference materialises never leave the chip. Positions past the end are identity steps (Δ = 0), so the
+carried state is exactly the state after the last real token.
+
+Forward for training: the backward's tile, [channels, CHUNK steps], with the state index n as the loop
+inside a chunk (the scan runs over time alone and y = Σ_n C·h is a running sum); it stores the fp32 state
+at the start of every chunk: that, and the inputs, is all the backward keeps (B·D·N·L/CHUNK floats;
+nothing of size L·N per channel).
 
 Backward: one program per (sequence, block of channels), which walks the chunks from last to first with
 the adjoint carried between them. Its tiles are [channels, CHUNK steps], and inside a chunk it loops over
@@ -43,35 +46,32 @@ LOG2E = tl.constexpr(1.4426950408889634)
 
 @dataclass(frozen=True)
 class ScanTiles:
-    """Launch parameters, from sweeps on an H200 at Mamba-1 2.8B shapes (`mambavl bench --kernels --train
-    --sweep`).
+    """Launch parameters, from sweeps on an H100 at Mamba-1 2.8B shapes (`mambavl bench --kernels --train
+    --sweep`, BENCHMARKS.md).
 
-    Forward: `block_t` steps × `block_d` channels per tile, `num_warps` warps. Training keeps the state
-    every `chunk` steps (a multiple of `block_t`): B·D·N·L/chunk fp32 values a layer. Backward: one
-    program per sequence and `bwd_block_d` channels (fewer where a group of B/C has fewer), on `bwd_warps`
-    warps, walking the chunks last to first with [bwd_block_d, chunk] tiles; its programs add their share
-    of dB and dC into `bwd_slots` copies (summed afterwards), so that fewer of them add into the same
-    addresses at once.
+    Inference (no gradient): tiles of `block_t` steps × `block_d` channels, `num_warps` warps. Training: the
+    forward keeps the state every `chunk` steps (B·D·N·L/chunk fp32 values a layer), and both it and the
+    backward run one program per sequence and `train_block_d` channels (fewer where a group of B/C has
+    fewer), on `train_warps` warps, with [train_block_d, chunk] tiles; the backward walks the chunks last to
+    first, and its programs add their share of dB and dC into `bwd_slots` copies (summed afterwards), so
+    that fewer of them add into the same addresses at once.
     """
 
     block_t: int = 16
     block_d: int = 2
     num_warps: int = 1
-    chunk: int = 256
-    bwd_block_d: int = 2
-    bwd_warps: int = 2
-    bwd_slots: int = 4
-    loop_forward: bool = False
+    chunk: int = 128
+    train_block_d: int = 2
+    train_warps: int = 1
+    bwd_slots: int = 16
 
     def __post_init__(self):
-        for name in ("block_t", "chunk", "block_d", "bwd_block_d"):
+        for name in ("block_t", "chunk", "block_d", "train_block_d"):
             value = getattr(self, name)
             if value < 1 or value & (value - 1):
                 raise ValueError(f"ScanTiles.{name} must be a power of two, got {value}")
-        if self.chunk % self.block_t:
-            raise ValueError(f"ScanTiles.chunk ({self.chunk}) must be a multiple of block_t ({self.block_t})")
-        if self.bwd_slots < 1 or self.num_warps < 1 or self.bwd_warps < 1:
-            raise ValueError("ScanTiles: bwd_slots, num_warps and bwd_warps must be at least 1")
+        if self.bwd_slots < 1 or self.num_warps < 1 or self.train_warps < 1:
+            raise ValueError("ScanTiles: bwd_slots, num_warps and train_warps must be at least 1")
 
 
 DEFAULT_TILES = ScanTiles()
@@ -94,7 +94,7 @@ def _timestep(raw, SOFTPLUS: tl.constexpr):
 
 @triton.jit
 def _selective_scan_kernel(
-    u, delta, A, B, C, D, z, bias, h0, y, h_last, states,
+    u, delta, A, B, C, D, z, bias, h0, y, h_last,
     dim, length, N, channels_per_group,
     u_b, u_d, u_t,
     dl_b, dl_d, dl_t,
@@ -105,10 +105,8 @@ def _selective_scan_kernel(
     h0_b, h0_d, h0_n,
     y_b, y_d, y_t,
     hl_b, hl_d, hl_n,
-    st_b, st_c, st_d, st_n,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    HAS_H0: tl.constexpr, SAVE_STATES: tl.constexpr, CHUNK: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_H0: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0).to(tl.int64)  # batch offsets can pass 2^31 elements on long sequences
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -133,10 +131,6 @@ def _selective_scan_kernel(
         h = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
 
     for start in range(0, length, BLOCK_T):
-        if SAVE_STATES:  # noqa: SIM102 (a compile-time branch around a run-time one)
-            if start % CHUNK == 0:  # the state before this chunk, for the backward to start from
-                st = states + b * st_b + (start // CHUNK) * st_c + d[:, None] * st_d + n[None, :] * st_n
-                tl.store(st, h, mask=md[:, None] & mn[None, :])
         # Tiles are [D, N, T] with time last: the scan then runs within threads and warps (time is the
         # layout's fastest axis), never through shared memory across warps.
         tt = start + t
@@ -198,7 +192,8 @@ def _selective_scan_loop_kernel(
     HAS_H0: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     # [BLOCK_D, CHUNK] tiles, the state index n as the loop inside a chunk (as in the backward); the state at
-    # every chunk's start goes to `states` [B, n_chunks, D, N], from which the next chunk starts.
+    # every chunk's start goes to `states` [B, n_chunks, D, N], from which the next chunk starts. Each step
+    # of the n loop loads the next one's operands before it computes, so that their latency overlaps.
     b = tl.program_id(0).to(tl.int64)
     u += b * u_b
     delta += b * dl_b
@@ -226,7 +221,12 @@ def _selective_scan_loop_kernel(
     n_chunks = tl.cdiv(length, CHUNK)
     for c in range(0, n_chunks):
         tt = c * CHUNK + t
-        m_dt = md[:, None] & (tt < length)[None, :]
+        mt = tt < length
+        m_dt = md[:, None] & mt[None, :]
+        a_next = tl.load(A + d * a_d, mask=md, other=0.0).to(tl.float32)
+        b_next = tl.load(B + tt * b_t, mask=mt, other=0.0).to(tl.float32)
+        c_next = tl.load(C + tt * c_t, mask=mt, other=0.0).to(tl.float32)
+        h_next = tl.load(states + c * st_c + d * st_d, mask=md, other=0.0)
         uv = tl.load(u + d[:, None] * u_d + tt[None, :] * u_t, mask=m_dt, other=0.0).to(tl.float32)
         raw = tl.load(delta + d[:, None] * dl_d + tt[None, :] * dl_t, mask=m_dt, other=0.0).to(tl.float32)
         if HAS_BIAS:
@@ -235,10 +235,12 @@ def _selective_scan_loop_kernel(
         dtu = dt * uv
         out = tl.zeros([BLOCK_D, CHUNK], dtype=tl.float32)
         for n in range(0, N):
-            a = tl.load(A + d * a_d + n * a_n, mask=md, other=0.0).to(tl.float32)
-            bn = tl.load(B + n * b_n + tt * b_t, mask=tt < length, other=0.0).to(tl.float32)
-            cn = tl.load(C + n * c_n + tt * c_t, mask=tt < length, other=0.0).to(tl.float32)
-            h = tl.load(states + c * st_c + d * st_d + n * st_n, mask=md, other=0.0)
+            a, bn, cn, h = a_next, b_next, c_next, h_next
+            more = n + 1 < N
+            a_next = tl.load(A + d * a_d + (n + 1) * a_n, mask=md & more, other=0.0).to(tl.float32)
+            b_next = tl.load(B + (n + 1) * b_n + tt * b_t, mask=mt & more, other=0.0).to(tl.float32)
+            c_next = tl.load(C + (n + 1) * c_n + tt * c_t, mask=mt & more, other=0.0).to(tl.float32)
+            h_next = tl.load(states + c * st_c + d * st_d + (n + 1) * st_n, mask=md & more, other=0.0)
             decay, hs = tl.associative_scan(
                 (tl.exp2(dt * (a * LOG2E)[:, None]), dtu * bn[None, :]), 1, _combine
             )
@@ -349,13 +351,21 @@ def _selective_scan_bwd_kernel(
         adj_b = tl.zeros([BLOCK_D, CHUNK], dtype=tl.float32)  # Σ_n G·B = d loss / d (Δu)
         adj_a = tl.zeros([BLOCK_D, CHUNK], dtype=tl.float32)  # Σ_n s·A, the decay's share of dΔ
 
+        # each step of the n loop loads the next one's operands before it computes (latency overlap)
+        a_next = tl.load(A + d * a_d, mask=md, other=0.0).to(tl.float32)
+        b_next = tl.load(B + tt * b_t, mask=mt, other=0.0).to(tl.float32)
+        c_next = tl.load(C + tt * c_t, mask=mt, other=0.0).to(tl.float32)
+        h0_next = tl.load(states + c * st_c + d * st_d, mask=md, other=0.0)
+        lam_next = tl.load(lam_in + d * N, mask=md, other=0.0)
         for n in range(0, N):
-            a_d1 = tl.load(A + d * a_d + n * a_n, mask=md, other=0.0).to(tl.float32)
-            a = a_d1[:, None]
-            bn = tl.load(B + n * b_n + tt * b_t, mask=mt, other=0.0).to(tl.float32)[None, :]
-            cn = tl.load(C + n * c_n + tt * c_t, mask=mt, other=0.0).to(tl.float32)[None, :]
-            h0 = tl.load(states + c * st_c + d * st_d + n * st_n, mask=md, other=0.0)
-            lam = tl.load(lam_in + d * N + n, mask=md, other=0.0)
+            a_d1, h0, lam = a_next, h0_next, lam_next
+            a, bn, cn = a_d1[:, None], b_next[None, :], c_next[None, :]
+            more = n + 1 < N
+            a_next = tl.load(A + d * a_d + (n + 1) * a_n, mask=md & more, other=0.0).to(tl.float32)
+            b_next = tl.load(B + (n + 1) * b_n + tt * b_t, mask=mt & more, other=0.0).to(tl.float32)
+            c_next = tl.load(C + (n + 1) * c_n + tt * c_t, mask=mt & more, other=0.0).to(tl.float32)
+            h0_next = tl.load(states + c * st_c + d * st_d + (n + 1) * st_n, mask=md & more, other=0.0)
+            lam_next = tl.load(lam_in + d * N + n + 1, mask=md & more, other=0.0)
             # the chunk's states, as in the forward
             decay, hs = tl.associative_scan((tl.exp2(dt * (a * LOG2E)), dtu * bn), 1, _combine)
             hs += decay * h0[:, None]
@@ -408,6 +418,15 @@ def _grouped(M: torch.Tensor) -> torch.Tensor:
     return M[:, None] if M.dim() == 3 else M
 
 
+def _train_block_d(tiles: ScanTiles, per_group: int) -> int:
+    """Channels a training program takes: `tiles.train_block_d`, halved until it divides a group of B/C
+    (a program's channels stay inside one group)."""
+    block_d = tiles.train_block_d
+    while per_group % block_d:
+        block_d //= 2
+    return block_d
+
+
 def _forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, tiles, save_states):
     """y [B, D, L] (u's dtype), the last state [B, D, N] fp32, and with `save_states` the fp32 state at
     the start of every chunk, [B, D, N, n_chunks] (stored chunk-major, so each program's writes are
@@ -420,44 +439,37 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
         raise ValueError(f"selective_scan: {groups} groups of B/C do not divide {dim} channels")
     y = empty_like_layout(u)
     h_last = torch.empty(batch, dim, N, device=u.device, dtype=torch.float32)
-    n_chunks = triton.cdiv(length, tiles.chunk)
     dummy = h_last
     h0 = initial_state if initial_state is not None else dummy
     zt = z if z is not None else u
     common = dict(
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-        SOFTPLUS=delta_softplus, HAS_H0=initial_state is not None, CHUNK=tiles.chunk,
+        SOFTPLUS=delta_softplus, HAS_H0=initial_state is not None,
     )  # fmt: skip
-    if tiles.loop_forward:
+    if save_states:
+        n_chunks = triton.cdiv(length, tiles.chunk)
         states = torch.empty(batch, n_chunks, dim, N, device=u.device, dtype=torch.float32)
-        block_d = tiles.block_d
-        while (dim // groups) % block_d:
-            block_d //= 2
+        block_d = _train_block_d(tiles, dim // groups)
         _selective_scan_loop_kernel[(batch, dim // block_d)](
             u, delta, A, Bg, Cg,
             D if D is not None else dummy, zt, delta_bias if delta_bias is not None else dummy, h0, y, h_last,
             states, dim, length, N, dim // groups,
             *u.stride(), *delta.stride(), *A.stride(), *Bg.stride(), *Cg.stride(), *zt.stride(),
             *h0.stride(), *y.stride(), *h_last.stride(), *states.stride(),
-            **common, BLOCK_D=block_d, num_warps=tiles.num_warps,
+            **common, CHUNK=tiles.chunk, BLOCK_D=block_d, num_warps=tiles.train_warps,
         )  # fmt: skip
-        return y, h_last, (states.permute(0, 2, 3, 1) if save_states else None)
-    states = None
-    if save_states:
-        states = torch.empty(batch, n_chunks, dim, N, device=u.device, dtype=torch.float32)
-    st = states if states is not None else dummy[:, None]
+        return y, h_last, states.permute(0, 2, 3, 1)
     grid = (batch, triton.cdiv(dim, tiles.block_d))
     _selective_scan_kernel[grid](
         u, delta, A, Bg, Cg,
-        D if D is not None else dummy, zt, delta_bias if delta_bias is not None else dummy, h0, y, h_last, st,
+        D if D is not None else dummy, zt, delta_bias if delta_bias is not None else dummy, h0, y, h_last,
         dim, length, N, dim // groups,
         *u.stride(), *delta.stride(), *A.stride(), *Bg.stride(), *Cg.stride(), *zt.stride(),
-        *h0.stride(), *y.stride(), *h_last.stride(), *st.stride(),
-        **common, SAVE_STATES=save_states,
-        BLOCK_T=tiles.block_t, BLOCK_D=tiles.block_d, BLOCK_N=max(triton.next_power_of_2(N), 2),
+        *h0.stride(), *y.stride(), *h_last.stride(),
+        **common, BLOCK_T=tiles.block_t, BLOCK_D=tiles.block_d, BLOCK_N=max(triton.next_power_of_2(N), 2),
         num_warps=tiles.num_warps,
     )  # fmt: skip
-    return y, h_last, (states.permute(0, 2, 3, 1) if states is not None else None)
+    return y, h_last, None
 
 
 def _backward(u, delta, A, B, C, D, z, delta_bias, states, delta_softplus, tiles, dout, dh_last):
@@ -467,9 +479,7 @@ def _backward(u, delta, A, B, C, D, z, delta_bias, states, delta_softplus, tiles
     Bg, Cg = _grouped(B), _grouped(C)
     groups = Bg.shape[1]
     per_group = dim // groups
-    block_d = tiles.bwd_block_d
-    while per_group % block_d:  # a program's channels stay inside one group
-        block_d //= 2
+    block_d = _train_block_d(tiles, per_group)
     programs = dim // block_d
     slots = max(1, min(tiles.bwd_slots, programs // groups))
     n_chunks = states.shape[-1]
@@ -501,7 +511,7 @@ def _backward(u, delta, A, B, C, D, z, delta_bias, states, delta_softplus, tiles
         *u.stride(), *delta.stride(), *A.stride(), *Bg.stride(), *Cg.stride(), *zt.stride(),
         *st.stride(), *dout.stride(), *du.stride(), *ddelta.stride(), *dz.stride(),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
-        CHUNK=tiles.chunk, BLOCK_D=block_d, num_warps=tiles.bwd_warps,
+        CHUNK=tiles.chunk, BLOCK_D=block_d, num_warps=tiles.train_warps,
     )  # fmt: skip
     dB, dC = dB.sum(0), dC.sum(0)
     return dict(
