@@ -810,6 +810,16 @@ def serve(
     device: str = typer.Option("auto", help="auto (a GPU if there is one), cpu or cuda[:N]."),
     dtype: str = typer.Option("auto", help="auto (bf16 on GPUs, fp32 on CPUs), bfloat16, float16, float32."),
     cuda_graphs: bool = typer.Option(True, help="Decode through CUDA graphs where the model allows it."),
+    prefix_cache_gb: float = typer.Option(
+        4.0,
+        min=0.0,
+        help="GiB of exact prefix-state snapshots kept on the model's device (after each image, prompt and "
+        "answer): a request that starts with a cached prefix prefills only the rest.",
+    ),
+    prefix_cache_host_gb: float = typer.Option(
+        0.0, min=0.0, help="GiB of host memory for snapshots evicted from the device's share (0: none)."
+    ),
+    no_prefix_cache: bool = typer.Option(False, "--no-prefix-cache", help="Turn the prefix-state cache off."),
     random_weights: bool = typer.Option(
         False, "--random-weights", help="A preset at full size with random weights (nothing downloaded)."
     ),
@@ -854,7 +864,12 @@ def serve(
             ),
         )
         engine_config = EngineConfig(
-            slots=slots, max_queue=max_queue, timeout=timeout or None, cuda_graphs=cuda_graphs
+            slots=slots,
+            max_queue=max_queue,
+            timeout=timeout or None,
+            cuda_graphs=cuda_graphs,
+            prefix_cache_gb=0.0 if no_prefix_cache else prefix_cache_gb,
+            prefix_cache_host_gb=0.0 if no_prefix_cache else prefix_cache_host_gb,
         )
         console.print(f"loading {model} ...")
         vlm = load_model(model, device, dtype, random_weights, log=console.print)

@@ -41,6 +41,28 @@ class LMState:
         idx = torch.as_tensor(index, dtype=torch.long)
         return self.map(lambda t: t.index_select(0, idx.to(t.device)))
 
+    @classmethod
+    def stack(cls, states: list[LMState]) -> LMState:
+        """The rows of several states as one batch. Attention caches of different lengths are right-padded
+        with positions marked not valid (zeros, never attended to), as a ragged prefill leaves them."""
+        if not states:
+            raise ValueError("LMState.stack needs at least one state")
+        layers = []
+        for i, first in enumerate(states[0].layers):
+            layer = {}
+            for name in first:
+                parts = [s.layers[i][name] for s in states]
+                width = [max(p.shape[d] for p in parts) for d in range(1, parts[0].dim())]
+                padded = []
+                for p in parts:
+                    pad = []
+                    for d in reversed(range(1, p.dim())):
+                        pad += [0, width[d - 1] - p.shape[d]]
+                    padded.append(torch.nn.functional.pad(p, pad) if any(pad) else p)
+                layer[name] = torch.cat(padded)
+            layers.append(layer)
+        return cls(layers, max(s.seqlen for s in states))
+
     def to(self, device) -> LMState:
         return self.map(lambda t: t.to(device))
 

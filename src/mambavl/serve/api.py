@@ -238,7 +238,7 @@ def create_app(engine: Engine, config: ServeConfig | None = None) -> FastAPI:
             return Response(status_code=499)
         if isinstance(first, Failed):
             return error(first.status, first.message)
-        reply = Reply(config.model_name, body.n, first.prompt_tokens)
+        reply = Reply(config.model_name, body.n, first.prompt_tokens, first.cached_tokens)
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(
@@ -418,10 +418,10 @@ def sse(payload: dict) -> str:
 class Reply:
     """A response being assembled from engine events."""
 
-    def __init__(self, model: str, n: int, prompt_tokens: int):
+    def __init__(self, model: str, n: int, prompt_tokens: int, cached_tokens: int = 0):
         self.id = f"chatcmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
-        self.model, self.n, self.prompt_tokens = model, n, prompt_tokens
+        self.model, self.n, self.prompt_tokens, self.cached_tokens = model, n, prompt_tokens, cached_tokens
         self.texts = [""] * n
         self.reasons: list[str | None] = [None] * n
         self.tokens = [0] * n
@@ -443,6 +443,8 @@ class Reply:
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": done,
             "total_tokens": self.prompt_tokens + done,
+            # the prompt's positions resumed from the prefix-state cache (OpenAI's field for cache hits)
+            "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
         }
 
     def _head(self, kind: str) -> dict:

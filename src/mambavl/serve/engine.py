@@ -23,10 +23,13 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
+from mambavl.engine.prefill import Prefilled, prefill, prompt_items
+from mambavl.engine.prefix_cache import CacheStats, PrefixCache, Snapshot
+from mambavl.lm.state import LMState
 from mambavl.vision.images import ImageError
 from mambavl.vlm.graphs import BUCKETS, GraphDecoder, slot_decoder
 from mambavl.vlm.model import VLM, PreparedImage, PromptIds
@@ -48,11 +51,18 @@ class EngineConfig:
     # A prompt's text is refused unread beyond the model's max_length × this many characters: tokenizing
     # costs time in proportion to the text, and no tokenizer packs this many characters into each token.
     chars_per_token: int = 32
+    # The exact prefix-state cache (engine.prefix_cache): GiB of snapshots on the model's device, and
+    # optionally in host memory for those evicted from it; 0 and 0 turn it off.
+    prefix_cache_gb: float = 4.0
+    prefix_cache_host_gb: float = 0.0
 
     def __post_init__(self):
         for name in ("slots", "max_queue", "prefill_batch", "chars_per_token"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} is invalid: it must be ≥ 1")
+        for name in ("prefix_cache_gb", "prefix_cache_host_gb"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name}={getattr(self, name)} is invalid: it must be ≥ 0 GiB")
         if self.timeout is not None and self.timeout <= 0:
             raise ValueError(f"timeout={self.timeout} is invalid: it must be > 0 seconds (or None)")
 
@@ -60,7 +70,8 @@ class EngineConfig:
 # ---- what a request hears back (from the engine's thread) -------------------------------------------------
 @dataclass(frozen=True)
 class Started:
-    prompt_tokens: int  # positions prefilled: image tokens + prompt tokens
+    prompt_tokens: int  # the prompt's positions: image tokens + prompt tokens
+    cached_tokens: int = 0  # of which resumed from the prefix-state cache instead of prefilled
 
 
 @dataclass(frozen=True)
@@ -118,6 +129,9 @@ class _Sequence:
     prompt_ids: list[int]
     generator: torch.Generator | None
     ids: list[int] = field(default_factory=list)
+    items: list = field(default_factory=list)  # the prompt as prefix-cache items
+    positions: int = 0  # the prompt's positions (image + tokens)
+    ended_by_eos: bool = False
     sent: str = ""  # text already emitted
     token: int = 0  # the last token chosen: the next step's input
     finished: bool = False
@@ -143,6 +157,13 @@ class Engine:
         self.config = config or EngineConfig()
         self.metrics = metrics  # a serve.metrics.Metrics, or None
         self.decoder = slot_decoder(vlm.lm, self.config.slots, self.config.cuda_graphs)
+        gib = 2**30
+        self.cache = (
+            PrefixCache(int(self.config.prefix_cache_gb * gib), int(self.config.prefix_cache_host_gb * gib))
+            if self.config.prefix_cache_gb > 0 or self.config.prefix_cache_host_gb > 0
+            else None
+        )
+        self._cache_seen = CacheStats()  # the cache's counters as last reported to the metrics
         self._tok = vlm.tokenizer
         self._eos = self._tok.eos_token_id
         self._rows: list[_Sequence] = []  # row i decodes in slot i; live rows are always the first ones
@@ -416,9 +437,9 @@ class Engine:
     def _prefill(self, batch: list[Request]) -> None:
         started = time.monotonic()
         try:
-            state, logits, packed, prompt_ids = self.vlm.prefill_prompts(
-                [r.image for r in batch], [r.tokens for r in batch]
-            )
+            images = [None if r.image is None else self.vlm.preprocess(r.image) for r in batch]
+            out = prefill(self.vlm, images, [r.tokens for r in batch], self.cache)
+            items = [prompt_items(self.vlm, im, r.tokens)[0] for im, r in zip(images, batch, strict=True)]
         except Exception as e:
             if len(batch) > 1:  # find the request at fault: prefill them one by one
                 for request in batch:
@@ -431,24 +452,27 @@ class Engine:
             return
         if self.metrics is not None:
             self.metrics.prefill_seconds.observe(time.monotonic() - started)
-        self._start(batch, state, logits, packed.lengths.tolist(), prompt_ids)
+        self._cache_metrics()
+        self._start(batch, out, items)
 
-    def _start(self, batch: list[Request], state, logits: torch.Tensor, lengths: list, prompt_ids) -> None:
+    def _start(self, batch: list[Request], out: Prefilled, items: list[list]) -> None:
         """Prefilled requests take their slots and choose their first tokens."""
         new: list[_Sequence] = []
         rows: list[int] = []
         for j, request in enumerate(batch):
             try:
                 seqs = [
-                    _Sequence(request, index, prompt_ids[j], self._generator(request, index))
+                    _Sequence(request, index, out.prompt_ids[j], self._generator(request, index))
                     for index in range(request.n)
                 ]
             except Exception as e:
                 self._end(request, "seeding", e)
                 continue
-            self._emit(request, Started(int(lengths[j])))
+            for seq in seqs:
+                seq.items, seq.positions = items[j], out.positions[j]
+            self._emit(request, Started(out.positions[j], out.cached[j]))
             if self.metrics is not None:
-                self.metrics.prompt_tokens.inc(int(lengths[j]))
+                self.metrics.prompt_tokens.inc(out.positions[j] - out.cached[j])
                 self.metrics.time_to_first_token.observe(time.monotonic() - request.submitted)
             request.unfinished = request.n
             new.extend(seqs)
@@ -458,14 +482,16 @@ class Engine:
         first = len(self._rows)
         self._rows.extend(new)
         try:
-            self.decoder.load(state.select(rows), list(range(first, first + len(new))))
+            state = LMState.stack([out.states[j] for j in rows])
+            self.decoder.load(state, list(range(first, first + len(new))))
         except Exception as e:  # shared by the batch: each of its requests fails, the live ones go on
             for request in dict.fromkeys(s.request for s in new):
                 self._end(request, "loading the prefilled state", e)
             self._retire()
             return
-        chosen = self._choose(logits[torch.as_tensor(rows, device=logits.device)], new)
-        self._advance(new, chosen)
+        logits = out.logits[torch.as_tensor(rows, device=out.logits.device)]
+        chosen = self._choose(logits, new)
+        self._advance(new, chosen, logits)
         self._retire()
 
     def _generator(self, request: Request, index: int) -> torch.Generator | None:
@@ -490,7 +516,7 @@ class Engine:
         if self.metrics is not None:
             self.metrics.step_seconds.observe(time.monotonic() - started)
             self.metrics.batch_size.observe(len(self._rows))
-        self._advance(list(self._rows), chosen)
+        self._advance(list(self._rows), chosen, logits)
         self._retire()
 
     def _choose(self, logits: torch.Tensor, seqs: list[_Sequence]) -> list[int | None]:
@@ -525,19 +551,40 @@ class Engine:
             self._end(s.request, "sampling", e)
             return None
 
-    def _advance(self, seqs: list[_Sequence], chosen: list[int | None]) -> None:
-        for s, token in zip(seqs, chosen, strict=True):
+    def _advance(self, seqs: list[_Sequence], chosen: list[int | None], logits: torch.Tensor) -> None:
+        """Appends each row's chosen token (`logits`: the rows' logits it was chosen from)."""
+        for i, (s, token) in enumerate(zip(seqs, chosen, strict=True)):
             if s.finished or token is None:
                 continue
             try:
-                self._advance_one(s, token)
+                ended = self._advance_one(s, token)
             except Exception as e:
                 self._end(s.request, "detokenizing", e)
+                continue
+            if ended:
+                self._keep_answer(s, logits[i])
 
-    def _advance_one(self, s: _Sequence, token: int) -> None:
-        if token == self._eos:
-            self._finish(s, "stop", _shown(self._tok.decode(s.ids)))
+    def _keep_answer(self, s: _Sequence, logits: torch.Tensor) -> None:
+        """Keeps the state at the end of a finished answer in the prefix cache: the prompt and the tokens
+        fed so far (the last one chosen is not fed unless it is the end of text, which is never fed).
+        A conversation's next turn starts there."""
+        if self.cache is None:
             return
+        fed = s.ids if s.ended_by_eos else s.ids[:-1]
+        try:
+            state = self.decoder.read([self._rows.index(s)])
+            snapshot = Snapshot(state, logits.float().clone(), s.positions + len(fed))
+            self.cache.insert([*s.items, *fed], snapshot)
+        except Exception:  # the cache is an optimisation: a failure to keep a snapshot is logged, not fatal
+            log.exception("could not keep a finished answer's state")
+        self._cache_metrics()
+
+    def _advance_one(self, s: _Sequence, token: int) -> bool:
+        """Appends `token` to the sequence; True when that ended it."""
+        if token == self._eos:
+            s.ended_by_eos = True
+            self._finish(s, "stop", _shown(self._tok.decode(s.ids)))
+            return True
         s.ids.append(token)
         s.token = token
         if self.metrics is not None:
@@ -550,6 +597,8 @@ class Engine:
             self._finish(s, "length", text)
         else:
             self._send(s, text[: _safe_length(text, s.params.stop)])
+            return False
+        return True
 
     def _send(self, s: _Sequence, text: str) -> None:
         if len(text) > len(s.sent) and text.startswith(s.sent):
@@ -576,6 +625,21 @@ class Engine:
                     self.decoder.move(last, i)
                     self._rows[i] = self._rows[last]
                 self._rows.pop()
+
+    def _cache_metrics(self) -> None:
+        """Brings the prefix cache's Prometheus series up to date with its counters."""
+        if self.cache is None or self.metrics is None:
+            return
+        now, seen = self.cache.stats, self._cache_seen
+        m = self.metrics
+        m.prefix_cache_hits.inc(now.hits - seen.hits)
+        m.prefix_cache_lookups.inc(now.lookups - seen.lookups)
+        m.prefix_cache_hit_tokens.inc(now.hit_positions - seen.hit_positions)
+        m.prefix_cache_evictions.inc(now.evictions - seen.evictions)
+        m.prefix_cache_bytes.labels(tier="device").set(now.bytes_device)
+        m.prefix_cache_bytes.labels(tier="host").set(now.bytes_host)
+        m.prefix_cache_entries.set(now.entries)
+        self._cache_seen = replace(now)
 
     def _count(self, outcome: str) -> None:
         if self.metrics is not None:

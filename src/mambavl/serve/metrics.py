@@ -68,5 +68,29 @@ class Metrics:
             registry=r,
         )
 
+        self.prefix_cache_lookups = Counter(
+            "mambavl_prefix_cache_lookups", "Prompts looked up in the prefix-state cache", registry=r
+        )
+        self.prefix_cache_hits = Counter(
+            "mambavl_prefix_cache_hits", "Prompts resumed from a cached prefix state", registry=r
+        )
+        self.prefix_cache_hit_tokens = Counter(
+            "mambavl_prefix_cache_hit_tokens",
+            "Prompt positions resumed from the cache, not prefilled",
+            registry=r,
+        )
+        self.prefix_cache_evictions = Counter(
+            "mambavl_prefix_cache_evictions",
+            "Snapshots dropped from the prefix cache for its budget",
+            registry=r,
+        )
+        self.prefix_cache_bytes = Gauge(
+            "mambavl_prefix_cache_bytes",
+            "Bytes of snapshots held, by tier (device, host)",
+            ["tier"],
+            registry=r,
+        )
+        self.prefix_cache_entries = Gauge("mambavl_prefix_cache_entries", "Snapshots held", registry=r)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -101,6 +101,10 @@ class RowDecoder:
     def move(self, source: int, target: int) -> None:
         self.states[target], self.states[source] = self.states[source], None
 
+    def read(self, slots: list[int]) -> LMState:
+        """A copy of the state of some slots."""
+        return LMState.stack([self.states[slot].clone() for slot in slots])
+
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         rows = []
         for b in range(tokens.shape[0]):

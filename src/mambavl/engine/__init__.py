@@ -1,0 +1,1 @@
+"""The inference engine: prefill (resuming from the prefix-state cache) and the cache itself."""
