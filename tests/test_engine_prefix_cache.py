@@ -15,6 +15,11 @@ import mambavl
 from mambavl.engine.prefill import prefill, prompt_items
 from mambavl.engine.prefix_cache import PrefixCache, Snapshot
 from mambavl.lm.state import LMState
+from mambavl.serve.engine import Engine, EngineConfig, Finished, Request, Started
+from mambavl.serve.metrics import Metrics
+from mambavl.vlm.model import PromptIds
+from mambavl.vlm.sampling import SamplingParams
+from serving import collect, drive, texts
 
 TOL = dict(rtol=1e-4, atol=1e-4)
 
@@ -39,10 +44,15 @@ def _prompt(vlm, text, image=True):
 def _inputs(vlm, rows):
     """(prepared images, tokenized prompts) for rows of (PIL image or None, text)."""
     images = [None if im is None else vlm.preprocess(im) for im, _ in rows]
-    prompts = [
-        vlm.encode_prompt(_prompt(vlm, text, im is not None), im is not None) for im, text in rows
-    ]
+    prompts = [vlm.encode_prompt(_prompt(vlm, text, im is not None), im is not None) for im, text in rows]
     return images, prompts
+
+
+def _extend(prompt: PromptIds, ids: list[int]) -> PromptIds:
+    """The prompt with more token ids at its end."""
+    if prompt.after:
+        return PromptIds(prompt.before, [*prompt.after, *ids])
+    return PromptIds([*prompt.before, *ids])
 
 
 def _assert_same_state(got: LMState, want: LMState):
@@ -50,7 +60,7 @@ def _assert_same_state(got: LMState, want: LMState):
         for name in theirs:
             a, b = mine[name], theirs[name]
             if name in ("k", "v", "valid"):  # attention: compare the real positions only
-                keep = (mine["valid"][0] if name != "valid" else None)
+                keep = mine["valid"][0] if name != "valid" else None
                 if name == "valid":
                     assert a[0][a[0]].numel() == b[0][b[0]].numel()
                     continue
@@ -88,9 +98,7 @@ def test_resumed_prompts_equal_whole_prefill(vlm):
     # longer prompts sharing those prefixes exactly (token ids), a new question about a cached image,
     # and a new image
     ext = [
-        prompts[0].__class__(prompts[0].before + [5, 6, 7], prompts[0].after)
-        if not prompts[0].after
-        else prompts[0].__class__(prompts[0].before, prompts[0].after + [5, 6, 7]),
+        _extend(prompts[0], [5, 6, 7]),
         _inputs(vlm, [(BLUE, "Another question entirely")])[1][0],
         _inputs(vlm, [(Image.new("RGB", (30, 50), (10, 90, 201)), "Describe it.")])[1][0],
     ]
@@ -132,7 +140,7 @@ def test_too_long_after_a_hit_is_refused(vlm):
     images, prompts = _inputs(vlm, [(RED, "What?")])
     prefill(vlm, images, prompts, cache)
     p = prompts[0]
-    long = p.__class__(p.before + [3] * vlm.config.max_length, p.after)
+    long = _extend(p, [3] * vlm.config.max_length)
     with pytest.raises(ValueError, match="shorten the prompt"):
         prefill(vlm, images, [long], cache)
 
@@ -189,8 +197,8 @@ def test_budgets_hold_under_any_sequence(ops, device_slots, host_slots):
             hit = cache.lookup(items)
             if hit is not None:
                 assert 1 <= hit[0] <= len(items)
-        dev = sum(s.nbytes for s in cache._device.values())
-        host = sum(s.nbytes for s in cache._host.values())
+        dev = sum(e.snapshot.nbytes for e in cache._device.values())
+        host = sum(e.snapshot.nbytes for e in cache._host.values())
         assert cache.stats.bytes_device == dev <= cache.budget_bytes
         assert cache.stats.bytes_host == host <= cache.host_budget_bytes
         assert cache.stats.entries == len(cache)
@@ -199,10 +207,6 @@ def test_budgets_hold_under_any_sequence(ops, device_slots, host_slots):
 # ---- through the serving engine ------------------------------------------------------------------------
 def _round(engine, vlm, rows, **params):
     """Queues rows of (image, prompt text), runs them to the end; (answers, Started events)."""
-    from serving import collect, drive, texts
-
-    from mambavl.serve.engine import Started
-
     jobs = [collect(engine, image, prompt, **params) for image, prompt in rows]
     drive(engine)
     started = [next(e for e in events if isinstance(e, Started)) for _, events in jobs]
@@ -212,9 +216,6 @@ def _round(engine, vlm, rows, **params):
 def test_engine_answers_equal_with_the_cache_on_and_off(vlm):
     """Greedy answers with the cache on equal those with it off, on first sight and when resumed (whole
     prompt, after the image, after a previous answer); cached_tokens counts exactly what was resumed."""
-    from mambavl.serve.engine import Engine, EngineConfig
-    from mambavl.serve.metrics import Metrics
-
     params = dict(max_new_tokens=6, do_sample=False)
     rows = [(RED, _prompt(vlm, "What is in the image?")), (BLUE, _prompt(vlm, "Describe it."))]
     off = Engine(vlm, EngineConfig(slots=4, prefix_cache_gb=0))
@@ -232,7 +233,7 @@ def test_engine_answers_equal_with_the_cache_on_and_off(vlm):
     got, started = _round(on, vlm, new, **params)
     assert got == _round(off, vlm, new, **params)[0]
     images, prompts = _inputs(vlm, [(BLUE, "And now a different question?")])
-    items, at = prompt_items(vlm, images[0], prompts[0])
+    _, at = prompt_items(vlm, images[0], prompts[0])
     assert started[0].cached_tokens == vlm.image_positions(images[0]) + at
     # the next turn of a conversation resumes at least from the end of the previous prompt
     pb = vlm.get_prompt_builder()
@@ -252,22 +253,18 @@ def test_engine_answers_equal_with_the_cache_on_and_off(vlm):
 def test_a_cached_answer_resumes_the_next_turn_exactly(vlm):
     """The state kept at the end of an answer is the prompt + the answer's tokens fed so far: a prompt that
     is exactly those ids resumes from it whole and continues as prefilling it would."""
-    from mambavl.serve.engine import Engine, EngineConfig, Finished
-
     engine = Engine(vlm, EngineConfig(slots=2))
     images, prompts = _inputs(vlm, [(RED, "What is in the image?")])
     _, events = _round_tokens(engine, images[0], prompts[0])
-    answer = engine.cache  # the answer's snapshot is keyed by the prompt's items + the fed ids
     finished = next(e for e in events if isinstance(e, Finished))
     assert finished.tokens == 5
     items, _ = prompt_items(vlm, images[0], prompts[0])
-    keys = [k for k in answer._device if len(k) > len(items)]
+    # the answer's snapshot is keyed by the prompt's items + the fed ids
+    keys = [e.items for e in engine.cache._device.values() if len(e.items) > len(items)]
     assert len(keys) == 1 and keys[0][: len(items)] == tuple(items)
     fed = list(keys[0][len(items) :])
     assert len(fed) == 4  # five tokens chosen by length, the last one never fed
-    longer = prompts[0].__class__(prompts[0].before + fed, prompts[0].after) if not prompts[0].after else (
-        prompts[0].__class__(prompts[0].before, prompts[0].after + fed)
-    )
+    longer = _extend(prompts[0], fed)
     resumed = prefill(vlm, images, [longer], engine.cache)
     whole = prefill(vlm, images, [longer], None)
     assert resumed.cached[0] == whole.positions[0]
@@ -276,11 +273,6 @@ def test_a_cached_answer_resumes_the_next_turn_exactly(vlm):
 
 
 def _round_tokens(engine, image, tokens):
-    from serving import drive
-
-    from mambavl.serve.engine import Request
-    from mambavl.vlm.sampling import SamplingParams
-
     events: list = []
     request = Request(image, "", SamplingParams(max_new_tokens=5, min_length=5), events.append)
     request.tokens = tokens
