@@ -208,10 +208,11 @@ def test_mamba1_mixer_trains_the_same_under_triton(monkeypatch):
 @pytest.mark.parametrize(("groups", "dtype"), [(None, torch.bfloat16), (2, torch.float32)])
 def test_selective_scan_gradients_default_tiles(monkeypatch, dtype, groups):
     """The launch parameters the GPU runs (`ScanTiles()`): two chunks of the default length, the last one
-    ragged; with groups, 5 channels a group, so the backward's blocks shrink to one channel."""
+    ragged; without groups, three programs of the default channels each; with groups, 5 channels a group,
+    so the training programs shrink to one channel."""
     tiles = ScanTiles()
     monkeypatch.setattr(kernel, "DEFAULT_TILES", tiles)
-    inputs = _inputs(1, 6 if groups is None else 5 * groups, 16, tiles.chunk + 37, groups, dtype)
+    inputs = _inputs(1, 12 if groups is None else 5 * groups, 16, tiles.chunk + 37, groups, dtype)
     _compare(inputs, FP32 if dtype == torch.float32 else BF16, softplus=True)
 
 

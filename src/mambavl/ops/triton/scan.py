@@ -61,9 +61,9 @@ class ScanTiles:
     block_d: int = 2
     num_warps: int = 1
     chunk: int = 128
-    train_block_d: int = 2
+    train_block_d: int = 4
     train_warps: int = 1
-    bwd_slots: int = 16
+    bwd_slots: int = 1
 
     def __post_init__(self):
         for name in ("block_t", "chunk", "block_d", "train_block_d"):
