@@ -27,7 +27,7 @@ def drive(engine: Engine, limit: int = 10_000) -> None:
         for _ in range(limit):
             engine._drop_ended()
             engine._admit()
-            if not engine._rows and not engine._waiting:
+            if not engine._rows and not engine._waiting and not engine._jobs:
                 return
             if engine._rows:
                 engine._step_or_fail()

@@ -279,3 +279,26 @@ def _round_tokens(engine, image, tokens):
     engine._waiting.append(request)
     drive(engine)
     return request, events
+
+
+def test_prefill_in_small_steps_equals_at_once(vlm):
+    """A job advanced 5 positions a step (rows in turn, pieces cut at the snapshot boundaries) ends in the
+    states and logits of prefilling at once, and keeps the same snapshots."""
+    from mambavl.engine.prefill import PrefillJob
+
+    rows = [(RED, "What is in the image? " * 3), (None, "A text-only row"), (BLUE, "Hi")]
+    images, prompts = _inputs(vlm, rows)
+    whole = prefill(vlm, images, prompts, None)
+    cache = PrefixCache(budget_bytes=1 << 30)
+    job = PrefillJob(vlm, images, prompts, cache)
+    steps = 0
+    while not job.done:
+        assert 0 < job.step(5) <= 5
+        steps += 1
+    assert steps >= sum(whole.positions) // 5
+    out = job.result()
+    assert out.positions == whole.positions and out.prompt_ids == whole.prompt_ids
+    torch.testing.assert_close(out.logits, whole.logits, **TOL)
+    for b in range(3):
+        _assert_same_state(out.states[b], whole.states[b])
+    assert len(cache) == 5  # after each image and at each prompt's end

@@ -73,7 +73,7 @@ def test_engine_thread_serves_concurrent_callers(demo):
         for t in threads:
             t.join()
         assert results == [vlm.generate(*questions[i], max_new_tokens=6) for i in range(8)]
-        assert engine.stats() == {"slots": 3, "active": 0, "queued": 0}
+        assert engine.stats() == {"slots": 3, "active": 0, "prefilling": 0, "queued": 0}
     finally:
         engine.stop()
 
@@ -310,7 +310,7 @@ def test_the_supervisor_restarts_a_dead_engine_loop(demo):
         assert engine.generate(*questions[1], max_new_tokens=6) == vlm.generate(
             *questions[1], max_new_tokens=6
         )
-        assert engine.stats() == {"slots": 2, "active": 0, "queued": 0}
+        assert engine.stats() == {"slots": 2, "active": 0, "prefilling": 0, "queued": 0}
     finally:
         engine.stop()
 
@@ -408,3 +408,32 @@ def test_tokenizing_a_long_prompt_lets_the_engine_decode(demo):
     finally:
         engine.stop()
     thread.join(timeout=30)
+
+
+def test_streams_go_on_while_a_long_prompt_is_prefilled(demo):
+    """With a small prefill budget a long prompt is prefilled over many engine steps, a live stream gets a
+    token at each of them, and both answers equal those of a quiet engine (`generate`)."""
+    vlm, questions = demo
+    engine = Engine(vlm, EngineConfig(slots=4, prefill_tokens=8))
+    image, prompt = questions[0]
+    builder = vlm.get_prompt_builder()
+    builder.add_turn("human", "Describe every detail of the picture, please. " * 4)
+    long_prompt = builder.get_prompt()
+    _, live_events = collect(engine, image, prompt, max_new_tokens=60, min_length=60)
+    with torch.inference_mode():
+        engine._admit()
+        while not engine._rows:
+            engine._admit()
+        _, late_events = collect(engine, None, long_prompt, max_new_tokens=5)
+        steps, tokens_meanwhile = 0, 0
+        while not any(isinstance(e, Started) for e in late_events):
+            before = len(live_events)
+            engine._admit()
+            engine._step_or_fail()
+            tokens_meanwhile += len(live_events) > before
+            steps += 1
+    assert steps >= len(vlm.tokenizer.encode(long_prompt)) // 8
+    assert tokens_meanwhile >= steps - 1  # every step but the last prefill's gave the live stream a token
+    drive(engine)
+    assert texts(live_events)[0] == vlm.generate(image, prompt, max_new_tokens=60, min_length=60)
+    assert texts(late_events)[0] == vlm.generate(None, long_prompt, max_new_tokens=5)

@@ -106,6 +106,7 @@ def test_64_streaming_clients_with_faults(demo_model_dir, bodies):
             "model": "test-model",
             "slots": 16,
             "active": 0,
+            "prefilling": 0,
             "queued": 0,
         }
         metrics = httpx.get(url + "/metrics").text

@@ -1,17 +1,20 @@
-"""Prefill that resumes from the prefix-state cache.
+"""Prefill that resumes from the prefix-state cache, and advances a budget of positions at a time.
 
 Each row's prompt is a sequence of items (token ids, and its image as one item where it goes). The row
-resumes from the longest cached prefix of that sequence and prefills only the rest, in two phases that
-batch across rows: first up to and including the image (where the image is not cached), whose state is
-then kept as a snapshot (every later question about the same image starts there), then to the end of the
-prompt, kept as well (a repeated or extended prompt starts there). Rows start from different states and
-lengths; the LM's ragged prefill makes padding exact identity steps, so batching never changes a row's
+resumes from the longest cached prefix of that sequence and prefills only the rest. Where the image is not
+cached, the state just after it is kept as a snapshot (every later question about the same image starts
+there), and so is the state at the end of the prompt (a repeated or extended prompt starts there).
+
+A `PrefillJob` does the work in steps of at most `budget` positions over all its rows (first come, first
+served), so that a scheduler can interleave long prompts with decode steps and no stream waits for a whole
+prefill; a step never crosses a snapshot boundary. Rows start from different states and lengths; the LM's
+ragged prefill makes padding exact identity steps, so neither batching nor the step size changes a row's
 result, and a resumed row's state equals the state of prefilling it whole.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -43,100 +46,153 @@ def prompt_items(vlm: VLM, image: PreparedImage | None, tokens: PromptIds) -> tu
 
 
 @dataclass
-class _Row:
+class PrefillRow:
+    """One prompt being prefilled: its state so far, and the embeddings still to feed."""
+
     items: list[Item]
-    image_at: int | None
-    start: int  # items already in the state (from the cache)
+    prompt_ids: list[int]
     state: LMState
-    logits: torch.Tensor | None  # after `start` items (None: nothing consumed yet)
-    positions: int  # positions consumed so far
-    cached: int  # of which from the cache
+    logits: torch.Tensor | None  # next-token logits after what the state holds (None: nothing yet)
+    positions: int  # positions the state holds
+    cached: int  # of which resumed from the cache
+    pending: torch.Tensor  # [T, d_model] the rest of the prompt's embeddings
+    # (offset into `pending`, items covered there) where a snapshot is kept; the last one is the prompt's end
+    boundaries: list[tuple[int, int]] = field(default_factory=list)
+    fed: int = 0  # positions of `pending` fed so far
+
+    @property
+    def done(self) -> bool:
+        return self.fed == self.pending.shape[0]
+
+
+class PrefillJob:
+    """Rows of (prepared image or None, tokenized prompt) to prefill: built at once (cache lookups, the
+    towers for images not cached, length checks), then advanced by `step`."""
+
+    def __init__(
+        self,
+        vlm: VLM,
+        images: list[PreparedImage | None],
+        prompts: list[PromptIds],
+        cache: PrefixCache | None,
+    ):
+        if len(images) != len(prompts):
+            raise ValueError("prefill needs one image (or None) per prompt")
+        self.vlm, self.cache = vlm, cache
+        plans = []
+        for image, tokens in zip(images, prompts, strict=True):
+            items, image_at = prompt_items(vlm, image, tokens)
+            if not items:
+                raise ValueError("a prompt is empty and has no image: there is nothing to continue from")
+            hit = cache.lookup(items, vlm.device) if cache is not None else None
+            plans.append((items, image_at, hit))
+        # the towers run for images the cache does not cover (a hit of n items holds the image if n > at)
+        encode = [
+            j for j, (_, at, hit) in enumerate(plans) if at is not None and (hit is None or hit[0] <= at)
+        ]
+        encoded = vlm.image_embeddings([images[j] for j in encode]) if encode else []
+        embeddings = dict(zip(encode, encoded, strict=True))
+        self.rows = [
+            self._row(items, image_at, hit, embeddings.get(j), list(tokens.ids))
+            for j, ((items, image_at, hit), tokens) in enumerate(zip(plans, prompts, strict=True))
+        ]
+
+    def _row(self, items, image_at, hit, image: torch.Tensor | None, prompt_ids) -> PrefillRow:
+        vlm = self.vlm
+        if hit is None:
+            start, state, logits, positions = 0, vlm.lm.new_state(1), None, 0
+        else:
+            start, snap = hit
+            state, logits, positions = snap.state.clone(), snap.logits.clone(), snap.positions
+        parts, run, boundaries, offset = [], [], [], 0
+        for i in range(start, len(items)):
+            if i == image_at:
+                parts.append(("ids", run))
+                parts.append(("image", image.to(vlm.device)))
+                offset += len(run) + image.shape[0]
+                run = []
+                if self.cache is not None and i + 1 < len(items):
+                    boundaries.append((offset, i + 1))  # the state just after the image
+            else:
+                run.append(items[i])
+        parts.append(("ids", run))
+        pending = torch.cat([self._embed(kind, value) for kind, value in parts])
+        boundaries.append((pending.shape[0], len(items)))
+        total = positions + pending.shape[0]
+        if total > vlm.config.max_length:
+            raise ValueError(
+                f"the input is {total} positions (image + prompt) but {vlm.config.name} takes at most "
+                f"{vlm.config.max_length}; shorten the prompt"
+            )
+        row = PrefillRow(items, prompt_ids, state, logits, positions, positions, pending, boundaries)
+        return row
+
+    def _embed(self, kind: str, value) -> torch.Tensor:
+        lm = self.vlm.lm
+        if kind == "image":
+            return value.to(lm.dtype)
+        ids = torch.tensor([value], dtype=torch.long, device=self.vlm.device)
+        return lm.embed(ids)[0] if value else lm.embedding.weight.new_zeros(0, lm.config.d_model)
+
+    @property
+    def done(self) -> bool:
+        return all(r.done for r in self.rows)
+
+    def step(self, budget: int | None = None) -> int:
+        """Feeds up to `budget` positions (None: every row to its next snapshot boundary) over the rows
+        that are not done, first rows first, in one batch; keeps the snapshots reached. Returns the
+        positions fed."""
+        left = budget if budget is not None else float("inf")
+        pieces: list[tuple[PrefillRow, int]] = []
+        for row in self.rows:
+            if row.done:
+                continue
+            if left <= 0:
+                break
+            boundary = next(offset for offset, _ in row.boundaries if offset > row.fed)
+            n = int(min(boundary - row.fed, left))
+            pieces.append((row, n))
+            left -= n
+        if not pieces:
+            return 0
+        vlm = self.vlm
+        lengths = torch.tensor([n for _, n in pieces], device=vlm.device)
+        embeds = torch.nn.utils.rnn.pad_sequence(
+            [row.pending[row.fed : row.fed + n] for row, n in pieces], batch_first=True
+        )
+        state = LMState.stack([row.state for row, _ in pieces])
+        hidden = vlm.prefill(embeds, lengths, state)
+        logits = vlm.lm.lm_head(hidden).float()
+        for b, (row, n) in enumerate(pieces):
+            row.state = state.select([b]) if len(pieces) > 1 else state
+            row.logits = logits[b]
+            row.fed += n
+            row.positions += n
+            reached = [items for offset, items in row.boundaries if offset == row.fed]
+            if reached and self.cache is not None:
+                snapshot = Snapshot(row.state.clone(), row.logits.clone(), row.positions)
+                self.cache.insert(row.items[: reached[0]], snapshot)
+        return int(lengths.sum())
+
+    def result(self) -> Prefilled:
+        """Every row's outcome (all rows must be done)."""
+        if not self.done:
+            raise RuntimeError("the prefill job has rows left: call step() until done")
+        return Prefilled(
+            states=[r.state for r in self.rows],
+            logits=torch.stack([r.logits for r in self.rows]),
+            positions=[r.positions for r in self.rows],
+            cached=[r.cached for r in self.rows],
+            prompt_ids=[r.prompt_ids for r in self.rows],
+        )
 
 
 def prefill(
     vlm: VLM, images: list[PreparedImage | None], prompts: list[PromptIds], cache: PrefixCache | None
 ) -> Prefilled:
-    """Prefills rows of (prepared image or None, tokenized prompt), resuming each from `cache` (None: no
-    cache) and keeping its new boundaries there."""
-    if len(images) != len(prompts):
-        raise ValueError("prefill needs one image (or None) per prompt")
-    device = vlm.device
-    rows: list[_Row] = []
-    for image, tokens in zip(images, prompts, strict=True):
-        items, image_at = prompt_items(vlm, image, tokens)
-        if not items:
-            raise ValueError("a prompt is empty and has no image: there is nothing to continue from")
-        hit = cache.lookup(items, device) if cache is not None else None
-        if hit is None:
-            rows.append(_Row(items, image_at, 0, vlm.lm.new_state(1), None, 0, 0))
-        else:
-            n, snap = hit
-            state = snap.state.clone()  # the cache keeps its copy untouched
-            rows.append(_Row(items, image_at, n, state, snap.logits.clone(), snap.positions, snap.positions))
-    with_image = [j for j, r in enumerate(rows) if r.image_at is not None and r.start <= r.image_at]
-    encoded = vlm.image_embeddings([images[j] for j in with_image]) if with_image else []
-    embeddings = dict(zip(with_image, encoded, strict=True))
-    for j, r in enumerate(rows):
-        rest = len(r.items) - r.start + (embeddings[j].shape[0] - 1 if j in embeddings else 0)
-        if r.positions + rest > vlm.config.max_length:
-            raise ValueError(
-                f"the input is {r.positions + rest} positions (image + prompt) but {vlm.config.name} takes "
-                f"at most {vlm.config.max_length}; shorten the prompt"
-            )
-    if cache is not None and with_image:  # phase 1: through the image, kept as a snapshot
-        first = [rows[j] for j in with_image]
-        _advance(vlm, first, [r.image_at + 1 for r in first], [embeddings[j] for j in with_image])
-        for r in first:
-            cache.insert(r.items[: r.start], Snapshot(r.state.clone(), r.logits.clone(), r.positions))
-    # phase 2: to the end of every prompt
-    todo = [j for j, r in enumerate(rows) if r.start < len(r.items)]
-    if todo:
-        rest = [rows[j] for j in todo]
-        _advance(vlm, rest, [len(r.items) for r in rest], [embeddings.get(j) for j in todo])
-        if cache is not None:
-            for r in rest:
-                cache.insert(r.items, Snapshot(r.state.clone(), r.logits.clone(), r.positions))
-    return Prefilled(
-        states=[r.state for r in rows],
-        logits=torch.stack([r.logits for r in rows]),
-        positions=[r.positions for r in rows],
-        cached=[r.cached for r in rows],
-        prompt_ids=[list(t.ids) for t in prompts],
-    )
-
-
-def _embed(vlm: VLM, row: _Row, end: int, image: torch.Tensor | None) -> torch.Tensor:
-    """The embeddings of row.items[row.start:end] [T, d_model] (the image's where its item is)."""
-    parts, run = [], []
-
-    def flush():
-        if run:
-            ids = torch.tensor([run], dtype=torch.long, device=vlm.device)
-            parts.append(vlm.lm.embed(ids)[0])
-            run.clear()
-
-    for i in range(row.start, end):
-        if i == row.image_at:
-            flush()
-            parts.append(image.to(vlm.device))
-        else:
-            run.append(row.items[i])
-    flush()
-    dtype = parts[0].dtype if len(parts) == 1 else vlm.lm.dtype
-    return torch.cat([p.to(dtype) for p in parts])
-
-
-def _advance(vlm: VLM, rows: list[_Row], ends: list[int], images: list[torch.Tensor | None]) -> None:
-    """Feeds each row its items up to `end` (the image's embedding where its item is), from the row's
-    state, all rows in one right-padded batch."""
-    embeds = [_embed(vlm, r, end, image) for r, end, image in zip(rows, ends, images, strict=True)]
-    lengths = torch.tensor([e.shape[0] for e in embeds], device=vlm.device)
-    batch = torch.nn.utils.rnn.pad_sequence(embeds, batch_first=True)
-    state = LMState.stack([r.state for r in rows])
-    hidden = vlm.prefill(batch, lengths, state)
-    logits = vlm.lm.lm_head(hidden).float()
-    for b, (r, end) in enumerate(zip(rows, ends, strict=True)):
-        r.state = state.select([b])
-        r.logits = logits[b]
-        r.positions += int(lengths[b])
-        r.start = end
+    """Prefills rows of (prepared image or None, tokenized prompt) to their ends at once, resuming each
+    from `cache` (None: no cache) and keeping its new boundaries there."""
+    job = PrefillJob(vlm, images, prompts, cache)
+    while not job.done:
+        job.step()
+    return job.result()

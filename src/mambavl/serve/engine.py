@@ -27,7 +27,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from mambavl.engine.prefill import Prefilled, prefill, prompt_items
+from mambavl.engine.prefill import Prefilled, PrefillJob
 from mambavl.engine.prefix_cache import CacheStats, PrefixCache, Snapshot
 from mambavl.lm.state import LMState
 from mambavl.vision.images import ImageError
@@ -43,6 +43,10 @@ class EngineConfig:
     slots: int = 64  # sequences decoded together; each holds one fixed-size recurrent state
     max_queue: int = 1024  # requests waiting for a slot before new ones are refused
     prefill_batch: int = 16  # waiting requests prefilled together in one batch
+    # Prompt positions prefilled per engine step, beside one decode step of the live sequences: a long
+    # prompt or a batch of images is prefilled over several steps while the streams go on (None: each
+    # admitted batch at once, the streams waiting meanwhile).
+    prefill_tokens: int | None = 2048
     timeout: float | None = 600.0  # seconds from submission to the last token (None: no limit)
     cuda_graphs: bool = True  # decode through CUDA graphs where the model allows it
     # The interpreter's thread switch interval while the engine runs (Python's default is 5 ms): after
@@ -60,6 +64,8 @@ class EngineConfig:
         for name in ("slots", "max_queue", "prefill_batch", "chars_per_token"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} is invalid: it must be ≥ 1")
+        if self.prefill_tokens is not None and self.prefill_tokens < 1:
+            raise ValueError(f"prefill_tokens={self.prefill_tokens} is invalid: it must be ≥ 1 (or None)")
         for name in ("prefix_cache_gb", "prefix_cache_host_gb"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name}={getattr(self, name)} is invalid: it must be ≥ 0 GiB")
@@ -121,6 +127,15 @@ class Request:
 
 
 @dataclass(eq=False)
+class _Job:
+    """Requests admitted together and being prefilled."""
+
+    job: PrefillJob
+    requests: list[Request]
+    opened: float
+
+
+@dataclass(eq=False)
 class _Sequence:
     """One choice of a request, living in a slot (its row in the decoder)."""
 
@@ -168,6 +183,7 @@ class Engine:
         self._eos = self._tok.eos_token_id
         self._rows: list[_Sequence] = []  # row i decodes in slot i; live rows are always the first ones
         self._waiting: deque[Request] = deque()
+        self._jobs: list[_Job] = []  # admitted requests being prefilled, oldest first
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -295,7 +311,12 @@ class Engine:
 
     def stats(self) -> dict:
         with self._cond:
-            return {"slots": self.config.slots, "active": len(self._rows), "queued": len(self._waiting)}
+            return {
+                "slots": self.config.slots,
+                "active": len(self._rows),
+                "prefilling": sum(len(job.requests) for job in self._jobs),
+                "queued": len(self._waiting),
+            }
 
     # ---- the engine thread ------------------------------------------------------------------------------
     def _warm_up(self) -> None:
@@ -327,7 +348,7 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not (self._stopping or self._waiting or self._rows):
+                while not (self._stopping or self._waiting or self._rows or self._jobs):
                     self._cond.wait()
                 if self._stopping:
                     return
@@ -348,8 +369,10 @@ class Engine:
 
     def _fail_all(self, message: str, status: int) -> None:
         with self._cond:
-            pending = list(self._waiting) + [s.request for s in self._rows]
+            pending = list(self._waiting) + [r for job in self._jobs for r in job.requests]
+            pending += [s.request for s in self._rows]
             self._waiting.clear()
+            self._jobs.clear()
             self._rows.clear()
         for request in dict.fromkeys(pending):
             self._fail(request, message, status)
@@ -407,7 +430,8 @@ class Engine:
         self._retire()
 
     def _admit(self) -> None:
-        free = self.config.slots - len(self._rows)
+        """Moves waiting requests that slots are free for into a prefill job, then prefills one step."""
+        free = self.config.slots - len(self._rows) - sum(r.n for job in self._jobs for r in job.requests)
         batch: list[Request] = []
         with self._cond:  # first come, first served: a big `n` at the head waits for enough slots
             while self._waiting and len(batch) < self.config.prefill_batch and self._waiting[0].n <= free:
@@ -416,7 +440,8 @@ class Engine:
                 batch.append(request)
         batch = [r for r in batch if self._ready(r)]
         if batch:
-            self._prefill(batch)
+            self._open(batch)
+        self._prefill_step()
 
     def _ready(self, request: Request) -> bool:
         """Reads the image and tokenizes the prompt of a request submitted without `tokens` (a script's;
@@ -434,32 +459,63 @@ class Engine:
             self._end(request, "reading the request", e)
         return False
 
-    def _prefill(self, batch: list[Request]) -> None:
-        started = time.monotonic()
+    def _open(self, batch: list[Request]) -> None:
+        """Starts prefilling a batch (cache lookups, the towers, checks), isolating a request at fault."""
         try:
             images = [None if r.image is None else self.vlm.preprocess(r.image) for r in batch]
-            out = prefill(self.vlm, images, [r.tokens for r in batch], self.cache)
-            items = [prompt_items(self.vlm, im, r.tokens)[0] for im, r in zip(images, batch, strict=True)]
+            job = PrefillJob(self.vlm, images, [r.tokens for r in batch], self.cache)
         except Exception as e:
-            if len(batch) > 1:  # find the request at fault: prefill them one by one
+            if len(batch) > 1:  # find the request at fault: open them one by one
                 for request in batch:
-                    self._prefill([request])
+                    self._open([request])
                 return
             if isinstance(e, ValueError | ImageError):
                 self._fail(batch[0], str(e), 400)
             else:
                 self._end(batch[0], "prefill", e)
             return
-        if self.metrics is not None:
-            self.metrics.prefill_seconds.observe(time.monotonic() - started)
+        self._jobs.append(_Job(job, batch, time.monotonic()))
         self._cache_metrics()
-        self._start(batch, out, items)
+
+    def _prefill_step(self) -> None:
+        """Prefills up to `prefill_tokens` positions of the open jobs, oldest first; the requests of a job
+        that is done take their slots."""
+        budget = self.config.prefill_tokens
+        for entry in list(self._jobs):
+            if budget is not None and budget <= 0:
+                break
+            try:
+                while not entry.job.done and (budget is None or budget > 0):
+                    used = entry.job.step(budget)  # a step stops at each snapshot boundary
+                    if budget is not None:
+                        budget -= used
+                done = entry.job.done
+                out = entry.job.result() if done else None
+            except Exception as e:  # shared by the batch: each of its requests fails, the others go on
+                self._jobs.remove(entry)
+                for request in entry.requests:
+                    self._end(request, "prefill", e)
+                continue
+            if done:
+                self._jobs.remove(entry)
+                if self.metrics is not None:
+                    self.metrics.prefill_seconds.observe(time.monotonic() - entry.opened)
+                self._cache_metrics()
+                self._start(entry.requests, out, [row.items for row in entry.job.rows])
 
     def _start(self, batch: list[Request], out: Prefilled, items: list[list]) -> None:
         """Prefilled requests take their slots and choose their first tokens."""
         new: list[_Sequence] = []
         rows: list[int] = []
+        now = time.monotonic()
         for j, request in enumerate(batch):
+            if request.cancelled and not request.done:  # while it was being prefilled
+                request.done = True
+                self._count("cancelled")
+            elif self._expired(request, now):
+                self._fail(request, f"timed out after {self.config.timeout:g} s", 504)
+            if request.done:
+                continue
             try:
                 seqs = [
                     _Sequence(request, index, out.prompt_ids[j], self._generator(request, index))
