@@ -116,3 +116,27 @@ def test_64_streaming_clients_with_faults(demo_model_dir, bodies):
         stats = summarize(outcomes, wall, CLIENTS)
         assert stats["requests"] == len(bodies) and stats["failures"] == 0
         print(json.dumps(stats))
+
+
+def test_conversation_bench_resumes_later_turns_from_the_cache():
+    """`bench --serve --turns 3` on the CPU: every turn answers; with the cache on, turns 2 and 3 resume at
+    least the whole previous prompt (cached_tokens in the usage), with it off nothing is cached."""
+    import itertools
+
+    from mambavl.bench.serve import ServeBenchConfig, serve_bench
+    from serving import printable_tiny_cobra
+
+    vlm = printable_tiny_cobra()
+    cfg = ServeBenchConfig(clients=(1, 2), requests_per_client=1, max_tokens=4, slots=4, image_size=64,
+                           peer=False, turns=3)  # fmt: skip
+    rows = serve_bench(vlm, cfg, say=lambda _: None)["results"]
+    assert [(r["clients"], r["prefix_cache"]) for r in rows] == [(1, True), (2, True), (1, False), (2, False)]
+    for row in rows:
+        assert row["failures"] == 0 and [t["turn"] for t in row["turns"]] == [1, 2, 3]
+        turns = row["turns"]
+        assert turns[0]["cached_tokens_mean"] == 0
+        for before, now in itertools.pairwise(turns):
+            if row["prefix_cache"]:
+                assert now["cached_tokens_mean"] >= before["prompt_tokens_mean"]
+            else:
+                assert now["cached_tokens_mean"] == 0

@@ -565,6 +565,12 @@ def bench(
     requests_per_client: int = typer.Option(2, help="--serve: requests each client sends in turn."),
     max_tokens: int = typer.Option(128, help="--serve: tokens every request generates."),
     slots: int = typer.Option(64, help="--serve: the server's state slots."),
+    turns: int = typer.Option(
+        1,
+        min=1,
+        help="--serve: conversations of this many turns about one image per client (each turn sends the "
+        "history), with the prefix-state cache on and then off.",
+    ),
 ) -> None:
     """Speed and memory of a preset against its peers in one run: time to first token, prefill tok/s by
     prompt length, decode tok/s by batch size, peak memory by prompt length; JSON, PNG and a table."""
@@ -575,7 +581,7 @@ def bench(
     from mambavl.presets import PRESETS
 
     if serve:
-        _bench_serve(model, Path(out), device, dtype, clients, requests_per_client, max_tokens, slots)
+        _bench_serve(model, Path(out), device, dtype, clients, requests_per_client, max_tokens, slots, turns)
         return
     if model not in PRESETS:
         console.print(f"[red]error:[/red] unknown preset {model!r}: choose one of {', '.join(PRESETS)}")
@@ -638,7 +644,7 @@ def bench(
     console.print(f"wrote {Path(out) / 'bench.json'} and {Path(out) / 'bench.png'}")
 
 
-def _bench_serve(model, out, device, dtype, clients, requests_per_client, max_tokens, slots) -> None:
+def _bench_serve(model, out, device, dtype, clients, requests_per_client, max_tokens, slots, turns=1) -> None:
     """`mambavl bench --serve`: a preset (full size, random weights) or a model directory, served in this
     process and loaded over HTTP at each client count, beside `VLM.generate` on the same requests."""
     from mambavl.bench.serve import ServeBenchConfig, serve_bench
@@ -652,6 +658,7 @@ def _bench_serve(model, out, device, dtype, clients, requests_per_client, max_to
             requests_per_client=requests_per_client,
             max_tokens=max_tokens,
             slots=slots,
+            turns=turns,
         )
         vlm = load_model(model, device, dtype, random_weights=model in PRESETS, log=console.print)
         serve_bench(vlm, cfg, out, say=console.print)

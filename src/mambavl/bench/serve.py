@@ -3,8 +3,10 @@ generated offline in one batch (`VLM.generate`, no server) in the same run.
 
 `run_load` is the client side (also what the load tests use): each of `clients` concurrent clients sends
 its share of the requests one after another, streamed, and every outcome is kept (status, text, time to
-first token, latency, tokens). `serve_bench` starts a server in this process and runs the load from
-another process at several client counts."""
+first token, latency, tokens, cached prompt tokens). `serve_bench` starts a server in this process and runs
+the load from another process at several client counts. With `turns` > 1 each client holds conversations
+of that many turns about one image (each turn sends the whole history, as chat clients do), once with the
+prefix-state cache on and once with it off."""
 
 from __future__ import annotations
 
@@ -27,6 +29,8 @@ class Outcome:
     error: str = ""
     finish_reason: str | None = None
     tokens: int = 0  # completion tokens (the usage chunk)
+    prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt positions the server resumed from its prefix-state cache
     ttft: float = 0.0  # seconds to the first text (the first token may show none: then to the end)
     latency: float = 0.0  # seconds to the end of the stream
 
@@ -69,7 +73,10 @@ async def stream_one(client: httpx.AsyncClient, url: str, body: dict, headers: d
                     out.error = chunk["error"]["message"]
                     continue
                 if chunk.get("usage"):
-                    out.tokens = chunk["usage"]["completion_tokens"]
+                    usage = chunk["usage"]
+                    out.tokens = usage["completion_tokens"]
+                    out.prompt_tokens = usage.get("prompt_tokens", 0)
+                    out.cached_tokens = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
                 for choice in chunk["choices"]:
                     piece = choice["delta"].get("content")
                     if piece or choice.get("finish_reason"):  # the first text (or the end, if none)
@@ -105,6 +112,39 @@ def run_load(
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
     start = time.perf_counter()
     outcomes = asyncio.run(_load(url, bodies, clients, headers))
+    return outcomes, time.perf_counter() - start
+
+
+async def _conversations(url: str, talks: list[tuple[dict, list[str]]], clients: int) -> list[list[Outcome]]:
+    out: list[list[Outcome]] = [[] for _ in talks]
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
+
+        async def client_loop(k: int) -> None:
+            for i in range(k, len(talks), clients):
+                first, questions = talks[i]
+                messages: list[dict] = []
+                for t, question in enumerate(questions):
+                    body = chat_body(question, first["image"] if t == 0 else None, **first["options"])
+                    body["messages"] = messages + body["messages"]
+                    outcome = await stream_one(client, url, body)
+                    out[i].append(outcome)
+                    if not outcome.ok:
+                        break
+                    messages = body["messages"] + [{"role": "assistant", "content": outcome.text}]
+
+        await asyncio.gather(*(client_loop(k) for k in range(clients)))
+    return out
+
+
+def run_conversations(
+    url: str, talks: list[tuple[dict, list[str]]], clients: int
+) -> tuple[list[list[Outcome]], float]:
+    """Each of `clients` concurrent clients holds its share of the conversations one after another: talk i
+    is ({"image": PIL image, "options": request options}, [question per turn]); every turn sends the
+    history so far. Returns each conversation's outcomes by turn, and the wall time."""
+    start = time.perf_counter()
+    outcomes = asyncio.run(_conversations(url, talks, clients))
     return outcomes, time.perf_counter() - start
 
 
@@ -166,6 +206,11 @@ class ServeBenchConfig:
     image_size: int = 384
     question: str = "Describe the image in detail."
     peer: bool = True  # the same requests through `VLM.generate` in one batch, no server
+    turns: int = 1  # > 1: conversations of this many turns, the prefix-state cache on and then off
+
+    def __post_init__(self):
+        if self.turns < 1:
+            raise ValueError(f"turns={self.turns}: a conversation has at least one turn")
 
 
 def synthetic_image(size: int, seed: int):
@@ -181,6 +226,8 @@ def serve_bench(vlm, cfg: ServeBenchConfig, out: Path | None = None, say=print) 
     from mambavl.serve import Engine, EngineConfig, ServeConfig
     from mambavl.serve.thread import ServerThread
 
+    if cfg.turns > 1:
+        return _write(_conversation_bench(vlm, cfg, say), vlm, cfg, out)
     rows = []
     with ServerThread(
         Engine(vlm, EngineConfig(slots=cfg.slots)), ServeConfig(model_name=vlm.config.name)
@@ -204,17 +251,84 @@ def serve_bench(vlm, cfg: ServeBenchConfig, out: Path | None = None, say=print) 
                 row["peer_offline_tokens_per_s"] = _offline(vlm, images[:clients], cfg)
             rows.append(row)
             say(_line(row))
+    return _write(rows, vlm, cfg, out)
+
+
+def _write(rows: list[dict], vlm, cfg: ServeBenchConfig, out: Path | None) -> dict:
     result = {
         "model": vlm.config.name,
         "device": str(vlm.device),
         "dtype": str(vlm.dtype),
         "config": asdict(cfg),
+        "results": rows,
     }
-    result["results"] = rows
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "serve.json").write_text(json.dumps(result, indent=2))
     return result
+
+
+FOLLOW_UPS = ("What colours stand out?", "Is there any text in it?", "Summarise that in one sentence.")
+
+
+def _conversation_bench(vlm, cfg: ServeBenchConfig, say) -> list[dict]:
+    """Conversations of `cfg.turns` turns per client count, with the prefix-state cache on, then off."""
+    from mambavl.serve import Engine, EngineConfig, ServeConfig
+    from mambavl.serve.thread import ServerThread
+
+    options = dict(max_tokens=cfg.max_tokens, ignore_eos=True, temperature=0)
+    questions = [cfg.question] + [FOLLOW_UPS[t % len(FOLLOW_UPS)] for t in range(cfg.turns - 1)]
+    rows = []
+    for cache in (True, False):
+        engine = Engine(vlm, EngineConfig(slots=cfg.slots, prefix_cache_gb=4.0 if cache else 0.0))
+        with ServerThread(engine, ServeConfig(model_name=vlm.config.name)) as url:
+            warm = [({"image": synthetic_image(cfg.image_size, 10**6), "options": options}, questions[:2])]
+            run_conversations(url, warm, 1)  # warm-up: towers, graphs, allocator
+            for clients in cfg.clients:
+                n = clients * cfg.requests_per_client
+                talks = [
+                    (
+                        {"image": synthetic_image(cfg.image_size, 1000 * clients + i), "options": options},
+                        questions,
+                    )
+                    for i in range(n)  # images of their own at each client count: no hit from an earlier one
+                ]
+                outcomes, wall = run_conversations(url, talks, clients)
+                row = _turn_summary(outcomes, wall, clients) | {"prefix_cache": cache}
+                rows.append(row)
+                say(_turn_line(row))
+    return rows
+
+
+def _turn_summary(outcomes: list[list[Outcome]], wall: float, clients: int) -> dict:
+    flat = [o for talk in outcomes for o in talk]
+    row = summarize(flat, wall, clients) | {"turns": []}
+    for t in range(max(len(talk) for talk in outcomes)):
+        here = [talk[t] for talk in outcomes if len(talk) > t and talk[t].ok]
+        row["turns"].append(
+            {
+                "turn": t + 1,
+                "requests": len(here),
+                "ttft_p50_s": percentile([o.ttft for o in here], 50),
+                "ttft_p99_s": percentile([o.ttft for o in here], 99),
+                "prompt_tokens_mean": statistics.fmean(o.prompt_tokens for o in here) if here else 0.0,
+                "cached_tokens_mean": statistics.fmean(o.cached_tokens for o in here) if here else 0.0,
+            }
+        )
+    return row
+
+
+def _turn_line(row: dict) -> str:
+    turns = "; ".join(
+        f"turn {t['turn']}: TTFT p50 {t['ttft_p50_s'] * 1e3:.0f} ms, "
+        f"{t['cached_tokens_mean']:.0f}/{t['prompt_tokens_mean']:.0f} prompt tokens cached"
+        for t in row["turns"]
+    )
+    cache = "on" if row["prefix_cache"] else "off"
+    return (
+        f"{row['clients']:>3} clients, cache {cache}: {row['failures']} failed, "
+        f"{row['tokens_per_s']:,.0f} tok/s; {turns}"
+    )
 
 
 def engine_seconds(url: str) -> dict:
