@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 
 import mambavl
+from mambavl.engine.scheduler import Delta, Request
 from mambavl.serve import Engine, EngineConfig, ServeConfig
-from mambavl.serve.engine import Delta, Request
 from mambavl.serve.thread import ServerThread
 from mambavl.vlm.sampling import SamplingParams
 

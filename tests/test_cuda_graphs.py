@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import mambavl
-from mambavl.serve.engine import Engine, EngineConfig
+from mambavl.engine.scheduler import Engine, EngineConfig
 from mambavl.vlm.graphs import BUCKETS, GraphDecoder, bucket_for, graph_support
 
 pytestmark = [

@@ -14,8 +14,8 @@ from PIL import Image
 import mambavl
 from mambavl.engine.prefill import prefill, prompt_items
 from mambavl.engine.prefix_cache import PrefixCache, Snapshot
+from mambavl.engine.scheduler import Engine, EngineConfig, Finished, Request, Started
 from mambavl.lm.state import LMState
-from mambavl.serve.engine import Engine, EngineConfig, Finished, Request, Started
 from mambavl.serve.metrics import Metrics
 from mambavl.vlm.model import PromptIds
 from mambavl.vlm.sampling import SamplingParams

@@ -14,8 +14,17 @@ import torch
 from PIL import Image
 
 import mambavl
-from mambavl.serve import engine as engine_module
-from mambavl.serve.engine import Delta, Engine, EngineConfig, Failed, Finished, QueueFull, Request, Started
+from mambavl.engine import scheduler as engine_module
+from mambavl.engine.scheduler import (
+    Delta,
+    Engine,
+    EngineConfig,
+    Failed,
+    Finished,
+    QueueFull,
+    Request,
+    Started,
+)
 from mambavl.serve.metrics import Metrics
 from mambavl.vlm.sampling import SamplingParams
 from serving import collect, drive, texts
@@ -437,3 +446,27 @@ def test_streams_go_on_while_a_long_prompt_is_prefilled(demo):
     drive(engine)
     assert texts(live_events)[0] == vlm.generate(image, prompt, max_new_tokens=60, min_length=60)
     assert texts(late_events)[0] == vlm.generate(None, long_prompt, max_new_tokens=5)
+
+
+def test_every_surface_decodes_through_the_engine(demo, monkeypatch):
+    """`generate` (batched too), `stream` and the chat session take their tokens from the one engine, and
+    the stream's pieces join into generate's answer."""
+    from mambavl.chat import ChatSession
+
+    vlm, questions = demo
+    steps = []
+    real = Engine._step
+    monkeypatch.setattr(Engine, "_step", lambda self: steps.append(len(self._rows)) or real(self))
+    image, prompt = questions[0]
+    one = vlm.generate(image, prompt, max_new_tokens=5)
+    assert steps and max(steps) == 1
+    steps.clear()
+    batch = vlm.generate([image, None], [prompt, prompt], max_new_tokens=5)
+    assert max(steps) == 2 and batch[0] == one
+    steps.clear()
+    assert "".join(vlm.stream(image, prompt, max_new_tokens=5)) == one and steps
+    steps.clear()
+    session = ChatSession(vlm, params=dict(max_new_tokens=5))
+    session.image = image
+    "".join(session.ask("What is in the image?"))
+    assert steps

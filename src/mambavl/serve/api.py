@@ -22,9 +22,9 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
+from mambavl.engine.scheduler import Delta, Engine, Failed, Finished, QueueFull
+from mambavl.engine.scheduler import Request as EngineRequest
 from mambavl.serve.connections import OVER_CAPACITY, ConnectionLimits
-from mambavl.serve.engine import Delta, Engine, Failed, Finished, QueueFull
-from mambavl.serve.engine import Request as EngineRequest
 from mambavl.serve.images import ImagePolicy, RequestError, fetch_image
 from mambavl.serve.metrics import Metrics
 from mambavl.serve.schema import SYSTEM_MESSAGES, ChatRequest, conversation_prompt

@@ -10,9 +10,9 @@ import time
 import httpx
 import uvicorn
 
+from mambavl.engine.scheduler import Engine
 from mambavl.serve.api import ServeConfig, create_app
 from mambavl.serve.connections import uvicorn_config
-from mambavl.serve.engine import Engine
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -18,7 +18,7 @@ from mambavl.vision.anyres import anyres_views, merge_anyres
 from mambavl.vision.images import DEFAULT_MAX_PIXELS
 from mambavl.vlm.graphs import GraphDecoder, graph_support
 from mambavl.vlm.prompts import ChatTemplateBuilder, PromptBuilder
-from mambavl.vlm.sampling import SamplingParams, next_tokens
+from mambavl.vlm.sampling import SamplingParams
 from mambavl.vlm.sequence import (
     IGNORE_INDEX,
     IMAGE_PLACEHOLDER,
@@ -358,23 +358,21 @@ class VLM(nn.Module):
             raise ValueError(
                 f"{len(images)} images for {len(prompts)} prompts: pass one image (or None) per prompt"
             )
-        params = _params(kwargs)
-        *_, texts = self._decode(images, prompts, params)  # the last step holds the finished texts
+        texts = [""] * len(prompts)
+        for _ in self._engine_steps(images, prompts, _params(kwargs), texts):
+            pass
         return texts if batched else texts[0]
 
     @torch.inference_mode()
     def stream(self, image, prompt_text: str, **kwargs) -> Iterator[str]:
-        """Yields the generated text piece by piece (same arguments as `generate`, one prompt)."""
-        sent, text = "", ""
-        for (text,) in self._decode([image], [prompt_text], _params(kwargs), final_strip=False):
-            stable = (
-                text[: len(text) - 1] if text.endswith("\ufffd") else text
-            )  # maybe an unfinished UTF-8 char
-            if len(stable) > len(sent):
-                yield stable[len(sent) :]
-                sent = stable
-        if len(text) > len(sent):  # the end: whatever is left, finished character or not
-            yield text[len(sent) :]
+        """Yields the generated text piece by piece (same arguments as `generate`, one prompt); the pieces
+        join into what `generate` returns."""
+        text = [""]
+        sent = 0
+        for _ in self._engine_steps([image], [prompt_text], _params(kwargs), text):
+            if len(text[0]) > sent:
+                yield text[0][sent:]
+                sent = len(text[0])
 
     @torch.inference_mode()
     def option_probabilities(self, images: list, prompts: list[str], options: list) -> list[dict[str, float]]:
@@ -425,52 +423,41 @@ class VLM(nn.Module):
                 last[rows] = hidden[rows, lengths[rows] - start - 1].to(last.dtype)
         return last
 
-    def _decode(
-        self, images, prompts, params: SamplingParams, final_strip: bool = True
-    ) -> Iterator[list[str]]:
-        state, logits, _, prompt_ids = self.prefill_prompts(images, prompts)
-        tok, eos = self.tokenizer, self.tokenizer.eos_token_id
-        B = len(prompts)
-        generator = None
-        if params.seed is not None:
-            generator = torch.Generator(device=self.device).manual_seed(params.seed)
-        decoder = self.graph_decoder(B) if params.cuda_graphs else None
-        if decoder is not None:
-            decoder.prepare(B)
-            decoder.load(state)
-        generated: list[list[int]] = [[] for _ in range(B)]
-        texts, done = [""] * B, [False] * B
-        for step in range(params.max_new_tokens):
-            history = [p + g for p, g in zip(prompt_ids, generated, strict=True)]
-            chosen = next_tokens(
-                logits, params, history, step, eos, tok.vocab_size, generator, generated
-            ).tolist()
-            for b in range(B):
-                if done[b]:
-                    continue
-                if chosen[b] == eos:
-                    done[b] = True
-                    continue
-                generated[b].append(chosen[b])
-                texts[b] = tok.decode(generated[b])
-                if any(s in texts[b] for s in params.stop):
-                    texts[b] = texts[b][: min(texts[b].find(s) for s in params.stop if s in texts[b])]
-                    done[b] = True
-            yield [t.strip() if final_strip else t for t in texts]
-            if all(done):
-                return
-            feed = torch.tensor(chosen, device=self.device)
-            if decoder is not None:  # finished rows decode on in their own slots; nothing reads them
-                logits = decoder.step(feed)
-                continue
-            live = torch.tensor([not d for d in done], device=self.device)
-            hidden = self.lm(
-                feed[:, None],
-                state=state,
-                lengths=None if bool(live.all()) else live.long(),
-                return_hidden=True,
-            )
-            logits = self.lm.lm_head(hidden[:, -1])
+    def _engine_steps(self, images: list, prompts: list[str], params: SamplingParams, texts: list[str]):
+        """Decodes the rows through the engine (`mambavl.engine.scheduler`) in this thread, appending each
+        row's text to `texts` as it comes; yields after every engine step. Bad input raises ValueError."""
+        from mambavl.engine.scheduler import Delta, Engine, EngineConfig, Failed, Request
+
+        batch = len(prompts)
+        failures: list = []
+
+        def sink(b: int):
+            def take(event) -> None:
+                if isinstance(event, Delta):
+                    texts[b] += event.text
+                elif isinstance(event, Failed):
+                    failures.append(event)
+
+            return take
+
+        decoder = self.graph_decoder(batch) if params.cuda_graphs else None
+        config = EngineConfig(
+            slots=batch, max_queue=batch, prefill_batch=batch, prefill_tokens=None, timeout=None,
+            cuda_graphs=params.cuda_graphs, switch_interval=None, prefix_cache_gb=0.0,
+        )  # fmt: skip
+        engine = Engine(self, config, decoder=decoder)
+        requests = []
+        for b in range(batch):  # images read and prompts checked here: bad input raises its own error
+            image = None if images[b] is None else self.preprocess(images[b])
+            tokens = engine.encode(prompts[b], image)
+            requests.append(Request(image, prompts[b], params, sink(b), tokens=tokens))
+        for _ in engine.steps(requests):
+            if failures:
+                break
+            yield
+        if failures:
+            failed = failures[0]
+            raise (ValueError if failed.status == 400 else RuntimeError)(failed.message)
 
     def graph_decoder(self, batch: int) -> GraphDecoder | None:
         """The CUDA-graph decoder for `batch` rows (kept between calls), or None where graphs do not apply

@@ -1,4 +1,7 @@
-"""The serving engine: a fixed number of state slots shared by every request (continuous batching).
+"""The engine: a fixed number of state slots shared by every request (continuous batching). Every surface
+decodes through it: the server (its thread, `start` / `submit`), and `VLM.generate` / `stream`, the chat
+CLI and the evaluations (in the caller's thread, `steps`), so that end of text, stop strings, min_length,
+sampling and batching have one implementation.
 
 A request's prompt (image first) is prefilled into a fresh state, which is copied into one free slot per
 choice; then every step decodes one token for all live sequences at once. A sequence that ends, is
@@ -167,11 +170,17 @@ class _Sequence:
 
 
 class Engine:
-    def __init__(self, vlm: VLM, config: EngineConfig | None = None, metrics=None):
+    def __init__(self, vlm: VLM, config: EngineConfig | None = None, metrics=None, decoder=None):
+        """`decoder`: the slots to decode in (a `vlm.graphs` decoder of at least `config.slots` rows, e.g.
+        one kept between calls); default: the fastest the model allows."""
         self.vlm = vlm
         self.config = config or EngineConfig()
         self.metrics = metrics  # a serve.metrics.Metrics, or None
-        self.decoder = slot_decoder(vlm.lm, self.config.slots, self.config.cuda_graphs)
+        if decoder is not None and decoder.capacity < self.config.slots:
+            raise ValueError(
+                f"the decoder holds {decoder.capacity} rows, fewer than {self.config.slots} slots"
+            )
+        self.decoder = decoder or slot_decoder(vlm.lm, self.config.slots, self.config.cuda_graphs)
         gib = 2**30
         self.cache = (
             PrefixCache(int(self.config.prefix_cache_gb * gib), int(self.config.prefix_cache_host_gb * gib))
@@ -279,6 +288,26 @@ class Engine:
         with self._cond:
             request.cancelled = True
             self._cond.notify_all()
+
+    def steps(self, requests: list[Request]) -> Iterator[None]:
+        """Runs `requests` to their ends in the calling thread, yielding after every engine step (their
+        events have reached their sinks by then): what `VLM.generate` and `stream` do. Not while the
+        engine's own thread runs."""
+        if self.running:
+            raise RuntimeError("the engine's thread is running: submit requests to it instead")
+        for request in requests:
+            if request.n > self.config.slots:
+                raise ValueError(
+                    f"n={request.n} choices need more than the engine's {self.config.slots} slots"
+                )
+        self._waiting.extend(requests)
+        with torch.inference_mode():
+            while self._waiting or self._jobs or self._rows:
+                self._drop_ended()
+                self._admit()
+                if self._rows:
+                    self._step_or_fail()
+                yield
 
     def stream(self, image, prompt: str, n: int = 1, **params) -> Iterator[Event]:
         """Submits a request and yields its events until it ends (a blocking convenience for scripts).
