@@ -3,14 +3,17 @@ decodes through it: the server (its thread, `start` / `submit`), and `VLM.genera
 CLI and the evaluations (in the caller's thread, `steps`), so that end of text, stop strings, min_length,
 sampling and batching have one implementation.
 
-A request's prompt (image first) is prefilled into a fresh state, which is copied into one free slot per
-choice; then every step decodes one token for all live sequences at once. A sequence that ends, is
-cancelled or runs out of time leaves at once, and its slot goes to the next request in the queue: requests
-join and leave the running batch at token granularity. A Mamba sequence's state has a fixed size, so the
-memory of `slots` sequences is allocated once, whatever their lengths.
+A request's prompt is prefilled (`engine.prefill`: from the longest prefix the prefix-state cache holds,
+at most `prefill_tokens` positions per engine step beside one decode step of the live sequences), and its
+state is copied into one free slot per choice; then every step decodes one token for all live sequences
+at once. A sequence that ends, is cancelled or runs out of time leaves at once, and its slot goes to the
+next request in the queue: requests join and leave the running batch at token granularity. A Mamba
+sequence's state has a fixed size, so the memory of `slots` sequences is allocated once, whatever their
+lengths.
 
-The engine runs in one background thread; callers talk to it through `submit` / `cancel` and receive
-events (`Started`, `Delta`, `Finished`, `Failed`) through the request's `sink`, called from that thread.
+In a server the engine runs in one background thread; callers talk to it through `submit` / `cancel` and
+receive events (`Started`, `Delta`, `Finished`, `Failed`) through the request's `sink`, called from that
+thread.
 Whatever a request carries fails that request alone: its prompt is measured and tokenized in the
 caller's thread (`encode`) before it is queued, every step of its own work in the engine thread is
 guarded, and a supervisor restarts the loop (failing only the requests it held) if it dies anyway.
