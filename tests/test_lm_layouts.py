@@ -196,3 +196,19 @@ def test_mamba2_options_without_a_transformers_counterpart(tmp_path):
         [lm(ids[:, :7], state=state)] + [lm(ids[:, t : t + 1], state=state) for t in range(7, 19)], 1
     )
     torch.testing.assert_close(steps, full, atol=1e-4, rtol=0)
+
+
+def test_every_layer_kind_has_its_module_and_its_properties():
+    """The kinds registry (lm.config) and the modules (lm.model) name the same mixers and feed-forwards;
+    what decoding needs to know (fixed-size state, static shapes) comes from the registry."""
+    from mambavl.lm.config import FFN_KINDS, MIXER_KINDS, LMConfig
+    from mambavl.lm.model import FFN_CLASSES, MIXER_CLASSES
+
+    assert set(MIXER_CLASSES) == set(MIXER_KINDS)
+    assert set(FFN_CLASSES) | {"none"} == set(FFN_KINDS)
+    from mambavl.presets import TINY_JAMBA
+
+    hybrid = TINY_JAMBA  # attention and mixture-of-experts layers among Mamba ones
+    assert not hybrid.fixed_state and not hybrid.static_shapes
+    plain = LMConfig(family="mamba", d_model=8, n_layer=2, vocab_size=16)
+    assert plain.fixed_state and plain.static_shapes

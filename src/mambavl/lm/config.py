@@ -9,8 +9,25 @@ from dataclasses import dataclass, field
 
 from mambavl.checkpoints.fields import show, type_problems
 
-MIXERS = ("mamba1", "mamba2", "attention")
-FFNS = ("none", "mlp", "moe")
+
+@dataclass(frozen=True)
+class LayerKind:
+    """What the rest of the library needs to know of a kind of mixer or feed-forward, in one place."""
+
+    name: str
+    fixed_state: bool = True  # its decode state keeps one size (Mamba); False: a KV cache that grows
+    static_shapes: bool = True  # the same kernels and shapes every step (False: data-dependent routing)
+
+
+MIXER_KINDS = {
+    kind.name: kind
+    for kind in (LayerKind("mamba1"), LayerKind("mamba2"), LayerKind("attention", fixed_state=False))
+}
+FFN_KINDS = {
+    kind.name: kind for kind in (LayerKind("none"), LayerKind("mlp"), LayerKind("moe", static_shapes=False))
+}
+MIXERS = tuple(MIXER_KINDS)
+FFNS = tuple(FFN_KINDS)
 BCDT_NORMS = (None, "weightless", "weighted")
 
 
@@ -55,6 +72,17 @@ class LMConfig:
     residual_in_fp32: bool = True
     tie_embeddings: bool = True
     extra: dict = field(default_factory=dict, compare=False)  # the source config, kept for reference
+
+    @property
+    def fixed_state(self) -> bool:
+        """Every layer's decode state keeps one size (no attention KV cache growing with the sequence):
+        sequences can share slots of one tensor."""
+        return all(MIXER_KINDS[m].fixed_state for m in self.mixers)
+
+    @property
+    def static_shapes(self) -> bool:
+        """A decode step runs the same kernels on the same shapes every time (it can be captured)."""
+        return all(FFN_KINDS[f].static_shapes for f in self.ffns)
 
     def __post_init__(self):
         def fix(name, value):

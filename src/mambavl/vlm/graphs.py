@@ -28,9 +28,9 @@ def graph_support(lm: LanguageModel) -> str | None:
     """None when the model's decode step can be captured, else the reason it cannot."""
     if lm.device.type != "cuda":
         return "CUDA graphs need a CUDA device"
-    if "attention" in lm.config.mixers:
+    if not lm.config.fixed_state:
         return "attention layers grow their KV cache every step"
-    if "moe" in lm.config.ffns:
+    if not lm.config.static_shapes:
         return "mixture-of-experts layers route tokens with data-dependent shapes"
     return None
 
@@ -44,7 +44,7 @@ class SlotDecoder:
     """Eager decoding in `capacity` static state slots (models without attention layers)."""
 
     def __init__(self, lm: LanguageModel, capacity: int):
-        if "attention" in lm.config.mixers:
+        if not lm.config.fixed_state:
             raise ValueError(
                 f"{lm.config.family} has attention layers, whose KV caches cannot share slots: use RowDecoder"
             )
@@ -117,7 +117,7 @@ def slot_decoder(lm: LanguageModel, capacity: int, cuda_graphs: bool = True):
     """The fastest decoder the model allows: CUDA graphs, else eager slots, else one state per row."""
     if cuda_graphs and graph_support(lm) is None:
         return GraphDecoder(lm, capacity)
-    if "attention" in lm.config.mixers:
+    if not lm.config.fixed_state:
         return RowDecoder(lm, capacity)
     return SlotDecoder(lm, capacity)
 
