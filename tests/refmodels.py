@@ -2,7 +2,8 @@
 
 Each case is small but not trivial: every parameter is perturbed away from its (often all-ones)
 initial value, and between them the cases cover untied heads, conv widths other than 4, vocabularies
-that are not multiples of 8, n_groups > 1, projection biases, and Jamba's attention + MoE layers.
+that are not multiples of 8, n_groups > 1, projection biases, Jamba's attention + MoE layers, and
+Nemotron-H's blocks of one kind each (Mamba-2, attention, squared-ReLU MLP).
 """
 
 from __future__ import annotations
@@ -102,6 +103,30 @@ CASES = {
             mamba_d_state=4,
             mamba_expand=2,
             tie_word_embeddings=True,
+        )
+    ),
+    "nemotron_h-hybrid-groups-gqa": lambda: tf.NemotronHForCausalLM(
+        tf.NemotronHConfig(
+            vocab_size=101,
+            hidden_size=32,
+            layers_block_type=[
+                "linear_attention",
+                "full_attention",
+                "mlp",
+                "linear_attention",
+                "mlp",
+                "full_attention",
+            ],
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            intermediate_size=40,
+            mamba_num_heads=8,
+            mamba_head_dim=4,
+            n_groups=2,
+            ssm_state_size=8,
+            chunk_size=8,
+            conv_kernel=3,
         )
     ),
 }

@@ -204,7 +204,7 @@ def test_every_layer_kind_has_its_module_and_its_properties():
     from mambavl.lm.config import FFN_KINDS, MIXER_KINDS, LMConfig
     from mambavl.lm.model import FFN_CLASSES, MIXER_CLASSES
 
-    assert set(MIXER_CLASSES) == set(MIXER_KINDS)
+    assert set(MIXER_CLASSES) | {"none"} == set(MIXER_KINDS)
     assert set(FFN_CLASSES) | {"none"} == set(FFN_KINDS)
     from mambavl.presets import TINY_JAMBA
 
@@ -212,3 +212,30 @@ def test_every_layer_kind_has_its_module_and_its_properties():
     assert not hybrid.fixed_state and not hybrid.static_shapes
     plain = LMConfig(family="mamba", d_model=8, n_layer=2, vocab_size=16)
     assert plain.fixed_state and plain.static_shapes
+
+
+def test_nemotron_h_block_patterns():
+    """Nemotron-H's pattern (or block list) becomes a row of layer kinds; MoE blocks and unknown letters are
+    refused with errors naming the field."""
+    import pytest
+
+    from mambavl.checkpoints.files import CheckpointError
+    from mambavl.lm.layouts import lm_config_from_json
+
+    base = dict(
+        model_type="nemotron_h", hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+        mamba_num_heads=8, mamba_head_dim=4, n_groups=2, ssm_state_size=8, intermediate_size=40,
+        vocab_size=64,
+    )  # fmt: skip
+    cfg, layout = lm_config_from_json(base | {"hybrid_override_pattern": "M-*M"}, "config.json")
+    assert layout == "nemotron_h" and cfg.n_layer == 4
+    assert cfg.mixers == ("mamba2", "none", "attention", "mamba2")
+    assert cfg.ffns == ("none", "mlp", "none", "none") and cfg.ffn_act == "relu2"
+    listed, _ = lm_config_from_json(base | {"layers_block_type": ["mamba", "mlp", "attention", "mamba"]}, "c")
+    assert listed.mixers == cfg.mixers and listed.ffns == cfg.ffns
+    with pytest.raises(CheckpointError, match="mixture-of-experts"):
+        lm_config_from_json(base | {"hybrid_override_pattern": "ME"}, "config.json")
+    with pytest.raises(CheckpointError, match="hybrid_override_pattern must be"):
+        lm_config_from_json(base | {"hybrid_override_pattern": "MX"}, "config.json")
+    with pytest.raises(CheckpointError, match="layers_block_type must be"):
+        lm_config_from_json(base | {"layers_block_type": ["mamba", 3]}, "config.json")

@@ -21,12 +21,18 @@ class LayerKind:
 
 MIXER_KINDS = {
     kind.name: kind
-    for kind in (LayerKind("mamba1"), LayerKind("mamba2"), LayerKind("attention", fixed_state=False))
+    for kind in (
+        LayerKind("mamba1"),
+        LayerKind("mamba2"),
+        LayerKind("attention", fixed_state=False),
+        LayerKind("none"),  # a feed-forward block alone (Nemotron-H's MLP blocks)
+    )
 }
 FFN_KINDS = {
     kind.name: kind for kind in (LayerKind("none"), LayerKind("mlp"), LayerKind("moe", static_shapes=False))
 }
 MIXERS = tuple(MIXER_KINDS)
+FFN_ACTS = ("silu_gated", "relu2")
 FFNS = tuple(FFN_KINDS)
 BCDT_NORMS = (None, "weightless", "weighted")
 
@@ -65,6 +71,7 @@ class LMConfig:
     n_kv_heads: int = 0
     head_dim: int = 0  # 0 = d_model / n_heads
     d_ffn: int = 0
+    ffn_act: str = "silu_gated"  # silu_gated: SwiGLU (gate, up, down); relu2: relu(up x)² then down
     n_experts: int = 1
     top_k: int = 2
     # blocks
@@ -132,6 +139,12 @@ class LMConfig:
             problems.append(f"unknown mixer(s) {sorted(bad)}; expected {MIXERS}")
         if bad := set(self.ffns) - set(FFNS):
             problems.append(f"unknown ffn(s) {sorted(bad)}; expected {FFNS}")
+        if self.ffn_act not in FFN_ACTS:
+            problems.append(f"ffn_act={self.ffn_act!r}; expected one of {FFN_ACTS}")
+        if empty := [
+            i for i, (m, f) in enumerate(zip(self.mixers, self.ffns, strict=False)) if m == f == "none"
+        ]:
+            problems.append(f"layers {empty[:8]} have neither a mixer nor a feed-forward")
         if self.bcdt_norm not in BCDT_NORMS:
             problems.append(f"bcdt_norm={self.bcdt_norm!r}; expected one of {BCDT_NORMS}")
         if "mamba2" in self.mixers:

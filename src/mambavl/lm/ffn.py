@@ -1,5 +1,6 @@
-"""Feed-forward layers of the hybrid models: a SwiGLU MLP and a sparse mixture of SwiGLU experts with
-top-k routing (Jamba: softmax over all experts, the top-k weights used as they are, not renormalised)."""
+"""Feed-forward layers of the hybrid models: an MLP (SwiGLU, or squared ReLU) and a sparse mixture of
+SwiGLU experts with top-k routing (Jamba: softmax over all experts, the top-k weights used as they are,
+not renormalised)."""
 
 from __future__ import annotations
 
@@ -12,14 +13,21 @@ from mambavl.lm.linear import Linear
 
 
 class MLP(nn.Module):
+    """SwiGLU (`ffn_act` silu_gated: gate, up, down) or a plain MLP with squared ReLU (relu2: up, down;
+    Nemotron-H)."""
+
     def __init__(self, cfg: LMConfig):
         super().__init__()
-        self.gate_proj = Linear(cfg.d_model, cfg.d_ffn, bias=False)
+        self.gated = cfg.ffn_act == "silu_gated"
+        if self.gated:
+            self.gate_proj = Linear(cfg.d_model, cfg.d_ffn, bias=False)
         self.up_proj = Linear(cfg.d_model, cfg.d_ffn, bias=False)
         self.down_proj = Linear(cfg.d_ffn, cfg.d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gated:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(torch.square(F.relu(self.up_proj(x))))
 
 
 class MoE(nn.Module):

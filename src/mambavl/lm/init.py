@@ -45,7 +45,7 @@ def init_weights(lm: nn.Module) -> None:
             module.gate_up_proj.normal_(0.0, STD)
             module.down_proj.normal_(0.0, STD)
     for layer in lm.layers:
-        residuals = 1 if layer.ffn is None else 2
+        residuals = (layer.mixer is not None) + (layer.ffn is not None)
         scale = math.sqrt(residuals * len(lm.layers))
         out = getattr(layer.mixer, "out_proj", None) or getattr(layer.mixer, "o_proj", None)
         out.weight.div_(scale)

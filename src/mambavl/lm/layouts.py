@@ -145,6 +145,80 @@ def _hf_jamba(f: ConfigFields) -> LMConfig:
     )
 
 
+# Nemotron-H's block kinds: the pattern letters of its original config and transformers' names (old and new)
+NEMOTRON_PATTERN = {"M": "mamba", "*": "attention", "-": "mlp", "E": "moe"}
+NEMOTRON_NAMES = {
+    "linear_attention": "mamba", "mamba": "mamba", "full_attention": "attention", "attention": "attention",
+    "mlp": "mlp", "moe": "moe",
+}  # fmt: skip
+
+
+def _nemotron_blocks(f: ConfigFields) -> list[str]:
+    """Each block's kind (mamba, attention, mlp, moe) from layers_block_type or hybrid_override_pattern."""
+    listed = f.raw.get("layers_block_type", f.raw.get("layer_types"))
+    if listed is not None:
+        known = isinstance(listed, list) and all(isinstance(b, str) and b in NEMOTRON_NAMES for b in listed)
+        if not known:
+            raise f.fail("layers_block_type", f"a list of {sorted(NEMOTRON_NAMES)}", listed)
+        blocks = [NEMOTRON_NAMES[b] for b in listed]
+    else:
+        pattern = f.raw.get("hybrid_override_pattern")
+        if not isinstance(pattern, str) or not pattern or set(pattern) - set(NEMOTRON_PATTERN):
+            raise f.fail("hybrid_override_pattern", f"a string of {''.join(NEMOTRON_PATTERN)}", pattern)
+        blocks = [NEMOTRON_PATTERN[c] for c in pattern]
+    if not 1 <= len(blocks) <= MAX_LAYERS:
+        raise CheckpointError(f"{f.source}: {len(blocks)} blocks; mambavl reads 1 to {MAX_LAYERS}")
+    if "moe" in blocks:
+        raise CheckpointError(
+            f"{f.source}: Nemotron-H mixture-of-experts blocks (E, 'moe') are not supported yet; "
+            "the dense Nemotron-H models (Mamba-2, attention and MLP blocks) are"
+        )
+    return blocks
+
+
+def _hf_nemotron_h(f: ConfigFields) -> LMConfig:
+    """Nemotron-H: one kind per block (Mamba-2, attention without positional encoding, or a squared-ReLU
+    MLP); an MLP block is our layer without a mixer. Residuals stay in the weights' dtype, as in
+    transformers."""
+    blocks = _nemotron_blocks(f)
+    f.text("mamba_hidden_act", "silu", ["silu"])
+    act = f.text("mlp_hidden_act", "relu2", ["relu2"])
+    for key in ("attention_bias", "mlp_bias"):
+        if f.flag(key, False):
+            raise CheckpointError(f"{f.source}: {key}=true is not supported (Nemotron-H releases have none)")
+    d_model = f.integer("hidden_size", 4096)
+    heads, headdim = f.integer("mamba_num_heads", 128), f.integer("mamba_head_dim", 64)
+    n_heads = f.integer("num_attention_heads", 32)
+    eps = f.number("layer_norm_epsilon", 1e-5)
+    return LMConfig(
+        family="nemotron_h",
+        d_model=d_model,
+        n_layer=len(blocks),
+        vocab_size=f.integer("vocab_size", 131072),
+        mixers=tuple({"mamba": "mamba2", "attention": "attention"}.get(b, "none") for b in blocks),
+        ffns=tuple("mlp" if b == "mlp" else "none" for b in blocks),
+        d_state=f.integer("ssm_state_size", 128),
+        d_conv=f.integer("conv_kernel", 4),
+        d_inner=heads * headdim,
+        headdim=headdim,
+        ngroups=f.integer("n_groups", 8),
+        chunk_size=f.integer("chunk_size", 128),
+        dt_limit=_limit(f, "time_step_limit", NO_LIMIT),
+        conv_bias=f.flag("use_conv_bias", True),
+        proj_bias=f.flag("use_bias", False),
+        gated_norm_eps=eps,
+        n_heads=n_heads,
+        n_kv_heads=f.integer("num_key_value_heads", n_heads),
+        head_dim=f.integer("head_dim", d_model // n_heads),
+        d_ffn=f.integer("intermediate_size", 21504),
+        ffn_act=act,
+        norm_eps=eps,
+        residual_in_fp32=False,
+        tie_embeddings=f.flag("tie_word_embeddings", False),
+        extra=f.raw,
+    )
+
+
 # mamba_ssm's per-layer defaults (modules/mamba_simple.py `Mamba`, modules/mamba2.py `Mamba2`).
 MAMBA_SSM_DEFAULTS = {
     "Mamba1": dict(d_state=16, d_conv=4, expand=2, dt_rank="auto", conv_bias=True, bias=False),
@@ -215,7 +289,13 @@ def _mamba_ssm(f: ConfigFields) -> LMConfig:
     )
 
 
-HF_LAYOUTS = {"mamba": _hf_mamba, "falcon_mamba": _hf_mamba, "mamba2": _hf_mamba2, "jamba": _hf_jamba}
+HF_LAYOUTS = {
+    "mamba": _hf_mamba,
+    "falcon_mamba": _hf_mamba,
+    "mamba2": _hf_mamba2,
+    "jamba": _hf_jamba,
+    "nemotron_h": _hf_nemotron_h,
+}
 
 
 def lm_config_from_json(raw: dict, source: Path | str) -> tuple[LMConfig, str]:
@@ -255,8 +335,26 @@ _SSM_RENAMES = [(r"^backbone\.embeddings?\.", "embedding."), (r"^backbone\.", ""
 _EXPERT = re.compile(r"^(layers\.\d+\.ffn)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 
 
-def rename_keys(keys, layout: str) -> dict[str, str]:
-    """Our key for each checkpoint key (per-expert Jamba keys keep an intermediate name)."""
+_NEMOTRON_BLOCK = re.compile(r"^(?:backbone|model)\.layers\.(\d+)\.(norm|mixer)\.")
+
+
+def _nemotron_key(key: str, config: LMConfig | None) -> str:
+    """Nemotron-H keys: a block's norm and mixer are our layer's norm and mixer, or, for an MLP block, its
+    ffn_norm and ffn."""
+    if m := _NEMOTRON_BLOCK.match(key):
+        i = int(m[1])
+        alone = config is not None and i < len(config.mixers) and config.mixers[i] == "none"
+        part = {"norm": "ffn_norm", "mixer": "ffn"}[m[2]] if alone else m[2]
+        return f"layers.{i}.{part}." + key[m.end() :]
+    key = re.sub(r"^(?:backbone|model)\.embeddings?\.", "embedding.", key)
+    return re.sub(r"^(?:backbone|model)\.", "", key)
+
+
+def rename_keys(keys, layout: str, config: LMConfig | None = None) -> dict[str, str]:
+    """Our key for each checkpoint key (per-expert Jamba keys keep an intermediate name). Nemotron-H's
+    need the `config` (which blocks are MLP blocks)."""
+    if layout == "nemotron_h":
+        return {key: _nemotron_key(key, config) for key in keys}
     rules = _JAMBA_RENAMES if layout == "jamba" else _SSM_RENAMES
     out = {}
     for key in keys:

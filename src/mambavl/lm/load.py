@@ -55,7 +55,7 @@ def to_our_keys(
     """A checkpoint's LM tensors in `layout` -> ours, and for each of our keys the label of its source
     (`labels`: original key -> "file:key", for error messages). Jamba's per-expert weights are stacked; a
     tied head is dropped (mamba_ssm saves it; it is the embedding)."""
-    names = rename_keys(raw, layout)
+    names = rename_keys(raw, layout, config)
     sd = {names[k]: v for k, v in raw.items()}
     source = {names[k]: labels[k] for k in raw}
     if layout == "jamba":

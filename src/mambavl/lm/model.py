@@ -28,9 +28,12 @@ FFN_CLASSES = {"mlp": MLP, "moe": MoE}
 class Block(nn.Module):
     def __init__(self, cfg: LMConfig, mixer: str, ffn: str):
         super().__init__()
-        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.residual_in_fp32 = cfg.residual_in_fp32
-        self.mixer = MIXER_CLASSES[mixer](cfg)
+        if mixer != "none":
+            self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+            self.mixer = MIXER_CLASSES[mixer](cfg)
+        else:  # a feed-forward block alone
+            self.mixer = None
         if ffn != "none":
             self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
             self.ffn = FFN_CLASSES[ffn](cfg)
@@ -47,8 +50,9 @@ class Block(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(previous sublayer's output, residual stream before it) -> the same after this block. The add
         into the residual stream is fused with the norm that reads it (one kernel on GPUs)."""
-        x, residual = self.norm.add(out, residual, self.residual_in_fp32)
-        out = self.mixer(x.to(dtype), state, valid)
+        if self.mixer is not None:
+            x, residual = self.norm.add(out, residual, self.residual_in_fp32)
+            out = self.mixer(x.to(dtype), state, valid)
         if self.ffn is not None:
             x, residual = self.ffn_norm.add(out, residual, self.residual_in_fp32)
             out = self.ffn(x.to(dtype))
@@ -85,7 +89,12 @@ class LanguageModel(nn.Module):
     def new_state(self, batch_size: int, device=None) -> LMState:
         """A zero state for `batch_size` new sequences (fp32; on the model's device by default)."""
         device = self.device if device is None else device
-        return LMState([layer.mixer.new_state(batch_size, device) for layer in self.layers])
+        return LMState(
+            [
+                {} if layer.mixer is None else layer.mixer.new_state(batch_size, device)
+                for layer in self.layers
+            ]
+        )
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         vocab = self.config.vocab_size
