@@ -464,3 +464,27 @@ def test_checkpointing_at_start():
         assert checkpointing_at_start(cfg, torch.device("cuda"), 1) is choice
     with pytest.raises(ValueError, match="gradient_checkpointing must be true, false or 'auto'"):
         replace(auto, gradient_checkpointing="sometimes", stage="finetune").resolved()
+
+
+def test_the_cobra_recipe_trains_on_a_hybrid_nemotron_h_lm(shapes, tmp_path):
+    """Cobra's towers and projector on a tiny Nemotron-H (Mamba-2, attention and MLP blocks): finetuning
+    learns, the model reloads, and it answers through the engine and the server."""
+    from mambavl.bench.serve import chat_body, run_load
+    from serving import LiveServer
+
+    cfg = tiny_cfg(shapes, tmp_path / "run", model="tiny-cobra-nemotron-h", max_steps=12, learning_rate=1e-2)
+    result = train(cfg)
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert records[-1]["loss"] < 0.5 * records[0]["loss"]
+    vlm = mambavl.load(result.model_dir)
+    assert vlm.lm.config.family == "nemotron_h" and "none" in vlm.lm.config.mixers
+    pb = vlm.get_prompt_builder()
+    pb.add_turn("human", "How many objects are there?")
+    image = str(shapes["images"] / "train-00000.png")
+    answers = vlm.generate([image, image], [pb.get_prompt()] * 2, max_new_tokens=6)
+    assert answers[0] == answers[1] == vlm.generate(image, pb.get_prompt(), max_new_tokens=6)
+    with LiveServer(vlm) as url:
+        outcome = run_load(url, [chat_body("How many objects are there?", max_tokens=6, temperature=0)], 1)[
+            0
+        ][0]
+    assert outcome.ok and outcome.tokens >= 1

@@ -106,6 +106,25 @@ TINY_JAMBA = lm_config_from_json(
     ),
     "preset",
 )[0]
+# A dense Nemotron-H hybrid (Mamba-2, attention and squared-ReLU MLP blocks), tiny: the Cobra recipe on it.
+TINY_NEMOTRON_H = lm_config_from_json(
+    dict(
+        model_type="nemotron_h",
+        hidden_size=64,
+        hybrid_override_pattern="M-*-M-",
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        intermediate_size=96,
+        mamba_num_heads=8,
+        mamba_head_dim=16,
+        n_groups=2,
+        ssm_state_size=16,
+        chunk_size=32,
+        vocab_size=264,
+    ),
+    "preset",
+)[0]
 VIPER_SYSTEM = "You are a helpful language and vision assistant. "
 _VIPER = dict(
     tower="clip-vit-l-336px",
@@ -155,6 +174,13 @@ PRESETS: dict[str, VLMConfig] = {
         tower="tiny-dinosiglip",
         projector="fused-gelu-mlp",
         lm=TINY_MAMBA,
+        tokenizer="bytes",
+    ),
+    "tiny-cobra-nemotron-h": VLMConfig(  # Cobra's towers and projector on a hybrid Nemotron-H LM
+        name="tiny-cobra-nemotron-h",
+        tower="tiny-dinosiglip",
+        projector="fused-gelu-mlp",
+        lm=TINY_NEMOTRON_H,
         tokenizer="bytes",
     ),
     "tiny-mlmamba": VLMConfig(

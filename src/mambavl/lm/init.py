@@ -48,7 +48,8 @@ def init_weights(lm: nn.Module) -> None:
         residuals = (layer.mixer is not None) + (layer.ffn is not None)
         scale = math.sqrt(residuals * len(lm.layers))
         out = getattr(layer.mixer, "out_proj", None) or getattr(layer.mixer, "o_proj", None)
-        out.weight.div_(scale)
+        if out is not None:  # a feed-forward block alone has no mixer
+            out.weight.div_(scale)
         if isinstance(layer.ffn, MoE):
             layer.ffn.down_proj.div_(scale)
         elif layer.ffn is not None:
