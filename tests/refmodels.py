@@ -129,6 +129,23 @@ CASES = {
             conv_kernel=3,
         )
     ),
+    "bamba-rope-groups-gqa": lambda: tf.BambaForCausalLM(
+        tf.BambaConfig(
+            vocab_size=101,
+            hidden_size=32,
+            intermediate_size=40,
+            num_hidden_layers=4,
+            attn_layer_indices=[1, 3],
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            mamba_n_heads=8,
+            mamba_n_groups=2,
+            mamba_d_state=8,
+            mamba_d_conv=3,
+            mamba_expand=2,
+            mamba_chunk_size=8,
+        )
+    ),
 }
 
 

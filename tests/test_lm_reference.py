@@ -87,3 +87,28 @@ def test_state_is_fp32_and_fixed_size_for_mamba_layers(pair):
 def test_num_parameters_equals_transformers(pair):
     _, ref, lm = pair
     assert lm.num_parameters() == sum(p.numel() for p in ref.parameters())
+
+
+@torch.no_grad()
+def test_ragged_rows_and_stacked_states_continue_as_alone(pair):
+    """Right-padded rows of different lengths, and rows resumed from states of different lengths stacked
+    into one batch (`LMState.stack`: attention caches padded), give each row's own logits: padding is
+    never attended to and never counts as a position (rotary embeddings included)."""
+    from mambavl.lm.state import LMState
+
+    _, _, lm = pair
+    ids = _ids(lm, batch=2, length=20)
+    lengths = torch.tensor([20, 13])
+    state = lm.new_state(2)
+    ragged = lm(ids, state=state, lengths=lengths)
+    alone = [lm.new_state(1), lm.new_state(1)]
+    for b in range(2):
+        want = lm(ids[b : b + 1, : lengths[b]], state=alone[b])
+        torch.testing.assert_close(ragged[b, : lengths[b]], want[0], atol=TOL, rtol=0)
+    nxt = _ids(lm, batch=2, length=3)
+    stacked = LMState.stack([alone[0].clone(), alone[1].clone()])
+    for batch_state in (state, stacked):
+        got = lm(nxt, state=batch_state)
+        for b in range(2):
+            want = lm(nxt[b : b + 1], state=alone[b].clone())
+            torch.testing.assert_close(got[b], want[0], atol=TOL, rtol=0)

@@ -1,5 +1,8 @@
-"""Causal self-attention with grouped-query heads and a KV cache, as in Jamba's attention layers
-(no positional encoding: the Mamba layers carry position)."""
+"""Causal self-attention with grouped-query heads and a KV cache: without positional encoding, as in
+Jamba's and Nemotron-H's attention layers (the Mamba layers carry position), or with rotary embeddings on
+the first `rotary_dim` channels of each head (Bamba: half of them). A token's position is the number of
+real tokens before it in its row (padding in the cache does not count), so ragged batches and rows
+resumed from different states rotate exactly as one row alone."""
 
 from __future__ import annotations
 
@@ -19,6 +22,19 @@ class Attention(nn.Module):
         self.k_proj = Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.v_proj = Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.o_proj = Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+        self.rotary_dim, self.rope_theta = cfg.rotary_dim, cfg.rope_theta
+
+    def _rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Rotary embedding of x [B, H, T, Dh] at positions [B, T] on its first `rotary_dim` channels
+        (halves rotated against each other, as transformers' `rotate_half`)."""
+        dim = self.rotary_dim
+        inv = 1.0 / (self.rope_theta ** (torch.arange(0, dim, 2, device=x.device, dtype=torch.float32) / dim))
+        angles = positions[..., None].float() * inv  # [B, T, dim/2]
+        angles = torch.cat([angles, angles], dim=-1)[:, None]  # [B, 1, T, dim]
+        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        rot, rest = x[..., :dim], x[..., dim:]
+        half = torch.cat([-rot[..., dim // 2 :], rot[..., : dim // 2]], dim=-1)
+        return torch.cat([rot * cos + half * sin, rest], dim=-1)
 
     def new_state(self, batch: int, device=None) -> dict[str, torch.Tensor]:
         empty = torch.zeros(batch, self.n_kv, 0, self.head_dim, dtype=torch.float32, device=device)
@@ -42,6 +58,10 @@ class Attention(nn.Module):
         past = 0
         new_valid = torch.ones(batch, T, dtype=torch.bool, device=hidden.device) if valid is None else valid
         keys_valid = new_valid
+        if self.rotary_dim:
+            before = state["valid"].sum(-1) if state is not None else torch.zeros(batch, device=hidden.device)
+            positions = before[:, None] + torch.arange(T, device=hidden.device)[None, :]
+            q, k = self._rotate(q, positions), self._rotate(k, positions)
         if state is not None:
             past = state["k"].shape[2]
             k = state["k"] = torch.cat([state["k"], k.float()], dim=2)

@@ -70,6 +70,8 @@ class LMConfig:
     n_heads: int = 0
     n_kv_heads: int = 0
     head_dim: int = 0  # 0 = d_model / n_heads
+    rotary_dim: int = 0  # channels of each head rotated by RoPE (0: no positional encoding)
+    rope_theta: float = 10000.0
     d_ffn: int = 0
     ffn_act: str = "silu_gated"  # silu_gated: SwiGLU (gate, up, down); relu2: relu(up x)² then down
     n_experts: int = 1
@@ -161,6 +163,8 @@ class LMConfig:
             )
         if "attention" in self.mixers and self.head_dim <= 0:
             problems.append(f"attention needs head_dim > 0 (d_model {self.d_model} / n_heads {self.n_heads})")
+        if self.rotary_dim < 0 or self.rotary_dim % 2 or (self.head_dim and self.rotary_dim > self.head_dim):
+            problems.append(f"rotary_dim={self.rotary_dim} must be even and in [0, head_dim={self.head_dim}]")
         if any(f != "none" for f in self.ffns) and self.d_ffn <= 0:
             problems.append("a feed-forward layer needs d_ffn > 0")
         if "moe" in self.ffns and not 1 <= self.top_k <= self.n_experts:

@@ -219,6 +219,59 @@ def _hf_nemotron_h(f: ConfigFields) -> LMConfig:
     )
 
 
+def _hf_bamba(f: ConfigFields) -> LMConfig:
+    """Bamba: Mamba-2 layers with a few attention layers (RoPE on half of each head), a SwiGLU MLP in
+    every layer."""
+    f.text("hidden_act", "silu", ["silu"])
+    for key in ("attention_bias", "mlp_bias"):
+        if f.flag(key, False):
+            raise CheckpointError(f"{f.source}: {key}=true is not supported (Bamba releases have none)")
+    n = f.integer("num_hidden_layers", 32)
+    if n > MAX_LAYERS:
+        raise CheckpointError(f"{f.source}: {n} layers; mambavl reads at most {MAX_LAYERS}")
+    attn = f.raw.get("attn_layer_indices") or []
+    if not isinstance(attn, list) or not all(isinstance(i, int) and 0 <= i < n for i in attn):
+        raise f.fail("attn_layer_indices", f"a list of layer indices below {n}", attn)
+    d_model = f.integer("hidden_size", 4096)
+    d_inner = f.integer("mamba_expand", 2) * d_model
+    heads = f.integer("mamba_n_heads", 128)
+    headdim = d_inner // heads if f.raw.get("mamba_d_head", "auto") == "auto" else f.integer("mamba_d_head")
+    if heads * headdim != d_inner:
+        raise CheckpointError(f"{f.source}: mamba_n_heads {heads} × mamba_d_head {headdim} ≠ {d_inner}")
+    n_heads = f.integer("num_attention_heads", 32)
+    head_dim = d_model // n_heads
+    rope = f.section("rope_parameters")
+    eps = f.number("rms_norm_eps", 1e-5)
+    return LMConfig(
+        family="bamba",
+        d_model=d_model,
+        n_layer=n,
+        vocab_size=f.integer("vocab_size", 128000),
+        mixers=tuple("attention" if i in attn else "mamba2" for i in range(n)),
+        ffns=("mlp",) * n,
+        d_state=f.integer("mamba_d_state", 256),
+        d_conv=f.integer("mamba_d_conv", 4),
+        d_inner=d_inner,
+        headdim=headdim,
+        ngroups=f.integer("mamba_n_groups", 1),
+        chunk_size=f.integer("mamba_chunk_size", 256),
+        dt_limit=_limit(f, "time_step_limit", NO_LIMIT),
+        conv_bias=f.flag("mamba_conv_bias", True),
+        proj_bias=f.flag("mamba_proj_bias", False),
+        gated_norm_eps=eps,
+        n_heads=n_heads,
+        n_kv_heads=f.integer("num_key_value_heads", n_heads),
+        head_dim=head_dim,
+        rotary_dim=int(head_dim * 0.5) // 2 * 2,  # transformers fixes Bamba's partial_rotary_factor at 0.5
+        rope_theta=rope.number("rope_theta", f.number("rope_theta", 10000.0)),
+        d_ffn=f.integer("intermediate_size", 14336),
+        norm_eps=eps,
+        residual_in_fp32=False,
+        tie_embeddings=f.flag("tie_word_embeddings", False),
+        extra=f.raw,
+    )
+
+
 # mamba_ssm's per-layer defaults (modules/mamba_simple.py `Mamba`, modules/mamba2.py `Mamba2`).
 MAMBA_SSM_DEFAULTS = {
     "Mamba1": dict(d_state=16, d_conv=4, expand=2, dt_rank="auto", conv_bias=True, bias=False),
@@ -295,6 +348,7 @@ HF_LAYOUTS = {
     "mamba2": _hf_mamba2,
     "jamba": _hf_jamba,
     "nemotron_h": _hf_nemotron_h,
+    "bamba": _hf_bamba,
 }
 
 
@@ -355,7 +409,7 @@ def rename_keys(keys, layout: str, config: LMConfig | None = None) -> dict[str, 
     need the `config` (which blocks are MLP blocks)."""
     if layout == "nemotron_h":
         return {key: _nemotron_key(key, config) for key in keys}
-    rules = _JAMBA_RENAMES if layout == "jamba" else _SSM_RENAMES
+    rules = _JAMBA_RENAMES if layout in ("jamba", "bamba") else _SSM_RENAMES
     out = {}
     for key in keys:
         new = key
