@@ -146,6 +146,42 @@ CASES = {
             mamba_chunk_size=8,
         )
     ),
+    "granite_h-dense-rope-multipliers": lambda: tf.GraniteMoeHybridForCausalLM(
+        tf.GraniteMoeHybridConfig(
+            vocab_size=101,
+            hidden_size=32,
+            num_hidden_layers=4,
+            layer_types=["mamba", "attention", "mamba", "attention"],
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            shared_intermediate_size=40,
+            num_local_experts=0,
+            position_embedding_type="rope",
+            embedding_multiplier=1.7,
+            residual_multiplier=0.6,
+            attention_multiplier=0.3,
+            logits_scaling=2.5,
+            mamba_n_heads=8,
+            mamba_n_groups=2,
+            mamba_d_state=8,
+            mamba_d_conv=3,
+            mamba_chunk_size=8,
+        )
+    ),
+    "granite_h-dense-nope-tied": lambda: tf.GraniteMoeHybridForCausalLM(
+        tf.GraniteMoeHybridConfig(
+            vocab_size=90,
+            hidden_size=32,
+            num_hidden_layers=3,
+            layer_types=["mamba", "mamba", "attention"],
+            num_attention_heads=2,
+            shared_intermediate_size=24,
+            num_local_experts=0,
+            mamba_n_heads=4,
+            mamba_d_state=4,
+            tie_word_embeddings=True,
+        )
+    ),
 }
 
 

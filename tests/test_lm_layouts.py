@@ -239,3 +239,19 @@ def test_nemotron_h_block_patterns():
         lm_config_from_json(base | {"hybrid_override_pattern": "MX"}, "config.json")
     with pytest.raises(CheckpointError, match="layers_block_type must be"):
         lm_config_from_json(base | {"layers_block_type": ["mamba", 3]}, "config.json")
+
+
+def test_granite_h_moe_and_unknown_layers_are_refused():
+    import pytest
+
+    from mambavl.checkpoints.files import CheckpointError
+    from mambavl.lm.layouts import lm_config_from_json
+
+    base = dict(model_type="granitemoehybrid", hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                mamba_n_heads=4, shared_intermediate_size=8, vocab_size=64)  # fmt: skip
+    cfg, _ = lm_config_from_json(base | {"num_local_experts": 0, "layer_types": ["mamba", "attention"]}, "c")
+    assert cfg.mixers == ("mamba2", "attention") and cfg.rotary_dim == 0
+    with pytest.raises(CheckpointError, match="mixture-of-experts"):
+        lm_config_from_json(base | {"num_local_experts": 4}, "config.json")
+    with pytest.raises(CheckpointError, match="layer_types must be"):
+        lm_config_from_json(base | {"num_local_experts": 0, "layer_types": ["mamba", "conv"]}, "config.json")

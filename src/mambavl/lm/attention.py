@@ -23,6 +23,7 @@ class Attention(nn.Module):
         self.v_proj = Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.o_proj = Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
         self.rotary_dim, self.rope_theta = cfg.rotary_dim, cfg.rope_theta
+        self.scale = cfg.attention_scale or None  # None: 1/√head_dim
 
     def _rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Rotary embedding of x [B, H, T, Dh] at positions [B, T] on its first `rotary_dim` channels
@@ -73,13 +74,13 @@ class Attention(nn.Module):
             k = k.repeat_interleave(self.n_heads // self.n_kv, dim=1)
             v = v.repeat_interleave(self.n_heads // self.n_kv, dim=1)
         if past == 0 and bool(keys_valid.all()):
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, scale=self.scale)
         else:  # query i sits at position past + i and sees the real keys among 0 .. past + i
             keys = torch.arange(past + T, device=q.device)
             queries = past + torch.arange(T, device=q.device)
             mask = (keys[None, :] <= queries[:, None]) & keys_valid[:, None, :]  # [B, T, S]
             # a padding query sees at least itself, so no row of the softmax is empty (no NaN)
             mask = mask | (keys[None, :] == queries[:, None])
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=self.scale)
         out = out.transpose(1, 2).reshape(batch, T, -1).to(hidden.dtype)
         return self.o_proj(out)

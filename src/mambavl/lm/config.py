@@ -72,6 +72,11 @@ class LMConfig:
     head_dim: int = 0  # 0 = d_model / n_heads
     rotary_dim: int = 0  # channels of each head rotated by RoPE (0: no positional encoding)
     rope_theta: float = 10000.0
+    attention_scale: float = 0.0  # q·k's softmax scale (0: 1/√head_dim; Granite's attention_multiplier)
+    # Granite's µP multipliers: input embeddings, what each sublayer adds to the residual stream, logits (÷)
+    embedding_multiplier: float = 1.0
+    residual_multiplier: float = 1.0
+    logits_scaling: float = 1.0
     d_ffn: int = 0
     ffn_act: str = "silu_gated"  # silu_gated: SwiGLU (gate, up, down); relu2: relu(up x)² then down
     n_experts: int = 1

@@ -272,6 +272,73 @@ def _hf_bamba(f: ConfigFields) -> LMConfig:
     )
 
 
+def _granite_hybrid(f: ConfigFields) -> LMConfig:
+    """Granite-4.0-H (transformers' granitemoehybrid), dense: Mamba-2 and attention layers (no positional
+    encoding, or RoPE), each with a SwiGLU shared MLP, and Granite's multipliers (embeddings, residual adds,
+    attention scale, logits)."""
+    f.text("hidden_act", "silu", ["silu"])
+    if experts := f.integer("num_local_experts", 8, minimum=0):
+        raise CheckpointError(
+            f"{f.source}: num_local_experts={experts}: Granite-4.0-H's mixture-of-experts layers are not "
+            "supported yet; the dense models (num_local_experts 0) are"
+        )
+    if f.flag("attention_bias", False):
+        raise CheckpointError(f"{f.source}: attention_bias=true is not supported")
+    n = f.integer("num_hidden_layers", 32)
+    if n > MAX_LAYERS:
+        raise CheckpointError(f"{f.source}: {n} layers; mambavl reads at most {MAX_LAYERS}")
+    listed = f.raw.get("layer_types", f.raw.get("layers_block_type")) or ["mamba"] * n
+    kinds = {"mamba": "mamba2", "linear_attention": "mamba2", "attention": "attention"}
+    kinds["full_attention"] = "attention"
+    if not isinstance(listed, list) or len(listed) != n or not all(t in kinds for t in listed):
+        raise f.fail("layer_types", f"{n} of {sorted(kinds)}", listed)
+    position = f.raw.get("position_embedding_type") or "nope"
+    if position not in ("nope", "rope"):
+        raise f.fail("position_embedding_type", "'rope', 'nope' or null", position)
+    d_model = f.integer("hidden_size", 4096)
+    d_inner = f.integer("mamba_expand", 2) * d_model
+    heads = f.integer("mamba_n_heads", 128)
+    headdim = d_inner // heads if f.raw.get("mamba_d_head", "auto") == "auto" else f.integer("mamba_d_head")
+    if heads * headdim != d_inner:
+        raise CheckpointError(f"{f.source}: mamba_n_heads {heads} × mamba_d_head {headdim} ≠ {d_inner}")
+    n_heads = f.integer("num_attention_heads", 32)
+    head_dim = d_model // n_heads
+    rope = f.section("rope_parameters")
+    eps = f.number("rms_norm_eps", 1e-6)
+    return LMConfig(
+        family="granitemoehybrid",
+        d_model=d_model,
+        n_layer=n,
+        vocab_size=f.integer("vocab_size", 32000),
+        mixers=tuple(kinds[t] for t in listed),
+        ffns=("mlp",) * n,
+        d_state=f.integer("mamba_d_state", 256),
+        d_conv=f.integer("mamba_d_conv", 4),
+        d_inner=d_inner,
+        headdim=headdim,
+        ngroups=f.integer("mamba_n_groups", 1),
+        chunk_size=f.integer("mamba_chunk_size", 256),
+        dt_limit=_limit(f, "time_step_limit", NO_LIMIT),
+        conv_bias=f.flag("mamba_conv_bias", True),
+        proj_bias=f.flag("mamba_proj_bias", False),
+        gated_norm_eps=eps,
+        n_heads=n_heads,
+        n_kv_heads=f.integer("num_key_value_heads", n_heads),
+        head_dim=head_dim,
+        rotary_dim=head_dim if position == "rope" else 0,
+        rope_theta=rope.number("rope_theta", f.number("rope_theta", 10000.0)),
+        attention_scale=f.number("attention_multiplier", 1.0),
+        embedding_multiplier=f.number("embedding_multiplier", 1.0),
+        residual_multiplier=f.number("residual_multiplier", 1.0),
+        logits_scaling=f.number("logits_scaling", 1.0),
+        d_ffn=f.integer("shared_intermediate_size", 1024),
+        norm_eps=eps,
+        residual_in_fp32=False,
+        tie_embeddings=f.flag("tie_word_embeddings", False),
+        extra=f.raw,
+    )
+
+
 # mamba_ssm's per-layer defaults (modules/mamba_simple.py `Mamba`, modules/mamba2.py `Mamba2`).
 MAMBA_SSM_DEFAULTS = {
     "Mamba1": dict(d_state=16, d_conv=4, expand=2, dt_rank="auto", conv_bias=True, bias=False),
@@ -349,6 +416,7 @@ HF_LAYOUTS = {
     "jamba": _hf_jamba,
     "nemotron_h": _hf_nemotron_h,
     "bamba": _hf_bamba,
+    "granitemoehybrid": _granite_hybrid,
 }
 
 
@@ -385,6 +453,15 @@ _JAMBA_RENAMES = [
     (r"^model\.layers\.(\d+)\.feed_forward\.experts\.(gate_up_proj|down_proj)$", r"layers.\1.ffn.\2"),
     (r"^model\.layers\.(\d+)\.feed_forward\.", r"layers.\1.ffn."),
 ]
+_GRANITE_RENAMES = [
+    (r"^model\.embed_tokens\.", "embedding."),
+    (r"^model\.norm\.", "norm_f."),
+    (r"^model\.layers\.(\d+)\.input_layernorm\.", r"layers.\1.norm."),
+    (r"^model\.layers\.(\d+)\.post_attention_layernorm\.", r"layers.\1.ffn_norm."),
+    (r"^model\.layers\.(\d+)\.(?:self_attn|mamba)\.", r"layers.\1.mixer."),
+    (r"^model\.layers\.(\d+)\.shared_mlp\.input_linear\.", r"layers.\1.ffn.gate_up_proj."),
+    (r"^model\.layers\.(\d+)\.shared_mlp\.output_linear\.", r"layers.\1.ffn.down_proj."),
+]
 _SSM_RENAMES = [(r"^backbone\.embeddings?\.", "embedding."), (r"^backbone\.", "")]
 _EXPERT = re.compile(r"^(layers\.\d+\.ffn)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 
@@ -409,7 +486,9 @@ def rename_keys(keys, layout: str, config: LMConfig | None = None) -> dict[str, 
     need the `config` (which blocks are MLP blocks)."""
     if layout == "nemotron_h":
         return {key: _nemotron_key(key, config) for key in keys}
-    rules = _JAMBA_RENAMES if layout in ("jamba", "bamba") else _SSM_RENAMES
+    rules = {"jamba": _JAMBA_RENAMES, "bamba": _JAMBA_RENAMES, "granitemoehybrid": _GRANITE_RENAMES}.get(
+        layout, _SSM_RENAMES
+    )
     out = {}
     for key in keys:
         new = key

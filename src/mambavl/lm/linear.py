@@ -12,3 +12,16 @@ from mambavl import ops
 class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ops.linear(x, self.weight, self.bias)
+
+
+class Head(Linear):
+    """The output projection to the vocabulary, its logits divided by `scaling` (Granite's
+    logits_scaling; 1: as they are). The same weight key as a Linear."""
+
+    def __init__(self, in_features: int, out_features: int, scaling: float = 1.0):
+        super().__init__(in_features, out_features, bias=False)
+        self.scaling = scaling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = super().forward(x)
+        return logits if self.scaling == 1.0 else logits / self.scaling

@@ -15,7 +15,7 @@ from mambavl.lm.attention import Attention
 from mambavl.lm.config import LMConfig
 from mambavl.lm.ffn import MLP, MoE
 from mambavl.lm.init import init_weights
-from mambavl.lm.linear import Linear
+from mambavl.lm.linear import Head
 from mambavl.lm.mamba1 import Mamba1Mixer
 from mambavl.lm.mamba2 import Mamba2Mixer
 from mambavl.lm.norm import RMSNorm
@@ -29,6 +29,7 @@ class Block(nn.Module):
     def __init__(self, cfg: LMConfig, mixer: str, ffn: str):
         super().__init__()
         self.residual_in_fp32 = cfg.residual_in_fp32
+        self.residual_multiplier = cfg.residual_multiplier  # Granite scales what each sublayer adds
         if mixer != "none":
             self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
             self.mixer = MIXER_CLASSES[mixer](cfg)
@@ -52,11 +53,14 @@ class Block(nn.Module):
         into the residual stream is fused with the norm that reads it (one kernel on GPUs)."""
         if self.mixer is not None:
             x, residual = self.norm.add(out, residual, self.residual_in_fp32)
-            out = self.mixer(x.to(dtype), state, valid)
+            out = self._scaled(self.mixer(x.to(dtype), state, valid))
         if self.ffn is not None:
             x, residual = self.ffn_norm.add(out, residual, self.residual_in_fp32)
-            out = self.ffn(x.to(dtype))
+            out = self._scaled(self.ffn(x.to(dtype)))
         return out, residual
+
+    def _scaled(self, out: torch.Tensor) -> torch.Tensor:
+        return out if self.residual_multiplier == 1.0 else out * self.residual_multiplier
 
 
 class LanguageModel(nn.Module):
@@ -68,7 +72,7 @@ class LanguageModel(nn.Module):
             Block(config, m, f) for m, f in zip(config.mixers, config.ffns, strict=True)
         )
         self.norm_f = RMSNorm(config.d_model, config.norm_eps)
-        self.lm_head = Linear(config.d_model, config.vocab_size, bias=False)
+        self.lm_head = Head(config.d_model, config.vocab_size, config.logits_scaling)
         if config.tie_embeddings:
             self.lm_head.weight = self.embedding.weight
         init_weights(self)
@@ -135,6 +139,8 @@ class LanguageModel(nn.Module):
                     f"got shape {tuple(inputs_embeds.shape)}"
                 )
             hidden = inputs_embeds.to(self.dtype)
+        if self.config.embedding_multiplier != 1.0:  # Granite: every input embedding, image ones included
+            hidden = hidden * self.config.embedding_multiplier
         if state is not None:
             self._check_state(state, hidden.shape[0])
         valid = None if lengths is None else self._valid(lengths, hidden.shape[:2], hidden.device)
