@@ -219,19 +219,13 @@ def _hf_nemotron_h(f: ConfigFields) -> LMConfig:
     )
 
 
-def _hf_bamba(f: ConfigFields) -> LMConfig:
-    """Bamba: Mamba-2 layers with a few attention layers (RoPE on half of each head), a SwiGLU MLP in
-    every layer."""
+def _ibm_hybrid(f: ConfigFields, eps_default: float) -> tuple[int, dict]:
+    """What Bamba's and Granite-4.0-H's configs spell alike (their `mamba_*` fields, attention heads, the
+    layer count): (layers, LMConfig fields)."""
     f.text("hidden_act", "silu", ["silu"])
-    for key in ("attention_bias", "mlp_bias"):
-        if f.flag(key, False):
-            raise CheckpointError(f"{f.source}: {key}=true is not supported (Bamba releases have none)")
     n = f.integer("num_hidden_layers", 32)
     if n > MAX_LAYERS:
         raise CheckpointError(f"{f.source}: {n} layers; mambavl reads at most {MAX_LAYERS}")
-    attn = f.raw.get("attn_layer_indices") or []
-    if not isinstance(attn, list) or not all(isinstance(i, int) and 0 <= i < n for i in attn):
-        raise f.fail("attn_layer_indices", f"a list of layer indices below {n}", attn)
     d_model = f.integer("hidden_size", 4096)
     d_inner = f.integer("mamba_expand", 2) * d_model
     heads = f.integer("mamba_n_heads", 128)
@@ -239,15 +233,10 @@ def _hf_bamba(f: ConfigFields) -> LMConfig:
     if heads * headdim != d_inner:
         raise CheckpointError(f"{f.source}: mamba_n_heads {heads} × mamba_d_head {headdim} ≠ {d_inner}")
     n_heads = f.integer("num_attention_heads", 32)
-    head_dim = d_model // n_heads
-    rope = f.section("rope_parameters")
-    eps = f.number("rms_norm_eps", 1e-5)
-    return LMConfig(
-        family="bamba",
+    eps = f.number("rms_norm_eps", eps_default)
+    return n, dict(
         d_model=d_model,
         n_layer=n,
-        vocab_size=f.integer("vocab_size", 128000),
-        mixers=tuple("attention" if i in attn else "mamba2" for i in range(n)),
         ffns=("mlp",) * n,
         d_state=f.integer("mamba_d_state", 256),
         d_conv=f.integer("mamba_d_conv", 4),
@@ -261,10 +250,8 @@ def _hf_bamba(f: ConfigFields) -> LMConfig:
         gated_norm_eps=eps,
         n_heads=n_heads,
         n_kv_heads=f.integer("num_key_value_heads", n_heads),
-        head_dim=head_dim,
-        rotary_dim=int(head_dim * 0.5) // 2 * 2,  # transformers fixes Bamba's partial_rotary_factor at 0.5
-        rope_theta=rope.number("rope_theta", f.number("rope_theta", 10000.0)),
-        d_ffn=f.integer("intermediate_size", 14336),
+        head_dim=d_model // n_heads,
+        rope_theta=f.section("rope_parameters").number("rope_theta", f.number("rope_theta", 10000.0)),
         norm_eps=eps,
         residual_in_fp32=False,
         tie_embeddings=f.flag("tie_word_embeddings", False),
@@ -272,11 +259,30 @@ def _hf_bamba(f: ConfigFields) -> LMConfig:
     )
 
 
+def _hf_bamba(f: ConfigFields) -> LMConfig:
+    """Bamba: Mamba-2 layers with a few attention layers (RoPE on half of each head), a SwiGLU MLP in
+    every layer."""
+    for key in ("attention_bias", "mlp_bias"):
+        if f.flag(key, False):
+            raise CheckpointError(f"{f.source}: {key}=true is not supported (Bamba releases have none)")
+    n, fields = _ibm_hybrid(f, 1e-5)
+    attn = f.raw.get("attn_layer_indices") or []
+    if not isinstance(attn, list) or not all(isinstance(i, int) and 0 <= i < n for i in attn):
+        raise f.fail("attn_layer_indices", f"a list of layer indices below {n}", attn)
+    return LMConfig(
+        family="bamba",
+        vocab_size=f.integer("vocab_size", 128000),
+        mixers=tuple("attention" if i in attn else "mamba2" for i in range(n)),
+        rotary_dim=fields["head_dim"] // 2 // 2 * 2,  # Bamba: partial_rotary_factor fixed at 0.5
+        d_ffn=f.integer("intermediate_size", 14336),
+        **fields,
+    )
+
+
 def _granite_hybrid(f: ConfigFields) -> LMConfig:
     """Granite-4.0-H (transformers' granitemoehybrid), dense: Mamba-2 and attention layers (no positional
     encoding, or RoPE), each with a SwiGLU shared MLP, and Granite's multipliers (embeddings, residual adds,
     attention scale, logits)."""
-    f.text("hidden_act", "silu", ["silu"])
     if experts := f.integer("num_local_experts", 8, minimum=0):
         raise CheckpointError(
             f"{f.source}: num_local_experts={experts}: Granite-4.0-H's mixture-of-experts layers are not "
@@ -284,9 +290,7 @@ def _granite_hybrid(f: ConfigFields) -> LMConfig:
         )
     if f.flag("attention_bias", False):
         raise CheckpointError(f"{f.source}: attention_bias=true is not supported")
-    n = f.integer("num_hidden_layers", 32)
-    if n > MAX_LAYERS:
-        raise CheckpointError(f"{f.source}: {n} layers; mambavl reads at most {MAX_LAYERS}")
+    n, fields = _ibm_hybrid(f, 1e-6)
     listed = f.raw.get("layer_types", f.raw.get("layers_block_type")) or ["mamba"] * n
     kinds = {"mamba": "mamba2", "linear_attention": "mamba2", "attention": "attention"}
     kinds["full_attention"] = "attention"
@@ -295,47 +299,17 @@ def _granite_hybrid(f: ConfigFields) -> LMConfig:
     position = f.raw.get("position_embedding_type") or "nope"
     if position not in ("nope", "rope"):
         raise f.fail("position_embedding_type", "'rope', 'nope' or null", position)
-    d_model = f.integer("hidden_size", 4096)
-    d_inner = f.integer("mamba_expand", 2) * d_model
-    heads = f.integer("mamba_n_heads", 128)
-    headdim = d_inner // heads if f.raw.get("mamba_d_head", "auto") == "auto" else f.integer("mamba_d_head")
-    if heads * headdim != d_inner:
-        raise CheckpointError(f"{f.source}: mamba_n_heads {heads} × mamba_d_head {headdim} ≠ {d_inner}")
-    n_heads = f.integer("num_attention_heads", 32)
-    head_dim = d_model // n_heads
-    rope = f.section("rope_parameters")
-    eps = f.number("rms_norm_eps", 1e-6)
     return LMConfig(
         family="granitemoehybrid",
-        d_model=d_model,
-        n_layer=n,
         vocab_size=f.integer("vocab_size", 32000),
         mixers=tuple(kinds[t] for t in listed),
-        ffns=("mlp",) * n,
-        d_state=f.integer("mamba_d_state", 256),
-        d_conv=f.integer("mamba_d_conv", 4),
-        d_inner=d_inner,
-        headdim=headdim,
-        ngroups=f.integer("mamba_n_groups", 1),
-        chunk_size=f.integer("mamba_chunk_size", 256),
-        dt_limit=_limit(f, "time_step_limit", NO_LIMIT),
-        conv_bias=f.flag("mamba_conv_bias", True),
-        proj_bias=f.flag("mamba_proj_bias", False),
-        gated_norm_eps=eps,
-        n_heads=n_heads,
-        n_kv_heads=f.integer("num_key_value_heads", n_heads),
-        head_dim=head_dim,
-        rotary_dim=head_dim if position == "rope" else 0,
-        rope_theta=rope.number("rope_theta", f.number("rope_theta", 10000.0)),
+        rotary_dim=fields["head_dim"] if position == "rope" else 0,
         attention_scale=f.number("attention_multiplier", 1.0),
         embedding_multiplier=f.number("embedding_multiplier", 1.0),
         residual_multiplier=f.number("residual_multiplier", 1.0),
         logits_scaling=f.number("logits_scaling", 1.0),
         d_ffn=f.integer("shared_intermediate_size", 1024),
-        norm_eps=eps,
-        residual_in_fp32=False,
-        tie_embeddings=f.flag("tie_word_embeddings", False),
-        extra=f.raw,
+        **fields,
     )
 
 
