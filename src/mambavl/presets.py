@@ -176,13 +176,6 @@ PRESETS: dict[str, VLMConfig] = {
         lm=TINY_MAMBA,
         tokenizer="bytes",
     ),
-    "tiny-cobra-nemotron-h": VLMConfig(  # Cobra's towers and projector on a hybrid Nemotron-H LM
-        name="tiny-cobra-nemotron-h",
-        tower="tiny-dinosiglip",
-        projector="fused-gelu-mlp",
-        lm=TINY_NEMOTRON_H,
-        tokenizer="bytes",
-    ),
     "tiny-mlmamba": VLMConfig(
         name="tiny-mlmamba",
         tower="tiny-dinosiglip",
@@ -209,6 +202,13 @@ PRESETS: dict[str, VLMConfig] = {
     ),
     "tiny-viper-mamba": VLMConfig(name="tiny-viper-mamba", lm=TINY_FALCON_MAMBA, **_TINY_VIPER),
     "tiny-viper-jamba": VLMConfig(name="tiny-viper-jamba", lm=TINY_JAMBA, **_TINY_VIPER),
+    "tiny-cobra-nemotron-h": VLMConfig(  # Cobra's towers and projector on a hybrid Nemotron-H LM
+        name="tiny-cobra-nemotron-h",
+        tower="tiny-dinosiglip",
+        projector="fused-gelu-mlp",
+        lm=TINY_NEMOTRON_H,
+        tokenizer="bytes",
+    ),
 }
 
 
