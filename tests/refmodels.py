@@ -168,6 +168,25 @@ CASES = {
             mamba_chunk_size=8,
         )
     ),
+    "granite_h-moe-shared": lambda: tf.GraniteMoeHybridForCausalLM(
+        tf.GraniteMoeHybridConfig(
+            vocab_size=101,
+            hidden_size=32,
+            num_hidden_layers=3,
+            layer_types=["mamba", "attention", "mamba"],
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=24,
+            shared_intermediate_size=40,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            residual_multiplier=0.7,
+            mamba_n_heads=8,
+            mamba_n_groups=2,
+            mamba_d_state=8,
+            mamba_chunk_size=8,
+        )
+    ),
     "granite_h-dense-nope-tied": lambda: tf.GraniteMoeHybridForCausalLM(
         tf.GraniteMoeHybridConfig(
             vocab_size=90,

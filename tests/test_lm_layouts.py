@@ -241,17 +241,28 @@ def test_nemotron_h_block_patterns():
         lm_config_from_json(base | {"layers_block_type": ["mamba", 3]}, "config.json")
 
 
-def test_granite_h_moe_and_unknown_layers_are_refused():
+def test_granite_h_layers_experts_and_hub_key_names():
+    """Granite-4.0-H's layer list and experts become layer kinds; the hub's expert names (input_linear,
+    output_linear, router.layer) and transformers' both map to ours; unknown layer kinds are refused."""
     import pytest
 
     from mambavl.checkpoints.files import CheckpointError
-    from mambavl.lm.layouts import lm_config_from_json
+    from mambavl.lm.layouts import lm_config_from_json, rename_keys
 
     base = dict(model_type="granitemoehybrid", hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                mamba_n_heads=4, shared_intermediate_size=8, vocab_size=64)  # fmt: skip
-    cfg, _ = lm_config_from_json(base | {"num_local_experts": 0, "layer_types": ["mamba", "attention"]}, "c")
-    assert cfg.mixers == ("mamba2", "attention") and cfg.rotary_dim == 0
-    with pytest.raises(CheckpointError, match="mixture-of-experts"):
-        lm_config_from_json(base | {"num_local_experts": 4}, "config.json")
+                mamba_n_heads=4, shared_intermediate_size=8, intermediate_size=6, vocab_size=64)  # fmt: skip
+    layers = {"layer_types": ["mamba", "attention"]}
+    dense, _ = lm_config_from_json(base | layers | {"num_local_experts": 0}, "c")
+    assert dense.mixers == ("mamba2", "attention") and dense.ffns == ("mlp", "mlp") and dense.d_ffn == 8
+    moe, _ = lm_config_from_json(base | {"num_local_experts": 4, "num_experts_per_tok": 2}, "c")
+    assert moe.ffns == ("moe", "moe") and (moe.d_ffn, moe.d_shared_ffn, moe.n_experts) == (6, 8, 4)
+    layer = "model.layers.1."
+    hub = [f"{layer}block_sparse_moe.{k}" for k in ("input_linear.weight", "output_linear.weight")]
+    hub += [f"{layer}block_sparse_moe.router.layer.weight", f"{layer}shared_mlp.input_linear.weight"]
+    assert list(rename_keys(hub, "granitemoehybrid", moe).values()) == [
+        "layers.1.ffn.gate_up_proj", "layers.1.ffn.down_proj", "layers.1.ffn.router.weight",
+        "layers.1.ffn.shared.gate_up_proj.weight",
+    ]  # fmt: skip
+    assert rename_keys(hub[3:], "granitemoehybrid", dense)[hub[3]] == "layers.1.ffn.gate_up_proj.weight"
     with pytest.raises(CheckpointError, match="layer_types must be"):
         lm_config_from_json(base | {"num_local_experts": 0, "layer_types": ["mamba", "conv"]}, "config.json")

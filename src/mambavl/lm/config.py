@@ -33,6 +33,7 @@ FFN_KINDS = {
 }
 MIXERS = tuple(MIXER_KINDS)
 FFN_ACTS = ("silu_gated", "relu2")
+MOE_ROUTINGS = ("softmax_topk", "topk_softmax")
 FFNS = tuple(FFN_KINDS)
 BCDT_NORMS = (None, "weightless", "weighted")
 
@@ -81,6 +82,10 @@ class LMConfig:
     ffn_act: str = "silu_gated"  # silu_gated: SwiGLU (gate, up, down); relu2: relu(up x)² then down
     n_experts: int = 1
     top_k: int = 2
+    # how the router weighs the chosen experts: softmax over all experts, then the top k as they are
+    # (Jamba), or the top k logits, then a softmax over those (Granite)
+    moe_routing: str = "softmax_topk"
+    d_shared_ffn: int = 0  # > 0: a SwiGLU MLP of this width beside the experts, its output added (Granite)
     # blocks
     norm_eps: float = 1e-5
     residual_in_fp32: bool = True
@@ -172,6 +177,8 @@ class LMConfig:
             problems.append(f"rotary_dim={self.rotary_dim} must be even and in [0, head_dim={self.head_dim}]")
         if any(f != "none" for f in self.ffns) and self.d_ffn <= 0:
             problems.append("a feed-forward layer needs d_ffn > 0")
+        if self.moe_routing not in MOE_ROUTINGS:
+            problems.append(f"moe_routing={self.moe_routing!r}; expected one of {MOE_ROUTINGS}")
         if "moe" in self.ffns and not 1 <= self.top_k <= self.n_experts:
             problems.append(f"top_k {self.top_k} must be in [1, n_experts={self.n_experts}]")
         if problems:

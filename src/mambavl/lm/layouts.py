@@ -280,14 +280,11 @@ def _hf_bamba(f: ConfigFields) -> LMConfig:
 
 
 def _granite_hybrid(f: ConfigFields) -> LMConfig:
-    """Granite-4.0-H (transformers' granitemoehybrid), dense: Mamba-2 and attention layers (no positional
-    encoding, or RoPE), each with a SwiGLU shared MLP, and Granite's multipliers (embeddings, residual adds,
-    attention scale, logits)."""
-    if experts := f.integer("num_local_experts", 8, minimum=0):
-        raise CheckpointError(
-            f"{f.source}: num_local_experts={experts}: Granite-4.0-H's mixture-of-experts layers are not "
-            "supported yet; the dense models (num_local_experts 0) are"
-        )
+    """Granite-4.0-H (transformers' granitemoehybrid): Mamba-2 and attention layers (no positional encoding,
+    or RoPE), each with a SwiGLU shared MLP and, where `num_local_experts` > 0, top-k experts beside it
+    (softmax over the chosen logits); Granite's multipliers (embeddings, residual adds, attention scale,
+    logits)."""
+    experts = f.integer("num_local_experts", 8, minimum=0)
     if f.flag("attention_bias", False):
         raise CheckpointError(f"{f.source}: attention_bias=true is not supported")
     n, fields = _ibm_hybrid(f, 1e-6)
@@ -299,6 +296,8 @@ def _granite_hybrid(f: ConfigFields) -> LMConfig:
     position = f.raw.get("position_embedding_type") or "nope"
     if position not in ("nope", "rope"):
         raise f.fail("position_embedding_type", "'rope', 'nope' or null", position)
+    shared = f.integer("shared_intermediate_size", 1024)
+    fields["ffns"] = ("moe" if experts else "mlp",) * n  # dense: the shared MLP is the layer's MLP
     return LMConfig(
         family="granitemoehybrid",
         vocab_size=f.integer("vocab_size", 32000),
@@ -308,7 +307,11 @@ def _granite_hybrid(f: ConfigFields) -> LMConfig:
         embedding_multiplier=f.number("embedding_multiplier", 1.0),
         residual_multiplier=f.number("residual_multiplier", 1.0),
         logits_scaling=f.number("logits_scaling", 1.0),
-        d_ffn=f.integer("shared_intermediate_size", 1024),
+        d_ffn=f.integer("intermediate_size", 11008) if experts else shared,
+        n_experts=max(experts, 1),
+        top_k=f.integer("num_experts_per_tok", 2),
+        moe_routing="topk_softmax",
+        d_shared_ffn=shared if experts else 0,  # with experts, the shared MLP sits beside them
         **fields,
     )
 
@@ -433,9 +436,15 @@ _GRANITE_RENAMES = [
     (r"^model\.layers\.(\d+)\.input_layernorm\.", r"layers.\1.norm."),
     (r"^model\.layers\.(\d+)\.post_attention_layernorm\.", r"layers.\1.ffn_norm."),
     (r"^model\.layers\.(\d+)\.(?:self_attn|mamba)\.", r"layers.\1.mixer."),
-    (r"^model\.layers\.(\d+)\.shared_mlp\.input_linear\.", r"layers.\1.ffn.gate_up_proj."),
-    (r"^model\.layers\.(\d+)\.shared_mlp\.output_linear\.", r"layers.\1.ffn.down_proj."),
-]
+    (r"^model\.layers\.(\d+)\.shared_mlp\.input_linear\.", r"layers.\1.ffn.SHARED.gate_up_proj."),
+    (r"^model\.layers\.(\d+)\.shared_mlp\.output_linear\.", r"layers.\1.ffn.SHARED.down_proj."),
+    # experts: transformers' names, and the hub's (input_linear, output_linear, router.layer)
+    (r"^model\.layers\.(\d+)\.block_sparse_moe\.router\.(?:layer\.)?weight$", r"layers.\1.ffn.router.weight"),
+    (r"^model\.layers\.(\d+)\.block_sparse_moe\.(?:experts\.gate_up_proj|input_linear\.weight)$",
+     r"layers.\1.ffn.gate_up_proj"),
+    (r"^model\.layers\.(\d+)\.block_sparse_moe\.(?:experts\.down_proj|output_linear\.weight)$",
+     r"layers.\1.ffn.down_proj"),
+]  # fmt: skip
 _SSM_RENAMES = [(r"^backbone\.embeddings?\.", "embedding."), (r"^backbone\.", "")]
 _EXPERT = re.compile(r"^(layers\.\d+\.ffn)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 
@@ -470,7 +479,8 @@ def rename_keys(keys, layout: str, config: LMConfig | None = None) -> dict[str, 
             new, hits = re.subn(pattern, repl, new)
             if hits:
                 break
-        out[key] = new
+        # Granite's shared MLP: the layer's MLP when dense, the MoE's `shared` beside experts
+        out[key] = new.replace(".SHARED.", ".shared." if config is not None and config.d_shared_ffn else ".")
     return out
 
 

@@ -60,7 +60,7 @@ def to_our_keys(
     source = {names[k]: labels[k] for k in raw}
     if layout == "jamba":
         sd = stack_experts(sd, config.n_experts, where)
-    for key in [k for k in sd if k.endswith(".ffn.gate_up_proj.weight")]:  # Granite's fused shared MLP
+    for key in [k for k in sd if k.endswith(".gate_up_proj.weight")]:  # Granite's fused shared MLP
         gate, up = sd.pop(key).chunk(2, dim=0)  # the gate's rows first
         base = key.removesuffix("gate_up_proj.weight")
         sd[base + "gate_proj.weight"], sd[base + "up_proj.weight"] = gate, up
