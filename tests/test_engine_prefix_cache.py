@@ -190,13 +190,16 @@ def test_budgets_hold_under_any_sequence(ops, device_slots, host_slots):
     """Byte counts always equal what each tier holds and stay within the budgets; a hit is always a prefix
     of the items looked up."""
     cache = PrefixCache(budget_bytes=device_slots * 400, host_budget_bytes=host_slots * 400)
-    for insert, items, size in ops:
+    latest = {}  # items -> the id (positions) of the snapshot inserted last for them
+    for number, (insert, items, size) in enumerate(ops):
         if insert:
-            cache.insert(items, _snap(100 * size))
+            cache.insert(items, _snap(100 * size, positions=number))
+            latest[tuple(items)] = number
         else:
             hit = cache.lookup(items)
-            if hit is not None:
-                assert 1 <= hit[0] <= len(items)
+            if hit is not None:  # the snapshot inserted last for exactly that prefix
+                n, snap = hit
+                assert snap.positions == latest[tuple(items[:n])]
         dev = sum(e.snapshot.nbytes for e in cache._device.values())
         host = sum(e.snapshot.nbytes for e in cache._host.values())
         assert cache.stats.bytes_device == dev <= cache.budget_bytes

@@ -1,1 +1,2 @@
-"""The inference engine: prefill (resuming from the prefix-state cache) and the cache itself."""
+"""The inference engine: the scheduler every surface decodes through (scheduler.py), prefill jobs that resume
+from the prefix-state cache (prefill.py) and the cache itself (prefix_cache.py)."""
