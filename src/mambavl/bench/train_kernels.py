@@ -230,11 +230,26 @@ def _cases(lm, batch: int, length: int) -> dict[str, dict[str, Callable[[], tupl
     return cases
 
 
-def sweep_scan(lm, batch: int, length: int, say=print, budget_s: float = 180.0) -> list[dict]:
-    """Forward + backward time of the Mamba-1 scan, its inputs laid out as the mixer hands them over, for
-    every candidate `ScanTiles` of the backward (chunk, channels a program, warps, dB/dC copies) that gives
-    each thread 2 to 16 steps of a tile, fastest first; stops trying new ones after `budget_s`."""
+def scan_candidates(slots: tuple[int, ...] = (1, 4)) -> list[tuple[int, int, int, int]]:
+    """Candidate (chunk, channels a program, warps, dB/dC copies) of the training scan that give each thread
+    2 to 16 steps of a tile: fewest dB/dC copies first, then the longest chunks (from 1024 on, one chunk
+    spans a whole 936-step row)."""
     import itertools
+
+    grid = itertools.product(slots, (1024, 512, 256, 128), (1, 2, 4), (1, 2, 4, 8))
+    return [
+        (chunk, block_d, warps, copies)
+        for copies, chunk, block_d, warps in grid
+        if 2 <= chunk * block_d // (32 * warps) <= 16
+    ]
+
+
+def sweep_scan(
+    lm, batch: int, length: int, say=print, budget_s: float = 180.0, candidates: list | None = None
+) -> list[dict]:
+    """Forward + backward time of the Mamba-1 scan, its inputs laid out as the mixer hands them over, for
+    every candidate `ScanTiles` of training (`scan_candidates()` unless given), fastest first; stops trying
+    new ones after `budget_s`."""
     import time
 
     from mambavl.ops.triton.scan import DEFAULT_TILES, ScanTiles, selective_scan
@@ -242,10 +257,7 @@ def sweep_scan(lm, batch: int, length: int, say=print, budget_s: float = 180.0) 
     inputs = _scan_inputs_as_mixed(batch, lm.d_inner, lm.d_state, length, lm.dt_rank)
     leaves = list(inputs.values())
     rows, start = [], time.perf_counter()
-    grid = itertools.product((128, 256, 512, 1024), (1, 2, 4, 8), (1, 2, 4, 8), (1, 4, 16))
-    for chunk, block_d, warps, slots in grid:
-        if not 2 <= chunk * block_d // (32 * warps) <= 16:
-            continue
+    for chunk, block_d, warps, slots in candidates or scan_candidates():
         if time.perf_counter() - start > budget_s:
             say(f"sweep: stopped after {budget_s:.0f} s")
             break
@@ -267,6 +279,40 @@ def sweep_scan(lm, batch: int, length: int, say=print, budget_s: float = 180.0) 
         rows.append(row | {"fwd_bwd_ms": ms})
         say(f"sweep {row}: {ms:8.3f} ms")
     return sorted(rows, key=lambda r: r["fwd_bwd_ms"])
+
+
+def sweep_prefill_scan(lm, length: int = 16384, say=print, budget_s: float = 90.0) -> list[dict]:
+    """Time of the Mamba-1 scan without a gradient (prefill: one sequence of `length` steps, the mixer's
+    layout) under every candidate inference tile (inputs made time-contiguous or not, steps a tile, channels
+    a program, warps), fastest first."""
+    import itertools
+    import time
+
+    from mambavl.ops.triton.scan import DEFAULT_TILES, ScanTiles, selective_scan
+
+    inputs = {
+        k: v.detach() for k, v in _scan_inputs_as_mixed(1, lm.d_inner, lm.d_state, length, lm.dt_rank).items()
+    }
+    rows, start = [], time.perf_counter()
+    grid = itertools.product((True, False), (16, 32, 64), (1, 2, 4, 8), (1, 2, 4))
+    for major, block_t, block_d, warps in grid:
+        if not 1 <= block_t * block_d * 16 // (32 * warps) <= 64 or time.perf_counter() - start > budget_s:
+            continue
+        tiles = ScanTiles(
+            block_t=block_t, block_d=block_d, num_warps=warps, chunk=DEFAULT_TILES.chunk,
+            train_block_d=DEFAULT_TILES.train_block_d, train_warps=DEFAULT_TILES.train_warps,
+            prefill_time_major=major,
+        )  # fmt: skip
+        try:
+            with torch.no_grad():
+                ms = _time(lambda t=tiles: selective_scan(**inputs, delta_softplus=True, tiles=t), 5, 1) * 1e3
+        except Exception as e:
+            say(f"prefill sweep {tiles}: {type(e).__name__}")
+            continue
+        row = dict(time_major=major, block_t=block_t, block_d=block_d, num_warps=warps, prefill_ms=ms)
+        rows.append(row)
+        say(f"prefill sweep {row}")
+    return sorted(rows, key=lambda r: r["prefill_ms"])
 
 
 def sweep_conv(lm, batch: int, length: int, say=print) -> list[dict]:
@@ -336,6 +382,8 @@ def run_train_kernels(
     if sweep and "mamba1" in lm.mixers:
         result["scan_tile_sweep"] = sweep_scan(lm, batch, length, say)
         say(f"fastest: {result['scan_tile_sweep'][:3]}")
+        result["prefill_scan_sweep"] = sweep_prefill_scan(lm, say=say)
+        say(f"fastest: {result['prefill_scan_sweep'][:3]}")
         result["conv_tile_sweep"] = sweep_conv(lm, batch, length, say)
         say(f"fastest: {result['conv_tile_sweep'][:3]}")
     out.mkdir(parents=True, exist_ok=True)

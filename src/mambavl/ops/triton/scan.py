@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 
 from mambavl.ops.dispatch import needs_grad
-from mambavl.ops.triton.layout import empty_like_layout
+from mambavl.ops.triton.layout import channels_last, empty_like_layout
 
 LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -54,7 +54,10 @@ class ScanTiles:
     backward run one program per sequence and `train_block_d` channels (fewer where a group of B/C has
     fewer), on `train_warps` warps, with [train_block_d, chunk] tiles; the backward walks the chunks last to
     first, and its programs add their share of dB and dC into `bwd_slots` copies (summed afterwards), so
-    that fewer of them add into the same addresses at once.
+    that fewer of them add into the same addresses at once. Training reads u, Δ, z and dy time-contiguous
+    (`time_major`: a copy where they come as the mixers' channel-contiguous views), so that a thread's share
+    of a tile is a run of consecutive steps, loaded as vectors and scanned serially before the exchange
+    across threads; prefill does so with `prefill_time_major`.
     """
 
     block_t: int = 16
@@ -64,6 +67,7 @@ class ScanTiles:
     train_block_d: int = 4
     train_warps: int = 1
     bwd_slots: int = 1
+    prefill_time_major: bool = False
 
     def __post_init__(self):
         for name in ("block_t", "chunk", "block_d", "train_block_d"):
@@ -262,14 +266,13 @@ def _selective_scan_loop_kernel(
 
 @triton.jit
 def _selective_scan_bwd_kernel(
-    u, delta, A, B, C, D, z, bias, states, dout,
-    du, ddelta, dz, dA, dB, dC, dD, dbias, carry,
+    u, delta, A, BC, D, z, bias, states, dout,
+    du, ddelta, dz, dA, dBC, dD, dbias, carry,
     dim, length, N, groups, channels_per_group, slots,
     u_b, u_d, u_t,
     dl_b, dl_d, dl_t,
     a_d, a_n,
-    b_b, b_g, b_n, b_t,
-    c_b, c_g, c_n, c_t,
+    bc_b, bc_g, bc_n, bc_t,
     z_b, z_d, z_t,
     st_b, st_c, st_d, st_n,
     do_b, do_d, do_t,
@@ -282,18 +285,18 @@ def _selective_scan_bwd_kernel(
     # Tiles are [BLOCK_D, CHUNK]: channels × the steps of one chunk, time spread over the program's threads.
     # The state index n is the loop inside a chunk, so the scans run over time alone (within each thread's
     # run of steps first, then across threads) and every sum over n is a running sum in registers.
-    # Outputs: du, ddelta, dz [B, D, L], each laid out as its input; dA [B, n_chunks, D, N], dD and dbias
-    # [B, D] fp32 (per sequence and chunk: the host sums them); carry [2, B, D, N] fp32, d loss / d (state
-    # after the chunk) in and out, alternating between its two halves from chunk to chunk (slot 0 holds the
-    # gradient of the last state on entry); dB, dC [slots, B, G, N, L] fp32, accumulated with atomics.
-    # Every pointer moves to this program's sequence once, in 64 bits (a batch's offset can pass 2^31
-    # elements on long sequences); the offsets inside a sequence stay 32-bit.
+    # BC [B, G, 2N, L] holds B's rows then C's (one pointer tile serves both); dBC [slots, B, G, 2N, L] fp32
+    # likewise, accumulated with atomics. Outputs: du, ddelta, dz [B, D, L], each laid out as its input;
+    # dA [B, n_chunks, D, N], dD and dbias [B, D] fp32 (per sequence and chunk: the host sums them); carry
+    # [2, B, D, N] fp32, d loss / d (state after the chunk) in and out, alternating between its two halves
+    # from chunk to chunk (slot 0 holds the gradient of the last state on entry). Only what the n loop needs
+    # stays in registers through it (Δ, Δ one step later, Δu, the gated dy and three running sums); u, Δ's
+    # input and z are read again after it. Every pointer moves to this program's sequence once, in 64 bits
+    # (a batch's offset can pass 2^31 elements on long sequences); offsets inside a sequence stay 32-bit.
     b = tl.program_id(0).to(tl.int64)
     batch = tl.num_programs(0)
     u += b * u_b
     delta += b * dl_b
-    B += b * b_b
-    C += b * c_b
     z += b * z_b
     states += b * st_b
     dout += b * do_b
@@ -303,14 +306,10 @@ def _selective_scan_bwd_kernel(
     n_chunks = tl.cdiv(length, CHUNK)
     dA += b * n_chunks * dim * N
     slot = (tl.program_id(1) % slots).to(tl.int64)  # programs of one group spread their adds over copies
-    dB += (slot * batch + b) * groups * N * length
-    dC += (slot * batch + b) * groups * N * length
     first = tl.program_id(1) * BLOCK_D  # BLOCK_D divides channels_per_group: one group a program
     g = first // channels_per_group
-    B += g * b_g
-    C += g * c_g
-    dB += g * N * length
-    dC += g * N * length
+    BC += b * bc_b + g * bc_g
+    dBC += ((slot * batch + b) * groups + g) * 2 * N * length
     d = first + tl.arange(0, BLOCK_D)
     t = tl.arange(0, CHUNK)
     md = d < dim
@@ -350,44 +349,49 @@ def _selective_scan_bwd_kernel(
             y = tl.zeros([BLOCK_D, CHUNK], dtype=tl.float32)  # that output, Σ_n C h, for dz
         adj_b = tl.zeros([BLOCK_D, CHUNK], dtype=tl.float32)  # Σ_n G·B = d loss / d (Δu)
         adj_a = tl.zeros([BLOCK_D, CHUNK], dtype=tl.float32)  # Σ_n s·A, the decay's share of dΔ
+        bc = BC + tt * bc_t  # B's row n at + n·bc_n, C's at + (N + n)·bc_n
+        dbc = dBC + tt
 
         # each step of the n loop loads the next one's operands before it computes (latency overlap)
         a_next = tl.load(A + d * a_d, mask=md, other=0.0).to(tl.float32)
-        b_next = tl.load(B + tt * b_t, mask=mt, other=0.0).to(tl.float32)
-        c_next = tl.load(C + tt * c_t, mask=mt, other=0.0).to(tl.float32)
+        b_next = tl.load(bc, mask=mt, other=0.0).to(tl.float32)
+        c_next = tl.load(bc + N * bc_n, mask=mt, other=0.0).to(tl.float32)
         h0_next = tl.load(states + c * st_c + d * st_d, mask=md, other=0.0)
         lam_next = tl.load(lam_in + d * N, mask=md, other=0.0)
         for n in range(0, N):
             a_d1, h0, lam = a_next, h0_next, lam_next
-            a, bn, cn = a_d1[:, None], b_next[None, :], c_next[None, :]
+            al = (a_d1 * LOG2E)[:, None]
+            bn, cn = b_next[None, :], c_next[None, :]
             more = n + 1 < N
             a_next = tl.load(A + d * a_d + (n + 1) * a_n, mask=md & more, other=0.0).to(tl.float32)
-            b_next = tl.load(B + (n + 1) * b_n + tt * b_t, mask=mt & more, other=0.0).to(tl.float32)
-            c_next = tl.load(C + (n + 1) * c_n + tt * c_t, mask=mt & more, other=0.0).to(tl.float32)
+            b_next = tl.load(bc + (n + 1) * bc_n, mask=mt & more, other=0.0).to(tl.float32)
+            c_next = tl.load(bc + (N + n + 1) * bc_n, mask=mt & more, other=0.0).to(tl.float32)
             h0_next = tl.load(states + c * st_c + d * st_d + (n + 1) * st_n, mask=md & more, other=0.0)
             lam_next = tl.load(lam_in + d * N + n + 1, mask=md & more, other=0.0)
             # the chunk's states, as in the forward
-            decay, hs = tl.associative_scan((tl.exp2(dt * (a * LOG2E)), dtu * bn), 1, _combine)
+            decay, hs = tl.associative_scan((tl.exp2(dt * al), dtu * bn), 1, _combine)
             hs += decay * h0[:, None]
             # the adjoint G, backwards through the chunk from the carried one
-            adj_decay, adj = tl.associative_scan(
-                (tl.exp2(dt_next * (a * LOG2E)), cn * dy), 1, _combine, reverse=True
-            )
+            adj_decay, adj = tl.associative_scan((tl.exp2(dt_next * al), cn * dy), 1, _combine, reverse=True)
             adj += adj_decay * lam[:, None]
             adj_start = tl.sum(tl.where((t == 0)[None, :], adj, 0.0), 1)
             tl.store(lam_out + d * N + n, tl.exp2(dt0 * a_d1 * LOG2E) * adj_start, mask=md)
-            tl.atomic_add(dB + n * length + tt, tl.sum(adj * dtu, 0), mask=mt, sem="relaxed")
-            tl.atomic_add(dC + n * length + tt, tl.sum(hs * dy, 0), mask=mt, sem="relaxed")
+            tl.atomic_add(dbc + n * length, tl.sum(adj * dtu, 0), mask=mt, sem="relaxed")
+            tl.atomic_add(dbc + (N + n) * length, tl.sum(hs * dy, 0), mask=mt, sem="relaxed")
             if HAS_Z:
                 y += hs * cn
             adj_b += adj * bn
             s = adj * (hs - dtu * bn)  # the adjoint × exp(Δa)·h_{t-1}
-            adj_a += s * a
+            adj_a += s * a_d1[:, None]
             tl.store(dA + (c * dim + d) * N + n, tl.sum(s * dt, 1), mask=md)
 
-        # per step: du, dΔ (through the softplus), dz
+        # per step: du, dΔ (through the softplus), dz; u, Δ's input and z read again (cached)
+        uv = tl.load(u + d[:, None] * u_d + tt[None, :] * u_t, mask=m_dt, other=0.0).to(tl.float32)
         ddt = uv * adj_b + adj_a
         if SOFTPLUS:
+            raw = tl.load(delta + d[:, None] * dl_d + tt[None, :] * dl_t, mask=m_dt, other=0.0).to(tl.float32)
+            if HAS_BIAS:
+                raw += dt_bias[:, None]
             ddt = tl.where(raw <= 20.0, ddt * tl.sigmoid(raw), ddt)
         ddt = tl.where(m_dt, ddt, 0.0)
         duv = dt * adj_b
@@ -399,6 +403,7 @@ def _selective_scan_bwd_kernel(
         if HAS_Z:
             if HAS_D:
                 y += skip[:, None] * uv
+            zv = tl.load(z + d[:, None] * z_d + tt[None, :] * z_t, mask=m_dt, other=0.0).to(tl.float32)
             gate = tl.sigmoid(zv)
             dyo = tl.load(dout + d[:, None] * do_d + tt[None, :] * do_t, mask=m_dt, other=0.0).to(tl.float32)
             dzv = dyo * y * gate * (1.0 + zv * (1.0 - gate))
@@ -413,9 +418,30 @@ def _selective_scan_bwd_kernel(
         tl.store(dbias + b * dim + d, acc_bias, mask=md)
 
 
+def _like(x: torch.Tensor) -> dict:
+    return dict(device=x.device, dtype=x.dtype)
+
+
 def _grouped(M: torch.Tensor) -> torch.Tensor:
     """B or C as [B, G, N, L]."""
     return M[:, None] if M.dim() == 3 else M
+
+
+def time_major(x: torch.Tensor | None) -> torch.Tensor | None:
+    """[B, D, L] x time-contiguous with every row starting on a 16-element boundary (a copy unless it is so
+    already, or a broadcast): the kernels' tiles then hold runs of consecutive steps per thread."""
+    if x is None or not any(x.stride()):
+        return x
+    if x.stride(-1) == 1 and x.stride(1) % 16 == 0 and x.stride(0) % 16 == 0:
+        return x
+    out = empty_time_major(*x.shape, device=x.device, dtype=x.dtype)
+    out.copy_(x)
+    return out
+
+
+def empty_time_major(batch: int, dim: int, length: int, **kw) -> torch.Tensor:
+    """An empty time-contiguous [B, D, L] tensor whose rows start on 16-element boundaries."""
+    return torch.empty(batch, dim, -(-length // 16) * 16, **kw)[..., :length]
 
 
 def _train_block_d(tiles: ScanTiles, per_group: int) -> int:
@@ -437,7 +463,9 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
     groups = Bg.shape[1]
     if dim % groups or Cg.shape[1] != groups:
         raise ValueError(f"selective_scan: {groups} groups of B/C do not divide {dim} channels")
-    y = empty_like_layout(u)
+    if save_states or tiles.prefill_time_major:
+        u, delta, z = time_major(u), time_major(delta), time_major(z)
+    y = empty_like_layout(u) if channels_last(u) else empty_time_major(batch, dim, length, **_like(u))
     h_last = torch.empty(batch, dim, N, device=u.device, dtype=torch.float32)
     dummy = h_last
     h0 = initial_state if initial_state is not None else dummy
@@ -484,12 +512,12 @@ def _backward(u, delta, A, B, C, D, z, delta_bias, states, delta_softplus, tiles
     slots = max(1, min(tiles.bwd_slots, programs // groups))
     n_chunks = states.shape[-1]
     f32 = dict(device=u.device, dtype=torch.float32)
-    du = empty_like_layout(u)
-    ddelta = empty_like_layout(delta)
-    dz = empty_like_layout(z) if z is not None else du
+    u, delta, z, dout = time_major(u), time_major(delta), time_major(z), time_major(dout)
+    du = empty_time_major(batch, dim, length, **_like(u))
+    ddelta = empty_time_major(batch, dim, length, **_like(delta))
+    dz = empty_time_major(batch, dim, length, **_like(z)) if z is not None else du
     dA = torch.empty(batch, n_chunks, dim, N, **f32)
-    dB = torch.zeros(slots, batch, groups, N, length, **f32)
-    dC = torch.zeros(slots, batch, groups, N, length, **f32)
+    dBC = torch.zeros(slots, batch, groups, 2 * N, length, **f32)
     dD = torch.empty(batch, dim, **f32)
     dbias = torch.empty(batch, dim, **f32)
     # d loss / d (state after a chunk), alternating between two halves: the last state's gradient in the
@@ -503,17 +531,19 @@ def _backward(u, delta, A, B, C, D, z, delta_bias, states, delta_softplus, tiles
         dout = u.new_zeros(()).expand(u.shape)
     st = states.permute(0, 3, 1, 2)  # [B, n_chunks, D, N]
     zt = z if z is not None else u
+    BC = torch.cat((Bg, Cg), 2)  # [B, G, 2N, L], time-contiguous: one pointer tile reads both
     _selective_scan_bwd_kernel[(batch, programs)](
-        u, delta, A, Bg, Cg,
+        u, delta, A, BC,
         D if D is not None else dD, zt, delta_bias if delta_bias is not None else dD, st, dout,
-        du, ddelta, dz, dA, dB, dC, dD, dbias, carry,
+        du, ddelta, dz, dA, dBC, dD, dbias, carry,
         dim, length, N, groups, per_group, slots,
-        *u.stride(), *delta.stride(), *A.stride(), *Bg.stride(), *Cg.stride(), *zt.stride(),
+        *u.stride(), *delta.stride(), *A.stride(), *BC.stride(), *zt.stride(),
         *st.stride(), *dout.stride(), *du.stride(), *ddelta.stride(), *dz.stride(),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
         CHUNK=tiles.chunk, BLOCK_D=block_d, num_warps=tiles.train_warps,
     )  # fmt: skip
-    dB, dC = dB.sum(0), dC.sum(0)
+    dBC = dBC.sum(0)
+    dB, dC = dBC[:, :, :N], dBC[:, :, N:]
     return dict(
         u=du,
         delta=ddelta,
