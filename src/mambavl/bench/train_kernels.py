@@ -231,14 +231,15 @@ def _cases(lm, batch: int, length: int) -> dict[str, dict[str, Callable[[], tupl
 
 
 def scan_candidates(slots: tuple[int, ...] = (1, 4)) -> list[tuple[int, int, int, int]]:
-    """Candidate (chunk, channels a program, warps, dB/dC copies) of the training scan that give each thread
-    2 to 16 steps of a tile: fewest dB/dC copies first, then the longest chunks (from 1024 on, one chunk
-    spans a whole 936-step row)."""
+    """Candidate (chunk, channels a program, warps, dB/dC copies, inputs made time-contiguous) of the training
+    scan: first the channel-contiguous tiles of before, then time-contiguous ones that give each thread 2 to 16
+    steps of a tile, fewest dB/dC copies first, then the longest chunks (from 1024 on, one chunk spans a whole
+    936-step row)."""
     import itertools
 
     grid = itertools.product(slots, (1024, 512, 256, 128), (1, 2, 4), (1, 2, 4, 8))
-    return [
-        (chunk, block_d, warps, copies)
+    return [(128, 4, 1, 1, False)] + [
+        (chunk, block_d, warps, copies, True)
         for copies, chunk, block_d, warps in grid
         if 2 <= chunk * block_d // (32 * warps) <= 16
     ]
@@ -257,13 +258,13 @@ def sweep_scan(
     inputs = _scan_inputs_as_mixed(batch, lm.d_inner, lm.d_state, length, lm.dt_rank)
     leaves = list(inputs.values())
     rows, start = [], time.perf_counter()
-    for chunk, block_d, warps, slots in candidates or scan_candidates():
+    for chunk, block_d, warps, slots, major in candidates or scan_candidates():
         if time.perf_counter() - start > budget_s:
             say(f"sweep: stopped after {budget_s:.0f} s")
             break
         tiles = ScanTiles(
             block_t=DEFAULT_TILES.block_t, block_d=DEFAULT_TILES.block_d, num_warps=DEFAULT_TILES.num_warps,
-            chunk=chunk, train_block_d=block_d, train_warps=warps, bwd_slots=slots,
+            chunk=chunk, train_block_d=block_d, train_warps=warps, bwd_slots=slots, train_time_major=major,
         )  # fmt: skip
 
         def step(tiles=tiles):
@@ -275,7 +276,7 @@ def sweep_scan(
         except Exception as e:  # a launch that cannot run here (registers, shared memory)
             say(f"sweep {tiles}: {type(e).__name__}")
             continue
-        row = dict(chunk=chunk, train_block_d=block_d, train_warps=warps, bwd_slots=slots)
+        row = dict(chunk=chunk, train_block_d=block_d, train_warps=warps, bwd_slots=slots, time_major=major)
         rows.append(row | {"fwd_bwd_ms": ms})
         say(f"sweep {row}: {ms:8.3f} ms")
     return sorted(rows, key=lambda r: r["fwd_bwd_ms"])
@@ -294,7 +295,7 @@ def sweep_prefill_scan(lm, length: int = 16384, say=print, budget_s: float = 90.
         k: v.detach() for k, v in _scan_inputs_as_mixed(1, lm.d_inner, lm.d_state, length, lm.dt_rank).items()
     }
     rows, start = [], time.perf_counter()
-    grid = itertools.product((True, False), (16, 32, 64), (1, 2, 4, 8), (1, 2, 4))
+    grid = [(False, 16, 2, 1)] + list(itertools.product((True,), (16, 32, 64), (1, 2, 4, 8), (1, 2, 4)))
     for major, block_t, block_d, warps in grid:
         if not 1 <= block_t * block_d * 16 // (32 * warps) <= 64 or time.perf_counter() - start > budget_s:
             continue

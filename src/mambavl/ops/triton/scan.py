@@ -55,9 +55,9 @@ class ScanTiles:
     fewer), on `train_warps` warps, with [train_block_d, chunk] tiles; the backward walks the chunks last to
     first, and its programs add their share of dB and dC into `bwd_slots` copies (summed afterwards), so
     that fewer of them add into the same addresses at once. Training reads u, Δ, z and dy time-contiguous
-    (`time_major`: a copy where they come as the mixers' channel-contiguous views), so that a thread's share
-    of a tile is a run of consecutive steps, loaded as vectors and scanned serially before the exchange
-    across threads; prefill does so with `prefill_time_major`.
+    (`time_major`: a copy where they come as the mixers' channel-contiguous views) with `train_time_major`,
+    so that a thread's share of a tile is a run of consecutive steps, loaded as vectors and scanned serially
+    before the exchange across threads; prefill does so with `prefill_time_major`.
     """
 
     block_t: int = 16
@@ -67,6 +67,7 @@ class ScanTiles:
     train_block_d: int = 4
     train_warps: int = 1
     bwd_slots: int = 1
+    train_time_major: bool = True
     prefill_time_major: bool = False
 
     def __post_init__(self):
@@ -463,7 +464,7 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
     groups = Bg.shape[1]
     if dim % groups or Cg.shape[1] != groups:
         raise ValueError(f"selective_scan: {groups} groups of B/C do not divide {dim} channels")
-    if save_states or tiles.prefill_time_major:
+    if tiles.train_time_major if save_states else tiles.prefill_time_major:
         u, delta, z = time_major(u), time_major(delta), time_major(z)
     y = empty_like_layout(u) if channels_last(u) else empty_time_major(batch, dim, length, **_like(u))
     h_last = torch.empty(batch, dim, N, device=u.device, dtype=torch.float32)
@@ -512,10 +513,14 @@ def _backward(u, delta, A, B, C, D, z, delta_bias, states, delta_softplus, tiles
     slots = max(1, min(tiles.bwd_slots, programs // groups))
     n_chunks = states.shape[-1]
     f32 = dict(device=u.device, dtype=torch.float32)
-    u, delta, z, dout = time_major(u), time_major(delta), time_major(z), time_major(dout)
-    du = empty_time_major(batch, dim, length, **_like(u))
-    ddelta = empty_time_major(batch, dim, length, **_like(delta))
-    dz = empty_time_major(batch, dim, length, **_like(z)) if z is not None else du
+    if tiles.train_time_major:
+        u, delta, z, dout = time_major(u), time_major(delta), time_major(z), time_major(dout)
+        du = empty_time_major(batch, dim, length, **_like(u))
+        ddelta = empty_time_major(batch, dim, length, **_like(delta))
+        dz = empty_time_major(batch, dim, length, **_like(z)) if z is not None else du
+    else:
+        du, ddelta = empty_like_layout(u), empty_like_layout(delta)
+        dz = empty_like_layout(z) if z is not None else du
     dA = torch.empty(batch, n_chunks, dim, N, **f32)
     dBC = torch.zeros(slots, batch, groups, 2 * N, length, **f32)
     dD = torch.empty(batch, dim, **f32)
