@@ -230,11 +230,11 @@ def _cases(lm, batch: int, length: int) -> dict[str, dict[str, Callable[[], tupl
     return cases
 
 
-def scan_candidates(slots: tuple[int, ...] = (1, 4)) -> list[tuple[int, int, int, int]]:
-    """Candidate (chunk, channels a program, warps, dB/dC copies, inputs made time-contiguous) of the training
-    scan: first the channel-contiguous tiles of before, then time-contiguous ones that give each thread 2 to 16
-    steps of a tile, fewest dB/dC copies first, then the longest chunks (from 1024 on, one chunk spans a whole
-    936-step row)."""
+def scan_candidates(slots: tuple[int, ...] = (1, 4)) -> list[tuple[int, int, int, int, bool]]:
+    """Candidate (chunk, channels a program, warps, dB/dC copies, inputs made time-contiguous) of the
+    training scan: first the channel-contiguous tiles of before, then time-contiguous ones that give each
+    thread 2 to 16 steps of a tile, fewest dB/dC copies first, then the longest chunks (from 1024 on, one
+    chunk spans a whole 936-step row)."""
     import itertools
 
     grid = itertools.product(slots, (1024, 512, 256, 128), (1, 2, 4), (1, 2, 4, 8))
@@ -295,7 +295,7 @@ def sweep_prefill_scan(lm, length: int = 16384, say=print, budget_s: float = 90.
         k: v.detach() for k, v in _scan_inputs_as_mixed(1, lm.d_inner, lm.d_state, length, lm.dt_rank).items()
     }
     rows, start = [], time.perf_counter()
-    grid = [(False, 16, 2, 1)] + list(itertools.product((True,), (16, 32, 64), (1, 2, 4, 8), (1, 2, 4)))
+    grid = [(False, 16, 2, 1), *itertools.product((True,), (16, 32, 64), (1, 2, 4, 8), (1, 2, 4))]
     for major, block_t, block_d, warps in grid:
         if not 1 <= block_t * block_d * 16 // (32 * warps) <= 64 or time.perf_counter() - start > budget_s:
             continue
