@@ -129,6 +129,33 @@ CASES = {
             conv_kernel=3,
         )
     ),
+    "nemotron_h-moe-grouped-routing": lambda: _with_router_bias(
+        tf.NemotronHForCausalLM(
+            tf.NemotronHConfig(
+                vocab_size=101,
+                hidden_size=32,
+                layers_block_type=["linear_attention", "moe", "full_attention", "moe", "mlp"],
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                head_dim=8,
+                intermediate_size=40,
+                mamba_num_heads=8,
+                mamba_head_dim=4,
+                n_groups=2,
+                ssm_state_size=8,
+                chunk_size=8,
+                conv_kernel=3,
+                n_routed_experts=8,
+                num_experts_per_tok=3,
+                moe_intermediate_size=24,
+                moe_shared_expert_intermediate_size=20,
+                n_group=4,
+                topk_group=2,
+                norm_topk_prob=True,
+                routed_scaling_factor=2.5,
+            )
+        )
+    ),
     "bamba-rope-groups-gqa": lambda: tf.BambaForCausalLM(
         tf.BambaConfig(
             vocab_size=101,
@@ -202,6 +229,16 @@ CASES = {
         )
     ),
 }
+
+
+@torch.no_grad()
+def _with_router_bias(model):
+    """Nemotron-H's expert score bias is a buffer (zeros at init, so `perturb` misses it): random, so that
+    routing depends on it."""
+    for name, buf in model.named_buffers():
+        if name.endswith("e_score_correction_bias"):
+            buf.copy_(torch.randn_like(buf) * 0.5)
+    return model
 
 
 def make(name: str, seed: int = 0):

@@ -33,7 +33,7 @@ FFN_KINDS = {
 }
 MIXERS = tuple(MIXER_KINDS)
 FFN_ACTS = ("silu_gated", "relu2")
-MOE_ROUTINGS = ("softmax_topk", "topk_softmax")
+MOE_ROUTINGS = ("softmax_topk", "topk_softmax", "sigmoid_grouped")
 FFNS = tuple(FFN_KINDS)
 BCDT_NORMS = (None, "weightless", "weighted")
 
@@ -83,9 +83,16 @@ class LMConfig:
     n_experts: int = 1
     top_k: int = 2
     # how the router weighs the chosen experts: softmax over all experts, then the top k as they are
-    # (Jamba), or the top k logits, then a softmax over those (Granite)
+    # (Jamba), or the top k logits, then a softmax over those (Granite), or sigmoid scores chosen within
+    # the best `moe_topk_groups` of `moe_groups` groups after a learned bias (`router_bias`), optionally
+    # renormalised over the top k, times `moe_scaling` (Nemotron-H, as DeepSeek-V3)
     moe_routing: str = "softmax_topk"
-    d_shared_ffn: int = 0  # > 0: a SwiGLU MLP of this width beside the experts, its output added (Granite)
+    moe_groups: int = 1
+    moe_topk_groups: int = 1
+    moe_norm_topk: bool = False
+    moe_scaling: float = 1.0
+    d_expert_ffn: int = 0  # each expert's hidden width (0: d_ffn)
+    d_shared_ffn: int = 0  # > 0: an MLP (ffn_act) of this width beside the experts, its output added
     # blocks
     norm_eps: float = 1e-5
     residual_in_fp32: bool = True
@@ -181,6 +188,20 @@ class LMConfig:
             problems.append(f"moe_routing={self.moe_routing!r}; expected one of {MOE_ROUTINGS}")
         if "moe" in self.ffns and not 1 <= self.top_k <= self.n_experts:
             problems.append(f"top_k {self.top_k} must be in [1, n_experts={self.n_experts}]")
+        grouped = self.moe_routing == "sigmoid_grouped"
+        if grouped and (self.n_experts % self.moe_groups or not 1 <= self.moe_topk_groups <= self.moe_groups):
+            problems.append(
+                f"sigmoid_grouped routing needs moe_groups ({self.moe_groups}) dividing n_experts "
+                f"({self.n_experts}) and moe_topk_groups ({self.moe_topk_groups}) in [1, moe_groups]"
+            )
+        if grouped and self.n_experts // self.moe_groups < 2:
+            problems.append(
+                "sigmoid_grouped routing scores each group by its best two experts: 2 a group at least"
+            )
+        if grouped and self.top_k > self.moe_topk_groups * (self.n_experts // self.moe_groups):
+            problems.append(
+                f"top_k {self.top_k} exceeds the experts of the {self.moe_topk_groups} chosen groups"
+            )
         if problems:
             raise ValueError(f"invalid LMConfig ({self.family}): " + "; ".join(problems))
 
@@ -210,7 +231,16 @@ def _finite_positive(v) -> bool:
 
 
 _SIZES = ("d_model", "vocab_size", "d_state", "d_conv", "expand", "headdim", "ngroups", "chunk_size")
-_SIZES_OR_ZERO = ("d_inner", "dt_rank", "n_heads", "n_kv_heads", "head_dim", "d_ffn")  # 0: derived, or none
+_SIZES_OR_ZERO = (
+    "d_inner",
+    "dt_rank",
+    "n_heads",
+    "n_kv_heads",
+    "head_dim",
+    "d_ffn",
+    "d_expert_ffn",
+    "d_shared_ffn",
+)  # 0: derived, or none
 # (field, rule, check) of the values a config gives, checked before anything is derived from them
 _RANGES = [
     *((n, f"in [1, {MAX_SIZE}]", _size) for n in _SIZES),
@@ -218,6 +248,9 @@ _RANGES = [
     ("n_layer", f"in [1, {MAX_LAYERS}]", lambda v: 1 <= v <= MAX_LAYERS),
     ("n_experts", f"in [1, {MAX_EXPERTS}]", lambda v: 1 <= v <= MAX_EXPERTS),
     ("top_k", "> 0", lambda v: v > 0),
+    ("moe_groups", f"in [1, {MAX_EXPERTS}]", lambda v: 1 <= v <= MAX_EXPERTS),
+    ("moe_topk_groups", f"in [1, {MAX_EXPERTS}]", lambda v: 1 <= v <= MAX_EXPERTS),
+    ("moe_scaling", "finite and > 0", lambda v: math.isfinite(v) and v > 0),
     *((n, "finite and > 0", _finite_positive) for n in ("bcdt_eps", "gated_norm_eps", "norm_eps")),
 ]
 

@@ -1,6 +1,5 @@
 """Feed-forward layers of the hybrid models: an MLP (SwiGLU, or squared ReLU) and a sparse mixture of
-SwiGLU experts with top-k routing (Jamba: softmax over all experts, the top-k weights used as they are,
-not renormalised)."""
+experts of the same kind with top-k routing (`LMConfig.moe_routing`: Jamba's, Granite's, Nemotron-H's)."""
 
 from __future__ import annotations
 
@@ -32,28 +31,61 @@ class MLP(nn.Module):
 
 
 class MoE(nn.Module):
-    """Experts stored stacked: gate_up_proj [E, 2F, H] (gate rows first), down_proj [E, H, F]; with
-    `d_shared_ffn`, a shared SwiGLU MLP beside them (`shared`), its output added."""
+    """Experts stored stacked: gate_up_proj [E, 2F, H] (gate rows first; SwiGLU) or up_proj [E, F, H]
+    (squared ReLU), and down_proj [E, H, F]; with `d_shared_ffn`, a shared MLP beside them (`shared`), its
+    output added. Sigmoid grouped routing keeps its learned score bias in `router_bias`."""
 
     def __init__(self, cfg: LMConfig):
         super().__init__()
+        self.cfg = cfg
         self.n_experts, self.top_k, self.routing = cfg.n_experts, cfg.top_k, cfg.moe_routing
-        self.shared = MLP(cfg, cfg.d_shared_ffn, "silu_gated") if cfg.d_shared_ffn else None
+        self.gated = cfg.ffn_act == "silu_gated"
+        width = cfg.d_expert_ffn or cfg.d_ffn
+        self.shared = MLP(cfg, cfg.d_shared_ffn) if cfg.d_shared_ffn else None
         self.router = Linear(cfg.d_model, cfg.n_experts, bias=False)
-        self.gate_up_proj = nn.Parameter(torch.empty(cfg.n_experts, 2 * cfg.d_ffn, cfg.d_model))
-        self.down_proj = nn.Parameter(torch.empty(cfg.n_experts, cfg.d_model, cfg.d_ffn))
-        nn.init.normal_(self.gate_up_proj, std=0.02)
+        if self.routing == "sigmoid_grouped":
+            self.register_buffer("router_bias", torch.zeros(cfg.n_experts))
+        up = nn.Parameter(torch.empty(cfg.n_experts, (2 if self.gated else 1) * width, cfg.d_model))
+        if self.gated:
+            self.gate_up_proj = up
+        else:
+            self.up_proj = up
+        self.down_proj = nn.Parameter(torch.empty(cfg.n_experts, cfg.d_model, width))
+        nn.init.normal_(up, std=0.02)
         nn.init.normal_(self.down_proj, std=0.02)
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k expert indices and their weights per token: the softmax over all experts at the top k
-        (softmax_topk), or the softmax over the top k logits (topk_softmax)."""
+        (softmax_topk), the softmax over the top k logits (topk_softmax), or sigmoid scores (fp32) chosen
+        after the score bias within the best groups, each group scored by its best two (sigmoid_grouped)."""
+        if self.routing == "sigmoid_grouped":
+            return self._route_grouped(x)
         logits = self.router(x).float()
         if self.routing == "topk_softmax":
             top, experts = torch.topk(logits, self.top_k, dim=-1)
             return torch.softmax(top, dim=-1).to(x.dtype), experts
         weights, experts = torch.topk(torch.softmax(logits, dim=-1), self.top_k, dim=-1)
         return weights.to(x.dtype), experts
+
+    def _route_grouped(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.cfg
+        scores = F.linear(x.float(), self.router.weight.float()).sigmoid()
+        biased = scores + self.router_bias.float()
+        by_group = biased.view(-1, cfg.moe_groups, self.n_experts // cfg.moe_groups)
+        best = torch.topk(by_group.topk(2, dim=-1)[0].sum(-1), cfg.moe_topk_groups, dim=-1)[1]
+        keep = torch.zeros_like(by_group[..., 0], dtype=torch.bool).scatter_(1, best, True)
+        biased = by_group.masked_fill(~keep[..., None], float("-inf")).view(-1, self.n_experts)
+        experts = torch.topk(biased, self.top_k, dim=-1)[1]
+        weights = scores.gather(1, experts)
+        if cfg.moe_norm_topk:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        return weights * cfg.moe_scaling, experts
+
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        if self.gated:
+            gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
+            return F.linear(F.silu(gate) * up, self.down_proj[e])
+        return F.linear(torch.square(F.relu(F.linear(x, self.up_proj[e]))), self.down_proj[e])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -63,8 +95,7 @@ class MoE(nn.Module):
         # Each expert runs once on exactly the tokens routed to it: no capacity limit, nothing dropped.
         for e in experts.unique().tolist():
             token, slot = torch.where(experts == e)
-            gate, up = F.linear(x[token], self.gate_up_proj[e]).chunk(2, dim=-1)
-            y = F.linear(F.silu(gate) * up, self.down_proj[e]) * weights[token, slot, None]
+            y = self.expert(e, x[token]) * weights[token, slot, None]
             out.index_add_(0, token, y.to(out.dtype))
         if self.shared is not None:
             out = out + self.shared(x)

@@ -168,12 +168,29 @@ def _nemotron_blocks(f: ConfigFields) -> list[str]:
         blocks = [NEMOTRON_PATTERN[c] for c in pattern]
     if not 1 <= len(blocks) <= MAX_LAYERS:
         raise CheckpointError(f"{f.source}: {len(blocks)} blocks; mambavl reads 1 to {MAX_LAYERS}")
-    if "moe" in blocks:
-        raise CheckpointError(
-            f"{f.source}: Nemotron-H mixture-of-experts blocks (E, 'moe') are not supported yet; "
-            "the dense Nemotron-H models (Mamba-2, attention and MLP blocks) are"
-        )
     return blocks
+
+
+def _nemotron_moe(f: ConfigFields, present: bool) -> dict:
+    """The LMConfig fields of Nemotron-H's expert blocks (squared-ReLU experts and shared MLP, sigmoid
+    scores chosen within the best groups after a learned bias, DeepSeek-V3's routing)."""
+    if not present:
+        return {}
+    if f.raw.get("moe_latent_size") is not None:
+        raise CheckpointError(
+            f"{f.source}: moe_latent_size (experts in a projected latent space) is not supported yet"
+        )
+    return dict(
+        n_experts=f.integer("n_routed_experts", 8),
+        top_k=f.integer("num_experts_per_tok", 2),
+        d_expert_ffn=f.integer("moe_intermediate_size", 7688),
+        d_shared_ffn=f.integer("moe_shared_expert_intermediate_size", 7688),
+        moe_routing="sigmoid_grouped",
+        moe_groups=f.integer("n_group", 1),
+        moe_topk_groups=f.integer("topk_group", 1),
+        moe_norm_topk=f.flag("norm_topk_prob", True),
+        moe_scaling=f.number("routed_scaling_factor", 1.0),
+    )
 
 
 def _hf_nemotron_h(f: ConfigFields) -> LMConfig:
@@ -196,7 +213,7 @@ def _hf_nemotron_h(f: ConfigFields) -> LMConfig:
         n_layer=len(blocks),
         vocab_size=f.integer("vocab_size", 131072),
         mixers=tuple({"mamba": "mamba2", "attention": "attention"}.get(b, "none") for b in blocks),
-        ffns=tuple("mlp" if b == "mlp" else "none" for b in blocks),
+        ffns=tuple(b if b in ("mlp", "moe") else "none" for b in blocks),
         d_state=f.integer("ssm_state_size", 128),
         d_conv=f.integer("conv_kernel", 4),
         d_inner=heads * headdim,
@@ -212,6 +229,7 @@ def _hf_nemotron_h(f: ConfigFields) -> LMConfig:
         head_dim=f.integer("head_dim", d_model // n_heads),
         d_ffn=f.integer("intermediate_size", 21504),
         ffn_act=act,
+        **_nemotron_moe(f, "moe" in blocks),
         norm_eps=eps,
         residual_in_fp32=False,
         tie_embeddings=f.flag("tie_word_embeddings", False),
@@ -452,14 +470,28 @@ _EXPERT = re.compile(r"^(layers\.\d+\.ffn)\.experts\.(\d+)\.(gate_proj|up_proj|d
 _NEMOTRON_BLOCK = re.compile(r"^(?:backbone|model)\.layers\.(\d+)\.(norm|mixer)\.")
 
 
+_NEMOTRON_MOE = [
+    (r"^gate\.weight$", "router.weight"),
+    (r"^gate\.e_score_correction_bias$", "router_bias"),
+    (r"^experts\.(up_proj|down_proj)$", r"\1"),  # transformers' stacked experts
+    (r"^shared_experts\.", "shared."),
+]
+
+
 def _nemotron_key(key: str, config: LMConfig | None) -> str:
-    """Nemotron-H keys: a block's norm and mixer are our layer's norm and mixer, or, for an MLP block, its
-    ffn_norm and ffn."""
+    """Nemotron-H keys: a block's norm and mixer are our layer's norm and mixer, or, for an MLP or expert
+    block, its ffn_norm and ffn (per-expert hub keys keep an intermediate name, see `stack_experts`)."""
     if m := _NEMOTRON_BLOCK.match(key):
         i = int(m[1])
         alone = config is not None and i < len(config.mixers) and config.mixers[i] == "none"
         part = {"norm": "ffn_norm", "mixer": "ffn"}[m[2]] if alone else m[2]
-        return f"layers.{i}.{part}." + key[m.end() :]
+        rest = key[m.end() :]
+        if alone and config.ffns[i] == "moe":
+            for pattern, repl in _NEMOTRON_MOE:
+                rest, hits = re.subn(pattern, repl, rest)
+                if hits:
+                    break
+        return f"layers.{i}.{part}." + rest
     key = re.sub(r"^(?:backbone|model)\.embeddings?\.", "embedding.", key)
     return re.sub(r"^(?:backbone|model)\.", "", key)
 
@@ -485,7 +517,8 @@ def rename_keys(keys, layout: str, config: LMConfig | None = None) -> dict[str, 
 
 
 def stack_experts(sd: dict[str, torch.Tensor], n_experts: int, where: str) -> dict[str, torch.Tensor]:
-    """Per-expert Jamba weights (hub layout) -> stacked gate_up_proj [E, 2F, H] and down_proj [E, H, F]."""
+    """Per-expert weights (Jamba's and Nemotron-H's hub layouts) -> stacked gate_up_proj [E, 2F, H] (or
+    up_proj [E, F, H] for experts without a gate) and down_proj [E, H, F]."""
     groups: dict[str, dict[tuple[int, str], torch.Tensor]] = {}
     out = {}
     for key, value in sd.items():
@@ -494,7 +527,9 @@ def stack_experts(sd: dict[str, torch.Tensor], n_experts: int, where: str) -> di
         else:
             out[key] = value
     for prefix, parts in groups.items():
-        want = [(e, p) for e in range(n_experts) for p in ("gate_proj", "up_proj", "down_proj")]
+        gated = any(p == "gate_proj" for _, p in parts)  # SwiGLU experts, or squared ReLU (up, down)
+        names = ("gate_proj", "up_proj", "down_proj") if gated else ("up_proj", "down_proj")
+        want = [(e, p) for e in range(n_experts) for p in names]
         if missing := [f"{prefix}.experts.{e}.{p}.weight" for e, p in want if (e, p) not in parts]:
             raise CheckpointError(
                 f"{where}: missing expert weights {missing[:6]} (config: {n_experts} experts)"
@@ -502,9 +537,12 @@ def stack_experts(sd: dict[str, torch.Tensor], n_experts: int, where: str) -> di
         if extra := sorted({e for e, _ in parts} - set(range(n_experts))):
             raise CheckpointError(f"{where}: {prefix} has experts {extra} beyond the config's {n_experts}")
         try:
-            out[f"{prefix}.gate_up_proj"] = torch.stack(
-                [torch.cat([parts[(e, "gate_proj")], parts[(e, "up_proj")]]) for e in range(n_experts)]
-            )
+            if gated:
+                out[f"{prefix}.gate_up_proj"] = torch.stack(
+                    [torch.cat([parts[(e, "gate_proj")], parts[(e, "up_proj")]]) for e in range(n_experts)]
+                )
+            else:
+                out[f"{prefix}.up_proj"] = torch.stack([parts[(e, "up_proj")] for e in range(n_experts)])
             out[f"{prefix}.down_proj"] = torch.stack([parts[(e, "down_proj")] for e in range(n_experts)])
         except RuntimeError as e:
             raise CheckpointError(f"{where}: the experts of {prefix} differ in shape ({e})") from e

@@ -53,12 +53,12 @@ def to_our_keys(
     raw: dict[str, torch.Tensor], layout: str, config: LMConfig, labels: dict[str, str], where: str
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """A checkpoint's LM tensors in `layout` -> ours, and for each of our keys the label of its source
-    (`labels`: original key -> "file:key", for error messages). Jamba's per-expert weights are stacked; a
+    (`labels`: original key -> "file:key", for error messages). Per-expert hub weights are stacked; a
     tied head is dropped (mamba_ssm saves it; it is the embedding)."""
     names = rename_keys(raw, layout, config)
     sd = {names[k]: v for k, v in raw.items()}
     source = {names[k]: labels[k] for k in raw}
-    if layout == "jamba":
+    if layout in ("jamba", "nemotron_h"):
         sd = stack_experts(sd, config.n_experts, where)
     for key in [k for k in sd if k.endswith(".gate_up_proj.weight")]:  # Granite's fused shared MLP
         gate, up = sd.pop(key).chunk(2, dim=0)  # the gate's rows first
