@@ -215,8 +215,9 @@ def test_every_layer_kind_has_its_module_and_its_properties():
 
 
 def test_nemotron_h_block_patterns():
-    """Nemotron-H's pattern (or block list) becomes a row of layer kinds; MoE blocks and unknown letters are
-    refused with errors naming the field."""
+    """Nemotron-H's pattern (or block list) becomes a row of layer kinds, expert blocks with their routing;
+    unknown letters, latent experts and groups that do not divide the experts are refused with errors naming
+    the field."""
     import pytest
 
     from mambavl.checkpoints.files import CheckpointError
@@ -233,8 +234,18 @@ def test_nemotron_h_block_patterns():
     assert cfg.ffns == ("none", "mlp", "none", "none") and cfg.ffn_act == "relu2"
     listed, _ = lm_config_from_json(base | {"layers_block_type": ["mamba", "mlp", "attention", "mamba"]}, "c")
     assert listed.mixers == cfg.mixers and listed.ffns == cfg.ffns
-    with pytest.raises(CheckpointError, match="mixture-of-experts"):
-        lm_config_from_json(base | {"hybrid_override_pattern": "ME"}, "config.json")
+    moe = base | dict(
+        hybrid_override_pattern="ME", n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=24,
+        moe_shared_expert_intermediate_size=20, n_group=4, topk_group=2, routed_scaling_factor=2.5,
+    )  # fmt: skip
+    experts, _ = lm_config_from_json(moe, "config.json")
+    assert experts.ffns == ("none", "moe") and experts.mixers == ("mamba2", "none")
+    assert (experts.n_experts, experts.top_k, experts.d_expert_ffn, experts.d_shared_ffn) == (8, 2, 24, 20)
+    assert (experts.moe_routing, experts.moe_groups, experts.moe_topk_groups) == ("sigmoid_grouped", 4, 2)
+    with pytest.raises(CheckpointError, match="moe_latent_size"):
+        lm_config_from_json(moe | {"moe_latent_size": 16}, "config.json")
+    with pytest.raises(CheckpointError, match="moe_groups"):
+        lm_config_from_json(moe | {"n_group": 3}, "config.json")
     with pytest.raises(CheckpointError, match="hybrid_override_pattern must be"):
         lm_config_from_json(base | {"hybrid_override_pattern": "MX"}, "config.json")
     with pytest.raises(CheckpointError, match="layers_block_type must be"):
