@@ -32,6 +32,7 @@ from mambavl.checkpoints.files import (
 )
 from mambavl.lm.config import LMConfig
 from mambavl.lm.load import assign_lm_weights, check_weights, checkpoint_dtype, to_our_keys
+from mambavl.projectors import PROJECTORS, projector_from_groups, seed_groups
 from mambavl.vlm.model import VLM, VLMConfig, build_tower
 from mambavl.vlm.tokenizer import TextTokenizer, hub_chat_template, tokenizer_file
 
@@ -72,7 +73,6 @@ def config_from_dict(d: dict, where: str | Path = "config.json") -> VLMConfig:
 
 def _value_problems(d: dict) -> list[str]:
     """The fields of a well-typed config dict whose values mambavl cannot run (unknown names, ranges)."""
-    from mambavl.projectors import PROJECTORS
     from mambavl.vision import TOWER_SETS, TOWERS
     from mambavl.vision.transforms import RESIZE_STRATEGIES
     from mambavl.vlm.prompts import PROMPT_FORMATS
@@ -237,11 +237,10 @@ def _read_groups(path: Path) -> dict[str, dict[str, torch.Tensor]]:
 def _seed_config(directory: Path, groups: set[str], preset: VLMConfig | None) -> VLMConfig:
     """A VLMConfig from a Cobra/ML-Mamba run config (config.json["model"]), else from the preset."""
     from mambavl.presets import LLM_BACKBONES, msc_options
-    from mambavl.projectors import PROJECTORS
     from mambavl.vision import TOWER_SETS, TOWERS
     from mambavl.vision.transforms import RESIZE_STRATEGIES
 
-    projector = "msc" if "bidirectional_mamba" in groups else None
+    projector = projector_from_groups(groups)
     where = directory / "config.json"
     if not where.is_file():
         if preset is None:
@@ -303,13 +302,8 @@ def _from_seed(
     dtype = checkpoint_dtype(everything, "embedding.weight") if dtype is None else dtype
     assign_lm_weights(vlm.lm, sd, source, f"{path}: llm_backbone", dtype)
 
-    # projector groups: Cobra stores one ("projector"); ML-Mamba three (mlp, bidirectional_mamba, projector)
-    if config.projector == "msc":
-        parts = {"mlp": vlm.projector.mlp, "bidirectional_mamba": vlm.projector.bidirectional_mamba}
-        parts["projector"] = vlm.projector.projector
-    else:
-        parts = {"projector": vlm.projector}
-    for group, module in parts.items():
+    # projector groups: Cobra stores one ("projector"); ML-Mamba three (the MSC projector's own)
+    for group, module in seed_groups(vlm.projector).items():
         if group not in groups:
             raise CheckpointError(
                 f"{path}: the checkpoint has no '{group}' weights (groups: {sorted(groups)})"
@@ -559,7 +553,7 @@ def read_config(name_or_path: str | Path) -> tuple[VLMConfig, str] | None:
     if "model" not in raw and (raw or not any(p.is_file() for p in seed_files)):
         return None
     groups = set(_read_groups(_find_checkpoint(directory)))  # mmap: the tensors are not read
-    return _seed_config(directory, groups, None), "ML-Mamba" if "bidirectional_mamba" in groups else "Cobra"
+    return _seed_config(directory, groups, None), "ML-Mamba" if projector_from_groups(groups) else "Cobra"
 
 
 def model_files(name_or_path: str | Path) -> list[Path]:

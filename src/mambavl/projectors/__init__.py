@@ -19,6 +19,23 @@ PROJECTORS: dict[str, type[nn.Module]] = {
 }
 
 
+def seed_groups(projector: nn.Module) -> dict[str, nn.Module]:
+    """The groups a Cobra / ML-Mamba checkpoint stores this projector's weights under, each with the
+    submodule it fills: a projector's own `SEED_GROUPS` (attribute names), else one group, `projector`."""
+    names = getattr(projector, "SEED_GROUPS", None)
+    return {name: getattr(projector, name) for name in names} if names else {"projector": projector}
+
+
+def projector_from_groups(groups: set[str]) -> str | None:
+    """The projector whose own checkpoint groups a seed checkpoint holds (ML-Mamba's `msc`), or None: the
+    run config names it (Cobra's `projector` group is every other projector's)."""
+    for name, cls in PROJECTORS.items():
+        own = getattr(cls, "SEED_GROUPS", ())
+        if own and set(own) <= groups:
+            return name
+    return None
+
+
 def create_projector(name: str, vision_dim: int, llm_dim: int, **options) -> nn.Module:
     """`options` go to the projector (e.g. the MSC's Mamba-2 sizes, for tiny test models)."""
     if name not in PROJECTORS:
@@ -35,4 +52,6 @@ __all__ = [
     "MSCProjector",
     "VSSProjector",
     "create_projector",
+    "projector_from_groups",
+    "seed_groups",
 ]

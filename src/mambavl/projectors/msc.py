@@ -136,6 +136,8 @@ class MSCProjector(nn.Module):
     """`msc`: checkpoint groups `mlp`, `bidirectional_mamba`, `projector` map to these submodules.
     `directions=4` adds column-major scans over the patch grid (the paper's 2-D idea; not in the release)."""
 
+    SEED_GROUPS = ("mlp", "bidirectional_mamba", "projector")
+
     def __init__(self, vision_dim: int, llm_dim: int, n_layer: int = 2, directions: int = 2, **mamba2):
         super().__init__()
         self.mlp = nn.Sequential(nn.Linear(vision_dim, llm_dim), nn.GELU())
