@@ -369,3 +369,20 @@ def test_profile_summary_orders_by_time_and_shares_add_up():
     lines = summary(on_gpu).splitlines()
     assert lines[0] == "device (kernels) self time 2.0 ms in all; the top 40:"
     assert [line.split()[-1] for line in lines[3:]] == ["kernel"]
+
+
+def test_scan_tile_candidates_start_with_the_tiles_of_before_and_are_all_valid():
+    """The training scan's sweep measures the channel-contiguous tiles first (the baseline of the same run),
+    then time-contiguous candidates that each give a thread 2 to 16 steps of a tile."""
+    from mambavl.bench.train_kernels import scan_candidates
+    from mambavl.ops.triton.scan import ScanTiles
+
+    candidates = scan_candidates()
+    assert candidates[0] == (128, 4, 1, 1, False)
+    assert all(major for *_, major in candidates[1:]) and len(set(candidates)) == len(candidates)
+    for chunk, block_d, warps, slots, major in candidates:
+        ScanTiles(
+            chunk=chunk, train_block_d=block_d, train_warps=warps, bwd_slots=slots, train_time_major=major
+        )
+        if major:
+            assert 2 <= chunk * block_d // (32 * warps) <= 16

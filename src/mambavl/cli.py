@@ -552,6 +552,13 @@ def bench(
         "kernels, forward and backward).",
     ),
     sweep: bool = typer.Option(False, "--sweep", help="--kernels: also time every candidate tile."),
+    sweep_seconds: float = typer.Option(
+        180.0,
+        help="--kernels --train --sweep: seconds for the training scan's tile sweep (prefill's: a third).",
+    ),
+    sweep_only: bool = typer.Option(
+        False, "--sweep-only", help="--kernels --train --sweep: the Mamba-1 scan's tile sweeps alone."
+    ),
     equality: bool = typer.Option(
         False,
         "--equality",
@@ -599,7 +606,15 @@ def bench(
         if kernels and train:
             from mambavl.bench.train_kernels import run_train_kernels
 
-            run_train_kernels(model, Path(out), batch, say=console.print, sweep=sweep)
+            run_train_kernels(
+                model,
+                Path(out),
+                batch,
+                say=console.print,
+                sweep=sweep,
+                sweep_s=sweep_seconds,
+                ops=not sweep_only,
+            )
             console.print(f"wrote {Path(out) / 'train_kernels.json'}")
             return
         if kernels:

@@ -349,10 +349,19 @@ def sweep_conv(lm, batch: int, length: int, say=print) -> list[dict]:
 
 
 def run_train_kernels(
-    preset: str, out: Path, batch: int = 8, length: int = 936, say=print, sweep: bool = False
+    preset: str,
+    out: Path,
+    batch: int = 8,
+    length: int = 936,
+    say=print,
+    sweep: bool = False,
+    sweep_s: float = 180.0,
+    ops: bool = True,
 ) -> dict:
     """Times every training kernel of `preset`'s LM; writes out/train_kernels.json and returns it. With
-    `sweep`, also the Mamba-1 scan under every candidate tile (`sweep_scan`)."""
+    `sweep`, also the Mamba-1 scan under every candidate tile (`sweep_scan`, `sweep_prefill_scan`; the first
+    for up to `sweep_s` seconds, the second a third of that) and the conv's; without `ops`, the scan's
+    sweeps alone."""
     from mambavl.presets import PRESETS
 
     if not torch.cuda.is_available():
@@ -366,7 +375,7 @@ def run_train_kernels(
         "dtype": "bfloat16 activations, fp32 A / D / biases / weights of norms and conv",
         "ops": {},
     }
-    for op, impls in _cases(lm, batch, length).items():
+    for op, impls in (_cases(lm, batch, length) if ops else {}).items():
         result["ops"][op] = {}
         for name, make in impls.items():
             entry = _measure(make)
@@ -381,12 +390,13 @@ def run_train_kernels(
                     f"   +{entry['extra_peak_mib']:8.0f} MiB"
                 )
     if sweep and "mamba1" in lm.mixers:
-        result["scan_tile_sweep"] = sweep_scan(lm, batch, length, say)
+        result["scan_tile_sweep"] = sweep_scan(lm, batch, length, say, budget_s=sweep_s)
         say(f"fastest: {result['scan_tile_sweep'][:3]}")
-        result["prefill_scan_sweep"] = sweep_prefill_scan(lm, say=say)
+        result["prefill_scan_sweep"] = sweep_prefill_scan(lm, say=say, budget_s=sweep_s / 3)
         say(f"fastest: {result['prefill_scan_sweep'][:3]}")
-        result["conv_tile_sweep"] = sweep_conv(lm, batch, length, say)
-        say(f"fastest: {result['conv_tile_sweep'][:3]}")
+        if ops:
+            result["conv_tile_sweep"] = sweep_conv(lm, batch, length, say)
+            say(f"fastest: {result['conv_tile_sweep'][:3]}")
     out.mkdir(parents=True, exist_ok=True)
     (out / "train_kernels.json").write_text(json.dumps(result, indent=2))
     return result
