@@ -11,6 +11,13 @@ from __future__ import annotations
 import torch
 import transformers as tf
 
+# the tiny Nemotron-H's sizes: odd vocabulary, grouped B/C, grouped-query attention, short chunks
+NEMOTRON_H_SIZES = dict(
+    vocab_size=101, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+    intermediate_size=40, mamba_num_heads=8, mamba_head_dim=4, n_groups=2, ssm_state_size=8, chunk_size=8,
+    conv_kernel=3,
+)  # fmt: skip
+
 CASES = {
     "mamba-untied-conv3-vocab101": lambda: tf.MambaForCausalLM(
         tf.MambaConfig(
@@ -107,8 +114,6 @@ CASES = {
     ),
     "nemotron_h-hybrid-groups-gqa": lambda: tf.NemotronHForCausalLM(
         tf.NemotronHConfig(
-            vocab_size=101,
-            hidden_size=32,
             layers_block_type=[
                 "linear_attention",
                 "full_attention",
@@ -117,34 +122,13 @@ CASES = {
                 "mlp",
                 "full_attention",
             ],
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=8,
-            intermediate_size=40,
-            mamba_num_heads=8,
-            mamba_head_dim=4,
-            n_groups=2,
-            ssm_state_size=8,
-            chunk_size=8,
-            conv_kernel=3,
+            **NEMOTRON_H_SIZES,
         )
     ),
     "nemotron_h-moe-grouped-routing": lambda: _with_router_bias(
         tf.NemotronHForCausalLM(
             tf.NemotronHConfig(
-                vocab_size=101,
-                hidden_size=32,
                 layers_block_type=["linear_attention", "moe", "full_attention", "moe", "mlp"],
-                num_attention_heads=4,
-                num_key_value_heads=2,
-                head_dim=8,
-                intermediate_size=40,
-                mamba_num_heads=8,
-                mamba_head_dim=4,
-                n_groups=2,
-                ssm_state_size=8,
-                chunk_size=8,
-                conv_kernel=3,
                 n_routed_experts=8,
                 num_experts_per_tok=3,
                 moe_intermediate_size=24,
@@ -153,6 +137,7 @@ CASES = {
                 topk_group=2,
                 norm_topk_prob=True,
                 routed_scaling_factor=2.5,
+                **NEMOTRON_H_SIZES,
             )
         )
     ),
