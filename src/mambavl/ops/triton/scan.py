@@ -287,7 +287,8 @@ def _selective_scan_bwd_kernel(
     # The state index n is the loop inside a chunk, so the scans run over time alone (within each thread's
     # run of steps first, then across threads) and every sum over n is a running sum in registers.
     # BC [B, G, 2N, L] holds B's rows then C's (one pointer tile serves both); dBC [slots, B, G, 2N, L] fp32
-    # likewise, accumulated with atomics. Outputs: du, ddelta, dz [B, D, L], each laid out as its input;
+    # likewise, accumulated with atomics. Outputs: du, ddelta, dz [B, D, L], laid out as the host allocates
+    # them (time-contiguous, or as their inputs);
     # dA [B, n_chunks, D, N], dD and dbias [B, D] fp32 (per sequence and chunk: the host sums them); carry
     # [2, B, D, N] fp32, d loss / d (state after the chunk) in and out, alternating between its two halves
     # from chunk to chunk (slot 0 holds the gradient of the last state on entry). Only what the n loop needs
