@@ -135,6 +135,15 @@ def test_snapshot_after_the_image_equals_recomputing_it(vlm):
     _assert_same_state(snap.state, state)
 
 
+def test_image_digest_is_computed_while_preprocessing_and_tells_images_apart(vlm):
+    """`preprocess` (a server's worker threads) leaves the digest computed, so the engine's thread never
+    hashes pixels; the same picture gives the same digest, another picture or size another."""
+    red, again, blue = (vlm.preprocess(img) for img in (RED, RED.copy(), BLUE))
+    assert "digest" in vars(red) and "digest" in vars(blue)
+    assert red.digest == again.digest != blue.digest
+    assert vlm.preprocess(RED.resize((41, 30))).digest != red.digest
+
+
 def test_too_long_after_a_hit_is_refused(vlm):
     cache = PrefixCache(budget_bytes=1 << 30)
     images, prompts = _inputs(vlm, [(RED, "What?")])

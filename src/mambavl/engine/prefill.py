@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mambavl.engine.prefix_cache import Item, PrefixCache, Snapshot, image_item
+from mambavl.engine.prefix_cache import Item, PrefixCache, Snapshot
 from mambavl.lm.state import LMState
 from mambavl.vlm.model import VLM, PreparedImage, PromptIds
 
@@ -39,7 +39,7 @@ def prompt_items(vlm: VLM, image: PreparedImage | None, tokens: PromptIds) -> tu
     """A prompt as cache items, and where its image item sits (None without an image)."""
     if image is None:
         return list(tokens.ids), None
-    key = image_item(image.views, image.size, image.grid)
+    key = ("image", image.digest)
     if vlm.config.image_placement == "placeholder":
         return [*tokens.before, key, *tokens.after], len(tokens.before)
     return [key, *tokens.before], 0

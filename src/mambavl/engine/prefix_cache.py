@@ -29,21 +29,6 @@ from mambavl.lm.state import LMState
 Item = int | tuple[str, str]  # a token id, or ("image", digest)
 
 
-def image_item(views: Sequence, size: tuple[int, int], grid: tuple[int, int] | None = None) -> Item:
-    """The key item of a prepared image: a digest of the pixels the tower sees (every view, its shape and
-    dtype), the original size and the AnyRes grid. Two images hit the same snapshots only when the model
-    would see the same input."""
-    h = hashlib.blake2b(digest_size=16)
-    h.update(repr((tuple(size), grid)).encode())
-    for view in views:
-        parts = sorted(view.items()) if isinstance(view, dict) else [("", view)]
-        for name, t in parts:
-            t = t.detach().to("cpu").contiguous()
-            h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return ("image", h.hexdigest())
-
-
 @dataclass
 class Snapshot:
     """The state after `positions` positions of a prompt (batch of one) and the next-token logits there."""

@@ -4,6 +4,7 @@ prefilled once, each new token is one O(1) step, and ragged batches are exact (s
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -63,6 +64,21 @@ class PreparedImage:
     views: list  # each a tensor [3, H, W], or a dict of them for fused towers
     size: tuple[int, int]
     grid: tuple[int, int] | None = None
+
+    @cached_property
+    def digest(self) -> str:
+        """A digest of what the tower sees (every view's pixels, shape and dtype), the original size and the
+        AnyRes grid: two images share prefix-cache snapshots only when the model would see the same input.
+        `VLM.preprocess` computes it, so that a server hashes in its worker threads, not on the engine's."""
+        h = hashlib.blake2b(digest_size=16)
+        h.update(repr((tuple(self.size), self.grid)).encode())
+        for view in self.views:
+            parts = sorted(view.items()) if isinstance(view, dict) else [("", view)]
+            for name, t in parts:
+                t = t.detach().to("cpu").contiguous()
+                h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+                h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        return h.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -207,9 +223,12 @@ class VLM(nn.Module):
             return image
         img = load_image(image, self.config.max_pixels)
         if self.config.anyres is None:
-            return PreparedImage([self.image_transform(img)], img.size)
-        views, grid = anyres_views(img, list(self.config.anyres), self.vision.image_size)
-        return PreparedImage([self.image_transform(v) for v in views], img.size, grid)
+            prepared = PreparedImage([self.image_transform(img)], img.size)
+        else:
+            views, grid = anyres_views(img, list(self.config.anyres), self.vision.image_size)
+            prepared = PreparedImage([self.image_transform(v) for v in views], img.size, grid)
+        prepared.digest  # noqa: B018 (computed here, in the caller's thread)
+        return prepared
 
     @cached_property
     def positions_per_view(self) -> int:
