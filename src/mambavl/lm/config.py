@@ -250,8 +250,10 @@ _RANGES = [
     ("top_k", "> 0", lambda v: v > 0),
     ("moe_groups", f"in [1, {MAX_EXPERTS}]", lambda v: 1 <= v <= MAX_EXPERTS),
     ("moe_topk_groups", f"in [1, {MAX_EXPERTS}]", lambda v: 1 <= v <= MAX_EXPERTS),
-    ("moe_scaling", "finite and > 0", lambda v: math.isfinite(v) and v > 0),
-    *((n, "finite and > 0", _finite_positive) for n in ("bcdt_eps", "gated_norm_eps", "norm_eps")),
+    *(
+        (n, "finite and > 0", _finite_positive)
+        for n in ("bcdt_eps", "gated_norm_eps", "norm_eps", "moe_scaling")
+    ),
 ]
 
 
