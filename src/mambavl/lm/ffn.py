@@ -38,12 +38,11 @@ class MoE(nn.Module):
     def __init__(self, cfg: LMConfig):
         super().__init__()
         self.cfg = cfg
-        self.n_experts, self.top_k, self.routing = cfg.n_experts, cfg.top_k, cfg.moe_routing
         self.gated = cfg.ffn_act == "silu_gated"
         width = cfg.d_expert_ffn or cfg.d_ffn
         self.shared = MLP(cfg, cfg.d_shared_ffn) if cfg.d_shared_ffn else None
         self.router = Linear(cfg.d_model, cfg.n_experts, bias=False)
-        if self.routing == "sigmoid_grouped":
+        if cfg.moe_routing == "sigmoid_grouped":
             self.register_buffer("router_bias", torch.zeros(cfg.n_experts))
         up = nn.Parameter(torch.empty(cfg.n_experts, (2 if self.gated else 1) * width, cfg.d_model))
         if self.gated:
@@ -58,24 +57,25 @@ class MoE(nn.Module):
         """Top-k expert indices and their weights per token: the softmax over all experts at the top k
         (softmax_topk), the softmax over the top k logits (topk_softmax), or sigmoid scores (fp32) chosen
         after the score bias within the best groups, each group scored by its best two (sigmoid_grouped)."""
-        if self.routing == "sigmoid_grouped":
+        cfg = self.cfg
+        if cfg.moe_routing == "sigmoid_grouped":
             return self._route_grouped(x)
         logits = self.router(x).float()
-        if self.routing == "topk_softmax":
-            top, experts = torch.topk(logits, self.top_k, dim=-1)
+        if cfg.moe_routing == "topk_softmax":
+            top, experts = torch.topk(logits, cfg.top_k, dim=-1)
             return torch.softmax(top, dim=-1).to(x.dtype), experts
-        weights, experts = torch.topk(torch.softmax(logits, dim=-1), self.top_k, dim=-1)
+        weights, experts = torch.topk(torch.softmax(logits, dim=-1), cfg.top_k, dim=-1)
         return weights.to(x.dtype), experts
 
     def _route_grouped(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.cfg
         scores = F.linear(x.float(), self.router.weight.float()).sigmoid()
         biased = scores + self.router_bias.float()
-        by_group = biased.view(-1, cfg.moe_groups, self.n_experts // cfg.moe_groups)
+        by_group = biased.view(-1, cfg.moe_groups, cfg.n_experts // cfg.moe_groups)
         best = torch.topk(by_group.topk(2, dim=-1)[0].sum(-1), cfg.moe_topk_groups, dim=-1)[1]
         keep = torch.zeros_like(by_group[..., 0], dtype=torch.bool).scatter_(1, best, True)
-        biased = by_group.masked_fill(~keep[..., None], float("-inf")).view(-1, self.n_experts)
-        experts = torch.topk(biased, self.top_k, dim=-1)[1]
+        biased = by_group.masked_fill(~keep[..., None], float("-inf")).view(-1, cfg.n_experts)
+        experts = torch.topk(biased, cfg.top_k, dim=-1)[1]
         weights = scores.gather(1, experts)
         if cfg.moe_norm_topk:
             weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)

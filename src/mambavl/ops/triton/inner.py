@@ -13,14 +13,14 @@ from mambavl.ops.triton import conv, scan
 
 
 def _recompute(x, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_rank, d_state, x_dbl=None):
-    """The conv's output [B, D, L], x_proj's output [B, L, R + 2N], Δ before its bias [B, D, L], B, C."""
+    """The conv's output [B, D, L], x_proj's output [B, L, R + 2N], dt [B, L, R], Δ before its bias
+    [B, D, L], and B, C [B, N, L] (views of x_proj's output)."""
     xc = conv._conv_forward(x, conv_weight, conv_bias, None, "silu")
     if x_dbl is None:
         x_dbl = F.linear(xc.transpose(1, 2), x_proj_weight)
     dt, B, C = x_dbl.split([dt_rank, d_state, d_state], dim=-1)
     delta = (dt @ dt_proj_weight.T.to(dt.dtype)).transpose(1, 2)  # what autocast does in the forward
-    # time-contiguous rows of B and C, as `scan.selective_scan` hands them to its kernels
-    return xc, x_dbl, dt, delta, B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous()
+    return xc, x_dbl, dt, delta, B.transpose(1, 2), C.transpose(1, 2)
 
 
 class _Mamba1Inner(torch.autograd.Function):
@@ -33,7 +33,7 @@ class _Mamba1Inner(torch.autograd.Function):
         xc, x_dbl, _, delta, B, C = _recompute(
             x, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_rank, d_state
         )
-        D, dt_bias = D.contiguous(), dt_bias.contiguous()
+        B, C, D, dt_bias = scan.kernel_inputs(B, C, D, dt_bias)
         y, _, states = scan._forward(xc, delta, A, B, C, D, z, dt_bias, True, None, tiles, save_states=True)
         ctx.save_for_backward(
             x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_bias, A, D, x_dbl, states
@@ -51,6 +51,7 @@ class _Mamba1Inner(torch.autograd.Function):
         xc, _, dt, delta, B, C = _recompute(
             x, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_rank, d_state, x_dbl
         )
+        B, C, _, _ = scan.kernel_inputs(B, C, None, None)
         g = scan._backward(xc, delta, A, B, C, D, z, dt_bias, states, True, ctx.tiles, dy, None)
         ddelta = g["delta"]  # [B, D, L]
         # Δ = dt @ dt_proj_weightᵀ: through dt_proj, then x_proj's output, then x_proj into the conv's output

@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 
 from mambavl.ops.dispatch import needs_grad
-from mambavl.ops.triton.layout import channels_last, empty_like_layout
+from mambavl.ops.triton.layout import channels_last, empty_like_layout, empty_time_major, time_major
 
 LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -420,30 +420,19 @@ def _selective_scan_bwd_kernel(
         tl.store(dbias + b * dim + d, acc_bias, mask=md)
 
 
-def _like(x: torch.Tensor) -> dict:
-    return dict(device=x.device, dtype=x.dtype)
-
-
 def _grouped(M: torch.Tensor) -> torch.Tensor:
     """B or C as [B, G, N, L]."""
     return M[:, None] if M.dim() == 3 else M
 
 
-def time_major(x: torch.Tensor | None) -> torch.Tensor | None:
-    """[B, D, L] x time-contiguous with every row starting on a 16-element boundary (a copy unless it is so
-    already, or a broadcast): the kernels' tiles then hold runs of consecutive steps per thread."""
-    if x is None or not any(x.stride()):
-        return x
-    if x.stride(-1) == 1 and x.stride(1) % 16 == 0 and x.stride(0) % 16 == 0:
-        return x
-    out = empty_time_major(*x.shape, device=x.device, dtype=x.dtype)
-    out.copy_(x)
-    return out
-
-
-def empty_time_major(batch: int, dim: int, length: int, **kw) -> torch.Tensor:
-    """An empty time-contiguous [B, D, L] tensor whose rows start on 16-element boundaries."""
-    return torch.empty(batch, dim, -(-length // 16) * 16, **kw)[..., :length]
+def kernel_inputs(B, C, D, delta_bias):
+    """B and C with time-contiguous rows (a copy of L·N values where they come as slices of x_proj's
+    output: every channel's program reads them, in a few wide loads), D and the Δ bias with stride 1 (the
+    kernels index them so)."""
+    B, C = (M if M.stride(-1) == 1 else M.contiguous() for M in (B, C))
+    D = D.contiguous() if D is not None else None
+    delta_bias = delta_bias.contiguous() if delta_bias is not None else None
+    return B, C, D, delta_bias
 
 
 def _train_block_d(tiles: ScanTiles, per_group: int) -> int:
@@ -467,7 +456,7 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
         raise ValueError(f"selective_scan: {groups} groups of B/C do not divide {dim} channels")
     if tiles.train_time_major if save_states else tiles.prefill_time_major:
         u, delta, z = time_major(u), time_major(delta), time_major(z)
-    y = empty_like_layout(u) if channels_last(u) else empty_time_major(batch, dim, length, **_like(u))
+    y = empty_like_layout(u) if channels_last(u) else empty_time_major(u)
     h_last = torch.empty(batch, dim, N, device=u.device, dtype=torch.float32)
     dummy = h_last
     h0 = initial_state if initial_state is not None else dummy
@@ -516,9 +505,8 @@ def _backward(u, delta, A, B, C, D, z, delta_bias, states, delta_softplus, tiles
     f32 = dict(device=u.device, dtype=torch.float32)
     if tiles.train_time_major:
         u, delta, z, dout = time_major(u), time_major(delta), time_major(z), time_major(dout)
-        du = empty_time_major(batch, dim, length, **_like(u))
-        ddelta = empty_time_major(batch, dim, length, **_like(delta))
-        dz = empty_time_major(batch, dim, length, **_like(z)) if z is not None else du
+        du, ddelta = empty_time_major(u), empty_time_major(delta)
+        dz = empty_time_major(z) if z is not None else du
     else:
         du, ddelta = empty_like_layout(u), empty_like_layout(delta)
         dz = empty_like_layout(z) if z is not None else du
@@ -610,11 +598,7 @@ def selective_scan(
     (and through the returned last state). `tiles`: launch parameters (`ScanTiles`; `DEFAULT_TILES` when
     None, which is what `ops.selective_scan` runs)."""
     tiles = tiles or DEFAULT_TILES
-    # B and C are read by every channel's program: time-contiguous rows (a copy of L·N values where they
-    # come as slices of x_proj's output) keep those reads to a few wide loads
-    B, C = (M if M.stride(-1) == 1 else M.contiguous() for M in (B, C))
-    D = D.contiguous() if D is not None else None  # the kernels index D and the bias with stride 1
-    delta_bias = delta_bias.contiguous() if delta_bias is not None else None
+    B, C, D, delta_bias = kernel_inputs(B, C, D, delta_bias)
     if needs_grad(u, delta, A, B, C, D, z, delta_bias, initial_state):
         y, h_last = _SelectiveScanFn.apply(
             u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, tiles
