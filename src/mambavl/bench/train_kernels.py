@@ -107,6 +107,58 @@ def _channels_last_output(fn):
     return lambda **kw: fn(**kw).transpose(1, 2).contiguous()
 
 
+def _inner_inputs(batch: int, lm, length: int) -> dict:
+    """The Mamba-1 mixer between its two large projections: in_proj's output xz [B, L, 2D] (as our
+    in_proj makes it), the conv, x_proj, dt_proj and out_proj weights, A and D (fp32, as the model holds
+    them)."""
+    d, n, r = lm.d_inner, lm.d_state, lm.dt_rank
+    f32 = dict(device="cuda")
+    return dict(
+        xz=_leaf(torch.randn(batch, length, 2 * d, device="cuda", dtype=torch.bfloat16)),
+        conv_weight=_leaf(torch.randn(d, lm.d_conv, **f32) * 0.3),
+        conv_bias=_leaf(torch.randn(d, **f32) * 0.1),
+        x_proj_weight=_leaf(torch.randn(r + 2 * n, d, **f32) * d**-0.5),
+        dt_proj_weight=_leaf(torch.randn(d, r, **f32) * r**-0.5),
+        dt_bias=_leaf(torch.randn(d, **f32) * 0.1 - 3),
+        A=_leaf(-torch.rand(d, n, **f32) * 8),
+        D=_leaf(torch.ones(d, **f32)),
+        out_proj_weight=_leaf(torch.randn(lm.d_model, d, **f32) * d**-0.5),
+    )
+
+
+def _ours_inner(lm, backend: str):
+    """The mixer's path as Mamba1Mixer runs it: [B, D, L] views of xz's halves, `ops.mamba1_inner`, out_proj
+    on the [B, L, D] view of its output; under bf16 autocast, as in training."""
+    from mambavl import ops
+
+    def call(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_bias, A, D, out_proj_weight):
+        with torch.autocast("cuda", torch.bfloat16):
+            x, z = (half.transpose(1, 2) for half in xz.chunk(2, dim=-1))
+            y = ops.mamba1_inner(
+                x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_bias, A, D,
+                lm.dt_rank, lm.d_state, backend=backend,
+            )  # fmt: skip
+            return torch.nn.functional.linear(y.transpose(1, 2), out_proj_weight)
+
+    return call
+
+
+def _peer_inner(fn):
+    """mamba_ssm's `mamba_inner_fn` (its default checkpoint level) on the same inputs, xz handed over as its
+    Mamba module makes it ([B, 2D, L], time-contiguous: in_proj computed as W·hᵀ), under bf16 autocast."""
+
+    def call(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_bias, A, D, out_proj_weight):
+        with torch.autocast("cuda", torch.bfloat16):
+            xz_t = xz.permute(2, 0, 1).reshape(xz.shape[2], -1)  # [2D, B·L]
+            xz_t = xz_t.contiguous().view(xz.shape[2], xz.shape[0], xz.shape[1]).permute(1, 0, 2)
+            return fn(
+                xz_t, conv_weight[:, None], conv_bias, x_proj_weight, dt_proj_weight, out_proj_weight, None,
+                A, None, None, D.float(), delta_bias=dt_bias.float(), delta_softplus=True,
+            )  # fmt: skip
+
+    return call
+
+
 def _conv_inputs(batch: int, dim: int, width: int, length: int) -> dict:
     # as in the mixers: a [B, D, L] view of in_proj's [B, L, 2D] output
     x = torch.randn(batch, length, dim, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
@@ -176,6 +228,14 @@ def _cases(lm, batch: int, length: int) -> dict[str, dict[str, Callable[[], tupl
         cases["selective_scan_mixer_layout"] = {
             "ours": lambda: (_channels_last_output(ours(ops.selective_scan, delta_softplus=True)), mixed()),
         }
+        inner = lambda: _inner_inputs(batch, lm, length)  # noqa: E731
+        cases["mamba1_inner_out_proj"] = {
+            "ours": lambda: (_ours_inner(lm, "triton"), inner()),
+            "torch": lambda: (_ours_inner(lm, "torch"), inner()),
+        }
+        peer_inner = _peer("mamba_ssm.ops.selective_scan_interface", "mamba_inner_fn")
+        if peer_inner is not None:
+            cases["mamba1_inner_out_proj"]["mamba_ssm"] = lambda: (_peer_inner(peer_inner), inner())
     if "mamba2" in lm.mixers:
         h, p, g, n = lm.nheads, lm.headdim, lm.ngroups, lm.d_state
         ssd = lambda: _ssd_inputs(batch, length, h, p, g, n)  # noqa: E731
