@@ -2,8 +2,9 @@
 full-size shapes, each against the PyTorch reference it replaces and, where importable, the seeds' own
 kernels (mamba_ssm's CUDA selective scan, causal_conv1d, mamba_ssm's Triton norms and SSD), in one run.
 
-For a Mamba-1 LM: the selective scan (Δ bias + softplus, D, the z gate), the causal conv1d (bias, SiLU) and
-the pre-norm RMSNorm with its residual add; for a Mamba-2 LM: the SSD chunked scan, the conv1d over x, B
+For a Mamba-1 LM: the selective scan (Δ bias + softplus, D, the z gate), the whole mixer from in_proj to
+out_proj (`ops.mamba1_mixer` against mamba_ssm's in_proj + `mamba_inner_fn`), the causal conv1d (bias, SiLU)
+and the pre-norm RMSNorm with its residual add; for a Mamba-2 LM: the SSD chunked scan, the conv1d over x, B
 and C, the RMSNorm and the gated, grouped RMSNorm. Shapes: `batch` rows of `length` positions in bf16
 (fp32 A, D and Δ bias, as the models hold them). Every timing is the median of CUDA-event timed calls after
 warm-up; "fwd+bwd" is one forward and one backward with gradients for every input that has one.
@@ -107,14 +108,13 @@ def _channels_last_output(fn):
     return lambda **kw: fn(**kw).transpose(1, 2).contiguous()
 
 
-def _inner_inputs(batch: int, lm, length: int) -> dict:
-    """The Mamba-1 mixer between its two large projections: in_proj's output xz [B, L, 2D] (as our
-    in_proj makes it), the conv, x_proj, dt_proj and out_proj weights, A and D (fp32, as the model holds
-    them)."""
+def _mixer_inputs(batch: int, lm, length: int) -> dict:
+    """The Mamba-1 mixer's input hidden [B, L, d_model] and its weights (fp32, as the model holds them)."""
     d, n, r = lm.d_inner, lm.d_state, lm.dt_rank
     f32 = dict(device="cuda")
     return dict(
-        xz=_leaf(torch.randn(batch, length, 2 * d, device="cuda", dtype=torch.bfloat16)),
+        hidden=_leaf(torch.randn(batch, length, lm.d_model, device="cuda", dtype=torch.bfloat16)),
+        in_proj_weight=_leaf(torch.randn(2 * d, lm.d_model, **f32) * lm.d_model**-0.5),
         conv_weight=_leaf(torch.randn(d, lm.d_conv, **f32) * 0.3),
         conv_bias=_leaf(torch.randn(d, **f32) * 0.1),
         x_proj_weight=_leaf(torch.randn(r + 2 * n, d, **f32) * d**-0.5),
@@ -126,33 +126,32 @@ def _inner_inputs(batch: int, lm, length: int) -> dict:
     )
 
 
-def _ours_inner(lm, backend: str):
-    """The mixer's path as Mamba1Mixer runs it: [B, D, L] views of xz's halves, `ops.mamba1_inner`, out_proj
-    on the [B, L, D] view of its output; under bf16 autocast, as in training."""
+def _ours_mixer(lm, backend: str):
+    """`ops.mamba1_mixer` as Mamba1Mixer calls it in training, under bf16 autocast."""
     from mambavl import ops
 
-    def call(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_bias, A, D, out_proj_weight):
+    def call(hidden, in_proj_weight, out_proj_weight, **kw):
         with torch.autocast("cuda", torch.bfloat16):
-            x, z = (half.transpose(1, 2) for half in xz.chunk(2, dim=-1))
-            y = ops.mamba1_inner(
-                x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_bias, A, D,
-                lm.dt_rank, lm.d_state, backend=backend,
+            return ops.mamba1_mixer(
+                hidden, in_proj_weight, None, out_proj_weight=out_proj_weight, out_proj_bias=None,
+                dt_rank=lm.dt_rank, d_state=lm.d_state, backend=backend, **kw,
             )  # fmt: skip
-            return torch.nn.functional.linear(y.transpose(1, 2), out_proj_weight)
 
     return call
 
 
-def _peer_inner(fn):
-    """mamba_ssm's `mamba_inner_fn` (its default checkpoint level) on the same inputs, xz handed over as its
-    Mamba module makes it ([B, 2D, L], time-contiguous: in_proj computed as W·hᵀ), under bf16 autocast."""
+def _peer_mixer(fn):
+    """mamba_ssm's Mamba module in training: in_proj as W·hᵀ, then `mamba_inner_fn` (its default checkpoint
+    level) on the same inputs, under bf16 autocast."""
 
-    def call(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_bias, A, D, out_proj_weight):
+    def call(hidden, in_proj_weight, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_bias, A, D,
+             out_proj_weight):  # fmt: skip
+        batch, length, width = hidden.shape
         with torch.autocast("cuda", torch.bfloat16):
-            xz_t = xz.permute(2, 0, 1).reshape(xz.shape[2], -1)  # [2D, B·L]
-            xz_t = xz_t.contiguous().view(xz.shape[2], xz.shape[0], xz.shape[1]).permute(1, 0, 2)
+            xz = in_proj_weight @ hidden.reshape(-1, width).t()  # [2D, B·L]
+            xz = xz.view(-1, batch, length).transpose(0, 1)
             return fn(
-                xz_t, conv_weight[:, None], conv_bias, x_proj_weight, dt_proj_weight, out_proj_weight, None,
+                xz, conv_weight[:, None], conv_bias, x_proj_weight, dt_proj_weight, out_proj_weight, None,
                 A, None, None, D.float(), delta_bias=dt_bias.float(), delta_softplus=True,
             )  # fmt: skip
 
@@ -228,14 +227,14 @@ def _cases(lm, batch: int, length: int) -> dict[str, dict[str, Callable[[], tupl
         cases["selective_scan_mixer_layout"] = {
             "ours": lambda: (_channels_last_output(ours(ops.selective_scan, delta_softplus=True)), mixed()),
         }
-        inner = lambda: _inner_inputs(batch, lm, length)  # noqa: E731
-        cases["mamba1_inner_out_proj"] = {
-            "ours": lambda: (_ours_inner(lm, "triton"), inner()),
-            "torch": lambda: (_ours_inner(lm, "torch"), inner()),
+        mixer = lambda: _mixer_inputs(batch, lm, length)  # noqa: E731
+        cases["mamba1_mixer"] = {
+            "ours": lambda: (_ours_mixer(lm, "triton"), mixer()),
+            "torch": lambda: (_ours_mixer(lm, "torch"), mixer()),
         }
         peer_inner = _peer("mamba_ssm.ops.selective_scan_interface", "mamba_inner_fn")
         if peer_inner is not None:
-            cases["mamba1_inner_out_proj"]["mamba_ssm"] = lambda: (_peer_inner(peer_inner), inner())
+            cases["mamba1_mixer"]["mamba_ssm"] = lambda: (_peer_mixer(peer_inner), mixer())
     if "mamba2" in lm.mixers:
         h, p, g, n = lm.nheads, lm.headdim, lm.ngroups, lm.d_state
         ssd = lambda: _ssd_inputs(batch, length, h, p, g, n)  # noqa: E731

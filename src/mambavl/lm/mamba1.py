@@ -47,15 +47,15 @@ class Mamba1Mixer(nn.Module):
         T = hidden.shape[1]
         if state is not None and T == 1 and valid is None:  # a decode step: one fused op
             return self.out_proj(self.step(self.in_proj(hidden)[:, 0], state)[:, None])
+        if state is None and valid is None and not self.bcdt_norm:  # whole sequences from zeros
+            return ops.mamba1_mixer(
+                hidden, self.in_proj.weight, self.in_proj.bias, self.conv1d.weight[:, 0], self.conv1d.bias,
+                self.x_proj.weight, self.dt_proj.weight, self.dt_proj.bias, decay_rates(self), self.D,
+                self.out_proj.weight, self.out_proj.bias, self.dt_rank, self.d_state,
+            )  # fmt: skip
         # [B, D, T] views of [B, T, D] halves: split on the last axis, so that the backward joins their
         # (channel-contiguous) gradients into in_proj's layout with one concatenation and no transpose
         x, z = (half.transpose(1, 2) for half in self.in_proj(hidden).chunk(2, dim=-1))
-        if state is None and valid is None and not self.bcdt_norm:  # a whole sequence from zeros
-            y = ops.mamba1_inner(
-                x, z, self.conv1d.weight[:, 0], self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight,
-                self.dt_proj.bias, decay_rates(self), self.D, self.dt_rank, self.d_state,
-            )  # fmt: skip
-            return self.out_proj(y.transpose(1, 2))
         x = conv_step(x, self.conv1d, state, valid)
 
         dt, B, C = self.x_proj(x.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)

@@ -1,6 +1,7 @@
 """The Mamba-1 mixer's inner path, from in_proj's output to the gated scan output: causal conv1d + SiLU →
-x_proj → dt_proj → selective scan (Δ bias and softplus, D, the z gate). mamba_ssm's `mamba_inner_fn`
-without the two outer projections.
+x_proj → dt_proj → selective scan (Δ bias and softplus, D, the z gate) (`mamba1_inner`, mamba_ssm's
+`mamba_inner_fn` without the two outer projections), and the whole mixer over sequences that start from a
+zero state, in_proj and out_proj included (`mamba1_mixer`).
 
 The reference composes the ops (each its own autograd node, as the mixer did). Under the Triton backend a
 call that needs gradients runs one autograd node (`ops.triton.inner`) that keeps only in_proj's output,
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 
 from mambavl.ops.conv import causal_conv1d_fn
 from mambavl.ops.dispatch import backend_for, needs_grad
+from mambavl.ops.linear import linear
 from mambavl.ops.scan import selective_scan
 
 
@@ -50,3 +52,49 @@ def mamba1_inner(
     return selective_scan(
         xc, delta, A, B.transpose(1, 2), C.transpose(1, 2), D, z, dt_bias, True, backend=backend
     )
+
+
+def mamba1_mixer(
+    hidden: torch.Tensor,
+    in_proj_weight: torch.Tensor,
+    in_proj_bias: torch.Tensor | None,
+    conv_weight: torch.Tensor,
+    conv_bias: torch.Tensor | None,
+    x_proj_weight: torch.Tensor,
+    dt_proj_weight: torch.Tensor,
+    dt_bias: torch.Tensor,
+    A: torch.Tensor,
+    D: torch.Tensor,
+    out_proj_weight: torch.Tensor,
+    out_proj_bias: torch.Tensor | None,
+    dt_rank: int,
+    d_state: int,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """The Mamba-1 mixer's output [B, L, d_model] from its input hidden [B, L, d_model], every sequence
+    starting from a zero state: in_proj (in_proj_weight [2D, d_model]) → `mamba1_inner` → out_proj
+    (out_proj_weight [d_model, D]).
+
+    The reference composes in_proj, `mamba1_inner` and out_proj. Under the Triton backend a call that needs
+    gradients runs one autograd node (`ops.triton.inner.mamba1_mixer`, as mamba_ssm's `mamba_inner_fn` with
+    in_proj taken in) that computes in_proj as W·hᵀ, so that x, z, Δ, the scan's output and every gradient
+    between the two projections are time-contiguous where they are made and no layout copy is needed."""
+    if backend_for(hidden, backend) == "triton" and needs_grad(
+        hidden, in_proj_weight, in_proj_bias, conv_weight, conv_bias, x_proj_weight, dt_proj_weight,
+        dt_bias, A, D, out_proj_weight, out_proj_bias,
+    ):  # fmt: skip
+        from mambavl.ops.triton.inner import mamba1_mixer as fused
+
+        return fused(
+            hidden, in_proj_weight, in_proj_bias, conv_weight, conv_bias, x_proj_weight, dt_proj_weight,
+            dt_bias, A, D, out_proj_weight, out_proj_bias, dt_rank, d_state,
+        )  # fmt: skip
+    # [B, D, L] views of the [B, L, D] halves: split on the last axis, so that the backward joins their
+    # (channel-contiguous) gradients into in_proj's layout with one concatenation and no transpose
+    x, z = (
+        half.transpose(1, 2) for half in linear(hidden, in_proj_weight, in_proj_bias, backend).chunk(2, -1)
+    )
+    y = mamba1_inner(
+        x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_bias, A, D, dt_rank, d_state, backend
+    )
+    return linear(y.transpose(1, 2), out_proj_weight, out_proj_bias, backend)

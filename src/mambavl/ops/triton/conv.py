@@ -338,11 +338,14 @@ def _conv_forward(x, weight, bias, initial_states, activation) -> torch.Tensor:
     return out
 
 
-def _conv_backward(x, weight, bias, initial_states, activation, dy, dfinal, want_dinit):
-    """(dx, dinitial_states or None, dweight, dbias or None); the weight gradients in fp32."""
+def _conv_backward(x, weight, bias, initial_states, activation, dy, dfinal, want_dinit, dx_out=None):
+    """(dx, dinitial_states or None, dweight, dbias or None); the weight gradients in fp32. dx is written
+    into `dx_out` when given (x's shape and dtype, any layout)."""
     batch, dim, length = x.shape
     width = weight.shape[1]
-    dx = empty_like_layout(x, x.dtype)
+    if dx_out is not None and (dx_out.shape != x.shape or dx_out.dtype != x.dtype):
+        raise ValueError("causal_conv1d backward: dx_out must have x's shape and dtype")
+    dx = empty_like_layout(x, x.dtype) if dx_out is None else dx_out
     init = initial_states if initial_states is not None else x
     store_dinit = want_dinit and initial_states is not None and width > 1
     dinit = torch.empty_like(initial_states, memory_format=torch.contiguous_format) if store_dinit else dx

@@ -1,8 +1,19 @@
-"""`ops.mamba1_inner` for training in one autograd node: the conv, the two small projections and the scan
-run forward as the composed ops do; the node keeps x and z (views of in_proj's output, kept for in_proj's
-backward anyway), x_proj's output [B, L, R + 2N] and the scan's chunk states, and the backward recomputes the
-conv's output and Δ before the scan's backward. Projections run under the caller's autocast, as F.linear
-would, so the forward equals the composed ops exactly."""
+"""The Mamba-1 mixer for training, as autograd nodes.
+
+`mamba1_inner`: the conv, the two small projections and the scan run forward as the composed ops do; the
+node keeps x and z (views of in_proj's output, kept for in_proj's backward anyway), x_proj's output
+[B, L, R + 2N] and the scan's chunk states, and the backward recomputes the conv's output and Δ before the
+scan's backward. Projections run under the caller's autocast, as F.linear would, so the forward equals the
+composed ops exactly.
+
+`mamba1_mixer`: the same with in_proj and out_proj taken in (mamba_ssm's `mamba_inner_fn` and its in_proj).
+Every [B, D, L] tensor between the two projections is channel-major and time-contiguous ([D, B, L'] in
+memory): in_proj runs as W·hᵀ, Δ as W_dt·dtᵀ, out_proj and every weight gradient read the [D, B·L'] matrix
+as it is, and the gradients of x and z are written into one [2D, B·L'] buffer, in_proj's. L' is L rounded up
+to 16 (rows then start on 16-element boundaries, which the scan's tiles want): the padded steps come after
+each row's end, take zero inputs, and their outputs are dropped, so they change nothing before them; their
+gradients are zero. Its backward keeps hᵀ, in_proj's output, x_proj's small output, the scan's output before
+out_proj and the chunk states, and recomputes the conv's output and Δ."""
 
 from __future__ import annotations
 
@@ -87,4 +98,119 @@ def mamba1_inner(
     """`ops.mamba1_inner`, differentiable in every tensor input."""
     return _Mamba1Inner.apply(
         x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_bias, A, D, dt_rank, d_state
+    )
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the projections run in: autocast's where it is on, else x's."""
+    kind = x.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+
+
+def _delta_bc(x_dbl, dt_proj_weight, dt_rank, d_state, batch, padded):
+    """Δ before its bias [B, D, L'] channel-major (W_dt·dtᵀ), and B, C [B, N, L'] time-contiguous, from
+    x_proj's output [B·L', R + 2N]."""
+    dim = dt_proj_weight.shape[0]
+    delta = (dt_proj_weight.to(x_dbl.dtype) @ x_dbl[:, :dt_rank].t()).view(dim, batch, padded).transpose(0, 1)
+    B, C = (
+        x_dbl[:, start : start + d_state].reshape(batch, padded, d_state).transpose(1, 2)
+        for start in (dt_rank, dt_rank + d_state)
+    )
+    B, C, _, _ = scan.kernel_inputs(B, C, None, None)
+    return delta, B, C
+
+
+def _matrix(t: torch.Tensor) -> torch.Tensor:
+    """[D, B·L'] view of a channel-major [B, D, L'] tensor."""
+    return t.transpose(0, 1).reshape(t.shape[1], -1)
+
+
+class _Mamba1Mixer(torch.autograd.Function):
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(
+        ctx, hidden, in_w, in_b, conv_w, conv_b, x_w, dt_w, dt_bias, A, D, out_w, out_b, dt_rank, d_state
+    ):
+        dtype = _compute_dtype(hidden)
+        batch, length, width = hidden.shape
+        dim = conv_w.shape[0]
+        padded = -(-length // 16) * 16
+        tiles = scan.DEFAULT_TILES
+        h_t = torch.empty(width, batch, padded, device=hidden.device, dtype=dtype)  # hᵀ, zeros past the end
+        h_t[..., length:].zero_()
+        h_t[..., :length].copy_(hidden.permute(2, 0, 1))
+        h_t = h_t.view(width, batch * padded)
+        xz = in_w.to(dtype) @ h_t  # [2D, B·L']
+        if in_b is not None:
+            xz += in_b.to(dtype)[:, None]
+        xz3 = xz.view(2 * dim, batch, padded).transpose(0, 1)
+        x, z = xz3[:, :dim], xz3[:, dim:]
+        xc = conv._conv_forward(x, conv_w, conv_b, None, "silu")
+        x_dbl = _matrix(xc).t() @ x_w.to(dtype).t()  # [B·L', R + 2N]
+        delta, B, C = _delta_bc(x_dbl, dt_w, dt_rank, d_state, batch, padded)
+        _, _, D_k, bias_k = scan.kernel_inputs(B, C, D, dt_bias)
+        y, _, states = scan._forward(xc, delta, A, B, C, D_k, z, bias_k, True, None, tiles, save_states=True)
+        y = _matrix(y)  # [D, B·L']
+        out = y.t() @ out_w.to(dtype).t()
+        if out_b is not None:
+            out += out_b.to(dtype)
+        ctx.save_for_backward(
+            h_t, xz, conv_w, conv_b, x_w, dt_w, dt_bias, A, D, x_dbl, states, y, in_w, out_w
+        )
+        ctx.sizes = (dt_rank, d_state, batch, length, padded, dim)
+        ctx.tiles, ctx.dtype, ctx.hidden_dtype = tiles, dtype, hidden.dtype
+        ctx.biases = (in_b is not None, out_b is not None)
+        return out.view(batch, padded, width)[:, :length]
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, dout):
+        h_t, xz, conv_w, conv_b, x_w, dt_w, dt_bias, A, D, x_dbl, states, y, in_w, out_w = ctx.saved_tensors
+        dt_rank, d_state, batch, length, padded, dim = ctx.sizes
+        dtype, width = ctx.dtype, h_t.shape[0]
+        d_out = torch.empty(batch, padded, width, device=dout.device, dtype=dtype)
+        d_out[:, length:].zero_()
+        d_out[:, :length].copy_(dout)
+        d_out = d_out.view(batch * padded, width)
+        d_out_w = d_out.t() @ y.t()
+        d_out_b = d_out.sum(0) if ctx.biases[1] else None
+        dy = (out_w.to(dtype).t() @ d_out.t()).view(dim, batch, padded).transpose(0, 1)
+        xz3 = xz.view(2 * dim, batch, padded).transpose(0, 1)
+        x, z = xz3[:, :dim], xz3[:, dim:]
+        xc = conv._conv_forward(x, conv_w, conv_b, None, "silu")
+        delta, B, C = _delta_bc(x_dbl, dt_w, dt_rank, d_state, batch, padded)
+        d_xz = torch.empty_like(xz)  # [2D, B·L']: dx then dz, in_proj's output gradient
+        d_xz3 = d_xz.view(2 * dim, batch, padded).transpose(0, 1)
+        g = scan._backward(
+            xc, delta, A, B, C, D, z, dt_bias, states, True, ctx.tiles, dy, None, dz_out=d_xz3[:, dim:]
+        )
+        if g["z"].data_ptr() != d_xz3[:, dim:].data_ptr():  # a layout that wrote it elsewhere
+            d_xz3[:, dim:].copy_(g["z"])
+        d_delta = _matrix(g["delta"])  # [D, B·L']
+        d_dt = d_delta.t() @ dt_w.to(dtype)  # [B·L', R]
+        d_dt_w = d_delta @ x_dbl[:, :dt_rank]
+        dB, dC = (g[k].transpose(1, 2).reshape(batch * padded, d_state).to(dtype) for k in ("B", "C"))
+        d_x_dbl = torch.cat((d_dt, dB, dC), -1)  # [B·L', R + 2N]
+        xc = _matrix(xc)
+        d_x_w = d_x_dbl.t() @ xc.t()
+        d_xc = _matrix(g["u"]).addmm_(x_w.to(dtype).t(), d_x_dbl.t())  # through x_proj too
+        d_xc = d_xc.view(dim, batch, padded).transpose(0, 1)
+        _, _, d_conv_w, d_conv_b = conv._conv_backward(
+            x, conv_w, conv_b, None, "silu", d_xc, None, False, dx_out=d_xz3[:, :dim]
+        )
+        d_in_w = d_xz @ h_t.t()
+        d_in_b = d_xz.sum(1) if ctx.biases[0] else None
+        dh = (d_xz.t() @ in_w.to(dtype)).view(batch, padded, width)[:, :length].to(ctx.hidden_dtype)
+        return (
+            dh, d_in_w, d_in_b, d_conv_w, d_conv_b, d_x_w, d_dt_w,
+            g["delta_bias"], g["A"], g["D"], d_out_w, d_out_b, None, None,
+        )  # fmt: skip
+
+
+def mamba1_mixer(
+    hidden, in_w, in_b, conv_w, conv_b, x_w, dt_w, dt_bias, A, D, out_w, out_b, dt_rank, d_state
+):  # fmt: skip
+    """`ops.mamba1_mixer`, differentiable in every tensor input."""
+    return _Mamba1Mixer.apply(
+        hidden, in_w, in_b, conv_w, conv_b, x_w, dt_w, dt_bias, A, D, out_w, out_b, dt_rank, d_state
     )

@@ -1,5 +1,7 @@
 """The [B, D, L] layouts the sequence kernels meet: a transposed view of a channel-contiguous [B, L, D]
-projection (as the mixers hand x, Δ and z over), or time-contiguous. Outputs and gradients take their
+projection (as the mixers hand x, Δ and z over), or time-contiguous, either sequence-major ([B, D, L]
+contiguous) or channel-major ([D, B, L] contiguous, seen as [B, D, L]: what a projection computed as W·hᵀ
+gives, whose [D, B·L] matrix the next projection reads without a copy). Outputs and gradients take their
 input's layout, so that writes stay coalesced and nothing downstream needs a transposing copy; kernels
 whose tiles want runs of consecutive steps per thread take time-contiguous copies with aligned rows."""
 
@@ -13,13 +15,21 @@ def channels_last(x: torch.Tensor) -> bool:
     return x.stride(1) == 1 and x.shape[2] > 1
 
 
+def channel_major(x: torch.Tensor) -> bool:
+    """Whether time-contiguous [B, D, L] x has its channels outermost ([D, B, L] in memory)."""
+    return x.stride(-1) == 1 and x.shape[0] > 1 and x.shape[1] > 1 and x.stride(0) < x.stride(1)
+
+
 def empty_like_layout(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """An empty [B, D, L] tensor laid out as x is: channel-contiguous, or time-contiguous."""
+    """An empty [B, D, L] tensor laid out as x is: channel-contiguous, time-contiguous channel-major, or
+    time-contiguous."""
     batch, dim, length = x.shape
-    dtype = dtype or x.dtype
+    kw = dict(device=x.device, dtype=dtype or x.dtype)
     if channels_last(x):
-        return torch.empty(batch, length, dim, device=x.device, dtype=dtype).transpose(1, 2)
-    return torch.empty(batch, dim, length, device=x.device, dtype=dtype)
+        return torch.empty(batch, length, dim, **kw).transpose(1, 2)
+    if channel_major(x):
+        return torch.empty(dim, batch, length, **kw).transpose(0, 1)
+    return torch.empty(batch, dim, length, **kw)
 
 
 def time_major(x: torch.Tensor | None) -> torch.Tensor | None:
@@ -36,6 +46,10 @@ def time_major(x: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def empty_time_major(x: torch.Tensor) -> torch.Tensor:
-    """An empty tensor of x's [B, D, L] shape and dtype, time-contiguous, rows on 16-element boundaries."""
+    """An empty tensor of x's [B, D, L] shape and dtype, time-contiguous, rows on 16-element boundaries;
+    channel-major where x is."""
     batch, dim, length = x.shape
-    return torch.empty(batch, dim, -(-length // 16) * 16, device=x.device, dtype=x.dtype)[..., :length]
+    padded = -(-length // 16) * 16
+    if channel_major(x):
+        return torch.empty(dim, batch, padded, device=x.device, dtype=x.dtype)[..., :length].transpose(0, 1)
+    return torch.empty(batch, dim, padded, device=x.device, dtype=x.dtype)[..., :length]
