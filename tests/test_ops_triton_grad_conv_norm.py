@@ -44,6 +44,8 @@ def _conv_inputs(batch, dim, length, width, dtype, bias, initial, layout, w_dtyp
     t = dict(device=DEVICE)
     if layout == "channels":  # a transposed slice of a [B, L, D'] projection, as the mixers pass it
         x = torch.randn(batch, length, 2 * dim + 3, **t)[:, :, 3 : 3 + dim].transpose(1, 2)
+    elif layout == "channel_major":  # a slice of a [2D, B, L] projection computed as W·hᵀ
+        x = torch.randn(2 * dim, batch, length, **t)[dim:].transpose(0, 1)
     else:
         x = torch.randn(batch, dim, length, **t)
     return dict(
@@ -104,6 +106,17 @@ def test_conv_keeps_the_channel_layout_and_reads_any_grad_strides():
     (dx_ref,) = torch.autograd.grad(ref.transpose(1, 2)[:, ::2].sum(), [inputs["x"]])
     assert dx.stride(1) == 1
     _assert_close(dx, dx_ref, _tol(torch.float32))
+
+
+@pytest.mark.parametrize("layout", ["time", "channel_major"])
+def test_conv_grads_across_programs_and_their_halos(layout):
+    """Rows long enough that the backward splits time between programs: each computes the gradient at
+    the W-1 positions after its share (the halo) itself; with the initial and final windows."""
+    inputs = _conv_inputs(2, 13, 150, 4, torch.float32, True, True, layout)
+    _compare(_conv("silu", final=True), inputs, _tol(torch.float32))
+    y = ops.causal_conv1d_fn(**inputs, activation="silu", backend="triton")
+    (dx,) = torch.autograd.grad(y, [inputs["x"]], torch.ones_like(y))
+    assert dx.stride() == inputs["x"].stride() == y.stride()  # outputs and gradients keep x's layout
 
 
 def test_conv_only_some_inputs_need_grads():

@@ -141,7 +141,7 @@ def test_fused_mixer_under_bf16_autocast_matches_the_reference():
 
 
 def test_the_mixer_node_keeps_in_proj_output_and_the_scan_output_alone():
-    """Of per-position tensors the mixer's node keeps hᵀ (in_proj's weight gradient), in_proj's output,
+    """Of per-position tensors the mixer's node keeps h (in_proj's weight gradient), in_proj's output,
     x_proj's small output and the scan's output (out_proj's weight gradient), each over the B·L' padded
     positions: no conv output, no Δ, no gradient-side copy in another layout."""
     inputs, sizes = _mixer_inputs(length=37)
@@ -149,4 +149,4 @@ def test_the_mixer_node_keeps_in_proj_output_and_the_scan_output_alone():
     assert out.shape == (2, 37, 10)
     positions = 2 * 48  # two rows of 37 steps, padded to 48
     kept = sorted(tuple(t.shape) for t in out.grad_fn.saved_tensors if t is not None and positions in t.shape)
-    assert kept == sorted([(10, positions), (24, positions), (positions, 3 + 2 * 4), (12, positions)])
+    assert kept == sorted([(positions, 10), (24, positions), (positions, 3 + 2 * 4), (12, positions)])

@@ -3,7 +3,9 @@ and the decode update (the new input(s) against the rolling window, the state sh
 
 Sequence layout: x [B, D, L] with any strides, usually a transposed view of a channel-contiguous
 [B, L, D] projection; outputs and input gradients take x's layout, so that writes stay coalesced.
-The backward recomputes the pre-activation instead of saving it: only the inputs are kept for it.
+The backward recomputes the pre-activation instead of saving it: only the inputs are kept for it. It
+computes the gradient at each pre-activation once, puts it in a scratch buffer laid out as x, and reads it
+back at the W shifted positions that each input's gradient sums.
 """
 
 from __future__ import annotations
@@ -17,14 +19,14 @@ from mambavl.ops.triton.layout import channels_last, empty_like_layout
 
 # Launch parameters of the sequence kernels, by x's layout ("channels": D contiguous; "time": L
 # contiguous): (BLOCK_D, BLOCK_T, num_warps), chosen to stay well under 128 registers a thread on sm_90
-# (the backward recomputes W shifted pre-activations per tile, so it takes small tiles).
+# (71 and 86 for the backward's two, compiled offline for sm_90).
 # PROGRAMS_PER_SM sets how many programs the backward aims for; each walks several time tiles, so that
 # the weight-gradient partials stay few.
 TILES = {
     "fwd_channels": (128, 16, 4),
     "fwd_time": (16, 128, 4),
     "bwd_channels": (32, 16, 4),
-    "bwd_time": (16, 32, 4),
+    "bwd_time": (16, 64, 4),
 }
 PROGRAMS_PER_SM = 128
 
@@ -192,95 +194,95 @@ def _output_grad(
 
 
 @triton.jit
-def _input_grad(
-    xrow, irow, wrow, brow, dyrow, frow, g0, md, p, p0, L, x_l, i_s, w_w, dy_l, f_s,
-    W: tl.constexpr, HAS_INIT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
-    HAS_DFINAL: tl.constexpr,
-):  # fmt: skip
-    """d/dx_p = Σ_j w_{W-1-j} g_{p+j} (+ the final-window gradient where p is among the last W-1
-    inputs); g0 is g at p, already computed by the caller."""
-    acc = tl.load(wrow + (W - 1) * w_w, mask=md, other=0.0).to(tl.float32)[:, None] * g0
-    for j in tl.static_range(1, W):
-        g = _output_grad(
-            xrow,
-            irow,
-            wrow,
-            brow,
-            dyrow,
-            md,
-            p + j,
-            p0 + j,
-            L,
-            x_l,
-            i_s,
-            w_w,
-            dy_l,
-            W,
-            HAS_INIT,
-            HAS_BIAS,
-            SILU,
+def _shifted_sum(srow, wrow, md, col, w_w, s_t, W: tl.constexpr):
+    """Σ_j w_{W-1-j} g_{p+j} for the positions at scratch columns `col` (g read back from the scratch row,
+    zero at negative columns)."""
+    acc = tl.zeros([srow.shape[0], col.shape[0]], dtype=tl.float32)
+    for j in tl.static_range(W):
+        wj = tl.load(wrow + (W - 1 - j) * w_w, mask=md, other=0.0).to(tl.float32)
+        g = tl.load(
+            srow[:, None] + (col + j)[None, :] * s_t, mask=md[:, None] & (col + j >= 0)[None, :], other=0.0
         )
-        acc += tl.load(wrow + (W - 1 - j) * w_w, mask=md, other=0.0).to(tl.float32)[:, None] * g
-    if HAS_DFINAL:  # the final window is xc's last W-1 entries: x positions L-(W-1) ... L-1
-        f = p - L + (W - 1)
-        acc += tl.load(
-            frow[:, None] + f[None, :] * f_s, mask=md[:, None] & ((f >= 0) & (f < W - 1))[None, :], other=0.0
-        ).to(tl.float32)
+        acc += wj[:, None] * g
     return acc
 
 
 @triton.jit
+def _final_grad(frow, md, p, L, f_s, W: tl.constexpr):
+    """The final-window gradient at x positions p (the window is x's last W-1 entries)."""
+    f = p - L + (W - 1)
+    return tl.load(
+        frow[:, None] + f[None, :] * f_s, mask=md[:, None] & ((f >= 0) & (f < W - 1))[None, :], other=0.0
+    ).to(tl.float32)
+
+
+@triton.jit
 def _conv_bwd_kernel(
-    x, init, weight, bias, dy, dfinal, dx, dinit, dw_part, db_part,
+    x, init, weight, bias, dy, dfinal, dx, dinit, dw_part, db_part, scratch,
     D, L, TILES,
     x_b, x_d, x_l, i_b, i_d, i_s, w_d, w_w, dy_b, dy_d, dy_l, f_b, f_d, f_s, dx_b, dx_d, dx_l,
-    di_b, di_d, di_s,
+    di_b, di_d, di_s, s_r, s_d, s_t,
     W: tl.constexpr, HAS_INIT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
     HAS_DFINAL: tl.constexpr, STORE_DINIT: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_W: tl.constexpr,
 ):  # fmt: skip
-    # Program (b, channel block, c) walks time tiles [c·TILES, (c+1)·TILES): dx there, and its partial
-    # sums of dweight [BLOCK_D, W] and dbias, stored in row b·chunks + c of the partials.
+    # Program (b, channel block, c) owns the time tiles [c·TILES, (c+1)·TILES) and walks them last to
+    # first. Per tile: the pre-activation and g = d loss / d pre-activation at its positions, the weight
+    # and bias gradient partial sums; g goes to
+    # the program's own rows of `scratch` [B·chunks, D, span] fp32, laid out as x (column: position − the
+    # chunk's first),
+    # and after a barrier dx_p = Σ_j w_{W-1-j} g_{p+j} reads g back at p ... p+W-1: this tile's, the next
+    # tile's (written one iteration before) or, past the chunk, the halo of W-1 positions that the program
+    # computes first. Every g is computed once. Partial sums go to row b·chunks + c of dw_part / db_part.
     b = tl.program_id(0).to(tl.int64)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     c = tl.program_id(2)
     md = d < D
     xrow, irow, wrow, brow = x + b * x_b + d * x_d, init + b * i_b + d * i_d, weight + d * w_d, bias + d
     dyrow, frow = dy + b * dy_b + d * dy_d, dfinal + b * f_b + d * f_d
+    srow = scratch + (b * tl.num_programs(2) + c) * s_r + d * s_d
     kk = tl.arange(0, BLOCK_W)
+    first = c * TILES * BLOCK_T
+    last = tl.minimum((c + 1) * TILES, tl.cdiv(L, BLOCK_T))  # one past this program's last tile
+    ph = last * BLOCK_T + kk  # the halo (zeros from L on)
+    gh = _output_grad(
+        xrow, irow, wrow, brow, dyrow, md, ph, last * BLOCK_T, L, x_l, i_s, w_w, dy_l,
+        W, HAS_INIT, HAS_BIAS, SILU,
+    )  # fmt: skip
+    tl.store(srow[:, None] + (ph - first)[None, :] * s_t, gh, mask=md[:, None])
     dw = tl.zeros([BLOCK_D, BLOCK_W], dtype=tl.float32)
     db = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for tile in range(c * TILES, tl.minimum((c + 1) * TILES, tl.cdiv(L, BLOCK_T))):
-        p0 = tile * BLOCK_T
+    for back in range(0, last - c * TILES):
+        p0 = (last - 1 - back) * BLOCK_T
         p = p0 + tl.arange(0, BLOCK_T)
         mp = p < L
-        g0 = _output_grad(
-            xrow, irow, wrow, brow, dyrow, md, p, p0, L, x_l, i_s, w_w, dy_l, W, HAS_INIT, HAS_BIAS, SILU
+        g = tl.load(dyrow[:, None] + p[None, :] * dy_l, mask=md[:, None] & mp[None, :], other=0.0).to(
+            tl.float32
         )
-        db += tl.sum(g0, axis=1)
+        if SILU:
+            pre = _preactivation(xrow, irow, wrow, brow, md, p, p0, mp, x_l, i_s, w_w, W, HAS_INIT, HAS_BIAS)
+            sg = tl.sigmoid(pre)
+            g = g * sg * (1.0 + pre * (1.0 - sg))
+        tl.store(srow[:, None] + (p - first)[None, :] * s_t, g, mask=md[:, None])
+        db += tl.sum(g, axis=1)
         for k in tl.static_range(W):
             xk = _inputs_at(xrow, irow, md, p - (W - 1) + k, p0 - (W - 1) + k, mp, x_l, i_s, W, HAS_INIT)
-            dw += tl.where(kk[None, :] == k, tl.sum(g0 * xk, axis=1)[:, None], 0.0)
-        acc = _input_grad(
-            xrow, irow, wrow, brow, dyrow, frow, g0, md, p, p0, L, x_l, i_s, w_w, dy_l, f_s,
-            W, HAS_INIT, HAS_BIAS, SILU, HAS_DFINAL,
-        )  # fmt: skip
+            dw += tl.where(kk[None, :] == k, tl.sum(g * xk, axis=1)[:, None], 0.0)
+        tl.debug_barrier()  # this tile's g is in the scratch before it is read shifted
+        acc = _shifted_sum(srow, wrow, md, p - first, w_w, s_t, W)
+        if HAS_DFINAL:
+            acc += _final_grad(frow, md, p, L, f_s, W)
         tl.store(
             dx + b * dx_b + d[:, None] * dx_d + p[None, :] * dx_l,
             acc.to(dx.dtype.element_ty),
             mask=md[:, None] & mp[None, :],
         )
     if STORE_DINIT:  # noqa: SIM102 (a compile-time flag, then a run-time test)
-        if c == 0:  # the initial window: positions -(W-1) ... -1
-            p0 = -(W - 1)
-            p = p0 + kk
-            g0 = _output_grad(
-                xrow, irow, wrow, brow, dyrow, md, p, p0, L, x_l, i_s, w_w, dy_l, W, HAS_INIT, HAS_BIAS, SILU
-            )
-            acc = _input_grad(
-                xrow, irow, wrow, brow, dyrow, frow, g0, md, p, p0, L, x_l, i_s, w_w, dy_l, f_s,
-                W, HAS_INIT, HAS_BIAS, SILU, HAS_DFINAL,
-            )  # fmt: skip
+        if c == 0:  # the initial window, positions -(W-1) ... -1: g at 0 ... W-2 is in the scratch now
+            p = kk - (W - 1)
+            acc = _shifted_sum(srow, wrow, md, p, w_w, s_t, W)
+            if HAS_DFINAL:
+                acc += _final_grad(frow, md, p, L, f_s, W)
             tl.store(
                 dinit + b * di_b + d[:, None] * di_d + (p + W - 1)[None, :] * di_s,
                 acc.to(dinit.dtype.element_ty),
@@ -361,14 +363,22 @@ def _conv_backward(x, weight, bias, initial_states, activation, dy, dfinal, want
         else dw_part
     )
     fin = dfinal if dfinal is not None else dy
+    block_w = max(2, triton.next_power_of_2(width))
+    span = tiles * block_t + block_w  # a chunk's positions and the halo after it
+    # g, the gradient at the pre-activation, for each program's positions, laid out as x
+    f32 = dict(device=x.device, dtype=torch.float32)
+    if channels_last(x):
+        scratch = torch.empty(batch * chunks, span, dim, **f32).transpose(1, 2)
+    else:
+        scratch = torch.empty(batch * chunks, dim, span, **f32)
     _conv_bwd_kernel[(batch, d_blocks, chunks)](
-        x, init, weight, bias if bias is not None else weight, dy, fin, dx, dinit, dw_part, db_part,
+        x, init, weight, bias if bias is not None else weight, dy, fin, dx, dinit, dw_part, db_part, scratch,
         dim, length, tiles,
         *x.stride(), *init.stride(), *weight.stride(), *dy.stride(), *fin.stride(), *dx.stride(),
-        *dinit.stride(),
+        *dinit.stride(), *scratch.stride(),
         W=width, HAS_INIT=initial_states is not None, HAS_BIAS=bias is not None, SILU=activation is not None,
         HAS_DFINAL=dfinal is not None, STORE_DINIT=store_dinit,
-        BLOCK_D=block_d, BLOCK_T=block_t, BLOCK_W=max(2, triton.next_power_of_2(width)), num_warps=warps,
+        BLOCK_D=block_d, BLOCK_T=block_t, BLOCK_W=block_w, num_warps=warps,
     )  # fmt: skip
     dbias = db_part.sum(0) if bias is not None else None
     return dx, dinit if store_dinit else None, dw_part.sum(0), dbias

@@ -12,7 +12,7 @@ memory): in_proj runs as W·hᵀ, Δ as W_dt·dtᵀ, out_proj and every weight g
 as it is, and the gradients of x and z are written into one [2D, B·L'] buffer, in_proj's. L' is L rounded up
 to 16 (rows then start on 16-element boundaries, which the scan's tiles want): the padded steps come after
 each row's end, take zero inputs, and their outputs are dropped, so they change nothing before them; their
-gradients are zero. Its backward keeps hᵀ, in_proj's output, x_proj's small output, the scan's output before
+gradients are zero. Its backward keeps h (padded), in_proj's output, x_proj's small output, the scan's output before
 out_proj and the chunk states, and recomputes the conv's output and Δ."""
 
 from __future__ import annotations
@@ -136,11 +136,11 @@ class _Mamba1Mixer(torch.autograd.Function):
         dim = conv_w.shape[0]
         padded = -(-length // 16) * 16
         tiles = scan.DEFAULT_TILES
-        h_t = torch.empty(width, batch, padded, device=hidden.device, dtype=dtype)  # hᵀ, zeros past the end
-        h_t[..., length:].zero_()
-        h_t[..., :length].copy_(hidden.permute(2, 0, 1))
-        h_t = h_t.view(width, batch * padded)
-        xz = in_w.to(dtype) @ h_t  # [2D, B·L']
+        h = torch.empty(batch, padded, width, device=hidden.device, dtype=dtype)  # zeros past each row's end
+        h[:, length:].zero_()
+        h[:, :length].copy_(hidden)
+        h = h.view(batch * padded, width)
+        xz = in_w.to(dtype) @ h.t()  # [2D, B·L']
         if in_b is not None:
             xz += in_b.to(dtype)[:, None]
         xz3 = xz.view(2 * dim, batch, padded).transpose(0, 1)
@@ -154,9 +154,7 @@ class _Mamba1Mixer(torch.autograd.Function):
         out = y.t() @ out_w.to(dtype).t()
         if out_b is not None:
             out += out_b.to(dtype)
-        ctx.save_for_backward(
-            h_t, xz, conv_w, conv_b, x_w, dt_w, dt_bias, A, D, x_dbl, states, y, in_w, out_w
-        )
+        ctx.save_for_backward(h, xz, conv_w, conv_b, x_w, dt_w, dt_bias, A, D, x_dbl, states, y, in_w, out_w)
         ctx.sizes = (dt_rank, d_state, batch, length, padded, dim)
         ctx.tiles, ctx.dtype, ctx.hidden_dtype = tiles, dtype, hidden.dtype
         ctx.biases = (in_b is not None, out_b is not None)
@@ -165,9 +163,9 @@ class _Mamba1Mixer(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, dout):
-        h_t, xz, conv_w, conv_b, x_w, dt_w, dt_bias, A, D, x_dbl, states, y, in_w, out_w = ctx.saved_tensors
+        h, xz, conv_w, conv_b, x_w, dt_w, dt_bias, A, D, x_dbl, states, y, in_w, out_w = ctx.saved_tensors
         dt_rank, d_state, batch, length, padded, dim = ctx.sizes
-        dtype, width = ctx.dtype, h_t.shape[0]
+        dtype, width = ctx.dtype, h.shape[1]
         d_out = torch.empty(batch, padded, width, device=dout.device, dtype=dtype)
         d_out[:, length:].zero_()
         d_out[:, :length].copy_(dout)
@@ -198,7 +196,7 @@ class _Mamba1Mixer(torch.autograd.Function):
         _, _, d_conv_w, d_conv_b = conv._conv_backward(
             x, conv_w, conv_b, None, "silu", d_xc, None, False, dx_out=d_xz3[:, :dim]
         )
-        d_in_w = d_xz @ h_t.t()
+        d_in_w = d_xz @ h
         d_in_b = d_xz.sum(1) if ctx.biases[0] else None
         dh = (d_xz.t() @ in_w.to(dtype)).view(batch, padded, width)[:, :length].to(ctx.hidden_dtype)
         return (
