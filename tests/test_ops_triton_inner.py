@@ -150,3 +150,85 @@ def test_the_mixer_node_keeps_in_proj_output_and_the_scan_output_alone():
     positions = 2 * 48  # two rows of 37 steps, padded to 48
     kept = sorted(tuple(t.shape) for t in out.grad_fn.saved_tensors if t is not None and positions in t.shape)
     assert kept == sorted([(positions, 10), (24, positions), (positions, 3 + 2 * 4), (12, positions)])
+
+
+# ---- the Mamba-2 mixer between in_proj and out_proj -------------------------------------------------------
+MAMBA2_NAMES = ("zxbcdt", "conv_weight", "conv_bias", "dt_bias", "A", "D", "norm_weight", "out_proj_weight")
+
+
+def _mamba2_inputs(length, per_channel_d, groups=2, heads=4, headdim=6, n=8, width=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    dim, gn = heads * headdim, groups * n
+
+    def r(*shape, scale=1.0, shift=0.0):
+        return (torch.randn(*shape, generator=g) * scale + shift).to(DEVICE).requires_grad_()
+
+    inputs = dict(
+        zxbcdt=r(2, length, 2 * dim + 2 * gn + heads),
+        conv_weight=r(dim + 2 * gn, 4, scale=0.5),
+        conv_bias=r(dim + 2 * gn, scale=0.1),
+        dt_bias=r(heads, scale=0.3, shift=-1.0),
+        A=(-torch.rand(heads, generator=g) * 3 - 0.1).to(DEVICE).requires_grad_(),
+        D=r(dim if per_channel_d else heads),
+        norm_weight=r(dim, scale=0.2, shift=1.0),
+        out_proj_weight=r(width, dim, scale=0.3),
+        out_proj_bias=None,
+    )
+    return inputs, dict(headdim=headdim, ngroups=groups, d_state=n, chunk_size=16, norm_eps=1e-5)
+
+
+def _run_mamba2(backend, inputs, opts, gout, group_size, before, dt_limit, autocast=False):
+    leaves = {k: v.detach().clone().requires_grad_() if v is not None else None for k, v in inputs.items()}
+    with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=autocast):
+        out = ops.mamba2_inner(
+            **leaves, **opts, norm_group_size=group_size, norm_before_gate=before, dt_limit=dt_limit,
+            backend=backend,
+        )  # fmt: skip
+    (out.float() * gout).sum().backward()
+    return out.float().detach(), {k: leaves[k].grad for k in MAMBA2_NAMES}
+
+
+@pytest.mark.parametrize(
+    ("length", "per_channel_d", "group_size", "before", "dt_limit"),
+    [
+        (37, True, 12, False, (0.0, float("inf"))),  # off the chunk size; D per channel; two norm groups
+        (32, False, 24, True, (0.01, 2.0)),  # whole chunks; D per head; the norm before the gate; Δ limits
+    ],
+)
+def test_fused_mamba2_inner_equals_the_composed_ops(length, per_channel_d, group_size, before, dt_limit):
+    inputs, opts = _mamba2_inputs(length, per_channel_d)
+    gout = torch.randn(2, length, 10, device=DEVICE)
+    args = (group_size, before, dt_limit)
+    y_ref, g_ref = _run_mamba2("torch", inputs, opts, gout, *args)
+    y_tri, g_tri = _run_mamba2("triton", inputs, opts, gout, *args)
+    torch.testing.assert_close(y_tri, y_ref, rtol=1e-4, atol=1e-4)
+    for name, ref in g_ref.items():
+        assert g_tri[name] is not None and g_tri[name].shape == ref.shape, name
+        torch.testing.assert_close(g_tri[name], ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item(), msg=name)
+
+
+def test_the_mamba2_node_keeps_no_conv_scan_or_norm_output():
+    """Of per-position tensors the node keeps in_proj's output alone (and the norm's 1/rms per row and
+    group, and the scan's per-chunk values): the conv's, the scan's and the norm's outputs are recomputed."""
+    inputs, opts = _mamba2_inputs(37, True)
+    out = inner.mamba2_inner(*inputs.values(), *opts.values(), 12, False, (0.0, float("inf")))
+    per_position = [
+        tuple(t.shape) for t in out.grad_fn.saved_tensors if t is not None and {37, 2 * 37} & set(t.shape)
+    ]
+    assert per_position == [(2, 37, 84), (2 * 37, 2)]  # in_proj's output; 1/rms per row and norm group
+
+
+def test_fused_mamba2_inner_under_bf16_autocast_matches_the_reference():
+    """Under autocast both run out_proj in bf16 and take in_proj's bf16 output: outputs and gradients agree
+    within its rounding, and the parameters' gradients come back in their dtype."""
+    inputs, opts = _mamba2_inputs(21, True, seed=3)
+    gout = torch.randn(2, 21, 10, device=DEVICE)
+    args = (12, False, (0.0, float("inf")))
+    y_ref, g_ref = _run_mamba2("torch", inputs, opts, gout, *args, autocast=True)
+    y_tri, g_tri = _run_mamba2("triton", inputs, opts, gout, *args, autocast=True)
+    torch.testing.assert_close(y_tri, y_ref, rtol=5e-2, atol=5e-2)
+    for name, ref in g_ref.items():
+        assert g_tri[name].dtype == ref.dtype, name
+        torch.testing.assert_close(
+            g_tri[name].float(), ref.float(), rtol=5e-2, atol=5e-2 * ref.abs().max().item(), msg=name
+        )

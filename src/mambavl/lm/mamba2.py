@@ -45,7 +45,15 @@ class Mamba2Mixer(nn.Module):
     ) -> torch.Tensor:
         batch, T, _ = hidden.shape
         h, p, g, n = self.nheads, self.headdim, self.ngroups, self.d_state
-        z, xBC, dt = self.in_proj(hidden).split([self.d_inner, self.conv_dim, h], dim=-1)
+        zxbcdt = self.in_proj(hidden)
+        if state is None and valid is None and self.norm is not None:  # whole sequences from zeros
+            norm = self.norm
+            return ops.mamba2_inner(
+                zxbcdt, self.conv1d.weight[:, 0], self.conv1d.bias, self.dt_bias, decay_rates(self), self.D,
+                norm.weight, self.out_proj.weight, self.out_proj.bias, p, g, n, self.chunk_size, norm.eps,
+                norm.group_size, norm.norm_before_gate, self.dt_limit,
+            )  # fmt: skip
+        z, xBC, dt = zxbcdt.split([self.d_inner, self.conv_dim, h], dim=-1)
         xBC = conv_step(xBC.transpose(1, 2), self.conv1d, state, valid).transpose(1, 2)
         dt_bias, softplus, limit = self.dt_bias, True, self.dt_limit
         if valid is not None:  # padding: Δ = 0 is an exact identity step (decay 1, no input)

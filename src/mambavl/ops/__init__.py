@@ -5,7 +5,7 @@ can take a name's place without touching the models.
 """
 
 from mambavl.ops.conv import causal_conv1d_fn, causal_conv1d_update
-from mambavl.ops.inner import mamba1_inner, mamba1_mixer
+from mambavl.ops.inner import mamba1_inner, mamba1_mixer, mamba2_inner
 from mambavl.ops.linear import linear
 from mambavl.ops.norms import rms_norm, rms_norm_gated
 from mambavl.ops.scan import linear_scan, selective_scan, selective_state_update
@@ -22,6 +22,7 @@ __all__ = [
     "mamba1_inner",
     "mamba1_mixer",
     "mamba1_step",
+    "mamba2_inner",
     "mamba_chunk_scan_combined",
     "rms_norm",
     "rms_norm_gated",

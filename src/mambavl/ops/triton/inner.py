@@ -12,15 +12,21 @@ memory): in_proj runs as W·hᵀ, Δ as W_dt·dtᵀ, out_proj and every weight g
 as it is, and the gradients of x and z are written into one [2D, B·L'] buffer, in_proj's. L' is L rounded up
 to 16 (rows then start on 16-element boundaries, which the scan's tiles want): the padded steps come after
 each row's end, take zero inputs, and their outputs are dropped, so they change nothing before them; their
-gradients are zero. Its backward keeps h (padded), in_proj's output, x_proj's small output, the scan's output before
-out_proj and the chunk states, and recomputes the conv's output and Δ."""
+gradients are zero. Its backward keeps h (padded), in_proj's output, x_proj's small output, the scan's
+output before out_proj and the chunk states, and recomputes the conv's output and Δ.
+
+`mamba2_inner`: the Mamba-2 mixer from in_proj's output to out_proj's (mamba_ssm's
+`mamba_split_conv1d_scan_combined`): conv → SSD → gated RMSNorm → out_proj. It keeps in_proj's output, the
+norm's 1/rms and what the SSD backward reads besides its inputs (Δ, its running sum, C·Bᵀ and the chunk start
+states); the backward recomputes the conv's output, the scan's output and the norm's, and writes the
+gradients of z, xBC and dt into one buffer shaped like in_proj's output."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from mambavl.ops.triton import conv, scan
+from mambavl.ops.triton import conv, norms, scan, ssd
 
 
 def _recompute(x, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_rank, d_state, x_dbl=None):
@@ -212,3 +218,108 @@ def mamba1_mixer(
     return _Mamba1Mixer.apply(
         hidden, in_w, in_b, conv_w, conv_b, x_w, dt_w, dt_bias, A, D, out_w, out_b, dt_rank, d_state
     )
+
+
+class _Mamba2Inner(torch.autograd.Function):
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, zxbcdt, conv_w, conv_b, dt_bias, A, D, norm_w, out_w, out_b, sizes, norm_opts, dt_limit):
+        dtype = _compute_dtype(zxbcdt)
+        zxbcdt = zxbcdt.to(dtype)
+        parts = _Mamba2Parts(zxbcdt, conv_w, conv_b, out_w.shape[1], sizes)
+        y, _, extra = ssd._forward(
+            parts.plan,
+            parts.x,
+            parts.dt,
+            A,
+            parts.B,
+            parts.C,
+            parts.D(D),
+            None,
+            dt_bias,
+            True,
+            None,
+            dt_limit,
+        )
+        eps, group, before = norm_opts
+        y = y.view(-1, parts.dim)
+        yn, _, rstd = norms._forward(y, None, parts.z, norm_w, eps, group, None, before, True)
+        out = yn @ out_w.to(dtype).t()
+        if out_b is not None:
+            out += out_b.to(dtype)
+        ctx.save_for_backward(zxbcdt, conv_w, conv_b, dt_bias, A, D, norm_w, out_w, rstd, *extra)
+        ctx.opts = (sizes, norm_opts, dt_limit, out_b is not None)
+        return out.view(*zxbcdt.shape[:2], -1)
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, dout):
+        zxbcdt, conv_w, conv_b, dt_bias, A, D, norm_w, out_w, rstd, dt_out, acum, cb, starts = (
+            ctx.saved_tensors
+        )
+        sizes, (eps, group, before), dt_limit, has_out_b = ctx.opts
+        dtype, dim = zxbcdt.dtype, out_w.shape[1]
+        parts = _Mamba2Parts(zxbcdt, conv_w, conv_b, dim, sizes)
+        Dk = parts.D(D)
+        y = torch.empty(parts.x.shape, dtype=dtype, device=zxbcdt.device)  # the scan's output, recomputed
+        ssd._scan(parts.plan, cb, parts.x, None, parts.C, starts, dt_out, acum, Dk, y)
+        y = y.view(-1, dim)
+        yn, _, _ = norms._forward(y, None, parts.z, norm_w, eps, group, None, before, False)
+        d_out = dout.reshape(-1, dout.shape[-1]).to(dtype)
+        d_out_w = d_out.t() @ yn
+        d_out_b = d_out.sum(0) if has_out_b else None
+        d_zxbcdt = torch.empty_like(zxbcdt)
+        d_rows = d_zxbcdt.view(-1, zxbcdt.shape[-1])
+        dy, _, _, d_norm_w = norms._backward(
+            y, None, parts.z, norm_w, rstd, d_out @ out_w.to(dtype), None, group, before, dtype, None,
+            dz_out=d_rows[:, :dim],
+        )  # fmt: skip
+        saved = (parts.x, parts.dt, A, parts.B, parts.C, Dk, None, dt_bias, None, dt_out, acum, cb, starts)
+        dx, ddt, dA, dB, dC, dD, _, d_dt_bias, _ = ssd._backward(
+            parts.plan, saved, True, dt_limit, dy.view(parts.x.shape), None
+        )
+        gn = parts.B.shape[2] * parts.B.shape[3]
+        d_xbc = torch.cat((dx.flatten(2), dB.flatten(2), dC.flatten(2)), -1)  # [B, L, D + 2GN]
+        _, _, d_conv_w, d_conv_b = conv._conv_backward(
+            parts.xbc, conv_w, conv_b, None, "silu", d_xbc.transpose(1, 2), None, False,
+            dx_out=d_zxbcdt[..., dim : 2 * dim + 2 * gn].transpose(1, 2),
+        )  # fmt: skip
+        d_zxbcdt[..., 2 * dim + 2 * gn :].copy_(ddt)
+        return (
+            d_zxbcdt, d_conv_w, d_conv_b, d_dt_bias, dA, dD.reshape(D.shape), d_norm_w, d_out_w, d_out_b,
+            None, None, None,
+        )  # fmt: skip
+
+
+class _Mamba2Parts:
+    """The views of in_proj's output that the Mamba-2 node reads, and the conv's output (recomputed)."""
+
+    def __init__(self, zxbcdt, conv_w, conv_b, dim, sizes):
+        headdim, ngroups, d_state, chunk_size = sizes
+        batch, length, _ = zxbcdt.shape
+        gn, heads = ngroups * d_state, dim // headdim
+        self.dim, self.heads, self.headdim = dim, heads, headdim
+        z, xbc, self.dt = zxbcdt.split([dim, dim + 2 * gn, heads], dim=-1)
+        self.z = z.reshape(-1, dim)  # rows of in_proj's output: a view
+        self.xbc = xbc.transpose(1, 2)  # [B, D + 2GN, L], channel-contiguous
+        xc = conv._conv_forward(self.xbc, conv_w, conv_b, None, "silu").transpose(1, 2)
+        x, B, C = xc.split([dim, gn, gn], dim=-1)
+        self.x = x.view(batch, length, heads, headdim)
+        self.B = B.view(batch, length, ngroups, d_state)
+        self.C = C.view(batch, length, ngroups, d_state)
+        self.plan = ssd._Plan(self.x, self.B, self.C, chunk_size)
+
+    def D(self, D):
+        """D as the scan takes it: [H, P] when it is per channel, else [H]."""
+        return D.view(self.heads, self.headdim) if D.numel() == self.dim else D
+
+
+def mamba2_inner(
+    zxbcdt, conv_w, conv_b, dt_bias, A, D, norm_w, out_w, out_b, headdim, ngroups, d_state, chunk_size,
+    norm_eps, norm_group_size, norm_before_gate, dt_limit,
+):  # fmt: skip
+    """`ops.mamba2_inner`, differentiable in every tensor input."""
+    return _Mamba2Inner.apply(
+        zxbcdt, conv_w, conv_b, dt_bias, A, D, norm_w, out_w, out_b, (headdim, ngroups, d_state, chunk_size),
+        (norm_eps, norm_group_size, norm_before_gate), tuple(dt_limit),
+    )  # fmt: skip

@@ -168,9 +168,12 @@ def _programs_target(device: torch.device) -> int:
     return 4  # the interpreter: few programs, each walking more rows
 
 
-def _backward(x2, residual, z, weight, rstd, dy, dres_out, size, norm_before_gate, x_dtype, res_dtype):
+def _backward(
+    x2, residual, z, weight, rstd, dy, dres_out, size, norm_before_gate, x_dtype, res_dtype, dz_out=None
+):  # fmt: skip
     """(dx, dresidual or None, dz or None, dweight fp32 or None) for rows x2 [M, N]; dx in x_dtype,
-    dresidual in res_dtype (None: not wanted)."""
+    dresidual in res_dtype (None: not wanted); dz written into `dz_out` when given (rows shaped like z,
+    unit column stride)."""
     rows, width = x2.shape
     groups = width // size
     programs = max(1, min(rows, triton.cdiv(_programs_target(x2.device), groups)))
@@ -178,7 +181,7 @@ def _backward(x2, residual, z, weight, rstd, dy, dres_out, size, norm_before_gat
     programs = triton.cdiv(rows, per_program)
     dx = torch.empty(x2.shape, dtype=x_dtype, device=x2.device)
     dres = torch.empty(x2.shape, dtype=res_dtype, device=x2.device) if res_dtype is not None else None
-    dz = torch.empty_like(z) if z is not None else None
+    dz = (dz_out if dz_out is not None else torch.empty_like(z)) if z is not None else None
     dw_part = (
         torch.empty(programs, width, dtype=torch.float32, device=x2.device) if weight is not None else None
     )
