@@ -3,11 +3,13 @@ full-size shapes, each against the PyTorch reference it replaces and, where impo
 kernels (mamba_ssm's CUDA selective scan, causal_conv1d, mamba_ssm's Triton norms and SSD), in one run.
 
 For a Mamba-1 LM: the selective scan (Δ bias + softplus, D, the z gate), the whole mixer from in_proj to
-out_proj (`ops.mamba1_mixer` against mamba_ssm's in_proj + `mamba_inner_fn`), the causal conv1d (bias, SiLU)
-and the pre-norm RMSNorm with its residual add; for a Mamba-2 LM: the SSD chunked scan, the conv1d over x, B
-and C, the RMSNorm and the gated, grouped RMSNorm. Shapes: `batch` rows of `length` positions in bf16
-(fp32 A, D and Δ bias, as the models hold them). Every timing is the median of CUDA-event timed calls after
-warm-up; "fwd+bwd" is one forward and one backward with gradients for every input that has one.
+out_proj (`ops.mamba1_mixer` against mamba_ssm's in_proj + `mamba_inner_fn`), the causal conv1d (bias,
+SiLU) and the pre-norm RMSNorm with its residual add; for a Mamba-2 LM: the SSD chunked scan, the mixer
+between in_proj and out_proj (`ops.mamba2_inner` against mamba_ssm's `mamba_split_conv1d_scan_combined`),
+the conv1d over x, B and C, the RMSNorm and the gated, grouped RMSNorm. Shapes: `batch` rows of `length`
+positions in bf16 (fp32 A, D and Δ bias, as the models hold them). Every timing is the median of CUDA-event
+timed calls after warm-up; "fwd+bwd" is one forward and one backward with gradients for every input that
+has one.
 """
 
 from __future__ import annotations
@@ -158,6 +160,55 @@ def _peer_mixer(fn):
     return call
 
 
+def _mamba2_inputs(batch: int, lm, length: int) -> dict:
+    """The Mamba-2 mixer between in_proj and out_proj: in_proj's output zxbcdt [B, L, ·] (bf16) and the
+    weights (fp32, as the model holds them)."""
+    d, h, gn = lm.d_inner, lm.nheads, lm.ngroups * lm.d_state
+    f32 = dict(device="cuda")
+    return dict(
+        zxbcdt=_leaf(torch.randn(batch, length, 2 * d + 2 * gn + h, device="cuda", dtype=torch.bfloat16)),
+        conv_weight=_leaf(torch.randn(d + 2 * gn, lm.d_conv, **f32) * 0.3),
+        conv_bias=_leaf(torch.randn(d + 2 * gn, **f32) * 0.1),
+        dt_bias=_leaf(torch.randn(h, **f32) * 0.1 - 3),
+        A=_leaf(-torch.rand(h, **f32) * 8),
+        D=_leaf(torch.ones(d if lm.d_has_hdim else h, **f32)),
+        norm_weight=_leaf(torch.ones(d, **f32)),
+        out_proj_weight=_leaf(torch.randn(lm.d_model, d, **f32) * d**-0.5),
+    )
+
+
+def _ours_mamba2(lm, backend: str):
+    """`ops.mamba2_inner` as Mamba2Mixer calls it in training, under bf16 autocast."""
+    from mambavl import ops
+
+    def call(**kw):
+        with torch.autocast("cuda", torch.bfloat16):
+            return ops.mamba2_inner(
+                **kw, out_proj_bias=None, headdim=lm.headdim, ngroups=lm.ngroups, d_state=lm.d_state,
+                chunk_size=lm.chunk_size, norm_eps=lm.gated_norm_eps,
+                norm_group_size=lm.d_inner // lm.ngroups, norm_before_gate=lm.norm_before_gate,
+                dt_limit=lm.dt_limit, backend=backend,
+            )  # fmt: skip
+
+    return call
+
+
+def _peer_mamba2(lm, fn):
+    """mamba_ssm's `mamba_split_conv1d_scan_combined` (its Mamba2 module's training path), same inputs."""
+
+    def call(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, out_proj_weight):
+        with torch.autocast("cuda", torch.bfloat16):
+            return fn(
+                zxbcdt, conv_weight, conv_bias, dt_bias, A,
+                D.view(lm.nheads, lm.headdim) if D.numel() == lm.d_inner else D, lm.chunk_size,
+                dt_limit=tuple(lm.dt_limit), rmsnorm_weight=norm_weight, rmsnorm_eps=lm.gated_norm_eps,
+                outproj_weight=out_proj_weight, headdim=lm.headdim, ngroups=lm.ngroups,
+                norm_before_gate=lm.norm_before_gate,
+            )  # fmt: skip
+
+    return call
+
+
 def _conv_inputs(batch: int, dim: int, width: int, length: int) -> dict:
     # as in the mixers: a [B, D, L] view of in_proj's [B, L, 2D] output
     x = torch.randn(batch, length, dim, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
@@ -246,6 +297,15 @@ def _cases(lm, batch: int, length: int) -> dict[str, dict[str, Callable[[], tupl
         peer_ssd = _peer("mamba_ssm.ops.triton.ssd_combined", "mamba_chunk_scan_combined")
         if peer_ssd is not None:
             cases["ssd"]["mamba_ssm"] = lambda: (lambda **kw: peer_ssd(**kw, **fixed), ssd())
+        if lm.gated_norm:
+            inner2 = lambda: _mamba2_inputs(batch, lm, length)  # noqa: E731
+            cases["mamba2_inner"] = {
+                "ours": lambda: (_ours_mamba2(lm, "triton"), inner2()),
+                "torch": lambda: (_ours_mamba2(lm, "torch"), inner2()),
+            }
+            peer_split = _peer("mamba_ssm.ops.triton.ssd_combined", "mamba_split_conv1d_scan_combined")
+            if peer_split is not None:
+                cases["mamba2_inner"]["mamba_ssm"] = lambda: (_peer_mamba2(lm, peer_split), inner2())
         gated = lambda: {  # noqa: E731
             "x": _leaf(torch.randn(rows, lm.d_inner, device="cuda", dtype=torch.bfloat16)),
             "weight": _leaf(torch.ones(lm.d_inner, device="cuda")),
