@@ -378,11 +378,18 @@ def test_scan_tile_candidates_start_with_the_tiles_of_before_and_are_all_valid()
     from mambavl.ops.triton.scan import ScanTiles
 
     candidates = scan_candidates()
-    assert candidates[0] == (128, 4, 1, 1, False)
-    assert all(major for *_, major in candidates[1:]) and len(set(candidates)) == len(candidates)
-    for chunk, block_d, warps, slots, major in candidates:
-        ScanTiles(
-            chunk=chunk, train_block_d=block_d, train_warps=warps, bwd_slots=slots, train_time_major=major
+    assert candidates[0] == (128, 4, 1, 1, False, None)
+    assert all(major for *_, major, _ in candidates[1:]) and len(set(candidates)) == len(candidates)
+    assert {regs for *_, regs in candidates} == {None, 168, 128}  # register caps on the first few
+    for chunk, block_d, warps, slots, major, regs in candidates:
+        tiles = ScanTiles(
+            chunk=chunk,
+            train_block_d=block_d,
+            train_warps=warps,
+            bwd_slots=slots,
+            train_time_major=major,
+            train_maxnreg=regs,
         )
+        assert tiles.train_launch() == dict(num_warps=warps, **({"maxnreg": regs} if regs else {}))
         if major:
             assert 2 <= chunk * block_d // (32 * warps) <= 16

@@ -5,6 +5,8 @@ chunk or span several (a small chunk keeps that cheap), and through a whole Mamb
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -172,6 +174,14 @@ def test_tiles_are_checked():
         ScanTiles(train_block_d=6)
     with pytest.raises(ValueError, match="at least 1"):
         ScanTiles(bwd_slots=0)
+    with pytest.raises(ValueError, match="train_maxnreg"):
+        ScanTiles(train_maxnreg=300)
+
+
+def test_a_register_cap_changes_no_result(monkeypatch):
+    """`train_maxnreg` is a launch option alone: the gradients under a cap equal the reference's."""
+    monkeypatch.setattr(kernel, "DEFAULT_TILES", dataclasses.replace(SMALL, train_maxnreg=128))
+    _compare(_inputs(2, 6, 4, 19, 1, torch.float32), FP32, softplus=True)
 
 
 def _mixer_run(monkeypatch, backend, cfg, hidden, gout):

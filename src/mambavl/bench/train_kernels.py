@@ -349,19 +349,22 @@ def _cases(lm, batch: int, length: int) -> dict[str, dict[str, Callable[[], tupl
     return cases
 
 
-def scan_candidates(slots: tuple[int, ...] = (1, 4)) -> list[tuple[int, int, int, int, bool]]:
-    """Candidate (chunk, channels a program, warps, dB/dC copies, inputs made time-contiguous) of the
-    training scan: first the channel-contiguous tiles of before, then time-contiguous ones that give each
-    thread 2 to 16 steps of a tile, fewest dB/dC copies first, then the longest chunks (from 1024 on, one
-    chunk spans a whole 936-step row)."""
+def scan_candidates(slots: tuple[int, ...] = (1, 4)) -> list[tuple[int, int, int, int, bool, int | None]]:
+    """Candidate (chunk, channels a program, warps, dB/dC copies, inputs made time-contiguous, register cap)
+    of the training scan: first the channel-contiguous tiles of before, then the default tile and its
+    neighbour under register caps (more programs an SM against spills), then time-contiguous tiles that give
+    each thread 2 to 16 steps of a tile, fewest dB/dC copies first, then the longest chunks (from 1024 on,
+    one chunk spans a whole 936-step row)."""
     import itertools
 
+    capped = [(128, block_d, 1, 1, True, regs) for block_d in (4, 2) for regs in (None, 168, 128)]
     grid = itertools.product(slots, (1024, 512, 256, 128), (1, 2, 4), (1, 2, 4, 8))
-    return [(128, 4, 1, 1, False)] + [
-        (chunk, block_d, warps, copies, True)
+    rest = [
+        (chunk, block_d, warps, copies, True, None)
         for copies, chunk, block_d, warps in grid
         if 2 <= chunk * block_d // (32 * warps) <= 16
     ]
+    return [(128, 4, 1, 1, False, None), *capped, *(c for c in rest if c not in capped)]
 
 
 def sweep_scan(
@@ -377,13 +380,14 @@ def sweep_scan(
     inputs = _scan_inputs_as_mixed(batch, lm.d_inner, lm.d_state, length, lm.dt_rank)
     leaves = list(inputs.values())
     rows, start = [], time.perf_counter()
-    for chunk, block_d, warps, slots, major in candidates or scan_candidates():
+    for chunk, block_d, warps, slots, major, regs in candidates or scan_candidates():
         if time.perf_counter() - start > budget_s:
             say(f"sweep: stopped after {budget_s:.0f} s")
             break
         tiles = ScanTiles(
             block_t=DEFAULT_TILES.block_t, block_d=DEFAULT_TILES.block_d, num_warps=DEFAULT_TILES.num_warps,
             chunk=chunk, train_block_d=block_d, train_warps=warps, bwd_slots=slots, train_time_major=major,
+            train_maxnreg=regs,
         )  # fmt: skip
 
         def step(tiles=tiles):
@@ -395,7 +399,10 @@ def sweep_scan(
         except Exception as e:  # a launch that cannot run here (registers, shared memory)
             say(f"sweep {tiles}: {type(e).__name__}")
             continue
-        row = dict(chunk=chunk, train_block_d=block_d, train_warps=warps, bwd_slots=slots, time_major=major)
+        row = dict(
+            chunk=chunk, train_block_d=block_d, train_warps=warps, bwd_slots=slots, time_major=major,
+            maxnreg=regs,
+        )  # fmt: skip
         rows.append(row | {"fwd_bwd_ms": ms})
         say(f"sweep {row}: {ms:8.3f} ms")
     return sorted(rows, key=lambda r: r["fwd_bwd_ms"])

@@ -57,7 +57,9 @@ class ScanTiles:
     that fewer of them add into the same addresses at once. Training reads u, Δ, z and dy time-contiguous
     (`time_major`: a copy where they come as the mixers' channel-contiguous views) with `train_time_major`,
     so that a thread's share of a tile is a run of consecutive steps, loaded as vectors and scanned serially
-    before the exchange across threads; prefill does so with `prefill_time_major`.
+    before the exchange across threads; prefill does so with `prefill_time_major`. `train_maxnreg` caps the
+    training kernels' registers a thread (None: the compiler's choice; a cap below it trades spills for
+    more programs an SM).
     """
 
     block_t: int = 16
@@ -69,6 +71,7 @@ class ScanTiles:
     bwd_slots: int = 1
     train_time_major: bool = True
     prefill_time_major: bool = False
+    train_maxnreg: int | None = None
 
     def __post_init__(self):
         for name in ("block_t", "chunk", "block_d", "train_block_d"):
@@ -77,6 +80,13 @@ class ScanTiles:
                 raise ValueError(f"ScanTiles.{name} must be a power of two, got {value}")
         if self.bwd_slots < 1 or self.num_warps < 1 or self.train_warps < 1:
             raise ValueError("ScanTiles: bwd_slots, num_warps and train_warps must be at least 1")
+        if self.train_maxnreg is not None and not 24 <= self.train_maxnreg <= 255:
+            raise ValueError(f"ScanTiles.train_maxnreg must be None or 24..255, got {self.train_maxnreg}")
+
+    def train_launch(self) -> dict:
+        """The training kernels' launch options."""
+        regs = {} if self.train_maxnreg is None else {"maxnreg": self.train_maxnreg}
+        return dict(num_warps=self.train_warps, **regs)
 
 
 DEFAULT_TILES = ScanTiles()
@@ -475,7 +485,7 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
             states, dim, length, N, dim // groups,
             *u.stride(), *delta.stride(), *A.stride(), *Bg.stride(), *Cg.stride(), *zt.stride(),
             *h0.stride(), *y.stride(), *h_last.stride(), *states.stride(),
-            **common, CHUNK=tiles.chunk, BLOCK_D=block_d, num_warps=tiles.train_warps,
+            **common, CHUNK=tiles.chunk, BLOCK_D=block_d, **tiles.train_launch(),
         )  # fmt: skip
         return y, h_last, states.permute(0, 2, 3, 1)
     grid = (batch, triton.cdiv(dim, tiles.block_d))
@@ -541,7 +551,7 @@ def _backward(u, delta, A, B, C, D, z, delta_bias, states, delta_softplus, tiles
         *u.stride(), *delta.stride(), *A.stride(), *BC.stride(), *zt.stride(),
         *st.stride(), *dout.stride(), *du.stride(), *ddelta.stride(), *dz.stride(),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
-        CHUNK=tiles.chunk, BLOCK_D=block_d, num_warps=tiles.train_warps,
+        CHUNK=tiles.chunk, BLOCK_D=block_d, **tiles.train_launch(),
     )  # fmt: skip
     dBC = dBC.sum(0)
     dB, dC = dBC[:, :, :N], dBC[:, :, N:]
