@@ -2,8 +2,9 @@
 
 Each case is small but not trivial: every parameter is perturbed away from its (often all-ones)
 initial value, and between them the cases cover untied heads, conv widths other than 4, vocabularies
-that are not multiples of 8, n_groups > 1, projection biases, Jamba's attention + MoE layers, and
-Nemotron-H's blocks of one kind each (Mamba-2, attention, squared-ReLU MLP).
+that are not multiples of 8, n_groups > 1, projection biases, Jamba's attention + MoE layers,
+Nemotron-H's blocks of one kind each (Mamba-2, attention, squared-ReLU MLP), and Falcon-H1's parallel
+Mamba-2 and attention with its µP multipliers.
 """
 
 from __future__ import annotations
@@ -211,6 +212,54 @@ CASES = {
             mamba_n_heads=4,
             mamba_d_state=4,
             tie_word_embeddings=True,
+        )
+    ),
+    # Falcon-H1: Mamba-2 beside attention in every layer, every µP multiplier off 1, an SSM width of its
+    # own (mamba_d_ssm), grouped B/C, grouped-query attention
+    "falcon_h1-parallel-multipliers": lambda: tf.FalconH1ForCausalLM(
+        tf.FalconH1Config(
+            vocab_size=101,
+            hidden_size=32,
+            intermediate_size=40,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            mamba_d_ssm=48,
+            mamba_n_heads=6,
+            mamba_n_groups=2,
+            mamba_d_state=8,
+            mamba_d_conv=3,
+            mamba_chunk_size=8,
+            embedding_multiplier=1.7,
+            lm_head_multiplier=0.6,
+            key_multiplier=1.3,
+            attention_in_multiplier=0.8,
+            attention_out_multiplier=1.2,
+            ssm_in_multiplier=0.9,
+            ssm_out_multiplier=1.1,
+            ssm_multipliers=[0.5, 1.5, 0.7, 1.3, 0.9],
+            mlp_multipliers=[1.4, 0.6],
+        )
+    ),
+    # with the SSM's gated RMSNorm (the gate after the norm), a tied head, head_dim of its own
+    "falcon_h1-rmsnorm-tied": lambda: tf.FalconH1ForCausalLM(
+        tf.FalconH1Config(
+            vocab_size=90,
+            hidden_size=32,
+            intermediate_size=24,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=12,
+            mamba_d_ssm=32,
+            mamba_n_heads=4,
+            mamba_n_groups=2,
+            mamba_d_state=4,
+            mamba_chunk_size=8,
+            mamba_rms_norm=True,
+            mamba_norm_before_gate=False,
+            tie_word_embeddings=True,
+            ssm_multipliers=[1.2, 0.8, 1.1, 0.9, 1.3],
         )
     ),
 }

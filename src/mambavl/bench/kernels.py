@@ -56,13 +56,13 @@ def graph_time(fn: Callable[[int], object], calls: int = CALLS, repeat: int = 5)
 def projection_shapes(lm) -> dict[str, tuple[int, int]]:
     """(out, in) of each matrix a decode step multiplies, from an LMConfig."""
     shapes = {"lm_head": (lm.vocab_size, lm.d_model)}
-    if "mamba1" in lm.mixers:
+    if lm.uses("mamba1"):
         shapes |= {
             "mamba1.in_proj": (2 * lm.d_inner, lm.d_model),
             "mamba1.x_proj": (lm.dt_rank + 2 * lm.d_state, lm.d_inner),
             "mamba1.out_proj": (lm.d_model, lm.d_inner),
         }
-    if "mamba2" in lm.mixers:
+    if lm.uses("mamba2"):
         conv_dim = lm.d_inner + 2 * lm.ngroups * lm.d_state
         shapes |= {
             "mamba2.in_proj": (lm.d_inner + conv_dim + lm.nheads, lm.d_model),
@@ -184,7 +184,7 @@ def run_kernels(preset: str, out: Path, dtype: str = "bfloat16", sweep: bool = F
         preset=preset, dtype=dtype, device=torch.cuda.get_device_name(), copy_bandwidth_tb_s=bandwidth / 1e12,
         linear=linear_table(lm, torch_dtype, [1, 8, 16], bandwidth, sweep),
     )  # fmt: skip
-    if "mamba1" in lm.mixers:
+    if lm.uses("mamba1"):
         result["mamba1_step"] = step_table(lm, torch_dtype, [1, 4, 8, 64], sweep)
     out.mkdir(parents=True, exist_ok=True)
     (out / "kernels.json").write_text(json.dumps(result, indent=1))

@@ -261,7 +261,7 @@ def _cases(lm, batch: int, length: int) -> dict[str, dict[str, Callable[[], tupl
     def ref(fn, **fixed):
         return lambda **kw: fn(**kw, **fixed, backend="torch")
 
-    if "mamba1" in lm.mixers:
+    if lm.uses("mamba1"):
         d, n = lm.d_inner, lm.d_state
         scan = lambda: _scan_inputs(batch, d, n, length)  # noqa: E731
         peer_scan = _peer("mamba_ssm.ops.selective_scan_interface", "selective_scan_fn")
@@ -286,7 +286,7 @@ def _cases(lm, batch: int, length: int) -> dict[str, dict[str, Callable[[], tupl
         peer_inner = _peer("mamba_ssm.ops.selective_scan_interface", "mamba_inner_fn")
         if peer_inner is not None:
             cases["mamba1_mixer"]["mamba_ssm"] = lambda: (_peer_mixer(peer_inner), mixer())
-    if "mamba2" in lm.mixers:
+    if lm.uses("mamba2"):
         h, p, g, n = lm.nheads, lm.headdim, lm.ngroups, lm.d_state
         ssd = lambda: _ssd_inputs(batch, length, h, p, g, n)  # noqa: E731
         fixed = dict(chunk_size=lm.chunk_size, dt_softplus=True)
@@ -322,7 +322,7 @@ def _cases(lm, batch: int, length: int) -> dict[str, dict[str, Callable[[], tupl
                 lambda x, weight, z: peer_gated(x, weight, None, z=z, **gfixed),
                 gated(),
             )
-    conv_dim = lm.d_inner + (2 * lm.ngroups * lm.d_state if "mamba2" in lm.mixers else 0)
+    conv_dim = lm.d_inner + (2 * lm.ngroups * lm.d_state if lm.uses("mamba2") else 0)
     conv = lambda: _conv_inputs(batch, conv_dim, lm.d_conv, length)  # noqa: E731
     cases["causal_conv1d"] = {
         "ours": lambda: (ours(ops.causal_conv1d_fn, activation="silu"), conv()),
@@ -515,7 +515,7 @@ def run_train_kernels(
                     f"   fwd+bwd {entry['fwd_bwd_ms']:8.3f} ms"
                     f"   +{entry['extra_peak_mib']:8.0f} MiB"
                 )
-    if sweep and "mamba1" in lm.mixers:
+    if sweep and lm.uses("mamba1"):
         result["scan_tile_sweep"] = sweep_scan(lm, batch, length, say, budget_s=sweep_s)
         say(f"fastest: {result['scan_tile_sweep'][:3]}")
         result["prefill_scan_sweep"] = sweep_prefill_scan(lm, say=say, budget_s=sweep_s / 3)

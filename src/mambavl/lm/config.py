@@ -17,6 +17,7 @@ class LayerKind:
     name: str
     fixed_state: bool = True  # its decode state keeps one size (Mamba); False: a KV cache that grows
     static_shapes: bool = True  # the same kernels and shapes every step (False: data-dependent routing)
+    parts: tuple[str, ...] = ()  # the kinds it runs side by side on one input (their outputs added)
 
 
 MIXER_KINDS = {
@@ -25,6 +26,8 @@ MIXER_KINDS = {
         LayerKind("mamba1"),
         LayerKind("mamba2"),
         LayerKind("attention", fixed_state=False),
+        # Falcon-H1: Mamba-2 and attention in parallel on the layer's normalised input, outputs added
+        LayerKind("mamba2+attention", fixed_state=False, parts=("mamba2", "attention")),
         LayerKind("none"),  # a feed-forward block alone (Nemotron-H's MLP blocks)
     )
 }
@@ -99,6 +102,10 @@ class LMConfig:
     tie_embeddings: bool = True
     extra: dict = field(default_factory=dict, compare=False)  # the source config, kept for reference
 
+    def uses(self, kind: str) -> bool:
+        """Whether some layer runs a mixer of `kind`, alone or as a part of a parallel one."""
+        return any(m == kind or kind in getattr(MIXER_KINDS.get(m), "parts", ()) for m in self.mixers)
+
     @property
     def fixed_state(self) -> bool:
         """Every layer's decode state keeps one size (no attention KV cache growing with the sequence):
@@ -131,7 +138,7 @@ class LMConfig:
         fix("mixers", tuple(self.mixers))
         fix("ffns", tuple(self.ffns))
         fix("dt_limit", tuple(float(v) for v in self.dt_limit))
-        if "attention" in self.mixers and not self.head_dim:
+        if self.uses("attention") and not self.head_dim:
             fix("head_dim", self.d_model // max(self.n_heads, 1))
         self.validate()
 
@@ -166,7 +173,7 @@ class LMConfig:
             problems.append(f"layers {empty[:8]} have neither a mixer nor a feed-forward")
         if self.bcdt_norm not in BCDT_NORMS:
             problems.append(f"bcdt_norm={self.bcdt_norm!r}; expected one of {BCDT_NORMS}")
-        if "mamba2" in self.mixers:
+        if self.uses("mamba2"):
             if self.d_inner % self.headdim:
                 problems.append(f"d_inner {self.d_inner} is not a multiple of headdim {self.headdim}")
             elif self.nheads % self.ngroups:
@@ -174,11 +181,11 @@ class LMConfig:
             if self.d_inner % self.ngroups:
                 problems.append(f"ngroups {self.ngroups} does not divide d_inner {self.d_inner}")
         heads_ok = self.n_heads > 0 and self.n_kv_heads > 0 and self.n_heads % self.n_kv_heads == 0
-        if "attention" in self.mixers and not heads_ok:
+        if self.uses("attention") and not heads_ok:
             problems.append(
                 f"attention needs n_heads ({self.n_heads}) a multiple of n_kv_heads ({self.n_kv_heads}) > 0"
             )
-        if "attention" in self.mixers and self.head_dim <= 0:
+        if self.uses("attention") and self.head_dim <= 0:
             problems.append(f"attention needs head_dim > 0 (d_model {self.d_model} / n_heads {self.n_heads})")
         if self.rotary_dim < 0 or self.rotary_dim % 2 or (self.head_dim and self.rotary_dim > self.head_dim):
             problems.append(f"rotary_dim={self.rotary_dim} must be even and in [0, head_dim={self.head_dim}]")

@@ -404,6 +404,127 @@ def _mamba_ssm(f: ConfigFields) -> LMConfig:
     )
 
 
+def _numbers(f: ConfigFields, key: str, count: int) -> tuple[float, ...]:
+    """A list of `count` finite numbers (1.0 each where the key is absent or null)."""
+    value = f.raw.get(key)
+    if value is None:
+        return (1.0,) * count
+    ok = isinstance(value, list | tuple) and len(value) == count
+    if not ok or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in value):
+        raise f.fail(key, f"a list of {count} numbers", value)
+    if not all(math.isfinite(v) for v in value):
+        raise f.fail(key, f"a list of {count} finite numbers", value)
+    return tuple(float(v) for v in value)
+
+
+FALCON_H1_MULTIPLIERS = (
+    "key_multiplier", "attention_in_multiplier", "attention_out_multiplier", "ssm_in_multiplier",
+    "ssm_out_multiplier",
+)  # fmt: skip
+
+
+def _hf_falcon_h1(f: ConfigFields) -> LMConfig:
+    """Falcon-H1: in every layer Mamba-2 and attention (RoPE on whole heads) side by side on the normalised
+    input, their outputs added, then a SwiGLU MLP; µP multipliers on the embedding, the logits and inside
+    each layer. Those inside a layer scale a projection's input or output, so the loader folds them into
+    the projections' weights (`fold_falcon_h1`); the config keeps the embedding's and the logits'."""
+    for key in ("attention_bias", "mlp_bias", "projectors_bias", "mamba_proj_bias"):
+        if f.flag(key, False):
+            raise CheckpointError(f"{f.source}: {key}=true is not supported (Falcon-H1 releases have none)")
+    f.text("hidden_act", "silu", ["silu"])
+    rope = f.section("rope_parameters")
+    rope.text("rope_type", "default", ["default"])
+    for key in FALCON_H1_MULTIPLIERS:
+        f.number(key, 1.0, positive=False)
+    _numbers(f, "ssm_multipliers", 5), _numbers(f, "mlp_multipliers", 2)  # checked here, folded on load
+    n = f.integer("num_hidden_layers", 32)
+    if n > MAX_LAYERS:
+        raise CheckpointError(f"{f.source}: {n} layers; mambavl reads at most {MAX_LAYERS}")
+    d_model = f.integer("hidden_size", 4096)
+    if f.raw.get("mamba_d_ssm") is not None:
+        d_inner = f.integer("mamba_d_ssm")
+    else:
+        d_inner = f.integer("mamba_expand", 2) * d_model
+    heads = f.integer("mamba_n_heads", 128)
+    headdim = d_inner // heads if f.raw.get("mamba_d_head", "auto") == "auto" else f.integer("mamba_d_head")
+    if heads * headdim != d_inner:
+        raise CheckpointError(f"{f.source}: mamba_n_heads {heads} × mamba_d_head {headdim} ≠ {d_inner}")
+    n_heads = f.integer("num_attention_heads", 32)
+    head_dim = f.integer("head_dim") if f.raw.get("head_dim") is not None else d_model // n_heads
+    groups = f.integer("mamba_n_groups", 1)
+    eps = f.number("rms_norm_eps", 1e-5)
+    return LMConfig(
+        family="falcon_h1",
+        d_model=d_model,
+        n_layer=n,
+        vocab_size=f.integer("vocab_size", 128000),
+        mixers=("mamba2+attention",) * n,
+        ffns=("mlp",) * n,
+        d_ffn=f.integer("intermediate_size", 14336),
+        d_state=f.integer("mamba_d_state", 256),
+        d_conv=f.integer("mamba_d_conv", 4),
+        d_inner=d_inner,
+        headdim=headdim,
+        ngroups=groups,
+        chunk_size=f.integer("mamba_chunk_size", 256),
+        dt_limit=_limit(f, "time_step_limit", NO_LIMIT),
+        conv_bias=f.flag("mamba_conv_bias", True),
+        gated_norm=f.flag("mamba_rms_norm", False),
+        norm_before_gate=f.flag("mamba_norm_before_gate", True),
+        gated_norm_eps=eps,
+        n_heads=n_heads,
+        n_kv_heads=f.integer("num_key_value_heads", n_heads),
+        head_dim=head_dim,
+        rotary_dim=head_dim,
+        rope_theta=rope.number("rope_theta", f.number("rope_theta", 10000.0)),
+        norm_eps=eps,
+        residual_in_fp32=False,
+        embedding_multiplier=f.number("embedding_multiplier", 1.0, positive=False),
+        logits_scaling=1.0 / f.number("lm_head_multiplier", 1.0),
+        tie_embeddings=f.flag("tie_word_embeddings", False),
+        extra=f.raw,
+    )
+
+
+def fold_falcon_h1(sd: dict[str, torch.Tensor], config: LMConfig, where: str) -> dict[str, torch.Tensor]:
+    """Falcon-H1's multipliers inside each layer folded into the weights (our keys): the SSM's input and
+    its µP vector into in_proj's rows, its output into out_proj, attention's input into q, k and v and the
+    key multiplier into k, its output into o_proj, the MLP's gate and down multipliers into gate_proj and
+    down_proj. Products in fp32, stored back in each tensor's dtype. The µP vector buffers the hub files
+    may hold are dropped (it is computed from the config, as transformers does)."""
+    f = ConfigFields(config.extra, where)
+    m = {key: f.number(key, 1.0, positive=False) for key in FALCON_H1_MULTIPLIERS}
+    z, x, b, c, dt = _numbers(f, "ssm_multipliers", 5)
+    gate, down = _numbers(f, "mlp_multipliers", 2)
+    d, gn = config.d_inner, config.ngroups * config.d_state
+    mup = torch.cat([torch.full((n,), v) for n, v in ((d, z), (d, x), (gn, b), (gn, c), (config.nheads, dt))])
+    scales = {
+        "mixer.mamba.in_proj.weight": mup[:, None] * m["ssm_in_multiplier"],
+        "mixer.mamba.in_proj.bias": mup,
+        "mixer.mamba.out_proj.weight": m["ssm_out_multiplier"],
+        "mixer.attn.q_proj.weight": m["attention_in_multiplier"],
+        "mixer.attn.k_proj.weight": m["attention_in_multiplier"] * m["key_multiplier"],
+        "mixer.attn.v_proj.weight": m["attention_in_multiplier"],
+        "mixer.attn.o_proj.weight": m["attention_out_multiplier"],
+        "ffn.gate_proj.weight": gate,
+        "ffn.down_proj.weight": down,
+    }
+    out = {}
+    for key, value in sd.items():
+        if key.endswith(".mixer.mamba.mup_vector"):
+            continue
+        name = key.split(".", 2)[2] if key.startswith("layers.") else ""  # the key inside its layer
+        scale = scales.get(name)
+        if scale is not None and value.is_floating_point():
+            if isinstance(scale, torch.Tensor) and scale.shape[0] != value.shape[0]:
+                raise CheckpointError(
+                    f"{where}: {key} has {value.shape[0]} rows, the config's µP vector {scale.shape[0]}"
+                )
+            value = (value.float() * scale).to(value.dtype)
+        out[key] = value
+    return out
+
+
 HF_LAYOUTS = {
     "mamba": _hf_mamba,
     "falcon_mamba": _hf_mamba,
@@ -412,6 +533,7 @@ HF_LAYOUTS = {
     "nemotron_h": _hf_nemotron_h,
     "bamba": _hf_bamba,
     "granitemoehybrid": _granite_hybrid,
+    "falcon_h1": _hf_falcon_h1,
 }
 
 
@@ -463,6 +585,15 @@ _GRANITE_RENAMES = [
     (r"^model\.layers\.(\d+)\.block_sparse_moe\.(?:experts\.down_proj|output_linear\.weight)$",
      r"layers.\1.ffn.down_proj"),
 ]  # fmt: skip
+_FALCON_H1_RENAMES = [
+    (r"^model\.embed_tokens\.", "embedding."),
+    (r"^model\.final_layernorm\.", "norm_f."),
+    (r"^model\.layers\.(\d+)\.input_layernorm\.", r"layers.\1.norm."),
+    (r"^model\.layers\.(\d+)\.pre_ff_layernorm\.", r"layers.\1.ffn_norm."),
+    (r"^model\.layers\.(\d+)\.mamba\.", r"layers.\1.mixer.mamba."),
+    (r"^model\.layers\.(\d+)\.self_attn\.", r"layers.\1.mixer.attn."),
+    (r"^model\.layers\.(\d+)\.feed_forward\.", r"layers.\1.ffn."),
+]
 _SSM_RENAMES = [(r"^backbone\.embeddings?\.", "embedding."), (r"^backbone\.", "")]
 _EXPERT = re.compile(r"^(layers\.\d+\.ffn)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 
@@ -501,9 +632,12 @@ def rename_keys(keys, layout: str, config: LMConfig | None = None) -> dict[str, 
     need the `config` (which blocks are MLP blocks)."""
     if layout == "nemotron_h":
         return {key: _nemotron_key(key, config) for key in keys}
-    rules = {"jamba": _JAMBA_RENAMES, "bamba": _JAMBA_RENAMES, "granitemoehybrid": _GRANITE_RENAMES}.get(
-        layout, _SSM_RENAMES
-    )
+    rules = {
+        "jamba": _JAMBA_RENAMES,
+        "bamba": _JAMBA_RENAMES,
+        "granitemoehybrid": _GRANITE_RENAMES,
+        "falcon_h1": _FALCON_H1_RENAMES,
+    }.get(layout, _SSM_RENAMES)
     out = {}
     for key in keys:
         new = key

@@ -9,7 +9,7 @@ import torch
 
 from mambavl.checkpoints.files import CheckpointError, read_json, read_state_dict, resolve_model_dir
 from mambavl.lm.config import LMConfig
-from mambavl.lm.layouts import lm_config_from_json, rename_keys, stack_experts
+from mambavl.lm.layouts import fold_falcon_h1, lm_config_from_json, rename_keys, stack_experts
 from mambavl.lm.model import LanguageModel
 
 
@@ -60,6 +60,8 @@ def to_our_keys(
     source = {names[k]: labels[k] for k in raw}
     if layout in ("jamba", "nemotron_h"):
         sd = stack_experts(sd, config.n_experts, where)
+    if layout == "falcon_h1":
+        sd = fold_falcon_h1(sd, config, where)
     for key in [k for k in sd if k.endswith(".gate_up_proj.weight")]:  # Granite's fused shared MLP
         gate, up = sd.pop(key).chunk(2, dim=0)  # the gate's rows first
         base = key.removesuffix("gate_up_proj.weight")

@@ -1,5 +1,6 @@
 """A language model as a stack of pre-norm residual blocks: embedding → [norm → mixer (+ norm → ffn)]×N
-→ final norm → head. The mixer of a layer is Mamba-1, Mamba-2 or attention, chosen by the config.
+→ final norm → head. The mixer of a layer is Mamba-1, Mamba-2, attention or Mamba-2 and attention side by
+side (Falcon-H1), chosen by the config.
 
 `lm(input_ids | inputs_embeds, state)` is the one call for training, prefill and decode: with a
 state it continues from it and advances it, for any number of new tokens.
@@ -19,9 +20,15 @@ from mambavl.lm.linear import Head
 from mambavl.lm.mamba1 import Mamba1Mixer
 from mambavl.lm.mamba2 import Mamba2Mixer
 from mambavl.lm.norm import RMSNorm
+from mambavl.lm.parallel import ParallelMixer
 from mambavl.lm.state import LMState
 
-MIXER_CLASSES = {"mamba1": Mamba1Mixer, "mamba2": Mamba2Mixer, "attention": Attention}
+MIXER_CLASSES = {
+    "mamba1": Mamba1Mixer,
+    "mamba2": Mamba2Mixer,
+    "attention": Attention,
+    "mamba2+attention": ParallelMixer,
+}
 FFN_CLASSES = {"mlp": MLP, "moe": MoE}
 
 
