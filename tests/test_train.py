@@ -466,18 +466,25 @@ def test_checkpointing_at_start():
         replace(auto, gradient_checkpointing="sometimes", stage="finetune").resolved()
 
 
-def test_the_cobra_recipe_trains_on_a_hybrid_nemotron_h_lm(shapes, tmp_path):
-    """Cobra's towers and projector on a tiny Nemotron-H (Mamba-2, attention and MLP blocks): finetuning
-    learns, the model reloads, and it answers through the engine and the server."""
+@pytest.mark.parametrize(
+    ("preset", "family", "kind"),
+    [
+        ("tiny-cobra-nemotron-h", "nemotron_h", "none"),  # Mamba-2, attention and MLP blocks
+        ("tiny-cobra-falcon-h1", "falcon_h1", "mamba2+attention"),  # both side by side in every layer
+    ],
+)
+def test_the_cobra_recipe_trains_on_a_hybrid_lm(shapes, tmp_path, preset, family, kind):
+    """Cobra's towers and projector on a tiny hybrid LM: finetuning learns, the model reloads, and it
+    answers through the engine and the server."""
     from mambavl.bench.serve import chat_body, run_load
     from serving import LiveServer
 
-    cfg = tiny_cfg(shapes, tmp_path / "run", model="tiny-cobra-nemotron-h", max_steps=12, learning_rate=1e-2)
+    cfg = tiny_cfg(shapes, tmp_path / "run", model=preset, max_steps=12, learning_rate=1e-2)
     result = train(cfg)
     records = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert records[-1]["loss"] < 0.5 * records[0]["loss"]
     vlm = mambavl.load(result.model_dir)
-    assert vlm.lm.config.family == "nemotron_h" and "none" in vlm.lm.config.mixers
+    assert vlm.lm.config.family == family and kind in vlm.lm.config.mixers
     pb = vlm.get_prompt_builder()
     pb.add_turn("human", "How many objects are there?")
     image = str(shapes["images"] / "train-00000.png")

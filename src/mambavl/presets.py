@@ -125,6 +125,28 @@ TINY_NEMOTRON_H = lm_config_from_json(
     ),
     "preset",
 )[0]
+# Falcon-H1 (Mamba-2 and attention side by side in every layer, µP multipliers), tiny: the Cobra recipe on it.
+TINY_FALCON_H1 = lm_config_from_json(
+    dict(
+        model_type="falcon_h1",
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        mamba_d_ssm=64,
+        mamba_n_heads=4,
+        mamba_n_groups=2,
+        mamba_d_state=16,
+        mamba_chunk_size=32,
+        mamba_rms_norm=True,
+        embedding_multiplier=2.0,
+        lm_head_multiplier=0.5,
+        ssm_multipliers=[1.0, 1.0, 0.5, 0.5, 1.0],
+        vocab_size=264,
+    ),
+    "preset",
+)[0]
 VIPER_SYSTEM = "You are a helpful language and vision assistant. "
 _VIPER = dict(
     tower="clip-vit-l-336px",
@@ -207,6 +229,13 @@ PRESETS: dict[str, VLMConfig] = {
         tower="tiny-dinosiglip",
         projector="fused-gelu-mlp",
         lm=TINY_NEMOTRON_H,
+        tokenizer="bytes",
+    ),
+    "tiny-cobra-falcon-h1": VLMConfig(  # Cobra's towers and projector on a Falcon-H1 LM
+        name="tiny-cobra-falcon-h1",
+        tower="tiny-dinosiglip",
+        projector="fused-gelu-mlp",
+        lm=TINY_FALCON_H1,
         tokenizer="bytes",
     ),
 }
