@@ -586,13 +586,10 @@ _GRANITE_RENAMES = [
      r"layers.\1.ffn.down_proj"),
 ]  # fmt: skip
 _FALCON_H1_RENAMES = [
-    (r"^model\.embed_tokens\.", "embedding."),
-    (r"^model\.final_layernorm\.", "norm_f."),
-    (r"^model\.layers\.(\d+)\.input_layernorm\.", r"layers.\1.norm."),
-    (r"^model\.layers\.(\d+)\.pre_ff_layernorm\.", r"layers.\1.ffn_norm."),
+    *_JAMBA_RENAMES[:4],  # the embedding, the final norm and a layer's two norms are named as Jamba's
     (r"^model\.layers\.(\d+)\.mamba\.", r"layers.\1.mixer.mamba."),
     (r"^model\.layers\.(\d+)\.self_attn\.", r"layers.\1.mixer.attn."),
-    (r"^model\.layers\.(\d+)\.feed_forward\.", r"layers.\1.ffn."),
+    _JAMBA_RENAMES[-1],  # the MLP
 ]
 _SSM_RENAMES = [(r"^backbone\.embeddings?\.", "embedding."), (r"^backbone\.", "")]
 _EXPERT = re.compile(r"^(layers\.\d+\.ffn)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
