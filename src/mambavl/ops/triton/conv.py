@@ -19,7 +19,7 @@ from mambavl.ops.triton.layout import channels_last, empty_like_layout
 
 # Launch parameters of the sequence kernels, by x's layout ("channels": D contiguous; "time": L
 # contiguous): (BLOCK_D, BLOCK_T, num_warps), chosen to stay well under 128 registers a thread on sm_90
-# (71 and 86 for the backward's two, compiled offline for sm_90).
+# (the backward: 69 registers on time-contiguous x, 80 on channel-contiguous x, compiled for sm_90).
 # PROGRAMS_PER_SM sets how many programs the backward aims for; each walks several time tiles, so that
 # the weight-gradient partials stay few.
 TILES = {
@@ -227,13 +227,12 @@ def _conv_bwd_kernel(
     BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_W: tl.constexpr,
 ):  # fmt: skip
     # Program (b, channel block, c) owns the time tiles [c·TILES, (c+1)·TILES) and walks them last to
-    # first. Per tile: the pre-activation and g = d loss / d pre-activation at its positions, the weight
-    # and bias gradient partial sums; g goes to
-    # the program's own rows of `scratch` [B·chunks, D, span] fp32, laid out as x (column: position − the
-    # chunk's first),
-    # and after a barrier dx_p = Σ_j w_{W-1-j} g_{p+j} reads g back at p ... p+W-1: this tile's, the next
-    # tile's (written one iteration before) or, past the chunk, the halo of W-1 positions that the program
-    # computes first. Every g is computed once. Partial sums go to row b·chunks + c of dw_part / db_part.
+    # first. Per tile: g = d loss / d pre-activation at its positions, and the weight and bias gradients'
+    # partial sums; g goes to the program's own rows of `scratch` [B·chunks, D, span] fp32 (laid out as x;
+    # column: position − the chunk's first), and after a barrier dx_p = Σ_j w_{W-1-j} g_{p+j} reads g back
+    # at p ... p+W-1: this tile's, the next tile's (written one iteration before) or, past the chunk, the
+    # halo of W-1 positions that the program computes first. Every g is computed once. Partial sums go to
+    # row b·chunks + c of dw_part / db_part.
     b = tl.program_id(0).to(tl.int64)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     c = tl.program_id(2)
@@ -256,13 +255,9 @@ def _conv_bwd_kernel(
         p0 = (last - 1 - back) * BLOCK_T
         p = p0 + tl.arange(0, BLOCK_T)
         mp = p < L
-        g = tl.load(dyrow[:, None] + p[None, :] * dy_l, mask=md[:, None] & mp[None, :], other=0.0).to(
-            tl.float32
+        g = _output_grad(
+            xrow, irow, wrow, brow, dyrow, md, p, p0, L, x_l, i_s, w_w, dy_l, W, HAS_INIT, HAS_BIAS, SILU
         )
-        if SILU:
-            pre = _preactivation(xrow, irow, wrow, brow, md, p, p0, mp, x_l, i_s, w_w, W, HAS_INIT, HAS_BIAS)
-            sg = tl.sigmoid(pre)
-            g = g * sg * (1.0 + pre * (1.0 - sg))
         tl.store(srow[:, None] + (p - first)[None, :] * s_t, g, mask=md[:, None])
         db += tl.sum(g, axis=1)
         for k in tl.static_range(W):

@@ -228,19 +228,9 @@ class _Mamba2Inner(torch.autograd.Function):
         zxbcdt = zxbcdt.to(dtype)
         parts = _Mamba2Parts(zxbcdt, conv_w, conv_b, out_w.shape[1], sizes)
         y, _, extra = ssd._forward(
-            parts.plan,
-            parts.x,
-            parts.dt,
-            A,
-            parts.B,
-            parts.C,
-            parts.D(D),
-            None,
-            dt_bias,
-            True,
-            None,
+            parts.plan, parts.x, parts.dt, A, parts.B, parts.C, parts.D(D), None, dt_bias, True, None,
             dt_limit,
-        )
+        )  # fmt: skip
         eps, group, before = norm_opts
         y = y.view(-1, parts.dim)
         yn, _, rstd = norms._forward(y, None, parts.z, norm_w, eps, group, None, before, True)
