@@ -232,3 +232,29 @@ def test_fused_mamba2_inner_under_bf16_autocast_matches_the_reference():
         torch.testing.assert_close(
             g_tri[name].float(), ref.float(), rtol=5e-2, atol=5e-2 * ref.abs().max().item(), msg=name
         )
+
+
+@pytest.mark.parametrize("kind", ["mamba1", "mamba2"])
+def test_mixers_call_projections_that_carry_hooks_or_adapters(kind, monkeypatch):
+    """The fused training paths read the projections' weights directly; a projection with a hook (or
+    wrapped by an adapter, as LoRA does) must be called instead: the mixer then takes the composed path,
+    and its output still equals the fused one's."""
+    import dataclasses
+
+    from mambavl.lm.mamba1 import Mamba1Mixer
+    from mambavl.lm.mamba2 import Mamba2Mixer
+    from mambavl.presets import TINY_MAMBA, TINY_MAMBA2
+
+    monkeypatch.setenv("MAMBAVL_BACKEND", "triton")
+    base = TINY_MAMBA if kind == "mamba1" else TINY_MAMBA2
+    small = dict(d_model=16, d_inner=32, dt_rank=2) if kind == "mamba1" else {}
+    cfg = dataclasses.replace(base, n_layer=1, mixers=base.mixers[:1], ffns=base.ffns[:1], **small)
+    torch.manual_seed(0)
+    mixer = (Mamba1Mixer if kind == "mamba1" else Mamba2Mixer)(cfg).to(DEVICE)
+    hidden = torch.randn(1, 9, cfg.d_model, device=DEVICE, requires_grad=True)
+    fused = mixer(hidden)
+    calls = []
+    mixer.out_proj.register_forward_hook(lambda *_: calls.append(1))
+    composed = mixer(hidden)
+    assert calls, "out_proj carries a hook: it must be called"
+    torch.testing.assert_close(composed, fused, rtol=1e-4, atol=1e-5)

@@ -14,6 +14,13 @@ class Linear(nn.Linear):
         return ops.linear(x, self.weight, self.bias)
 
 
+def plain(*layers: nn.Module) -> bool:
+    """Whether these projections are our Linear as built, with no adapter around them (LoRA replaces the
+    module) and no hook on them: then an op that reads their weights directly computes what calling them
+    would."""
+    return all(type(m) is Linear and not (m._forward_hooks or m._forward_pre_hooks) for m in layers)
+
+
 class Head(Linear):
     """The output projection to the vocabulary, its logits divided by `scaling` (Granite's
     logits_scaling; 1: as they are). The same weight key as a Linear."""

@@ -8,7 +8,7 @@ from torch import nn
 
 from mambavl import ops
 from mambavl.lm.config import LMConfig
-from mambavl.lm.linear import Linear
+from mambavl.lm.linear import Linear, plain
 from mambavl.lm.norm import RMSNorm
 
 
@@ -47,7 +47,8 @@ class Mamba1Mixer(nn.Module):
         T = hidden.shape[1]
         if state is not None and T == 1 and valid is None:  # a decode step: one fused op
             return self.out_proj(self.step(self.in_proj(hidden)[:, 0], state)[:, None])
-        if state is None and valid is None and not self.bcdt_norm:  # whole sequences from zeros
+        projections = (self.in_proj, self.x_proj, self.dt_proj, self.out_proj)
+        if state is None and valid is None and not self.bcdt_norm and plain(*projections):  # from zeros
             return ops.mamba1_mixer(
                 hidden, self.in_proj.weight, self.in_proj.bias, self.conv1d.weight[:, 0], self.conv1d.bias,
                 self.x_proj.weight, self.dt_proj.weight, self.dt_proj.bias, decay_rates(self), self.D,

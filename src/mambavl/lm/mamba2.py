@@ -8,7 +8,7 @@ from torch import nn
 
 from mambavl import ops
 from mambavl.lm.config import LMConfig
-from mambavl.lm.linear import Linear
+from mambavl.lm.linear import Linear, plain
 from mambavl.lm.mamba1 import conv_step, decay_rates, depthwise_conv
 from mambavl.lm.norm import GatedRMSNorm
 
@@ -46,7 +46,7 @@ class Mamba2Mixer(nn.Module):
         batch, T, _ = hidden.shape
         h, p, g, n = self.nheads, self.headdim, self.ngroups, self.d_state
         zxbcdt = self.in_proj(hidden)
-        if state is None and valid is None and self.norm is not None:  # whole sequences from zeros
+        if state is None and valid is None and self.norm is not None and plain(self.out_proj):  # from zeros
             norm = self.norm
             return ops.mamba2_inner(
                 zxbcdt, self.conv1d.weight[:, 0], self.conv1d.bias, self.dt_bias, decay_rates(self), self.D,
