@@ -442,36 +442,63 @@ def sweep_prefill_scan(lm, length: int = 16384, say=print, budget_s: float = 90.
     return sorted(rows, key=lambda r: r["prefill_ms"])
 
 
+CONV_BWD_CANDIDATES = {
+    # the mixers' channel-contiguous views (Mamba-2's xBC), and the Mamba-1 node's channel-major x
+    "channels": ((32, 16, 4), (64, 16, 4), (32, 32, 4), (64, 32, 8)),
+    "time": ((16, 64, 4), (16, 32, 4), (8, 128, 4), (4, 256, 4), (8, 64, 2), (32, 64, 8)),
+}
+
+
+def _conv_time_inputs(batch: int, dim: int, width: int, length: int) -> dict:
+    """The conv's inputs as the Mamba-1 node lays x out: a channel-major, time-contiguous [B, D, L] half of
+    a [2D, B, L'] projection (rows padded to 16 steps)."""
+    padded = -(-length // 16) * 16
+    inputs = _conv_inputs(batch, dim, width, padded)
+    inputs["x"] = _leaf(
+        torch.randn(2 * dim, batch, padded, device="cuda", dtype=torch.bfloat16)[dim:]
+        .transpose(0, 1)
+        .detach()
+    )
+    return inputs
+
+
 def sweep_conv(lm, batch: int, length: int, say=print) -> list[dict]:
-    """Forward + backward time of the causal conv1d (as the mixers lay x out) for candidate backward tiles
-    and program counts, fastest first."""
+    """Forward + backward time of the causal conv1d for candidate backward tiles and program counts, on
+    both layouts the mixers hand it (`CONV_BWD_CANDIDATES`), fastest first within each."""
     from mambavl import ops
     from mambavl.ops.triton import conv
 
     saved = dict(conv.TILES), conv.PROGRAMS_PER_SM
-    inputs = _conv_inputs(batch, lm.d_inner, lm.d_conv, length)
-    leaves = list(inputs.values())
+    layouts = {
+        "channels": _conv_inputs(batch, lm.d_inner, lm.d_conv, length),
+        "time": _conv_time_inputs(batch, lm.d_inner, lm.d_conv, length),
+    }
     rows = []
     try:
-        for tile in ((32, 16, 4), (64, 16, 4), (32, 32, 4), (64, 32, 8)):
-            for per_sm in (8, 32, 128):
-                conv.TILES["bwd_channels"], conv.PROGRAMS_PER_SM = tile, per_sm
+        for layout, inputs in layouts.items():
+            leaves = list(inputs.values())
+            for tile in CONV_BWD_CANDIDATES[layout]:
+                for per_sm in (8, 32, 128):
+                    conv.TILES[f"bwd_{layout}"], conv.PROGRAMS_PER_SM = tile, per_sm
 
-                def step():
-                    y = ops.causal_conv1d_fn(**inputs, activation="silu", backend="triton")
-                    torch.autograd.grad(y, leaves, torch.ones_like(y))
+                    def step(inputs=inputs, leaves=leaves):
+                        y = ops.causal_conv1d_fn(**inputs, activation="silu", backend="triton")
+                        torch.autograd.grad(y, leaves, torch.ones_like(y))
 
-                try:
-                    ms = _time(step, repeat=5, warmup=1) * 1e3
-                except Exception as e:
-                    say(f"conv sweep {tile} {per_sm}: {type(e).__name__}")
-                    continue
-                rows.append({"bwd_tile": tile, "programs_per_sm": per_sm, "fwd_bwd_ms": ms})
-                say(f"conv sweep tile {tile} programs/SM {per_sm}: {ms:8.3f} ms")
+                    try:
+                        ms = _time(step, repeat=5, warmup=1) * 1e3
+                    except Exception as e:
+                        say(f"conv sweep {layout} {tile} {per_sm}: {type(e).__name__}")
+                        continue
+                    rows.append(
+                        {"layout": layout, "bwd_tile": tile, "programs_per_sm": per_sm, "fwd_bwd_ms": ms}
+                    )
+                    say(f"conv sweep {layout} tile {tile} programs/SM {per_sm}: {ms:8.3f} ms")
+                conv.TILES.update(saved[0])
     finally:
         conv.TILES.update(saved[0])
         conv.PROGRAMS_PER_SM = saved[1]
-    return sorted(rows, key=lambda r: r["fwd_bwd_ms"])
+    return sorted(rows, key=lambda r: (r["layout"], r["fwd_bwd_ms"]))
 
 
 def run_train_kernels(
@@ -522,7 +549,8 @@ def run_train_kernels(
         say(f"fastest: {result['prefill_scan_sweep'][:3]}")
         if ops:
             result["conv_tile_sweep"] = sweep_conv(lm, batch, length, say)
-            say(f"fastest: {result['conv_tile_sweep'][:3]}")
+            best = {r["layout"]: r for r in reversed(result["conv_tile_sweep"])}  # the first of each
+            say(f"fastest: {list(best.values())}")
     out.mkdir(parents=True, exist_ok=True)
     (out / "train_kernels.json").write_text(json.dumps(result, indent=2))
     return result
