@@ -63,6 +63,8 @@ class Attention(nn.Module):
             before = state["valid"].sum(-1) if state is not None else torch.zeros(batch, device=hidden.device)
             positions = before[:, None] + torch.arange(T, device=hidden.device)[None, :]
             q, k = self._rotate(q, positions), self._rotate(k, positions)
+        if state is not None and "fill" in state:  # per-slot buffers (`vlm.graphs.KVSlotDecoder`)
+            return self.o_proj(self._attend_in_slots(q, k, v, state, new_valid).to(hidden.dtype))
         if state is not None:
             past = state["k"].shape[2]
             k = state["k"] = torch.cat([state["k"], k.float()], dim=2)
@@ -84,3 +86,26 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=self.scale)
         out = out.transpose(1, 2).reshape(batch, T, -1).to(hidden.dtype)
         return self.o_proj(out)
+
+    def _attend_in_slots(self, q, k, v, state, new_valid) -> torch.Tensor:
+        """Attention with the KV cache in per-slot buffers: k, v [B, KV, S, Dh] and valid [B, S] hold each
+        row's cached positions from 0 on, `fill` [B] counts them. The T new keys and values go to each row's
+        positions fill .. fill+T-1 (the buffers must have room: the decoder grows them), and query i of row
+        b, at position fill_b + i, sees the real keys up to itself. Returns [B, T, H·Dh] fp32."""
+        batch, _, T, _ = q.shape
+        fill, length = state["fill"], state["k"].shape[2]
+        positions = fill[:, None] + torch.arange(T, device=q.device)[None, :]  # [B, T]
+        rows = torch.arange(batch, device=q.device)[:, None]
+        state["k"][rows, :, positions] = k.transpose(1, 2).float()
+        state["v"][rows, :, positions] = v.transpose(1, 2).float()
+        state["valid"][rows, positions] = new_valid
+        fill += T
+        keys = torch.arange(length, device=q.device)
+        mask = (keys[None, None, :] <= positions[:, :, None]) & state["valid"][:, None, :]  # [B, T, S]
+        mask = mask | (keys[None, None, :] == positions[:, :, None])  # a padding query sees itself
+        k, v = state["k"], state["v"]
+        if self.n_kv != self.n_heads:
+            k = k.repeat_interleave(self.n_heads // self.n_kv, dim=1)
+            v = v.repeat_interleave(self.n_heads // self.n_kv, dim=1)
+        out = F.scaled_dot_product_attention(q.float(), k, v, attn_mask=mask[:, None], scale=self.scale)
+        return out.transpose(1, 2).reshape(batch, T, -1)

@@ -10,8 +10,10 @@ the live ones always sit in the first rows (what the serving engine's continuous
   only (every op is row-wise), so they never touch a live sequence. Models with attention layers (a KV
   cache that grows) or mixture-of-experts layers (data-dependent routing) cannot be captured:
   `graph_support` says why.
-- `RowDecoder` keeps one state per sequence for models with attention layers (KV caches of different
-  lengths cannot share a tensor) and steps them one by one.
+- `KVSlotDecoder` steps every slot of a model with attention layers in one batched call, eagerly: each
+  attention layer keeps its KV cache in per-slot buffers of one length (grown by doubling when a row needs
+  more), each row's positions from 0 on with a mask of the real ones, and a row's new token goes to its
+  own next position.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ class SlotDecoder:
     def __init__(self, lm: LanguageModel, capacity: int):
         if not lm.config.fixed_state:
             raise ValueError(
-                f"{lm.config.family} has attention layers, whose KV caches cannot share slots: use RowDecoder"
+                f"{lm.config.family} has attention layers, whose KV caches grow: use KVSlotDecoder"
             )
         self.lm = lm
         self.capacity = capacity
@@ -85,32 +87,79 @@ class SlotDecoder:
         return self._step(tokens, self._views(tokens.shape[0]))
 
 
-class RowDecoder:
-    """One state per slot, stepped one at a time: for models with attention layers."""
+KV_KEYS = ("k", "v", "valid", "fill")  # an attention layer's part of a layer state in KVSlotDecoder
 
-    def __init__(self, lm: LanguageModel, capacity: int):
+
+class KVSlotDecoder(SlotDecoder):
+    """Eager decoding in `capacity` slots for models with attention layers (see the module docstring).
+    States go in and come out in the models' own form (KV caches as long as their longest row)."""
+
+    def __init__(self, lm: LanguageModel, capacity: int, length: int = 64):
         self.lm = lm
         self.capacity = capacity
-        self.states: list[LMState | None] = [None] * capacity
+        self.state = lm.new_state(capacity)
+        for layer in self.state.layers:
+            if "k" in layer:
+                self._resize(layer, length)
+                layer["fill"] = torch.zeros(capacity, dtype=torch.long, device=lm.device)
+
+    @staticmethod
+    def _resize(layer: dict, length: int) -> None:
+        """An attention layer's buffers with room for `length` positions a slot, what they held kept."""
+        k = layer["k"]
+        keep = min(k.shape[2], length)
+        for name in ("k", "v"):
+            grown = k.new_zeros(k.shape[0], k.shape[1], length, k.shape[3])
+            grown[:, :, :keep] = layer[name][:, :, :keep]
+            layer[name] = grown
+        valid = layer["valid"].new_zeros(k.shape[0], length)
+        valid[:, :keep] = layer["valid"][:, :keep]
+        layer["valid"] = valid
+
+    def _room(self, length: int) -> None:
+        """Grows every attention layer's buffers (doubling) until a slot holds `length` positions."""
+        for layer in self.state.layers:
+            if "k" in layer and layer["k"].shape[2] < length:
+                self._resize(layer, max(length, 2 * layer["k"].shape[2]))
 
     def load(self, state: LMState, slots: list[int] | None = None) -> None:
         slots = list(range(state.batch_size)) if slots is None else slots
-        for row, slot in enumerate(slots):
-            self.states[slot] = state.select([row])
-
-    def move(self, source: int, target: int) -> None:
-        self.states[target], self.states[source] = self.states[source], None
+        index = torch.as_tensor(slots, device=self.lm.device)
+        for mine, theirs in zip(self.state.layers, state.layers, strict=True):
+            for name, t in mine.items():  # Mamba states (Falcon-H1's layers hold both kinds)
+                if name not in KV_KEYS:
+                    t.index_copy_(0, index, theirs[name].to(t.dtype))
+            if "k" not in mine:
+                continue
+            cached = theirs["k"].shape[2]
+            self._room(cached)
+            for name in ("k", "v"):
+                rows = torch.zeros_like(mine[name][index])
+                rows[:, :, :cached] = theirs[name].to(rows.dtype)
+                mine[name][index] = rows
+            valid = torch.zeros_like(mine["valid"][index])
+            valid[:, :cached] = theirs["valid"]
+            mine["valid"][index] = valid
+            mine["fill"][index] = cached
 
     def read(self, slots: list[int]) -> LMState:
-        """A copy of the state of some slots."""
-        return LMState.stack([self.states[slot].clone() for slot in slots])
+        """A copy of the state of some slots, in the models' own form."""
+        state = self.state.select(slots)
+        for layer in state.layers:
+            if "fill" in layer:
+                longest = int(layer.pop("fill").max()) if len(slots) else 0
+                layer["k"], layer["v"] = layer["k"][:, :, :longest], layer["v"][:, :, :longest]
+                layer["valid"] = layer["valid"][:, :longest]
+        return state
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        rows = []
-        for b in range(tokens.shape[0]):
-            hidden = self.lm(tokens[b : b + 1, None], state=self.states[b], return_hidden=True)
-            rows.append(self.lm.lm_head(hidden[:, -1]))
-        return torch.cat(rows)
+        batch = tokens.shape[0]
+        if batch > self.capacity:
+            raise ValueError(f"this decoder holds {self.capacity} rows, {batch} were asked for")
+        fills = [layer["fill"][:batch] for layer in self.state.layers if "fill" in layer]
+        if fills:
+            self._room(int(fills[0].max()) + 1)  # every attention layer of a row has cached as many
+        return self._step(tokens, self._views(batch))
 
 
 def slot_decoder(lm: LanguageModel, capacity: int, cuda_graphs: bool = True):
@@ -118,7 +167,7 @@ def slot_decoder(lm: LanguageModel, capacity: int, cuda_graphs: bool = True):
     if cuda_graphs and graph_support(lm) is None:
         return GraphDecoder(lm, capacity)
     if not lm.config.fixed_state:
-        return RowDecoder(lm, capacity)
+        return KVSlotDecoder(lm, capacity)
     return SlotDecoder(lm, capacity)
 
 

@@ -1,0 +1,50 @@
+"""`KVSlotDecoder`: every slot of a model with attention layers steps in one batched call, its KV caches in
+per-slot buffers. Rows of different lengths, joining and leaving, buffers growing as rows pass their
+length: each row's logits equal decoding it alone, and the states read back are the rows' own."""
+
+import pytest
+import torch
+
+import refmodels
+from mambavl.lm import load_lm
+from mambavl.vlm.graphs import KVSlotDecoder, slot_decoder
+
+
+@pytest.fixture(scope="module", params=["jamba-attn-moe-gqa", "falcon_h1-parallel-multipliers"])
+def lm(request, tmp_path_factory):
+    return load_lm(refmodels.save(refmodels.make(request.param), tmp_path_factory.mktemp(request.param)))
+
+
+@torch.no_grad()
+def test_batched_slots_equal_rows_decoded_alone(lm):
+    vocab = lm.config.vocab_size
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, vocab, (1, n), generator=gen) for n in (5, 61, 13)]
+    alone = []
+    for ids in prompts:
+        state = lm.new_state(1)
+        logits = lm(ids, state=state)[:, -1]
+        alone.append((state, logits))
+    decoder = slot_decoder(lm, capacity=4, cuda_graphs=False)
+    assert isinstance(decoder, KVSlotDecoder)
+    for slot, (state, _) in enumerate(alone):
+        decoder.load(state.clone(), [slot])
+    live = [0, 1, 2]  # which prompt each slot holds
+    tokens = torch.stack([logits.argmax(-1)[0] for _, logits in alone])
+    for step in range(6):  # the 61-token row passes the buffers' first 64 positions: they grow
+        if step == 3:  # the first row leaves: the last live slot moves into its place
+            decoder.move(len(live) - 1, 0)
+            live = [live[-1], *live[1:-1]]
+            tokens = torch.cat([tokens[-1:], tokens[1:-1]])
+        batched = decoder.step(tokens)
+        for row, which in enumerate(live):
+            state = alone[which][0]
+            want = lm(tokens[row].view(1, 1), state=state)[:, -1]
+            torch.testing.assert_close(batched[row : row + 1], want, rtol=1e-4, atol=1e-4)
+        tokens = batched.argmax(-1)
+    for row, which in enumerate(live):  # read back: the row's own state, its KV cache as long as its own
+        got, want = decoder.read([row]), alone[which][0]
+        for mine, theirs in zip(got.layers, want.layers, strict=True):
+            assert mine.keys() == theirs.keys()
+            for name in mine:
+                torch.testing.assert_close(mine[name], theirs[name], rtol=1e-5, atol=1e-6)
