@@ -237,6 +237,16 @@ def _hf_nemotron_h(f: ConfigFields) -> LMConfig:
     )
 
 
+def _mamba_headdim(f: ConfigFields, d_inner: int) -> int:
+    """The Mamba-2 head size of the `mamba_*` configs (Bamba, Granite-4.0-H, Falcon-H1): mamba_d_head, or
+    "auto" (d_inner / mamba_n_heads); the heads must tile d_inner."""
+    heads = f.integer("mamba_n_heads", 128)
+    headdim = d_inner // heads if f.raw.get("mamba_d_head", "auto") == "auto" else f.integer("mamba_d_head")
+    if heads * headdim != d_inner:
+        raise CheckpointError(f"{f.source}: mamba_n_heads {heads} × mamba_d_head {headdim} ≠ {d_inner}")
+    return headdim
+
+
 def _ibm_hybrid(f: ConfigFields, eps_default: float) -> tuple[int, dict]:
     """What Bamba's and Granite-4.0-H's configs spell alike (their `mamba_*` fields, attention heads, the
     layer count): (layers, LMConfig fields)."""
@@ -246,10 +256,7 @@ def _ibm_hybrid(f: ConfigFields, eps_default: float) -> tuple[int, dict]:
         raise CheckpointError(f"{f.source}: {n} layers; mambavl reads at most {MAX_LAYERS}")
     d_model = f.integer("hidden_size", 4096)
     d_inner = f.integer("mamba_expand", 2) * d_model
-    heads = f.integer("mamba_n_heads", 128)
-    headdim = d_inner // heads if f.raw.get("mamba_d_head", "auto") == "auto" else f.integer("mamba_d_head")
-    if heads * headdim != d_inner:
-        raise CheckpointError(f"{f.source}: mamba_n_heads {heads} × mamba_d_head {headdim} ≠ {d_inner}")
+    headdim = _mamba_headdim(f, d_inner)
     n_heads = f.integer("num_attention_heads", 32)
     eps = f.number("rms_norm_eps", eps_default)
     return n, dict(
@@ -445,10 +452,7 @@ def _hf_falcon_h1(f: ConfigFields) -> LMConfig:
         d_inner = f.integer("mamba_d_ssm")
     else:
         d_inner = f.integer("mamba_expand", 2) * d_model
-    heads = f.integer("mamba_n_heads", 128)
-    headdim = d_inner // heads if f.raw.get("mamba_d_head", "auto") == "auto" else f.integer("mamba_d_head")
-    if heads * headdim != d_inner:
-        raise CheckpointError(f"{f.source}: mamba_n_heads {heads} × mamba_d_head {headdim} ≠ {d_inner}")
+    headdim = _mamba_headdim(f, d_inner)
     n_heads = f.integer("num_attention_heads", 32)
     head_dim = f.integer("head_dim") if f.raw.get("head_dim") is not None else d_model // n_heads
     groups = f.integer("mamba_n_groups", 1)
