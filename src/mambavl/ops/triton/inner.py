@@ -188,8 +188,6 @@ class _Mamba1Mixer(torch.autograd.Function):
         g = scan._backward(
             xc, delta, A, B, C, D, z, dt_bias, states, True, ctx.tiles, dy, None, dz_out=d_xz3[:, dim:]
         )
-        if g["z"].data_ptr() != d_xz3[:, dim:].data_ptr():  # a layout that wrote it elsewhere
-            d_xz3[:, dim:].copy_(g["z"])
         d_delta = _matrix(g["delta"])  # [D, B·L']
         d_dt = d_delta.t() @ dt_w.to(dtype)  # [B·L', R]
         d_dt_w = d_delta @ x_dbl[:, :dt_rank]

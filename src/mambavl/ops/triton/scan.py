@@ -503,7 +503,7 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
 
 def _backward(u, delta, A, B, C, D, z, delta_bias, states, delta_softplus, tiles, dout, dh_last, dz_out=None):
     """Gradients of every input (fp32 where they are sums over the batch or over channels); z's written into
-    `dz_out` when given (a time-contiguous [B, D, L] view, z's shape and dtype)."""
+    `dz_out` when given (a [B, D, L] view of any layout, z's shape and dtype)."""
     batch, dim, length = u.shape
     N = A.shape[-1]
     Bg, Cg = _grouped(B), _grouped(C)
@@ -518,15 +518,13 @@ def _backward(u, delta, A, B, C, D, z, delta_bias, states, delta_softplus, tiles
         u, delta, z, dout = time_major(u), time_major(delta), time_major(z), time_major(dout)
         du, ddelta = empty_time_major(u), empty_time_major(delta)
         dz = empty_time_major(z) if z is not None else du
-        if z is not None and dz_out is not None:
-            if dz_out.shape != z.shape or dz_out.dtype != z.dtype or dz_out.stride(-1) != 1:
-                raise ValueError(
-                    "selective_scan backward: dz_out must be a time-contiguous view of z's shape"
-                )
-            dz = dz_out
     else:
         du, ddelta = empty_like_layout(u), empty_like_layout(delta)
         dz = empty_like_layout(z) if z is not None else du
+    if z is not None and dz_out is not None:  # the kernel writes through dz's strides: any layout
+        if dz_out.shape != z.shape or dz_out.dtype != z.dtype:
+            raise ValueError("selective_scan backward: dz_out must have z's shape and dtype")
+        dz = dz_out
     dA = torch.empty(batch, n_chunks, dim, N, **f32)
     dBC = torch.zeros(slots, batch, groups, 2 * N, length, **f32)
     dD = torch.empty(batch, dim, **f32)
