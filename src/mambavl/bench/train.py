@@ -185,25 +185,33 @@ def ours(
 
 
 # ---- the peers -------------------------------------------------------------------------------------------
-def _timed_steps(model, loss_of, ids: torch.Tensor, steps: int, device: torch.device) -> dict:
+def _timed_steps(
+    model, loss_of, ids: torch.Tensor, steps: int, device: torch.device, profile_path: Path | None = None
+) -> dict:
     """`steps` training steps (bf16 autocast over the fp32 weights, fused AdamW), timed each between
-    synchronisations; the figures of the steps after the first."""
+    synchronisations; the figures of the steps after the first. `profile_path`: one more step runs under
+    the profiler (its table written there), outside the figures."""
+    from mambavl.train.profile import profiled
+
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=2e-5, fused=True)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16)
     _reset_peak(device)
     times, losses = [], []
-    for _ in range(steps):
-        sync(device)
-        t0 = time.perf_counter()
-        with autocast:
-            loss = loss_of(model, ids)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sync(device)
-        times.append(time.perf_counter() - t0)
-        losses.append(float(loss.detach()))
+    for k in range(steps + (profile_path is not None)):
+        profiler = profiled(profile_path, device) if k == steps else contextlib.nullcontext()
+        with profiler:
+            sync(device)
+            t0 = time.perf_counter()
+            with autocast:
+                loss = loss_of(model, ids)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sync(device)
+        if k < steps:
+            times.append(time.perf_counter() - t0)
+            losses.append(float(loss.detach()))
     step = statistics.median(times[1:] or times)
     positions = ids.numel()
     return {
@@ -221,7 +229,7 @@ def _next_token_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
 
 
-def hf_peer(lm, steps: int, batch: int, length: int, device: torch.device) -> dict:
+def hf_peer(lm, steps: int, batch: int, length: int, device: torch.device, profile_path=None) -> dict:
     """transformers' causal LM of the same LM config, gradient checkpointing on."""
     import transformers
     from transformers import AutoModelForCausalLM
@@ -235,7 +243,9 @@ def hf_peer(lm, steps: int, batch: int, length: int, device: torch.device) -> di
     getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
     ids = _tokens(lm.vocab_size, batch, length, device)
     try:
-        out = _timed_steps(model, lambda m, x: m(input_ids=x, labels=x).loss, ids, steps, device)
+        out = _timed_steps(
+            model, lambda m, x: m(input_ids=x, labels=x).loss, ids, steps, device, profile_path
+        )
     finally:
         del model
         _release()
@@ -247,7 +257,9 @@ def hf_peer(lm, steps: int, batch: int, length: int, device: torch.device) -> di
     }
 
 
-def mamba_ssm_peer(lm, steps: int, batch: int, length: int, device: torch.device) -> dict:
+def mamba_ssm_peer(
+    lm, steps: int, batch: int, length: int, device: torch.device, profile_path=None
+) -> dict:
     """mamba_ssm's MambaLMHeadModel of the same LM config (`peers.mamba_ssm_config`: rms_norm,
     fused_add_norm, residual in fp32, the mixer's own sizes), no gradient checkpointing. ImportError when
     mamba_ssm cannot be imported."""
@@ -261,7 +273,8 @@ def mamba_ssm_peer(lm, steps: int, batch: int, length: int, device: torch.device
     model = MambaLMHeadModel(MambaConfig(**kwargs), device=device, dtype=torch.float32)
     ids = _tokens(lm.vocab_size, batch, length, device)
     try:
-        out = _timed_steps(model, lambda m, x: _next_token_loss(m(x).logits, x), ids, steps, device)
+        loss_of = lambda m, x: _next_token_loss(m(x).logits, x)  # noqa: E731
+        out = _timed_steps(model, loss_of, ids, steps, device, profile_path)
     finally:
         del model
         _release()
@@ -296,13 +309,15 @@ def _importable(name: str) -> bool:
         return False
 
 
-def _peer_entry(name: str, lm, steps: int, batch: int, length: int, device: torch.device) -> dict:
+def _peer_entry(
+    name: str, lm, steps: int, batch: int, length: int, device: torch.device, profile_path=None
+) -> dict:
     """A peer's figures, or its `error`: a peer never stops the run."""
     from mambavl.bench.peers import _short
 
     _, runner = PEER_RUNNERS[name]
     try:
-        return runner(lm, steps, batch, length, device) | {"batch": batch}
+        return runner(lm, steps, batch, length, device, profile_path) | {"batch": batch}
     except ImportError as e:
         hint = "; pip install mamba-ssm causal-conv1d to measure it" if name == "mamba-ssm" else ""
         return {"error": f"{e}{hint}"}
@@ -335,7 +350,7 @@ def run_train(
     `length`: positions per row of the peers' batches (default: ours' average). `work`: where our runs'
     directories go (default: a temporary directory, removed). `peak`: the FLOP/s the MFU divides by
     (default: the GPU's dense bf16 peak, when the GPU is known). `profile`: one more step of ours runs under
-    the profiler, its table in `out/profile_<key>.txt`."""
+    the profiler, its table in `out/profile_<key>.txt`, and so does one more step of each peer."""
     from mambavl.data.shapes import write_shapes
 
     choices = {"on": (True,), "off": (False,), "both": (True, False), "none": ()}
@@ -394,7 +409,10 @@ def run_train(
             say(note)
             continue
         key, _ = PEER_RUNNERS[name]
-        entry = _peer_entry(name, sizes["lm"], steps, batch, length, dev)
+        table = out / f"profile_{key}.txt" if profile else None
+        entry = _peer_entry(name, sizes["lm"], steps, batch, length, dev, table)
+        if table is not None and table.exists():
+            say(table.read_text())
         result[key] = with_mfu(entry, sizes, images=0, peak=peak)
         if "error" in entry:
             say(f"{name}: not measured: {entry['error']}")
