@@ -257,9 +257,7 @@ def hf_peer(lm, steps: int, batch: int, length: int, device: torch.device, profi
     }
 
 
-def mamba_ssm_peer(
-    lm, steps: int, batch: int, length: int, device: torch.device, profile_path=None
-) -> dict:
+def mamba_ssm_peer(lm, steps: int, batch: int, length: int, device: torch.device, profile_path=None) -> dict:
     """mamba_ssm's MambaLMHeadModel of the same LM config (`peers.mamba_ssm_config`: rms_norm,
     fused_add_norm, residual in fp32, the mixer's own sizes), no gradient checkpointing. ImportError when
     mamba_ssm cannot be imported."""
