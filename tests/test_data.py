@@ -292,3 +292,48 @@ def test_data_check_exit_status_tells_bad_data_from_a_bad_set_up(tmp_path):
     page = " ".join(runner.invoke(app, ["data", "check", "--help"], env={"COLUMNS": "200"}).output.split())
     assert "Exit status: 0: every sample can train; 1: the data has problems" in page
     assert "2: a usage or set-up error" in page
+
+
+def _train_batch():
+    import torch
+
+    from mambavl.data.collate import TrainBatch
+
+    g = torch.Generator().manual_seed(0)
+    return TrainBatch(
+        ids=["a", "b"],
+        input_ids=torch.randint(0, 9, (2, 5), generator=g),
+        labels=torch.full((2, 5), IGNORE_INDEX),
+        lengths=torch.tensor([5, 3]),
+        image_rows=torch.tensor([0, 1]),
+        image_at=torch.tensor([0, 0]),
+        pixel_values={
+            "dino": torch.randn(2, 3, 4, 4, generator=g),
+            "siglip": torch.randn(2, 3, 4, 4, generator=g),
+        },
+    )
+
+
+def test_train_batch_moves_every_tensor_and_casts_only_pixels():
+    import torch
+
+    batch = _train_batch()
+    moved = batch.to("cpu", dtype=torch.bfloat16)
+    assert moved.input_ids.dtype == torch.long and torch.equal(moved.input_ids, batch.input_ids)
+    assert torch.equal(moved.lengths, batch.lengths) and moved.ids == batch.ids
+    for k, v in moved.pixel_values.items():
+        assert v.dtype == torch.bfloat16
+        assert torch.equal(v, batch.pixel_values[k].bfloat16())
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="pinned memory needs a CUDA device")
+def test_train_batch_pins_for_the_loader_and_copies_without_waiting():
+    import torch
+
+    batch = _train_batch()
+    pinned = batch.pin_memory()
+    assert pinned.input_ids.is_pinned() and all(v.is_pinned() for v in pinned.pixel_values.values())
+    moved = pinned.to("cuda")
+    torch.cuda.synchronize()
+    assert torch.equal(moved.input_ids.cpu(), batch.input_ids)
+    assert torch.equal(moved.pixel_values["dino"].cpu(), batch.pixel_values["dino"])

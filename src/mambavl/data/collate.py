@@ -59,24 +59,27 @@ class TrainBatch:
         """Tokens the loss is taken on (labels shifted by one, as the loss sees them)."""
         return int((self.labels[:, 1:] != IGNORE_INDEX).sum())
 
-    def to(self, device, dtype: torch.dtype | None = None) -> TrainBatch:
-        def move(x, floating=False):
+    def _map(self, fn, pixels_fn=None) -> TrainBatch:
+        def each(x, fn):
             if isinstance(x, dict):
-                return {k: move(v, floating) for k, v in x.items()}
-            if isinstance(x, torch.Tensor):
-                return x.to(device=device, dtype=dtype if floating and dtype else x.dtype)
-            return x
+                return {k: each(v, fn) for k, v in x.items()}
+            return fn(x) if isinstance(x, torch.Tensor) else x
 
-        return TrainBatch(
-            self.ids,
-            move(self.input_ids),
-            move(self.labels),
-            move(self.lengths),
-            move(self.image_rows),
-            move(self.image_at),
-            move(self.pixel_values, floating=True),
-            self.bad,
+        tensors = (self.input_ids, self.labels, self.lengths, self.image_rows, self.image_at)
+        pixels = each(self.pixel_values, pixels_fn or fn)
+        return TrainBatch(self.ids, *(each(t, fn) for t in tensors), pixels, self.bad)
+
+    def to(self, device, dtype: torch.dtype | None = None) -> TrainBatch:
+        """On `device`, the pixels in `dtype` if given. From pinned memory (`pin_memory`, as the loader
+        gives it on a GPU) the copies do not wait for the GPU, so the host goes on queueing work."""
+        return self._map(
+            lambda t: t.to(device, non_blocking=t.is_pinned()),
+            lambda t: t.to(device, dtype=dtype or t.dtype, non_blocking=t.is_pinned()),
         )
+
+    def pin_memory(self) -> TrainBatch:
+        """Every tensor in page-locked memory (the DataLoader calls this with pin_memory=True)."""
+        return self._map(lambda t: t.pin_memory())
 
     def model_inputs(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("ids", "bad")}

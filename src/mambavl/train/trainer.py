@@ -350,11 +350,12 @@ def train(
                     )
                     if hasattr(grad_norm, "full_tensor"):
                         grad_norm = grad_norm.full_tensor()
-                    grad_norm = float(grad_norm)
                     opt.step()
                     sched.step()
                     opt.zero_grad(set_to_none=True)
-                    loss_value = world.all_sum(local_loss) / max(n_global, 1)
+                    # read back once the optimizer's work is queued, so that the GPU never waits for the host
+                    grad_norm = float(grad_norm)
+                    loss_value = world.all_sum(float(local_loss)) / max(n_global, 1)
                     if not math.isfinite(loss_value):
                         raise FloatingPointError(
                             f"step {step + 1}: the loss is {loss_value}; lower the learning rate or check "
@@ -417,9 +418,10 @@ def _step_seed(cfg: TrainConfig, step: int, world: World) -> int:
     return cfg.seed * 1_000_003 + step * 101 + world.rank
 
 
-def _forward_backward(model, batches: list, autocast, world: World, n_global: int) -> float:
-    """One step's micro-batches, forward and backward, gradients accumulated; the summed loss."""
-    total = 0.0
+def _forward_backward(model, batches: list, autocast, world: World, n_global: int) -> torch.Tensor:
+    """One step's micro-batches, forward and backward, gradients accumulated; the summed loss (a tensor on
+    the device: reading it waits for the GPU, which the caller does once the step is queued)."""
+    total = None
     for j, batch in enumerate(batches):
         if world.distributed:  # reduce-scatter gradients once, after the last micro-batch
             model.set_requires_gradient_sync(j == len(batches) - 1)
@@ -427,7 +429,8 @@ def _forward_backward(model, batches: list, autocast, world: World, n_global: in
             out = model(**batch.model_inputs())
         # FSDP averages gradients over processes; × size makes it the global-batch sum
         (out.loss * (world.size / max(n_global, 1))).backward()
-        total += float(out.loss.detach())
+        loss = out.loss.detach().double()
+        total = loss if total is None else total + loss
     return total
 
 

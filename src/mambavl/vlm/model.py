@@ -338,17 +338,20 @@ class VLM(nn.Module):
         next-token cross-entropy and the number of learned tokens, so callers normalise over a whole
         global batch however it is split into micro-batches and processes."""
         B = input_ids.shape[0]
+        # the host reads the small index tensors before it queues the towers, not after (a read waits
+        # for the GPU, which then idles while the host catches up)
+        with_image = [] if image_rows is None else image_rows.tolist()
+        at = [0] * B if image_at is None else image_at.tolist()
+        n = lengths.tolist()
         text = self.lm.embed(input_ids)
         images: list[torch.Tensor | None] = [None] * B
-        if image_rows is not None and len(image_rows):
+        if with_image:
             if isinstance(pixel_values, list):
                 encoded = self.image_embeddings(pixel_values)
             else:
                 encoded = list(self.encode_images(pixel_values))
-            for row, emb in zip(image_rows.tolist(), encoded, strict=True):
+            for row, emb in zip(with_image, encoded, strict=True):
                 images[row] = emb
-        at = [0] * B if image_at is None else image_at.tolist()
-        n = lengths.tolist()
         batch = pack([text[b, : n[b]] for b in range(B)], images, [labels[b, : n[b]] for b in range(B)], at)
         hidden = self.lm(inputs_embeds=batch.embeds, return_hidden=True)
         # Position t predicts label t + 1; the head runs only where something is learned.
