@@ -101,9 +101,11 @@ class LossSum:
 
 
 class VLM(nn.Module):
-    # Prompts are prefilled this many positions at a time: activation memory stays flat in the prompt's
-    # length (the recurrent state carries everything between chunks). None: all at once.
-    prefill_chunk: int | None = 2048
+    # Prompts are prefilled in chunks of about this many positions over all rows (each row an equal share,
+    # at least 512 positions): activation memory stays flat in the prompt's length (the recurrent state
+    # carries everything between chunks), and a long prompt of one row goes in a few large calls rather
+    # than many small ones, whose launches would leave the GPU waiting. None: all at once.
+    prefill_chunk: int | None = 16384
 
     def __init__(
         self, config: VLMConfig, tokenizer: TextTokenizer | None = None, pretrained_tower: bool = False
@@ -430,10 +432,11 @@ class VLM(nn.Module):
         return state, self.lm.lm_head(hidden), batch, prompt_ids
 
     def prefill(self, embeds: torch.Tensor, lengths: torch.Tensor, state) -> torch.Tensor:
-        """Runs right-padded rows [B, L, D] (real lengths [B]) into `state`, `prefill_chunk` positions at a
-        time; returns each row's final hidden state [B, D] (at its last real position)."""
+        """Runs right-padded rows [B, L, D] (real lengths [B]) into `state`, a chunk of positions at a time
+        (`prefill_chunk`); returns each row's final hidden state [B, D] (at its last real position)."""
         B, L = embeds.shape[:2]
-        chunk = self.prefill_chunk or L
+        budget = self.prefill_chunk
+        chunk = L if budget is None else max(budget // B, min(512, budget))
         last = embeds.new_zeros(B, self.config.lm.d_model)
         for start in range(0, L, chunk):
             piece = embeds[:, start : start + chunk]
