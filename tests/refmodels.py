@@ -3,8 +3,8 @@
 Each case is small but not trivial: every parameter is perturbed away from its (often all-ones)
 initial value, and between them the cases cover untied heads, conv widths other than 4, vocabularies
 that are not multiples of 8, n_groups > 1, projection biases, Jamba's attention + MoE layers,
-Nemotron-H's blocks of one kind each (Mamba-2, attention, squared-ReLU MLP), and Falcon-H1's parallel
-Mamba-2 and attention with its µP multipliers.
+Nemotron-H's blocks of one kind each (Mamba-2, attention, squared-ReLU MLP), Falcon-H1's parallel
+Mamba-2 and attention with its µP multipliers, and Zamba2's shared blocks with per-use adapters.
 """
 
 from __future__ import annotations
@@ -260,6 +260,48 @@ CASES = {
             mamba_norm_before_gate=False,
             tie_word_embeddings=True,
             ssm_multipliers=[1.2, 0.8, 1.1, 0.9, 1.3],
+        )
+    ),
+    # Zamba2: Mamba-2 layers, three of them fed by two shared attention + MLP blocks taken in turn, with
+    # per-use q/k/v and MLP adapters, RoPE, grouped B/C, a conv of width 3
+    "zamba2-shared-adapters-rope": lambda: tf.Zamba2ForCausalLM(
+        tf.Zamba2Config(
+            vocab_size=101,
+            hidden_size=32,
+            num_hidden_layers=6,
+            layers_block_type=["mamba", "hybrid", "mamba", "hybrid", "hybrid", "mamba"],
+            num_mem_blocks=2,
+            use_shared_attention_adapter=True,
+            adapter_rank=4,
+            use_mem_rope=True,
+            num_attention_heads=4,
+            intermediate_size=40,
+            mamba_d_state=8,
+            mamba_d_conv=3,
+            n_mamba_heads=8,
+            mamba_ngroups=2,
+            chunk_size=8,
+        )
+    ),
+    # one shared block for every use, no q/k/v adapters, no positional encoding, grouped-query attention,
+    # biases on the projections (add_bias_linear), SiLU (transformers ties the blocks' uses only with a
+    # tied head: untied, its uses would be separate blocks, which Zamba2 is not)
+    "zamba2-one-block-gqa-bias": lambda: tf.Zamba2ForCausalLM(
+        tf.Zamba2Config(
+            vocab_size=90,
+            hidden_size=24,
+            num_hidden_layers=4,
+            layers_block_type=["hybrid", "mamba", "hybrid", "mamba"],
+            num_mem_blocks=1,
+            adapter_rank=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=30,
+            hidden_act="silu",
+            add_bias_linear=True,
+            mamba_d_state=4,
+            n_mamba_heads=6,
+            chunk_size=8,
         )
     ),
 }

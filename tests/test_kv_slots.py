@@ -10,7 +10,10 @@ from mambavl.lm import load_lm
 from mambavl.vlm.graphs import KVSlotDecoder, slot_decoder
 
 
-@pytest.fixture(scope="module", params=["jamba-attn-moe-gqa", "falcon_h1-parallel-multipliers"])
+@pytest.fixture(
+    scope="module",
+    params=["jamba-attn-moe-gqa", "falcon_h1-parallel-multipliers", "zamba2-shared-adapters-rope"],
+)
 def lm(request, tmp_path_factory):
     return load_lm(refmodels.save(refmodels.make(request.param), tmp_path_factory.mktemp(request.param)))
 

@@ -277,3 +277,37 @@ def test_granite_h_layers_experts_and_hub_key_names():
     assert rename_keys(hub[3:], "granitemoehybrid", dense)[hub[3]] == "layers.1.ffn.gate_up_proj.weight"
     with pytest.raises(CheckpointError, match="layer_types must be"):
         lm_config_from_json(base | {"num_local_experts": 0, "layer_types": ["mamba", "conv"]}, "config.json")
+
+
+@torch.no_grad()
+def test_zamba2_shared_blocks_saved_under_every_use(tmp_path):
+    """A Zamba2 checkpoint may hold a shared block's weights under each layer that uses it (a save without
+    transformers' de-duplication of tied weights): equal copies load as the one block, and copies that
+    differ are refused, naming both. Its layer list is checked field by field."""
+    from safetensors.torch import load_file, save_file
+
+    from mambavl.checkpoints.files import CheckpointError
+    from mambavl.lm.layouts import lm_config_from_json
+
+    ref = refmodels.make("zamba2-shared-adapters-rope")
+    path = Path(refmodels.save(ref, tmp_path / "saved"))
+    sd = load_file(path / "model.safetensors")
+    # uses 0, 1, 2 sit in layers 1, 3, 4; blocks taken in turn: layer 4 runs block 0, as layer 1 does
+    copies = {
+        k.replace("layers.1.shared", "layers.4.shared"): v.clone()
+        for k, v in sd.items()
+        if "layers.1.shared" in k
+    }
+    save_file(sd | copies, path / "model.safetensors")
+    ids = torch.randint(0, 101, (1, 11))
+    torch.testing.assert_close(load_lm(path)(ids), ref(ids).logits, atol=1e-4, rtol=0)
+    key = next(k for k in copies if k.endswith("q_proj.weight"))
+    copies[key] = copies[key] + 1
+    save_file(sd | copies, path / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"layers\.4\.shared_transformer\.self_attn\.q_proj.*differ"):
+        load_lm(path)
+    raw = json.loads((path / "config.json").read_text())
+    with pytest.raises(CheckpointError, match="layers_block_type must be"):
+        lm_config_from_json(raw | {"layers_block_type": ["mamba", "attention"] * 3}, "config.json")
+    with pytest.raises(CheckpointError, match="num_attention_heads 5 does not divide"):
+        lm_config_from_json(raw | {"num_attention_heads": 5}, "config.json")

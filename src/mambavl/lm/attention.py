@@ -14,13 +14,23 @@ from mambavl.lm.config import LMConfig
 from mambavl.lm.linear import Linear
 
 
+def attention_state(batch: int, n_kv: int, head_dim: int, device=None) -> dict[str, torch.Tensor]:
+    """An empty KV cache: k, v [B, KV, 0, Dh] fp32, and "valid" [B, 0], which marks the cached positions
+    that hold real tokens (padding in ragged batches does not)."""
+    empty = torch.zeros(batch, n_kv, 0, head_dim, dtype=torch.float32, device=device)
+    return {"k": empty, "v": empty.clone(), "valid": torch.zeros(batch, 0, dtype=torch.bool, device=device)}
+
+
 class Attention(nn.Module):
-    def __init__(self, cfg: LMConfig):
+    """`in_dim`: the width it reads (default d_model; Zamba2's shared blocks read 2·d_model)."""
+
+    def __init__(self, cfg: LMConfig, in_dim: int | None = None):
         super().__init__()
         self.n_heads, self.n_kv, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.q_proj = Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
-        self.k_proj = Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.v_proj = Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        in_dim = in_dim or cfg.d_model
+        self.q_proj = Linear(in_dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.k_proj = Linear(in_dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = Linear(in_dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.o_proj = Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
         self.rotary_dim, self.rope_theta = cfg.rotary_dim, cfg.rope_theta
         self.scale = cfg.attention_scale or None  # None: 1/√head_dim
@@ -38,13 +48,7 @@ class Attention(nn.Module):
         return torch.cat([rot * cos + half * sin, rest], dim=-1)
 
     def new_state(self, batch: int, device=None) -> dict[str, torch.Tensor]:
-        empty = torch.zeros(batch, self.n_kv, 0, self.head_dim, dtype=torch.float32, device=device)
-        # "valid" marks cached positions that hold real tokens (padding in ragged batches does not)
-        return {
-            "k": empty,
-            "v": empty.clone(),
-            "valid": torch.zeros(batch, 0, dtype=torch.bool, device=device),
-        }
+        return attention_state(batch, self.n_kv, self.head_dim, device)
 
     def forward(
         self,
@@ -52,10 +56,24 @@ class Attention(nn.Module):
         state: dict[str, torch.Tensor] | None = None,
         valid: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        return self.attend(
+            hidden, self.q_proj(hidden), self.k_proj(hidden), self.v_proj(hidden), state, valid
+        )
+
+    def attend(
+        self,
+        hidden: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        state: dict[str, torch.Tensor] | None = None,
+        valid: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """o_proj(attention) of the projections q [B, T, H·Dh], k, v [B, T, KV·Dh] of `hidden`."""
         batch, T, _ = hidden.shape
-        q = self.q_proj(hidden).view(batch, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(hidden).view(batch, T, self.n_kv, self.head_dim).transpose(1, 2)
-        v = self.v_proj(hidden).view(batch, T, self.n_kv, self.head_dim).transpose(1, 2)
+        q = q.view(batch, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(batch, T, self.n_kv, self.head_dim).transpose(1, 2)
+        v = v.view(batch, T, self.n_kv, self.head_dim).transpose(1, 2)
         past = 0
         new_valid = torch.ones(batch, T, dtype=torch.bool, device=hidden.device) if valid is None else valid
         keys_valid = new_valid

@@ -17,7 +17,7 @@ class LayerKind:
     name: str
     fixed_state: bool = True  # its decode state keeps one size (Mamba); False: a KV cache that grows
     static_shapes: bool = True  # the same kernels and shapes every step (False: data-dependent routing)
-    parts: tuple[str, ...] = ()  # the kinds it runs side by side on one input (their outputs added)
+    parts: tuple[str, ...] = ()  # the kinds it runs (Falcon-H1: side by side; Zamba2: one feeding the other)
 
 
 MIXER_KINDS = {
@@ -28,6 +28,10 @@ MIXER_KINDS = {
         LayerKind("attention", fixed_state=False),
         # Falcon-H1: Mamba-2 and attention in parallel on the layer's normalised input, outputs added
         LayerKind("mamba2+attention", fixed_state=False, parts=("mamba2", "attention")),
+        # Zamba2: a shared attention + MLP block (one of `shared_blocks`, taken in turn) reads the residual
+        # stream beside the input embeddings; its output, through this layer's own linear, joins the
+        # Mamba-2 mixer's input (not the stream)
+        LayerKind("shared+mamba2", fixed_state=False, parts=("mamba2", "attention")),
         LayerKind("none"),  # a feed-forward block alone (Nemotron-H's MLP blocks)
     )
 }
@@ -35,7 +39,7 @@ FFN_KINDS = {
     kind.name: kind for kind in (LayerKind("none"), LayerKind("mlp"), LayerKind("moe", static_shapes=False))
 }
 MIXERS = tuple(MIXER_KINDS)
-FFN_ACTS = ("silu_gated", "relu2")
+FFN_ACTS = ("silu_gated", "relu2", "gelu_gated")
 MOE_ROUTINGS = ("softmax_topk", "topk_softmax", "sigmoid_grouped")
 FFNS = tuple(FFN_KINDS)
 BCDT_NORMS = (None, "weightless", "weighted")
@@ -96,6 +100,12 @@ class LMConfig:
     moe_scaling: float = 1.0
     d_expert_ffn: int = 0  # each expert's hidden width (0: d_ffn)
     d_shared_ffn: int = 0  # > 0: an MLP (ffn_act) of this width beside the experts, its output added
+    # Zamba2's shared blocks (attention over [stream, embeddings] then a gated MLP of width d_ffn), used in
+    # turn by the `shared+mamba2` layers; each use adds its own low-rank adapters (rank `adapter_rank`) to
+    # the MLP's gate_up projection, and with `shared_qkv_adapters` to q, k and v
+    shared_blocks: int = 0
+    adapter_rank: int = 0
+    shared_qkv_adapters: bool = False
     # blocks
     norm_eps: float = 1e-5
     residual_in_fp32: bool = True
@@ -189,6 +199,18 @@ class LMConfig:
             problems.append(f"attention needs head_dim > 0 (d_model {self.d_model} / n_heads {self.n_heads})")
         if self.rotary_dim < 0 or self.rotary_dim % 2 or (self.head_dim and self.rotary_dim > self.head_dim):
             problems.append(f"rotary_dim={self.rotary_dim} must be even and in [0, head_dim={self.head_dim}]")
+        if self.uses("shared+mamba2"):
+            if self.shared_blocks < 1 or self.d_ffn <= 0:
+                problems.append("shared+mamba2 layers need shared_blocks ≥ 1 and d_ffn > 0")
+            if self.n_heads * self.head_dim != 2 * self.d_model:
+                problems.append(
+                    f"the shared blocks' attention reads 2·d_model = {2 * self.d_model} channels: n_heads "
+                    f"({self.n_heads}) × head_dim ({self.head_dim}) must equal it"
+                )
+            if self.shared_qkv_adapters and (self.adapter_rank < 1 or self.n_kv_heads != self.n_heads):
+                problems.append("q/k/v adapters need adapter_rank ≥ 1 and n_kv_heads = n_heads")
+        elif self.shared_blocks:
+            problems.append(f"shared_blocks={self.shared_blocks} but no layer is shared+mamba2")
         if any(f != "none" for f in self.ffns) and self.d_ffn <= 0:
             problems.append("a feed-forward layer needs d_ffn > 0")
         if self.moe_routing not in MOE_ROUTINGS:
@@ -211,6 +233,11 @@ class LMConfig:
             )
         if problems:
             raise ValueError(f"invalid LMConfig ({self.family}): " + "; ".join(problems))
+
+    @property
+    def shared_layers(self) -> tuple[int, ...]:
+        """The `shared+mamba2` layers in order: the u-th uses shared block u mod `shared_blocks`."""
+        return tuple(i for i, m in enumerate(self.mixers) if m == "shared+mamba2")
 
     @property
     def nheads(self) -> int:
@@ -247,6 +274,8 @@ _SIZES_OR_ZERO = (
     "d_ffn",
     "d_expert_ffn",
     "d_shared_ffn",
+    "shared_blocks",
+    "adapter_rank",
 )  # 0: derived, or none
 # (field, rule, check) of the values a config gives, checked before anything is derived from them
 _RANGES = [

@@ -529,6 +529,68 @@ def fold_falcon_h1(sd: dict[str, torch.Tensor], config: LMConfig, where: str) ->
     return out
 
 
+ZAMBA2_KINDS = {"mamba": "mamba2", "linear_attention": "mamba2", "m": "mamba2", "hybrid": "shared+mamba2"}
+ZAMBA2_ACTS = {"gelu": "gelu_gated", "silu": "silu_gated"}
+
+
+def _hf_zamba2(f: ConfigFields) -> LMConfig:
+    """Zamba2: Mamba-2 layers, some of which ("hybrid") first run one of `num_mem_blocks` shared attention
+    + MLP blocks on [stream, input embeddings] (per-use adapters; RoPE with use_mem_rope) and feed its
+    output, through a linear of their own, into their Mamba-2 input (`lm.shared`)."""
+    n = f.integer("num_hidden_layers", 54)
+    if n > MAX_LAYERS:
+        raise CheckpointError(f"{f.source}: {n} layers; mambavl reads at most {MAX_LAYERS}")
+    listed = f.raw.get("layers_block_type", f.raw.get("layer_types"))
+    if not isinstance(listed, list) or len(listed) != n or not all(t in ZAMBA2_KINDS for t in listed):
+        raise f.fail("layers_block_type", f"a list of {n} of {sorted(ZAMBA2_KINDS)}", listed)
+    d_model = f.integer("hidden_size", 2560)
+    expand = f.number("mamba_expand", 2)
+    d_inner = int(expand * d_model)
+    heads = f.integer("n_mamba_heads", 8)
+    if d_inner % heads:
+        raise CheckpointError(f"{f.source}: n_mamba_heads {heads} does not divide mamba_expand × hidden_size")
+    n_heads = f.integer("num_attention_heads", 32)
+    if (2 * d_model) % n_heads:
+        raise CheckpointError(f"{f.source}: num_attention_heads {n_heads} does not divide 2 × hidden_size")
+    head_dim = 2 * d_model // n_heads
+    act = f.text("hidden_act", "gelu", sorted(ZAMBA2_ACTS))
+    rope = f.section("rope_parameters")
+    rope.text("rope_type", "default", ["default"])
+    kv = f.raw.get("num_key_value_heads")
+    return LMConfig(
+        family="zamba2",
+        d_model=d_model,
+        n_layer=n,
+        vocab_size=f.integer("vocab_size", 32000),
+        mixers=tuple(ZAMBA2_KINDS[t] for t in listed),
+        d_state=f.integer("mamba_d_state", 64),
+        d_conv=f.integer("mamba_d_conv", 4),
+        d_inner=d_inner,
+        headdim=d_inner // heads,
+        ngroups=f.integer("mamba_ngroups", 1),
+        chunk_size=f.integer("chunk_size", 256),
+        dt_limit=(f.number("time_step_min", 0.001, positive=False), math.inf),
+        conv_bias=f.flag("use_conv_bias", True),
+        proj_bias=f.flag("add_bias_linear", False),
+        gated_norm_eps=1e-5,  # transformers' Zamba2 fixes it
+        n_heads=n_heads,
+        n_kv_heads=n_heads if kv is None else f.integer("num_key_value_heads"),
+        head_dim=head_dim,
+        rotary_dim=head_dim if f.flag("use_mem_rope", False) else 0,
+        rope_theta=rope.number("rope_theta", f.number("rope_theta", 10000.0)),
+        attention_scale=(head_dim / 2) ** -0.5,  # Zamba2 scales q·k by √(head_dim / 2)
+        d_ffn=f.integer("intermediate_size") if f.raw.get("intermediate_size") else 4 * d_model,
+        ffn_act=ZAMBA2_ACTS[act],
+        shared_blocks=f.integer("num_mem_blocks", 1),
+        adapter_rank=f.integer("adapter_rank", 128),
+        shared_qkv_adapters=f.flag("use_shared_attention_adapter", False),
+        norm_eps=f.number("rms_norm_eps", 1e-5),
+        residual_in_fp32=False,
+        tie_embeddings=f.flag("tie_word_embeddings", True),
+        extra=f.raw,
+    )
+
+
 HF_LAYOUTS = {
     "mamba": _hf_mamba,
     "falcon_mamba": _hf_mamba,
@@ -538,6 +600,7 @@ HF_LAYOUTS = {
     "bamba": _hf_bamba,
     "granitemoehybrid": _granite_hybrid,
     "falcon_h1": _hf_falcon_h1,
+    "zamba2": _hf_zamba2,
 }
 
 
@@ -595,6 +658,40 @@ _FALCON_H1_RENAMES = [
     (r"^model\.layers\.(\d+)\.self_attn\.", r"layers.\1.mixer.attn."),
     _JAMBA_RENAMES[-1],  # the MLP
 ]
+_ZAMBA2_RENAMES = [
+    *_JAMBA_RENAMES[:2],  # the embedding and the final norm
+    (r"^model\.layers\.(\d+)\.(?:mamba_decoder\.)?mamba\.", r"layers.\1.mixer."),
+    (r"^model\.layers\.(\d+)\.(?:mamba_decoder\.)?input_layernorm\.", r"layers.\1.norm."),
+    (r"^model\.layers\.(\d+)\.linear\.", r"layers.\1.linear."),
+]
+# inside a shared block (`model.layers.<i>.shared_transformer.` -> `shared.<block>.`)
+_ZAMBA2_SHARED = [
+    (r"^input_layernorm\.", "norm."),
+    (r"^self_attn\.linear_([qkv])_adapter_list\.(\d+)\.", r"attn.\1_adapters.\2."),
+    (r"^self_attn\.", "attn."),
+    (r"^pre_ff_layernorm\.", "ffn_norm."),
+    (r"^feed_forward\.gate_up_proj_adapter_list\.(\d+)\.", r"ffn.adapters.\1."),
+    (r"^feed_forward\.", "ffn."),
+]
+_ZAMBA2_BLOCK = re.compile(r"^model\.layers\.(\d+)\.shared_transformer\.")
+
+
+def _zamba2_key(key: str, config: LMConfig | None) -> str:
+    """Zamba2 keys; a shared block's, saved under (any of) the layers that use it, go to `shared.<block>`."""
+    if (m := _ZAMBA2_BLOCK.match(key)) and config is not None and int(m[1]) in config.shared_layers:
+        block = config.shared_layers.index(int(m[1])) % config.shared_blocks
+        return f"shared.{block}." + _first_rename(key[m.end() :], _ZAMBA2_SHARED)
+    return _first_rename(key, _ZAMBA2_RENAMES)
+
+
+def _first_rename(key: str, rules) -> str:
+    for pattern, repl in rules:
+        key, hits = re.subn(pattern, repl, key)
+        if hits:
+            break
+    return key
+
+
 _SSM_RENAMES = [(r"^backbone\.embeddings?\.", "embedding."), (r"^backbone\.", "")]
 _EXPERT = re.compile(r"^(layers\.\d+\.ffn)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 
@@ -633,6 +730,8 @@ def rename_keys(keys, layout: str, config: LMConfig | None = None) -> dict[str, 
     need the `config` (which blocks are MLP blocks)."""
     if layout == "nemotron_h":
         return {key: _nemotron_key(key, config) for key in keys}
+    if layout == "zamba2":
+        return {key: _zamba2_key(key, config) for key in keys}
     rules = {
         "jamba": _JAMBA_RENAMES,
         "bamba": _JAMBA_RENAMES,

@@ -56,13 +56,22 @@ def to_our_keys(
     (`labels`: original key -> "file:key", for error messages). Per-expert hub weights are stacked; a
     tied head is dropped (mamba_ssm saves it; it is the embedding)."""
     names = rename_keys(raw, layout, config)
-    sd = {names[k]: v for k, v in raw.items()}
-    source = {names[k]: labels[k] for k in raw}
+    sd, source = {}, {}
+    for k, v in raw.items():
+        ours = names[k]
+        if ours in sd:  # one tensor saved under several names (Zamba2's shared blocks, per use)
+            if sd[ours].shape != v.shape or not torch.equal(sd[ours], v):
+                raise CheckpointError(
+                    f"{where}: {labels[k]} and {source[ours]} are the same weight ({ours}) but differ"
+                )
+            continue
+        sd[ours], source[ours] = v, labels[k]
     if layout in ("jamba", "nemotron_h"):
         sd = stack_experts(sd, config.n_experts, where)
     if layout == "falcon_h1":
         sd = fold_falcon_h1(sd, config, where)
-    for key in [k for k in sd if k.endswith(".gate_up_proj.weight")]:  # Granite's fused shared MLP
+    fused = [k for k in sd if k.endswith(".gate_up_proj.weight")] if layout == "granitemoehybrid" else []
+    for key in fused:  # Granite's fused shared MLP
         gate, up = sd.pop(key).chunk(2, dim=0)  # the gate's rows first
         base = key.removesuffix("gate_up_proj.weight")
         sd[base + "gate_proj.weight"], sd[base + "up_proj.weight"] = gate, up

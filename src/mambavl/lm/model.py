@@ -1,6 +1,7 @@
 """A language model as a stack of pre-norm residual blocks: embedding → [norm → mixer (+ norm → ffn)]×N
-→ final norm → head. The mixer of a layer is Mamba-1, Mamba-2, attention or Mamba-2 and attention side by
-side (Falcon-H1), chosen by the config.
+→ final norm → head. The mixer of a layer is Mamba-1, Mamba-2, attention, Mamba-2 and attention side by
+side (Falcon-H1), or Mamba-2 fed by a shared attention + MLP block (Zamba2, `lm.shared`), chosen by the
+config.
 
 `lm(input_ids | inputs_embeds, state)` is the one call for training, prefill and decode: with a
 state it continues from it and advances it, for any number of new tokens.
@@ -12,15 +13,16 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from mambavl.lm.attention import Attention
+from mambavl.lm.attention import Attention, attention_state
 from mambavl.lm.config import LMConfig
 from mambavl.lm.ffn import MLP, MoE
 from mambavl.lm.init import init_weights
-from mambavl.lm.linear import Head
+from mambavl.lm.linear import Head, Linear
 from mambavl.lm.mamba1 import Mamba1Mixer
 from mambavl.lm.mamba2 import Mamba2Mixer
 from mambavl.lm.norm import RMSNorm
 from mambavl.lm.parallel import ParallelMixer
+from mambavl.lm.shared import SharedBlock
 from mambavl.lm.state import LMState
 
 MIXER_CLASSES = {
@@ -28,6 +30,7 @@ MIXER_CLASSES = {
     "mamba2": Mamba2Mixer,
     "attention": Attention,
     "mamba2+attention": ParallelMixer,
+    "shared+mamba2": Mamba2Mixer,  # with the layer's `linear` from a shared block (`Block.forward`)
 }
 FFN_CLASSES = {"mlp": MLP, "moe": MoE}
 
@@ -42,11 +45,20 @@ class Block(nn.Module):
             self.mixer = MIXER_CLASSES[mixer](cfg)
         else:  # a feed-forward block alone
             self.mixer = None
+        # Zamba2: the shared block's output enters this layer's mixer through a linear of its own
+        self.linear = Linear(cfg.d_model, cfg.d_model, bias=False) if mixer == "shared+mamba2" else None
+        self.kv = (cfg.n_kv_heads, cfg.head_dim) if self.linear is not None else None
         if ffn != "none":
             self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
             self.ffn = FFN_CLASSES[ffn](cfg)
         else:
             self.ffn = None
+
+    def new_state(self, batch: int, device=None) -> dict[str, torch.Tensor]:
+        state = {} if self.mixer is None else self.mixer.new_state(batch, device)
+        if self.kv is not None:  # the shared block's attention keeps its KV cache per layer
+            state |= attention_state(batch, *self.kv, device)
+        return state
 
     def forward(
         self,
@@ -55,10 +67,20 @@ class Block(nn.Module):
         state: dict | None,
         dtype: torch.dtype,
         valid: torch.Tensor | None = None,
+        shared: tuple | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(previous sublayer's output, residual stream before it) -> the same after this block. The add
-        into the residual stream is fused with the norm that reads it (one kernel on GPUs)."""
-        if self.mixer is not None:
+        into the residual stream is fused with the norm that reads it (one kernel on GPUs). `shared`: for
+        a shared+mamba2 layer, (its shared block, the use's index, the input embeddings)."""
+        if self.linear is not None:
+            block, use, embeddings = shared
+            stream = out if residual is None else residual + out
+            if self.residual_in_fp32:
+                stream = stream.float()
+            fed = self.linear(block(stream.to(dtype), embeddings, state, valid, use))
+            x, _ = self.norm.add(fed, stream, self.residual_in_fp32)  # norm(stream + fed); the stream stays
+            out, residual = self._scaled(self.mixer(x.to(dtype), state, valid)), stream
+        elif self.mixer is not None:
             x, residual = self.norm.add(out, residual, self.residual_in_fp32)
             out = self._scaled(self.mixer(x.to(dtype), state, valid))
         if self.ffn is not None:
@@ -78,6 +100,8 @@ class LanguageModel(nn.Module):
         self.layers = nn.ModuleList(
             Block(config, m, f) for m, f in zip(config.mixers, config.ffns, strict=True)
         )
+        # Zamba2's shared blocks (`lm.shared`), reused in turn by the shared+mamba2 layers
+        self.shared = nn.ModuleList(SharedBlock(config, b) for b in range(config.shared_blocks))
         self.norm_f = RMSNorm(config.d_model, config.norm_eps)
         self.lm_head = Head(config.d_model, config.vocab_size, config.logits_scaling)
         if config.tie_embeddings:
@@ -100,12 +124,7 @@ class LanguageModel(nn.Module):
     def new_state(self, batch_size: int, device=None) -> LMState:
         """A zero state for `batch_size` new sequences (fp32; on the model's device by default)."""
         device = self.device if device is None else device
-        return LMState(
-            [
-                {} if layer.mixer is None else layer.mixer.new_state(batch_size, device)
-                for layer in self.layers
-            ]
-        )
+        return LMState([layer.new_state(batch_size, device) for layer in self.layers])
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         vocab = self.config.vocab_size
@@ -154,11 +173,18 @@ class LanguageModel(nn.Module):
         dtype = self.dtype
         out, residual = hidden, None
         recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        uses = {i: u for u, i in enumerate(self.config.shared_layers)}
         for i, layer in enumerate(self.layers):
+            shared = None
+            if i in uses:
+                shared = (self.shared[uses[i] % len(self.shared)], uses[i], hidden.to(dtype))
             if recompute and state is None:
-                out, residual = checkpoint(layer, out, residual, None, dtype, valid, use_reentrant=False)
+                out, residual = checkpoint(
+                    layer, out, residual, None, dtype, valid, shared, use_reentrant=False
+                )
             else:
-                out, residual = layer(out, residual, None if state is None else state.layers[i], dtype, valid)
+                layer_state = None if state is None else state.layers[i]
+                out, residual = layer(out, residual, layer_state, dtype, valid, shared)
         if state is not None:
             state.seqlen += hidden.shape[1]
         hidden = self.norm_f.add(out, residual, self.config.residual_in_fp32)[0].to(dtype)
