@@ -622,3 +622,59 @@ def test_serve_on_a_busy_port_fails_at_once_and_never_says_serving(demo_model_di
     why = "is in use by another program: stop it, or pick another port with --port"
     assert lines == [f"error: port {port} on 127.0.0.1 {why}"]
     assert "serving" not in result.output
+
+
+def test_a_conversation_prepares_its_image_once(vlm, image):
+    """Every turn of a chat sends its image again: the server prepares it once, by its bytes, and later
+    turns (and other requests with the same bytes) reuse it with the same answers; other bytes are another
+    entry; with the cache off every request prepares its own."""
+
+    def cache_counts(url):
+        text = httpx.get(url + "/metrics").text
+        return [
+            float(line.rsplit(" ", 1)[1]) if line else 0.0
+            for result in ("hit", "miss")
+            for line in [
+                next((x for x in text.splitlines() if f'image_cache_total{{result="{result}"}}' in x), "")
+            ]
+        ]
+
+    other = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    for cache_mb, want in ((256.0, [2.0, 2.0]), (0.0, [0.0, 4.0])):
+        with LiveServer(vlm, EngineConfig(slots=2), ServeConfig(image_cache_mb=cache_mb)) as url:
+            answers = [
+                post(url, ask(q, im, max_tokens=8)).json()["choices"][0]["message"]["content"]
+                for q, im in (
+                    ("What is it?", image),
+                    ("What is it?", image),
+                    ("Count.", other),
+                    ("Count.", other),
+                )
+            ]
+            assert cache_counts(url) == want
+        assert answers[0] == answers[1] == reference(vlm, "What is it?", image, max_new_tokens=8)
+        assert answers[2] == answers[3] == reference(vlm, "Count.", other, max_new_tokens=8)
+
+
+def test_prepared_images_stay_within_their_budget():
+    import torch
+
+    from mambavl.serve.images import PreparedImages
+    from mambavl.vlm.model import PreparedImage
+
+    def prepared(fill):
+        return PreparedImage([{"a": torch.full((3, 8, 8), fill), "b": torch.zeros(3, 8, 8)}], (8, 8))
+
+    size = 2 * 3 * 8 * 8 * 4  # bytes of one entry's views
+    cache = PreparedImages(budget_bytes=2 * size)
+    keys = [PreparedImages.key(bytes([i])) for i in range(3)]
+    for i, key in enumerate(keys[:2]):
+        cache.put(key, prepared(float(i)))
+    assert cache.get(keys[0]) is not None  # now the most recently used
+    cache.put(keys[2], prepared(2.0))  # over budget: the least recently used (keys[1]) goes
+    assert cache.get(keys[1]) is None and cache.get(keys[0]) is not None and cache.get(keys[2]) is not None
+    assert len(cache) == 2 and cache.held == 2 * size
+    PreparedImages(budget_bytes=size - 1).put(keys[0], prepared(0.0))  # larger than the budget: not kept
+    tiny = PreparedImages(budget_bytes=size - 1)
+    tiny.put(keys[0], prepared(0.0))
+    assert len(tiny) == 0 and tiny.get(keys[0]) is None

@@ -471,6 +471,7 @@ def test_checkpointing_at_start():
     [
         ("tiny-cobra-nemotron-h", "nemotron_h", "none"),  # Mamba-2, attention and MLP blocks
         ("tiny-cobra-falcon-h1", "falcon_h1", "mamba2+attention"),  # both side by side in every layer
+        ("tiny-cobra-zamba2", "zamba2", "shared+mamba2"),  # a shared attention block feeding Mamba-2
     ],
 )
 def test_the_cobra_recipe_trains_on_a_hybrid_lm(shapes, tmp_path, preset, family, kind):

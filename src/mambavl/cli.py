@@ -821,6 +821,12 @@ def serve(
         1000, help="Open connections at most; more are answered 503. Keep it under `ulimit -n`."
     ),
     image_dir: str = typer.Option(None, help="Accept local image paths and file:// URLs inside this dir."),
+    image_cache_mb: float = typer.Option(
+        256.0,
+        min=0.0,
+        help="MiB of prepared images kept by their bytes: a conversation's later turns, which send the "
+        "same image again, skip decoding and transforming it (0: none).",
+    ),
     name: str = typer.Option(None, help="The model id the API reports (default: the --model argument)."),
     system_messages: str = typer.Option(
         "fold",
@@ -882,6 +888,7 @@ def serve(
             default_max_tokens=default_max_tokens,
             max_tokens=max_tokens,
             images=images,
+            image_cache_mb=image_cache_mb,
             system_messages=system_messages,
             connections=ConnectionLimits(
                 header_timeout=header_timeout,

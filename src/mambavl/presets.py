@@ -147,6 +147,25 @@ TINY_FALCON_H1 = lm_config_from_json(
     ),
     "preset",
 )[0]
+TINY_ZAMBA2 = lm_config_from_json(
+    dict(
+        model_type="zamba2",
+        hidden_size=64,
+        num_hidden_layers=4,
+        layers_block_type=["mamba", "hybrid", "mamba", "hybrid"],
+        num_mem_blocks=1,
+        use_shared_attention_adapter=True,
+        adapter_rank=8,
+        use_mem_rope=True,
+        num_attention_heads=4,
+        intermediate_size=128,
+        mamba_d_state=16,
+        n_mamba_heads=4,
+        chunk_size=32,
+        vocab_size=264,
+    ),
+    "preset",
+)[0]
 VIPER_SYSTEM = "You are a helpful language and vision assistant. "
 _VIPER = dict(
     tower="clip-vit-l-336px",
@@ -236,6 +255,13 @@ PRESETS: dict[str, VLMConfig] = {
         tower="tiny-dinosiglip",
         projector="fused-gelu-mlp",
         lm=TINY_FALCON_H1,
+        tokenizer="bytes",
+    ),
+    "tiny-cobra-zamba2": VLMConfig(  # Cobra's towers and projector on a Zamba2 LM (shared attention blocks)
+        name="tiny-cobra-zamba2",
+        tower="tiny-dinosiglip",
+        projector="fused-gelu-mlp",
+        lm=TINY_ZAMBA2,
         tokenizer="bytes",
     ),
 }

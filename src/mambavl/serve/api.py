@@ -25,7 +25,7 @@ from starlette.exceptions import HTTPException
 from mambavl.engine.scheduler import Delta, Engine, Failed, Finished, QueueFull
 from mambavl.engine.scheduler import Request as EngineRequest
 from mambavl.serve.connections import OVER_CAPACITY, ConnectionLimits
-from mambavl.serve.images import ImagePolicy, RequestError, fetch_image
+from mambavl.serve.images import ImagePolicy, PreparedImages, RequestError, decode, fetch_image_bytes
 from mambavl.serve.metrics import Metrics
 from mambavl.serve.schema import SYSTEM_MESSAGES, ChatRequest, conversation_prompt
 
@@ -41,8 +41,12 @@ class ServeConfig:
     connections: ConnectionLimits = field(default_factory=ConnectionLimits)
     # System text the model's prompt format has no slot for: "fold" it into the user's message, or "refuse"
     system_messages: str = "fold"
+    # MiB of prepared images kept by their bytes (`serve.images.PreparedImages`); 0 keeps none
+    image_cache_mb: float = 256.0
 
     def __post_init__(self):
+        if not self.image_cache_mb >= 0:
+            raise ValueError(f"image_cache_mb={self.image_cache_mb} is invalid: it must be ≥ 0 MiB")
         if self.system_messages not in SYSTEM_MESSAGES:
             raise ValueError(
                 f"system_messages={self.system_messages!r}: expected one of {', '.join(SYSTEM_MESSAGES)}"
@@ -150,6 +154,11 @@ class Limits:
 ROUTES = ("/", "/favicon.ico", "/health", "/metrics", "/v1/models", "/v1/chat/completions")
 
 
+def _prepare(vlm, data: bytes, policy: ImagePolicy, name: str):
+    """An image's bytes decoded (within the policy's limits) and prepared for the model, digest included."""
+    return vlm.preprocess(decode(data, policy, name))
+
+
 def create_app(engine: Engine, config: ServeConfig | None = None) -> FastAPI:
     """The server's app around a started or unstarted engine (the app's lifespan starts and stops it)."""
     config = config or ServeConfig()
@@ -164,6 +173,7 @@ def create_app(engine: Engine, config: ServeConfig | None = None) -> FastAPI:
         await asyncio.to_thread(engine.stop)
 
     app = FastAPI(title="mambavl", lifespan=lifespan, docs_url=None, redoc_url=None)
+    prepared_images = PreparedImages(int(config.image_cache_mb * 2**20))
     app.add_middleware(
         Limits,
         max_body=config.max_body_bytes,
@@ -277,8 +287,14 @@ def create_app(engine: Engine, config: ServeConfig | None = None) -> FastAPI:
         except ValueError as e:
             raise RequestError(str(e)) from e
         image = None
-        if urls:  # decoded and transformed in a worker thread, beside the engine's decoding
-            image = await run_in_threadpool(engine.vlm.preprocess, await fetch_image(urls[0], config.images))
+        if urls:  # decoded and transformed in a worker thread, beside the engine's decoding, once per image
+            data, name = await fetch_image_bytes(urls[0], config.images)
+            key = await run_in_threadpool(PreparedImages.key, data)
+            image = prepared_images.get(key)
+            metrics.image_cache.labels(result="miss" if image is None else "hit").inc()
+            if image is None:
+                image = await run_in_threadpool(_prepare, engine.vlm, data, config.images, name)
+                prepared_images.put(key, image)
         try:  # tokenized and checked against the model's length in a worker thread, before it is queued
             tokens = await run_in_threadpool(engine.encode, prompt, image)
         except ValueError as e:

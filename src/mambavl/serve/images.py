@@ -1,15 +1,19 @@
 """Images of API requests: `data:` URIs always; remote http(s) URLs and local files only when the server
 was started to allow them (remote hosts from an allow-list if one is given, public addresses only unless
 private ones are allowed too, local files inside one directory). Every refusal is a `RequestError` with
-the HTTP status and a message that says the fix."""
+the HTTP status and a message that says the fix. `PreparedImages` keeps images the model has prepared, by
+their bytes, for the turns of a conversation that send the same image again."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
 import binascii
+import hashlib
 import ipaddress
 import socket
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -62,7 +66,7 @@ def decode(data: bytes, policy: ImagePolicy, name: str) -> Image.Image:
         raise RequestError(f"{name}: not a readable image ({type(e).__name__}: {e})") from e
 
 
-def from_data_uri(url: str, policy: ImagePolicy) -> Image.Image:
+def data_uri_bytes(url: str, policy: ImagePolicy) -> bytes:
     header, sep, payload = url.partition(",")
     if not sep or not header.startswith("data:"):
         raise RequestError("a data URI must look like data:image/png;base64,<data>")
@@ -77,10 +81,10 @@ def from_data_uri(url: str, policy: ImagePolicy) -> Image.Image:
         data = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError) as e:
         raise RequestError(f"the data URI's payload is not valid base64 ({e})") from e
-    return decode(data, policy, "the data URI's image")
+    return data
 
 
-def from_local(url: str, policy: ImagePolicy) -> Image.Image:
+def local_bytes(url: str, policy: ImagePolicy) -> tuple[bytes, str]:
     if policy.local_dir is None:
         raise RequestError(
             "local image paths are disabled: send the image as a data URI, or start the server with "
@@ -100,7 +104,7 @@ def from_local(url: str, policy: ImagePolicy) -> Image.Image:
         data = path.read_bytes()
     except OSError as e:  # a name too long, a file without read permission, ...
         raise RequestError(f"{shown(raw)}: cannot be read ({e.strerror or e})") from e
-    return decode(data, policy, raw)
+    return data, raw
 
 
 def address_kind(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
@@ -203,7 +207,7 @@ async def fetch_bytes(client, request_url, headers, extensions, url: str, policy
     return bytes(data)
 
 
-async def from_remote(url: str, policy: ImagePolicy) -> Image.Image:
+async def remote_bytes(url: str, policy: ImagePolicy) -> bytes:
     if not policy.allow_remote:
         raise RequestError(
             "remote image URLs are disabled: send the image as a data URI, or start the server with "
@@ -222,21 +226,73 @@ async def from_remote(url: str, policy: ImagePolicy) -> Image.Image:
             f"fetching {shown(url)} took over {policy.fetch_timeout:g} s, the limit for a remote image: "
             "send the image as a data URI or from a faster host"
         ) from e
-    return await run_in_threadpool(decode, data, policy, url)
+    return data
 
 
-async def fetch_image(url: str, policy: ImagePolicy) -> Image.Image:
-    """The RGB image an `image_url` names."""
+async def fetch_image_bytes(url: str, policy: ImagePolicy) -> tuple[bytes, str]:
+    """The encoded image an `image_url` names (at most `policy.max_bytes`), and its name for errors."""
     try:
         scheme = urlparse(url).scheme.lower()
     except ValueError as e:  # e.g. an unclosed IPv6 bracket
         raise RequestError(f"the image URL {shown(url)} is not a valid URL ({e})") from e
     if scheme == "data":
-        return await run_in_threadpool(from_data_uri, url, policy)
+        return await run_in_threadpool(data_uri_bytes, url, policy), "the data URI's image"
     if scheme in ("http", "https"):
-        return await from_remote(url, policy)
+        return await remote_bytes(url, policy), url
     if scheme in ("file", ""):
-        return await run_in_threadpool(from_local, url, policy)
+        return await run_in_threadpool(local_bytes, url, policy)
     raise RequestError(
         f"image URLs of scheme {shown(scheme)} are not accepted (data:, and http(s) or files if enabled)"
     )
+
+
+async def fetch_image(url: str, policy: ImagePolicy) -> Image.Image:
+    """The RGB image an `image_url` names."""
+    data, name = await fetch_image_bytes(url, policy)
+    return await run_in_threadpool(decode, data, policy, name)
+
+
+class PreparedImages:
+    """Images as the model's `preprocess` made them, by a digest of their encoded bytes, least recently
+    used first out beyond `budget_bytes` (their tensors' size): a conversation sends its image again with
+    every turn, and a later turn then skips decoding, transforming and hashing it. Only bytes that decode
+    are kept; a different encoding of the same picture is another entry."""
+
+    def __init__(self, budget_bytes: int):
+        self.budget, self.held, self.hits, self.misses = budget_bytes, 0, 0, 0
+        self._entries: OrderedDict[bytes, tuple[object, int]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def key(data: bytes) -> bytes:
+        return hashlib.blake2b(data, digest_size=32).digest()
+
+    def get(self, key: bytes):
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                self.misses += 1
+                return None
+            self._entries.move_to_end(key)
+            self.hits += 1
+            return entry[0]
+
+    def put(self, key: bytes, prepared) -> None:
+        size = sum(_nbytes(view) for view in prepared.views)
+        with self._lock:
+            if size > self.budget or key in self._entries:
+                return
+            self._entries[key] = (prepared, size)
+            self.held += size
+            while self.held > self.budget:
+                _, (_, dropped) = self._entries.popitem(last=False)
+                self.held -= dropped
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def _nbytes(view) -> int:
+    if isinstance(view, dict):
+        return sum(_nbytes(v) for v in view.values())
+    return view.numel() * view.element_size() if hasattr(view, "numel") else 0

@@ -31,6 +31,12 @@ class Metrics:
             "mambavl_prompt_tokens", "Positions prefilled (image + text)", registry=r
         )
         self.generation_tokens = Counter("mambavl_generation_tokens", "Tokens generated", registry=r)
+        self.image_cache = Counter(
+            "mambavl_image_cache",
+            "Request images found prepared by their bytes (hit) or decoded and transformed anew (miss)",
+            ["result"],
+            registry=r,
+        )
         self.slots_total = Gauge("mambavl_slots", "State slots (sequences decoded together)", registry=r)
         self.slots_total.set(slots)
         self.slots_used = Gauge("mambavl_slots_used", "Slots holding a live sequence", registry=r)
