@@ -196,13 +196,16 @@ def test_mamba2_mixer_trains_the_same_under_triton(monkeypatch, gated_norm, d_ha
         _close(name, grads_tri[name], want, **FP32)
 
 
-def test_falcon_h1_lm_trains_the_same_under_triton(monkeypatch, tmp_path):
+@pytest.mark.parametrize("case", ["falcon_h1-rmsnorm-tied", "zamba2-one-block-gqa-bias"])
+def test_hybrid_lm_trains_the_same_under_triton(monkeypatch, tmp_path, case):
     """A tiny Falcon-H1 LM (Mamba-2 with its gated norm beside attention in every layer, µP multipliers)
-    under MAMBAVL_BACKEND=triton equals the reference: the loss and every parameter's gradient."""
+    and a tiny Zamba2 LM (a shared attention + MLP block feeding Mamba-2, used twice) under
+    MAMBAVL_BACKEND=triton equal the reference: the loss and every parameter's gradient (the shared
+    block's summed over its uses)."""
     import refmodels
     from mambavl.lm import load_lm
 
-    path = refmodels.save(refmodels.make("falcon_h1-rmsnorm-tied"), tmp_path / "lm")
+    path = refmodels.save(refmodels.make(case), tmp_path / "lm")
     ids = torch.randint(0, 90, (2, 21), generator=torch.Generator().manual_seed(0)).to(DEVICE)
     results = {}
     for backend in ("torch", "triton"):
