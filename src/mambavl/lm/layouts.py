@@ -529,7 +529,7 @@ def fold_falcon_h1(sd: dict[str, torch.Tensor], config: LMConfig, where: str) ->
     return out
 
 
-ZAMBA2_KINDS = {"mamba": "mamba2", "linear_attention": "mamba2", "m": "mamba2", "hybrid": "shared+mamba2"}
+ZAMBA2_KINDS = {"mamba": "mamba2", "linear_attention": "mamba2", "hybrid": "shared+mamba2"}
 ZAMBA2_ACTS = {"gelu": "gelu_gated", "silu": "silu_gated"}
 
 
