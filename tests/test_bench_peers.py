@@ -10,7 +10,15 @@ import torch
 
 from mambavl.bench import peers
 from mambavl.lm.layouts import lm_config_from_json
-from mambavl.presets import TINY_FALCON_MAMBA, TINY_JAMBA, TINY_MAMBA, TINY_MAMBA2
+from mambavl.presets import (
+    TINY_FALCON_H1,
+    TINY_FALCON_MAMBA,
+    TINY_JAMBA,
+    TINY_MAMBA,
+    TINY_MAMBA2,
+    TINY_NEMOTRON_H,
+    TINY_ZAMBA2,
+)
 
 TINY = dict(decode_batches=[2, 1], decode_tokens=3, prefill_lengths=[16, 8], dtype="float32", device="cpu")
 TINY_NEOX = dict(
@@ -35,6 +43,25 @@ def test_hf_mamba_on_cpu(lm):
     expected = {"mamba": "MambaForCausalLM", "falcon_mamba": "FalconMambaForCausalLM"}
     assert result.name == "transformers " + expected.get(lm.family, "Mamba2ForCausalLM")
     assert any("kernels:" in note for note in result.notes)
+
+
+@pytest.mark.parametrize("lm", [TINY_NEMOTRON_H, TINY_FALCON_H1, TINY_ZAMBA2], ids=lambda lm: lm.family)
+def test_hf_peer_of_a_hybrid_is_transformers_on_its_own_config(lm):
+    """A hybrid read from a transformers config is measured against transformers' model of that config,
+    with as many parameters as ours."""
+    from transformers import AutoModelForCausalLM
+
+    from mambavl.lm.model import LanguageModel
+
+    config, notes = peers.hf_mamba_config(lm)
+    assert config.model_type == lm.family and any("built from the config" in n for n in notes)
+    with torch.device("meta"):
+        theirs = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+        ours = LanguageModel(lm).num_parameters()
+    assert theirs == ours
+    result = peers.hf_mamba(lm, repeat=1, **TINY)
+    check(result)
+    assert result.name == f"transformers {lm.family}"
 
 
 def test_hf_mamba_limits_are_notes():
@@ -83,8 +110,11 @@ def test_configs_map_back_to_the_lm(lm):
 
 
 def test_run_peers_never_raises_for_a_peer_that_cannot_run(monkeypatch):
+    from dataclasses import replace
+
     monkeypatch.setitem(sys.modules, "mamba_ssm", None)
-    results = peers.run_peers(TINY_JAMBA, ["hf-mamba", "mamba-ssm"], **TINY)
+    hybrid = replace(TINY_JAMBA, extra={})  # a hybrid not read from a transformers config
+    results = peers.run_peers(hybrid, ["hf-mamba", "mamba-ssm"], **TINY)
     assert [r.error is not None for r in results] == [True, True]
     assert "pure Mamba" in results[0].error
     with pytest.raises(ValueError, match="unknown peer"):

@@ -229,9 +229,20 @@ def _expand(lm: LMConfig, peer: str) -> int:
 # -------------------------------------------------------------------------------------- transformers
 
 
+# the hybrids whose LMConfig is read from a transformers config (`lm.layouts`): the peer is built from it
+HF_HYBRIDS = ("jamba", "nemotron_h", "bamba", "granitemoehybrid", "falcon_h1", "zamba2")
+
+
 def hf_mamba_config(lm: LMConfig):
     """The transformers config of an LMConfig (the inverse of `mambavl.lm.layouts`' `_hf_mamba` and
-    `_hf_mamba2`), and notes on what it cannot express (which does not change the cost)."""
+    `_hf_mamba2`; a hybrid read from a transformers config gets that config back), and notes on what it
+    cannot express (which does not change the cost)."""
+    if lm.extra.get("model_type") in HF_HYBRIDS:
+        from transformers import AutoConfig
+
+        raw = {k: v for k, v in lm.extra.items() if k != "model_type" and not k.startswith("_")}
+        note = f"transformers' {lm.extra['model_type']} built from the config this LM was read from"
+        return AutoConfig.for_model(lm.extra["model_type"], **raw), [note]
     kind = _pure_mamba(lm, "hf-mamba")
     expand = _expand(lm, "hf-mamba")
     notes = []
@@ -446,7 +457,8 @@ def hf_mamba(
     max_decode_tokens: int | None = HF_MAMBA_MAX_DECODE_TOKENS,
     max_measure_s: float = MAX_MEASURE_S,
 ) -> PeerResult:
-    """transformers' Mamba-1 / FalconMamba / Mamba-2 causal LM with `lm`'s config and random weights.
+    """transformers' Mamba-1 / FalconMamba / Mamba-2 causal LM with `lm`'s config and random weights (or,
+    for a hybrid read from a transformers config, that model: `HF_HYBRIDS`).
 
     Its PyTorch Mamba-1 scan loops over positions in Python (about 20 tok/s decoding at batch 1 for
     2.8B on an H200, seconds per thousand prompt tokens), so prompts above `max_prefill` are skipped and
