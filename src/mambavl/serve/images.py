@@ -246,12 +246,6 @@ async def fetch_image_bytes(url: str, policy: ImagePolicy) -> tuple[bytes, str]:
     )
 
 
-async def fetch_image(url: str, policy: ImagePolicy) -> Image.Image:
-    """The RGB image an `image_url` names."""
-    data, name = await fetch_image_bytes(url, policy)
-    return await run_in_threadpool(decode, data, policy, name)
-
-
 class PreparedImages:
     """Images as the model's `preprocess` made them, by a digest of their encoded bytes, least recently
     used first out beyond `budget_bytes` (their tensors' size): a conversation sends its image again with
@@ -259,7 +253,7 @@ class PreparedImages:
     are kept; a different encoding of the same picture is another entry."""
 
     def __init__(self, budget_bytes: int):
-        self.budget, self.held, self.hits, self.misses = budget_bytes, 0, 0, 0
+        self.budget, self.held = budget_bytes, 0
         self._entries: OrderedDict[bytes, tuple[object, int]] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -271,10 +265,8 @@ class PreparedImages:
         with self._lock:
             entry = self._entries.get(key)
             if entry is None:
-                self.misses += 1
                 return None
             self._entries.move_to_end(key)
-            self.hits += 1
             return entry[0]
 
     def put(self, key: bytes, prepared) -> None:
