@@ -21,7 +21,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 import mambavl
-from mambavl.bench.serve import chat_body, image_part, run_load
+from mambavl.bench.serve import chat_body, engine_seconds, image_part, run_load
 from mambavl.cli import app
 from mambavl.serve import EngineConfig, ImagePolicy, ServeConfig
 from mambavl.serve.schema import SYSTEM_MESSAGES, Message, conversation_prompt
@@ -641,6 +641,7 @@ def test_a_conversation_prepares_its_image_once(vlm, image):
 
     other = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     for cache_mb, want in ((256.0, [2.0, 2.0]), (0.0, [0.0, 4.0])):
+        started = time.perf_counter()
         with LiveServer(vlm, EngineConfig(slots=2), ServeConfig(image_cache_mb=cache_mb)) as url:
             answers = [
                 post(url, ask(q, im, max_tokens=8)).json()["choices"][0]["message"]["content"]
@@ -652,6 +653,8 @@ def test_a_conversation_prepares_its_image_once(vlm, image):
                 )
             ]
             assert cache_counts(url) == want
+            work = engine_seconds(url)["prefill_s"]  # the engine's own prefill time, never overlapping
+            assert 0 < work < time.perf_counter() - started
         assert answers[0] == answers[1] == reference(vlm, "What is it?", image, max_new_tokens=8)
         assert answers[2] == answers[3] == reference(vlm, "Count.", other, max_new_tokens=8)
 

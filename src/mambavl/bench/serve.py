@@ -332,12 +332,12 @@ def _turn_line(row: dict) -> str:
 
 
 def engine_seconds(url: str) -> dict:
-    """Running totals from the server's /metrics: time in prefill and in decode steps, decode steps taken
-    and the sequences they carried."""
+    """Running totals from the server's /metrics: the engine's time in prefill work and in decode steps,
+    decode steps taken and the sequences they carried."""
     from prometheus_client.parser import text_string_to_metric_families
 
     wanted = {
-        "mambavl_prefill_seconds_sum": "prefill_s",
+        "mambavl_prefill_work_seconds_sum": "prefill_s",
         "mambavl_decode_step_seconds_sum": "decode_s",
         "mambavl_decode_step_seconds_count": "decode_steps",
         "mambavl_decode_batch_size_sum": "decoded_rows",

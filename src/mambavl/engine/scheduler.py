@@ -470,10 +470,13 @@ class Engine:
                 request = self._waiting.popleft()
                 free -= request.n
                 batch.append(request)
+        started = time.monotonic()
         batch = [r for r in batch if self._ready(r)]
         if batch:
             self._open(batch)
-        self._prefill_step()
+        worked = self._prefill_step() or bool(batch)  # the step runs whether or not anything is measured
+        if worked and self.metrics is not None:
+            self.metrics.prefill_work_seconds.observe(time.monotonic() - started)
 
     def _ready(self, request: Request) -> bool:
         """Reads the image and tokenizes the prompt of a request submitted without `tokens` (a script's;
@@ -509,10 +512,11 @@ class Engine:
         self._jobs.append(_Job(job, batch, time.monotonic()))
         self._cache_metrics()
 
-    def _prefill_step(self) -> None:
+    def _prefill_step(self) -> bool:
         """Prefills up to `prefill_tokens` positions of the open jobs, oldest first; the requests of a job
-        that is done take their slots."""
+        that is done take their slots. Whether there was any job to work on."""
         budget = self.config.prefill_tokens
+        worked = bool(self._jobs)
         for entry in list(self._jobs):
             if budget is not None and budget <= 0:
                 break
@@ -534,6 +538,7 @@ class Engine:
                     self.metrics.prefill_seconds.observe(time.monotonic() - entry.opened)
                 self._cache_metrics()
                 self._start(entry.requests, out, [row.items for row in entry.job.rows])
+        return worked
 
     def _start(self, batch: list[Request], out: Prefilled, items: list[list]) -> None:
         """Prefilled requests take their slots and choose their first tokens."""

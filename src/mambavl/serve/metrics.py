@@ -57,7 +57,15 @@ class Metrics:
         )
         self.prefill_seconds = Histogram(
             "mambavl_prefill_seconds",
-            "One prefill batch (towers, projector, LM)",
+            "One prefill batch from its admission to its last position (towers, projector, LM), the decode "
+            "steps and other batches' prefill in between included",
+            buckets=LATENCY,
+            registry=r,
+        )
+        self.prefill_work_seconds = Histogram(
+            "mambavl_prefill_work_seconds",
+            "Engine time spent prefilling in one engine step: opening prefill batches (cache lookups, the "
+            "towers, the projector) and their LM positions; its sum over steps is the engine's prefill time",
             buckets=LATENCY,
             registry=r,
         )
