@@ -49,6 +49,7 @@ import torch
 from mambavl.bench.timing import sync as _sync
 from mambavl.bench.timing import timed as _timed
 from mambavl.lm.config import LMConfig
+from mambavl.lm.layouts import HF_LAYOUTS
 
 PEERS = ("hf-mamba", "gpt-neox", "mamba-ssm")
 PROMPT_LEN = 16  # the prompt before decoding
@@ -230,7 +231,7 @@ def _expand(lm: LMConfig, peer: str) -> int:
 
 
 # the hybrids whose LMConfig is read from a transformers config (`lm.layouts`): the peer is built from it
-HF_HYBRIDS = ("jamba", "nemotron_h", "bamba", "granitemoehybrid", "falcon_h1", "zamba2")
+HF_HYBRIDS = tuple(sorted(set(HF_LAYOUTS) - {"mamba", "falcon_mamba", "mamba2"}))
 
 
 def hf_mamba_config(lm: LMConfig):

@@ -86,7 +86,7 @@ class LMConfig:
     residual_multiplier: float = 1.0
     logits_scaling: float = 1.0
     d_ffn: int = 0
-    ffn_act: str = "silu_gated"  # silu_gated: SwiGLU (gate, up, down); relu2: relu(up x)² then down
+    ffn_act: str = "silu_gated"  # silu_gated: SwiGLU (gate, up, down); gelu_gated: GeGLU; relu2: relu(up x)²
     n_experts: int = 1
     top_k: int = 2
     # how the router weighs the chosen experts: softmax over all experts, then the top k as they are

@@ -10,15 +10,19 @@ from torch import nn
 from mambavl.lm.config import LMConfig
 from mambavl.lm.linear import Linear
 
+# the gated activations by `ffn_act` (act(gate) · up); any other (relu2) is a plain MLP
+GATES = {"silu_gated": F.silu, "gelu_gated": F.gelu}
+
 
 class MLP(nn.Module):
-    """SwiGLU (`ffn_act` silu_gated: gate, up, down) or a plain MLP with squared ReLU (relu2: up, down;
-    Nemotron-H). `width`: its hidden size (default `d_ffn`)."""
+    """A gated MLP (`ffn_act` silu_gated: SwiGLU, or gelu_gated: gate, up, down) or a plain MLP with squared
+    ReLU (relu2: up, down; Nemotron-H). `width`: its hidden size (default `d_ffn`)."""
 
     def __init__(self, cfg: LMConfig, width: int | None = None, act: str | None = None):
         super().__init__()
         width = width or cfg.d_ffn
-        self.gated = (act or cfg.ffn_act) == "silu_gated"
+        self.gate = GATES.get(act or cfg.ffn_act)
+        self.gated = self.gate is not None
         if self.gated:
             self.gate_proj = Linear(cfg.d_model, width, bias=False)
         self.up_proj = Linear(cfg.d_model, width, bias=False)
@@ -26,7 +30,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gated:
-            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+            return self.down_proj(self.gate(self.gate_proj(x)) * self.up_proj(x))
         return self.down_proj(torch.square(F.relu(self.up_proj(x))))
 
 
@@ -38,7 +42,8 @@ class MoE(nn.Module):
     def __init__(self, cfg: LMConfig):
         super().__init__()
         self.cfg = cfg
-        self.gated = cfg.ffn_act == "silu_gated"
+        self.gate = GATES.get(cfg.ffn_act)
+        self.gated = self.gate is not None
         width = cfg.d_expert_ffn or cfg.d_ffn
         self.shared = MLP(cfg, cfg.d_shared_ffn) if cfg.d_shared_ffn else None
         self.router = Linear(cfg.d_model, cfg.n_experts, bias=False)
@@ -84,7 +89,7 @@ class MoE(nn.Module):
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         if self.gated:
             gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
-            return F.linear(F.silu(gate) * up, self.down_proj[e])
+            return F.linear(self.gate(gate) * up, self.down_proj[e])
         return F.linear(torch.square(F.relu(F.linear(x, self.up_proj[e]))), self.down_proj[e])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -247,13 +247,19 @@ def _mamba_headdim(f: ConfigFields, d_inner: int) -> int:
     return headdim
 
 
+def _layer_count(f: ConfigFields, default: int) -> int:
+    """num_hidden_layers, within what mambavl reads."""
+    n = f.integer("num_hidden_layers", default)
+    if n > MAX_LAYERS:
+        raise CheckpointError(f"{f.source}: {n} layers; mambavl reads at most {MAX_LAYERS}")
+    return n
+
+
 def _ibm_hybrid(f: ConfigFields, eps_default: float) -> tuple[int, dict]:
     """What Bamba's and Granite-4.0-H's configs spell alike (their `mamba_*` fields, attention heads, the
     layer count): (layers, LMConfig fields)."""
     f.text("hidden_act", "silu", ["silu"])
-    n = f.integer("num_hidden_layers", 32)
-    if n > MAX_LAYERS:
-        raise CheckpointError(f"{f.source}: {n} layers; mambavl reads at most {MAX_LAYERS}")
+    n = _layer_count(f, 32)
     d_model = f.integer("hidden_size", 4096)
     d_inner = f.integer("mamba_expand", 2) * d_model
     headdim = _mamba_headdim(f, d_inner)
@@ -444,9 +450,7 @@ def _hf_falcon_h1(f: ConfigFields) -> LMConfig:
     for key in FALCON_H1_MULTIPLIERS:
         f.number(key, 1.0, positive=False)
     _numbers(f, "ssm_multipliers", 5), _numbers(f, "mlp_multipliers", 2)  # checked here, folded on load
-    n = f.integer("num_hidden_layers", 32)
-    if n > MAX_LAYERS:
-        raise CheckpointError(f"{f.source}: {n} layers; mambavl reads at most {MAX_LAYERS}")
+    n = _layer_count(f, 32)
     d_model = f.integer("hidden_size", 4096)
     if f.raw.get("mamba_d_ssm") is not None:
         d_inner = f.integer("mamba_d_ssm")
@@ -537,9 +541,7 @@ def _hf_zamba2(f: ConfigFields) -> LMConfig:
     """Zamba2: Mamba-2 layers, some of which ("hybrid") first run one of `num_mem_blocks` shared attention
     + MLP blocks on [stream, input embeddings] (per-use adapters; RoPE with use_mem_rope) and feed its
     output, through a linear of their own, into their Mamba-2 input (`lm.shared`)."""
-    n = f.integer("num_hidden_layers", 54)
-    if n > MAX_LAYERS:
-        raise CheckpointError(f"{f.source}: {n} layers; mambavl reads at most {MAX_LAYERS}")
+    n = _layer_count(f, 54)
     listed = f.raw.get("layers_block_type", f.raw.get("layer_types"))
     if not isinstance(listed, list) or len(listed) != n or not all(t in ZAMBA2_KINDS for t in listed):
         raise f.fail("layers_block_type", f"a list of {n} of {sorted(ZAMBA2_KINDS)}", listed)
@@ -740,11 +742,7 @@ def rename_keys(keys, layout: str, config: LMConfig | None = None) -> dict[str, 
     }.get(layout, _SSM_RENAMES)
     out = {}
     for key in keys:
-        new = key
-        for pattern, repl in rules:
-            new, hits = re.subn(pattern, repl, new)
-            if hits:
-                break
+        new = _first_rename(key, rules)
         # Granite's shared MLP: the layer's MLP when dense, the MoE's `shared` beside experts
         out[key] = new.replace(".SHARED.", ".shared." if config is not None and config.d_shared_ffn else ".")
     return out

@@ -11,15 +11,13 @@ own linear into its Mamba-2 mixer's input (`lm.model.Block`).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mambavl.lm.attention import Attention
 from mambavl.lm.config import LMConfig
+from mambavl.lm.ffn import GATES
 from mambavl.lm.linear import Linear
 from mambavl.lm.norm import RMSNorm
-
-ACTS = {"gelu_gated": F.gelu, "silu_gated": F.silu}
 
 
 def _adapter(width: int, rank: int, out: int) -> nn.Sequential:
@@ -59,9 +57,9 @@ class SharedMLP(nn.Module):
 
     def __init__(self, cfg: LMConfig, block: int):
         super().__init__()
-        if cfg.ffn_act not in ACTS:
-            raise ValueError(f"the shared blocks' MLP is gated: ffn_act must be one of {sorted(ACTS)}")
-        self.act = ACTS[cfg.ffn_act]
+        if cfg.ffn_act not in GATES:
+            raise ValueError(f"the shared blocks' MLP is gated: ffn_act must be one of {sorted(GATES)}")
+        self.act = GATES[cfg.ffn_act]
         self.gate_up_proj = Linear(cfg.d_model, 2 * cfg.d_ffn, bias=cfg.proj_bias)
         self.down_proj = Linear(cfg.d_ffn, cfg.d_model, bias=cfg.proj_bias)
         rank = cfg.adapter_rank
