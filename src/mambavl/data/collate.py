@@ -10,7 +10,7 @@ backward the others wait for, and a micro-batch of nothing but bad images needs 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -71,11 +71,14 @@ class TrainBatch:
 
     def to(self, device, dtype: torch.dtype | None = None) -> TrainBatch:
         """On `device`, the pixels in `dtype` if given. From pinned memory (`pin_memory`, as the loader
-        gives it on a GPU) the copies do not wait for the GPU, so the host goes on queueing work."""
-        return self._map(
+        gives it on a GPU) the copies do not wait for the GPU, so the host goes on queueing work. The small
+        index tensors (lengths, image rows and positions) stay where they are: the model reads them as
+        numbers, and reading them from the GPU would wait for all the work queued before."""
+        moved = self._map(
             lambda t: t.to(device, non_blocking=t.is_pinned()),
             lambda t: t.to(device, dtype=dtype or t.dtype, non_blocking=t.is_pinned()),
         )
+        return replace(moved, lengths=self.lengths, image_rows=self.image_rows, image_at=self.image_at)
 
     def pin_memory(self) -> TrainBatch:
         """Every tensor in page-locked memory (the DataLoader calls this with pin_memory=True)."""

@@ -100,3 +100,27 @@ def scheduler(
 ) -> torch.optim.lr_scheduler.LRScheduler:
     warmup = int(total * cfg.warmup_ratio)
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warmup, cfg.min_lr_ratio))
+
+
+def clip_and_step(opt: torch.optim.Optimizer, params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Clips the gradients of `params` to a total L2 norm of at most `max_norm` (as
+    `torch.nn.utils.clip_grad_norm_`: × min(1, max_norm / (norm + 1e-6))) and takes the optimizer's step.
+    Returns the norm before clipping, a tensor on the device (reading it waits for the device).
+
+    With fused Adam/AdamW over plain tensors, the clip factor is handed to the fused step as its gradient
+    divisor (`grad_scale`, the hook GradScaler unscales through) instead of a separate pass that multiplies
+    every gradient: the step reads each gradient once instead of three times. Sharded (DTensor) gradients
+    and other optimizers take clip_grad_norm_'s way."""
+    grads = [p.grad for p in params if p.grad is not None]
+    fused = isinstance(opt, torch.optim.Adam) and opt.defaults.get("fused")
+    if not fused or not grads or any(hasattr(g, "full_tensor") for g in grads):
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        opt.step()
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    norm = torch.nn.utils.get_total_norm(grads, 2.0, foreach=True)
+    opt.grad_scale = torch.clamp((norm.float() + 1e-6) / max_norm, min=1.0)
+    try:
+        opt.step()
+    finally:
+        del opt.grad_scale  # a later step without clipping must not reuse it
+    return norm

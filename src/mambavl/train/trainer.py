@@ -32,7 +32,14 @@ from mambavl.train.config import TrainConfig
 from mambavl.train.distributed import World, setup, shard
 from mambavl.train.metrics import MetricsLog, plot_loss, progress_bar, read_metrics
 from mambavl.train.profile import profiled
-from mambavl.train.recipe import checkpointing_at_start, configure_trainable, merge_lora, optimizer, scheduler
+from mambavl.train.recipe import (
+    checkpointing_at_start,
+    clip_and_step,
+    configure_trainable,
+    merge_lora,
+    optimizer,
+    scheduler,
+)
 from mambavl.train.trackers import STATE_FILE, TENSORBOARD_DIR, Trackers
 from mambavl.train.trackers import check as check_trackers
 from mambavl.vlm.sequence import IGNORE_INDEX
@@ -241,6 +248,7 @@ def train(
     vlm.vision.train(any(p.requires_grad for p in vlm.vision.parameters()))
     model = shard(vlm, world)
     opt = optimizer(model, cfg)
+    trainable = [p for p in model.parameters() if p.requires_grad]
 
     plan = plan_epoch(data.lengths, data.has_image, cfg.global_batch_size, cfg.seed, 0, cfg.group_by_length)
     steps_per_epoch = len(plan.batches)
@@ -291,6 +299,49 @@ def train(
     step, epoch, loss_value = position.step, position.epoch, math.nan
     tokens_seen, elapsed = position.tokens, position.elapsed_s
     start_batch = position.batch_in_epoch
+    last_done = 0.0  # when the host last saw a step finish (perf_counter)
+
+    def finish(q: _Queued) -> float:
+        """Reads a queued step back (waiting for the device where it is still at work), checks its loss,
+        and logs it. A step's time runs from when the host began queueing it, or when the step before it
+        finished if that was later (it was queued while that one ran): the interval between two steps'
+        ends, which is the device's time per step once the host keeps ahead of it."""
+        nonlocal last_done, elapsed, tokens_seen
+        if q.done is not None:
+            q.done.synchronize()
+        grad_norm = float(q.grad_norm)
+        loss = world.all_sum(float(q.loss)) / max(q.n_global, 1)
+        if not math.isfinite(loss):
+            raise FloatingPointError(
+                f"step {q.step}: the loss is {loss}; lower the learning rate or check the data (the last "
+                "checkpoint is intact)"
+            )
+        now = time.perf_counter()
+        dt = now - max(q.started, last_done)
+        last_done = now
+        elapsed += dt
+        tokens_seen += q.positions
+        record = {
+            "step": q.step,
+            "epoch": q.epoch,
+            "loss": loss,
+            "lr": q.lr,
+            "grad_norm": grad_norm,
+            "learned_tokens": q.n_global,
+            "tokens": q.positions,
+            "tokens_per_s": q.positions / dt,
+            "step_s": dt,
+            "gradient_checkpointing": q.checkpointing,
+            "elapsed_s": elapsed,
+        }
+        if log is not None and (q.step % cfg.log_every == 0 or q.step == total):
+            log.write(record)
+            tracked.log(record, q.step)
+        if progress is not None:
+            progress.update(task, advance=1, loss=f"{loss:.4f}", tps=f"{q.positions / dt:,.0f}")
+        return loss
+
+    pending: _Queued | None = None  # the step queued last and not read back yet
     with progress or contextlib.nullcontext(), tracked:  # the trackers are finished however the loop ends
         while step < total:
             plan = plan_epoch(
@@ -309,84 +360,83 @@ def train(
             for k, global_batch in enumerate(batches):
                 if step >= total:
                     break
+                done_batches = start_batch + k + 1
+                epoch_end = done_batches == steps_per_epoch
+                final = step + 1 == total
+                due = (cfg.save_every and (step + 1) % cfg.save_every == 0) or epoch_end or final
+                profiling = step + 1 == cfg.profile_step  # every process decides alike; rank 0 profiles
                 profiler = (
                     profiled(cfg.run_dir / "profile.txt", world.device)
-                    if world.main and step + 1 == cfg.profile_step
+                    if profiling and world.main
                     else contextlib.nullcontext()
                 )
                 with profiler:
+                    if profiling and pending is not None:  # the profiled step alone
+                        loss_value, pending = finish(pending), None
                     t0 = time.perf_counter()
-                    torch.manual_seed(_step_seed(cfg, step, world))
-                    n_global = sum(tokens_of[i] for i in global_batch)
-                    positions = sum(data.lengths[i] for i in global_batch)
-                    step_batches = []
-                    for _ in mine[k]:
-                        batch = next(batches_iter).to(world.device)
-                        bad_images.take(batch.bad, step + 1)  # refuses them, unless told to skip them
-                        step_batches.append(batch)
-                    local_left_out = sum(tokens_of[b.index] for batch in step_batches for b in batch.bad)
                     try:
-                        local_loss = _forward_backward(model, step_batches, autocast, world, n_global)
-                        out_of_memory = False
-                    except torch.OutOfMemoryError:
-                        if not may_turn_on:
-                            raise
-                        out_of_memory = True  # handled below, once the failed step's tensors are freed
-                    if out_of_memory:
-                        opt.zero_grad(set_to_none=True)
-                        torch.cuda.empty_cache()
-                        vlm.lm.gradient_checkpointing, may_turn_on = True, False
-                        say(
-                            f"step {step + 1} ran out of GPU memory without gradient checkpointing: "
-                            "recomputing the LM's blocks from now on (--gradient-checkpointing to start so)"
-                        )
                         torch.manual_seed(_step_seed(cfg, step, world))
-                        local_loss = _forward_backward(model, step_batches, autocast, world, n_global)
-                    if cfg.skip_bad:  # every process asks (it cannot know whether another one left any out)
-                        kept = n_global - int(world.all_sum(local_left_out))
-                        n_global = _renormalise(model, n_global, kept)
-                    grad_norm = torch.nn.utils.clip_grad_norm_(
-                        [p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm
-                    )
-                    if hasattr(grad_norm, "full_tensor"):
-                        grad_norm = grad_norm.full_tensor()
-                    opt.step()
+                        n_global = sum(tokens_of[i] for i in global_batch)
+                        positions = sum(data.lengths[i] for i in global_batch)
+                        step_batches = []
+                        for _ in mine[k]:
+                            batch = next(batches_iter).to(world.device)
+                            bad_images.take(batch.bad, step + 1)  # refuses them, unless told to skip them
+                            step_batches.append(batch)
+                        local_left_out = sum(tokens_of[b.index] for batch in step_batches for b in batch.bad)
+                        try:
+                            local_loss = _forward_backward(model, step_batches, autocast, world, n_global)
+                            out_of_memory = False
+                        except torch.OutOfMemoryError:
+                            if not may_turn_on:
+                                raise
+                            out_of_memory = True  # handled below, once the failed step's tensors are freed
+                        if out_of_memory:
+                            opt.zero_grad(set_to_none=True)
+                            torch.cuda.empty_cache()
+                            vlm.lm.gradient_checkpointing, may_turn_on = True, False
+                            say(
+                                f"step {step + 1} ran out of GPU memory without gradient checkpointing: "
+                                "recomputing the LM's blocks from now on "
+                                "(--gradient-checkpointing to start so)"
+                            )
+                            torch.manual_seed(_step_seed(cfg, step, world))
+                            local_loss = _forward_backward(model, step_batches, autocast, world, n_global)
+                        # the step before is read back and logged now, while this one's backward runs
+                        if pending is not None:
+                            loss_value, pending = finish(pending), None
+                        if cfg.skip_bad:  # every process asks (none knows whether another one left any out)
+                            kept = n_global - int(world.all_sum(local_left_out))
+                            n_global = _renormalise(model, n_global, kept)
+                        grad_norm = clip_and_step(opt, trainable, cfg.max_grad_norm)
+                    except BaseException:
+                        # the step before is logged all the same (alone: the others may not get here)
+                        if pending is not None and not world.distributed:
+                            with contextlib.suppress(Exception):
+                                finish(pending)
+                        raise
                     sched.step()
                     opt.zero_grad(set_to_none=True)
-                    # read back once the optimizer's work is queued, so that the GPU never waits for the host
-                    grad_norm = float(grad_norm)
-                    loss_value = world.all_sum(float(local_loss)) / max(n_global, 1)
-                    if not math.isfinite(loss_value):
-                        raise FloatingPointError(
-                            f"step {step + 1}: the loss is {loss_value}; lower the learning rate or check "
-                            "the data (the last checkpoint is intact)"
-                        )
                     step += 1
-                    dt = time.perf_counter() - t0
-                elapsed += dt
-                tokens_seen += positions
-                record = {
-                    "step": step,
-                    "epoch": epoch + (start_batch + k + 1) / steps_per_epoch,
-                    "loss": loss_value,
-                    "lr": sched.get_last_lr()[0],
-                    "grad_norm": grad_norm,
-                    "learned_tokens": n_global,
-                    "tokens": positions,
-                    "tokens_per_s": positions / dt,
-                    "step_s": dt,
-                    "gradient_checkpointing": vlm.lm.gradient_checkpointing,
-                    "elapsed_s": elapsed,
-                }
-                if log is not None and (step % cfg.log_every == 0 or step == total):
-                    log.write(record)
-                    tracked.log(record, step)
-                if progress is not None:
-                    progress.update(task, advance=1, loss=f"{loss_value:.4f}", tps=f"{positions / dt:,.0f}")
-                done_batches = start_batch + k + 1
-                epoch_end = done_batches == steps_per_epoch
-                final = step == total
-                due = (cfg.save_every and step % cfg.save_every == 0) or epoch_end or final
+                    queued = _Queued(
+                        step=step,
+                        epoch=epoch + done_batches / steps_per_epoch,
+                        loss=local_loss,
+                        grad_norm=grad_norm,
+                        n_global=n_global,
+                        positions=positions,
+                        lr=sched.get_last_lr()[0],
+                        checkpointing=vlm.lm.gradient_checkpointing,
+                        started=t0,
+                        done=_done_event(world.device),
+                    )
+                    # Read back at once where the step's weights are needed now (a checkpoint follows, the
+                    # run ends) or the step is profiled; otherwise while the next step is queued, so that
+                    # the device never waits for the host between steps.
+                    if due or profiling:
+                        loss_value = finish(queued)
+                    else:
+                        pending = queued
                 if due and (cfg.save_final or not final):
                     pos = checkpoint.Position(
                         step,
@@ -398,6 +448,8 @@ def train(
                     checkpoint.save(
                         cfg.run_dir / "checkpoints", model, opt, sched, pos, world, cfg.keep_checkpoints
                     )
+            if pending is not None:  # (an epoch's last step is read back at once: never left here)
+                loss_value, pending = finish(pending), None
             epoch += 1
             start_batch = 0
     # without save_final (a throughput measurement) the run ends without its multi-GB checkpoint and model
@@ -410,6 +462,30 @@ def train(
         saved = f"model in {model_dir}" if model_dir is not None else "no model saved (save_final off)"
         say(f"done: {step} steps, final loss {loss_value:.4f}; {saved}")
     return TrainResult(cfg.run_dir, step, loss_value, model_dir, len(data.problems) + len(bad_images.listed))
+
+
+@dataclass
+class _Queued:
+    """A step whose work is queued on the device: what its log record needs once it is read back."""
+
+    step: int
+    epoch: float
+    loss: torch.Tensor  # this process's summed loss, on the device
+    grad_norm: torch.Tensor
+    n_global: int
+    positions: int
+    lr: float
+    checkpointing: bool
+    started: float  # perf_counter when the host began queueing it
+    done: torch.cuda.Event | None  # recorded after its optimizer step (GPUs)
+
+
+def _done_event(device: torch.device) -> torch.cuda.Event | None:
+    if device.type != "cuda":
+        return None
+    event = torch.cuda.Event()
+    event.record()
+    return event
 
 
 def _step_seed(cfg: TrainConfig, step: int, world: World) -> int:

@@ -3,9 +3,9 @@ and the decode update (the new input(s) against the rolling window, the state sh
 
 Sequence layout: x [B, D, L] with any strides, usually a transposed view of a channel-contiguous
 [B, L, D] projection; outputs and input gradients take x's layout, so that writes stay coalesced.
-The backward recomputes the pre-activation instead of saving it: only the inputs are kept for it. It
-computes the gradient at each pre-activation once, puts it in a scratch buffer laid out as x, and reads it
-back at the W shifted positions that each input's gradient sums.
+The backward recomputes the pre-activation instead of saving it: only the inputs are kept for it. Each
+input's gradient sums the gradients at the W pre-activations it feeds; the kernel recomputes those at the W
+shifts from x and dy (cache hits), so that it writes nothing to memory but the input gradient.
 """
 
 from __future__ import annotations
@@ -194,20 +194,6 @@ def _output_grad(
 
 
 @triton.jit
-def _shifted_sum(srow, wrow, md, col, w_w, s_t, W: tl.constexpr):
-    """Σ_j w_{W-1-j} g_{p+j} for the positions at scratch columns `col` (g read back from the scratch row,
-    zero at negative columns)."""
-    acc = tl.zeros([srow.shape[0], col.shape[0]], dtype=tl.float32)
-    for j in tl.static_range(W):
-        wj = tl.load(wrow + (W - 1 - j) * w_w, mask=md, other=0.0).to(tl.float32)
-        g = tl.load(
-            srow[:, None] + (col + j)[None, :] * s_t, mask=md[:, None] & (col + j >= 0)[None, :], other=0.0
-        )
-        acc += wj[:, None] * g
-    return acc
-
-
-@triton.jit
 def _final_grad(frow, md, p, L, f_s, W: tl.constexpr):
     """The final-window gradient at x positions p (the window is x's last W-1 entries)."""
     f = p - L + (W - 1)
@@ -218,53 +204,47 @@ def _final_grad(frow, md, p, L, f_s, W: tl.constexpr):
 
 @triton.jit
 def _conv_bwd_kernel(
-    x, init, weight, bias, dy, dfinal, dx, dinit, dw_part, db_part, scratch,
+    x, init, weight, bias, dy, dfinal, dx, dinit, dw_part, db_part,
     D, L, TILES,
     x_b, x_d, x_l, i_b, i_d, i_s, w_d, w_w, dy_b, dy_d, dy_l, f_b, f_d, f_s, dx_b, dx_d, dx_l,
-    di_b, di_d, di_s, s_r, s_d, s_t,
+    di_b, di_d, di_s,
     W: tl.constexpr, HAS_INIT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
     HAS_DFINAL: tl.constexpr, STORE_DINIT: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_W: tl.constexpr,
 ):  # fmt: skip
-    # Program (b, channel block, c) owns the time tiles [c·TILES, (c+1)·TILES) and walks them last to
-    # first. Per tile: g = d loss / d pre-activation at its positions, and the weight and bias gradients'
-    # partial sums; g goes to the program's own rows of `scratch` [B·chunks, D, span] fp32 (laid out as x;
-    # column: position − the chunk's first), and after a barrier dx_p = Σ_j w_{W-1-j} g_{p+j} reads g back
-    # at p ... p+W-1: this tile's, the next tile's (written one iteration before) or, past the chunk, the
-    # halo of W-1 positions that the program computes first. Every g is computed once. Partial sums go to
-    # row b·chunks + c of dw_part / db_part.
+    # Program (b, channel block, c) owns the time tiles [c·TILES, (c+1)·TILES). Per tile of positions p:
+    # dx_p = Σ_j w_{W-1-j} g_{p+j}, with g the gradient at the pre-activation, recomputed at each of the W
+    # shifts from x and dy (loads the cache serves: x, dy and dx each cross memory once, and nothing is
+    # written but dx); the weight and bias gradients' partial sums take g at the tile's own positions and go
+    # to row b·chunks + c of dw_part / db_part.
     b = tl.program_id(0).to(tl.int64)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     c = tl.program_id(2)
     md = d < D
     xrow, irow, wrow, brow = x + b * x_b + d * x_d, init + b * i_b + d * i_d, weight + d * w_d, bias + d
     dyrow, frow = dy + b * dy_b + d * dy_d, dfinal + b * f_b + d * f_d
-    srow = scratch + (b * tl.num_programs(2) + c) * s_r + d * s_d
     kk = tl.arange(0, BLOCK_W)
-    first = c * TILES * BLOCK_T
-    last = tl.minimum((c + 1) * TILES, tl.cdiv(L, BLOCK_T))  # one past this program's last tile
-    ph = last * BLOCK_T + kk  # the halo (zeros from L on)
-    gh = _output_grad(
-        xrow, irow, wrow, brow, dyrow, md, ph, last * BLOCK_T, L, x_l, i_s, w_w, dy_l,
-        W, HAS_INIT, HAS_BIAS, SILU,
-    )  # fmt: skip
-    tl.store(srow[:, None] + (ph - first)[None, :] * s_t, gh, mask=md[:, None])
     dw = tl.zeros([BLOCK_D, BLOCK_W], dtype=tl.float32)
     db = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for back in range(0, last - c * TILES):
-        p0 = (last - 1 - back) * BLOCK_T
+    for tile in range(c * TILES, tl.minimum((c + 1) * TILES, tl.cdiv(L, BLOCK_T))):
+        p0 = tile * BLOCK_T
         p = p0 + tl.arange(0, BLOCK_T)
         mp = p < L
         g = _output_grad(
             xrow, irow, wrow, brow, dyrow, md, p, p0, L, x_l, i_s, w_w, dy_l, W, HAS_INIT, HAS_BIAS, SILU
         )
-        tl.store(srow[:, None] + (p - first)[None, :] * s_t, g, mask=md[:, None])
         db += tl.sum(g, axis=1)
         for k in tl.static_range(W):
             xk = _inputs_at(xrow, irow, md, p - (W - 1) + k, p0 - (W - 1) + k, mp, x_l, i_s, W, HAS_INIT)
             dw += tl.where(kk[None, :] == k, tl.sum(g * xk, axis=1)[:, None], 0.0)
-        tl.debug_barrier()  # this tile's g is in the scratch before it is read shifted
-        acc = _shifted_sum(srow, wrow, md, p - first, w_w, s_t, W)
+        acc = tl.load(wrow + (W - 1) * w_w, mask=md, other=0.0).to(tl.float32)[:, None] * g
+        for j in tl.static_range(1, W):
+            wj = tl.load(wrow + (W - 1 - j) * w_w, mask=md, other=0.0).to(tl.float32)
+            gj = _output_grad(
+                xrow, irow, wrow, brow, dyrow, md, p + j, p0 + j, L, x_l, i_s, w_w, dy_l,
+                W, HAS_INIT, HAS_BIAS, SILU,
+            )  # fmt: skip
+            acc += wj[:, None] * gj
         if HAS_DFINAL:
             acc += _final_grad(frow, md, p, L, f_s, W)
         tl.store(
@@ -273,9 +253,16 @@ def _conv_bwd_kernel(
             mask=md[:, None] & mp[None, :],
         )
     if STORE_DINIT:  # noqa: SIM102 (a compile-time flag, then a run-time test)
-        if c == 0:  # the initial window, positions -(W-1) ... -1: g at 0 ... W-2 is in the scratch now
+        if c == 0:  # the initial window, positions -(W-1) ... -1
             p = kk - (W - 1)
-            acc = _shifted_sum(srow, wrow, md, p, w_w, s_t, W)
+            acc = tl.zeros([BLOCK_D, BLOCK_W], dtype=tl.float32)
+            for j in tl.static_range(W):
+                wj = tl.load(wrow + (W - 1 - j) * w_w, mask=md, other=0.0).to(tl.float32)
+                gj = _output_grad(
+                    xrow, irow, wrow, brow, dyrow, md, p + j, -(W - 1) + j, L, x_l, i_s, w_w, dy_l,
+                    W, HAS_INIT, HAS_BIAS, SILU,
+                )  # fmt: skip
+                acc += wj[:, None] * gj
             if HAS_DFINAL:
                 acc += _final_grad(frow, md, p, L, f_s, W)
             tl.store(
@@ -358,22 +345,14 @@ def _conv_backward(x, weight, bias, initial_states, activation, dy, dfinal, want
         else dw_part
     )
     fin = dfinal if dfinal is not None else dy
-    block_w = max(2, triton.next_power_of_2(width))
-    span = tiles * block_t + block_w  # a chunk's positions and the halo after it
-    # g, the gradient at the pre-activation, for each program's positions, laid out as x
-    f32 = dict(device=x.device, dtype=torch.float32)
-    if channels_last(x):
-        scratch = torch.empty(batch * chunks, span, dim, **f32).transpose(1, 2)
-    else:
-        scratch = torch.empty(batch * chunks, dim, span, **f32)
     _conv_bwd_kernel[(batch, d_blocks, chunks)](
-        x, init, weight, bias if bias is not None else weight, dy, fin, dx, dinit, dw_part, db_part, scratch,
+        x, init, weight, bias if bias is not None else weight, dy, fin, dx, dinit, dw_part, db_part,
         dim, length, tiles,
         *x.stride(), *init.stride(), *weight.stride(), *dy.stride(), *fin.stride(), *dx.stride(),
-        *dinit.stride(), *scratch.stride(),
+        *dinit.stride(),
         W=width, HAS_INIT=initial_states is not None, HAS_BIAS=bias is not None, SILU=activation is not None,
         HAS_DFINAL=dfinal is not None, STORE_DINIT=store_dinit,
-        BLOCK_D=block_d, BLOCK_T=block_t, BLOCK_W=block_w, num_warps=warps,
+        BLOCK_D=block_d, BLOCK_T=block_t, BLOCK_W=max(2, triton.next_power_of_2(width)), num_warps=warps,
     )  # fmt: skip
     dbias = db_part.sum(0) if bias is not None else None
     return dx, dinit if store_dinit else None, dw_part.sum(0), dbias
