@@ -496,3 +496,56 @@ def test_the_cobra_recipe_trains_on_a_hybrid_lm(shapes, tmp_path, preset, family
             0
         ][0]
     assert outcome.ok and outcome.tokens >= 1
+
+
+# ---- the step: clipping folded into the fused optimizer, steps read back one behind ---------------------
+def test_clip_folded_into_fused_adamw_equals_clip_grad_norm_then_step():
+    import copy
+
+    from mambavl.train.recipe import clip_and_step
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(7, 13), torch.nn.GELU(), torch.nn.Linear(13, 5))
+    ref, folded = copy.deepcopy(model), copy.deepcopy(model)
+
+    def adamw(m):  # two groups, as the trainer makes (decay on matrices only)
+        groups = [
+            {"params": [p for p in m.parameters() if p.ndim > 1], "weight_decay": 0.1},
+            {"params": [p for p in m.parameters() if p.ndim <= 1], "weight_decay": 0.0},
+        ]
+        return torch.optim.AdamW(groups, lr=1e-2, fused=True)
+
+    opt_ref, opt_folded = adamw(ref), adamw(folded)
+    for step in range(6):
+        x, scale = torch.randn(4, 7), (30.0 if step % 2 else 0.01)  # not clipped, then clipped
+        (ref(x).pow(2).sum() * scale).backward()
+        (folded(x).pow(2).sum() * scale).backward()
+        want = torch.nn.utils.clip_grad_norm_(list(ref.parameters()), 1.0)
+        opt_ref.step()
+        got = clip_and_step(opt_folded, list(folded.parameters()), 1.0)
+        assert float(got) == pytest.approx(float(want), rel=1e-6)
+        assert (float(want) > 1.0) == (step % 2 == 1)  # both cases are met
+        assert not hasattr(opt_folded, "grad_scale")  # never left for a later step
+        opt_ref.zero_grad()
+        opt_folded.zero_grad()
+    for a, b in zip(ref.parameters(), folded.parameters(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+
+
+def test_a_step_that_fails_still_leaves_the_step_before_it_logged(shapes, tmp_path, monkeypatch):
+    from mambavl.train import trainer
+
+    real, calls = trainer._forward_backward, []
+
+    def third_fails(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("the third step fails")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "_forward_backward", third_fails)
+    with pytest.raises(RuntimeError, match="third step"):
+        train(tiny_cfg(shapes, tmp_path / "run", max_steps=4, save_every=0))
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2]  # step 2 was still queued when step 3 failed
+    assert all(r["step_s"] > 0 and torch.isfinite(torch.tensor(r["loss"])) for r in records)
