@@ -20,6 +20,11 @@ import torch
 
 atexit.register(shutil.rmtree, os.environ["HF_HOME"], ignore_errors=True)
 
+# The suite runs in two worker processes (pytest-xdist, `-n 2` in pyproject.toml): one thread of torch's
+# each, so that the two do not fight over the cores.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _seed():
