@@ -108,7 +108,7 @@ def test_conv_keeps_the_channel_layout_and_reads_any_grad_strides():
     _assert_close(dx, dx_ref, _tol(torch.float32))
 
 
-@pytest.mark.parametrize("layout", ["time", "channel_major"])
+@pytest.mark.parametrize("layout", ["time", "channel_major", "channels"])
 def test_conv_grads_across_programs_and_their_halos(layout):
     """Rows long enough that the backward splits time between programs: each computes the gradient at
     the W-1 positions after its share (the halo) itself; with the initial and final windows."""
@@ -116,7 +116,22 @@ def test_conv_grads_across_programs_and_their_halos(layout):
     _compare(_conv("silu", final=True), inputs, _tol(torch.float32))
     y = ops.causal_conv1d_fn(**inputs, activation="silu", backend="triton")
     (dx,) = torch.autograd.grad(y, [inputs["x"]], torch.ones_like(y))
-    assert dx.stride() == inputs["x"].stride() == y.stride()  # outputs and gradients keep x's layout
+    x = inputs["x"]  # outputs and gradients keep x's layout (compact where x is a slice)
+    assert dx.stride() == y.stride()
+    assert sorted(range(3), key=y.stride) == sorted(range(3), key=x.stride)
+
+
+@pytest.mark.parametrize("width,layout", [(5, "channels"), (6, "time")])
+def test_conv_wider_than_four(width, layout):
+    """Widths 1..4 run the four-column kernels; wider ones the general kernels, with the same contract."""
+    inputs = _conv_inputs(2, 11, 41, width, torch.float32, True, True, layout)
+    _compare(_conv("silu", final=True), inputs, _tol(torch.float32))
+
+
+@pytest.mark.parametrize("layout", ["channels", "time"])
+def test_conv_width_one(layout):
+    inputs = _conv_inputs(2, 7, 19, 1, torch.float32, True, False, layout)
+    _compare(_conv("silu"), inputs, _tol(torch.float32))
 
 
 def test_conv_only_some_inputs_need_grads():

@@ -203,6 +203,31 @@ def _final_grad(frow, md, p, L, f_s, W: tl.constexpr):
 
 
 @triton.jit
+def _store_dinit(
+    xrow, irow, wrow, brow, dyrow, frow, dirow, md, L, x_l, i_s, w_w, dy_l, f_s, di_s,
+    W: tl.constexpr, HAS_INIT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+    HAS_DFINAL: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr,
+):  # fmt: skip
+    """The initial window's gradient, positions -(W-1) ... -1: what the first outputs read of it."""
+    p = tl.arange(0, BLOCK_W) - (W - 1)
+    acc = tl.zeros([BLOCK_D, BLOCK_W], dtype=tl.float32)
+    for j in tl.static_range(W):
+        wj = tl.load(wrow + (W - 1 - j) * w_w, mask=md, other=0.0).to(tl.float32)
+        gj = _output_grad(
+            xrow, irow, wrow, brow, dyrow, md, p + j, -(W - 1) + j, L, x_l, i_s, w_w, dy_l,
+            W, HAS_INIT, HAS_BIAS, SILU,
+        )  # fmt: skip
+        acc += wj[:, None] * gj
+    if HAS_DFINAL:
+        acc += _final_grad(frow, md, p, L, f_s, W)
+    tl.store(
+        dirow[:, None] + (p + W - 1)[None, :] * di_s,
+        acc.to(dirow.dtype.element_ty),
+        mask=md[:, None] & (p < 0)[None, :],
+    )
+
+
+@triton.jit
 def _conv_bwd_kernel(
     x, init, weight, bias, dy, dfinal, dx, dinit, dw_part, db_part,
     D, L, TILES,
@@ -253,25 +278,191 @@ def _conv_bwd_kernel(
             mask=md[:, None] & mp[None, :],
         )
     if STORE_DINIT:  # noqa: SIM102 (a compile-time flag, then a run-time test)
-        if c == 0:  # the initial window, positions -(W-1) ... -1
-            p = kk - (W - 1)
-            acc = tl.zeros([BLOCK_D, BLOCK_W], dtype=tl.float32)
-            for j in tl.static_range(W):
-                wj = tl.load(wrow + (W - 1 - j) * w_w, mask=md, other=0.0).to(tl.float32)
-                gj = _output_grad(
-                    xrow, irow, wrow, brow, dyrow, md, p + j, -(W - 1) + j, L, x_l, i_s, w_w, dy_l,
-                    W, HAS_INIT, HAS_BIAS, SILU,
-                )  # fmt: skip
-                acc += wj[:, None] * gj
-            if HAS_DFINAL:
-                acc += _final_grad(frow, md, p, L, f_s, W)
-            tl.store(
-                dinit + b * di_b + d[:, None] * di_d + (p + W - 1)[None, :] * di_s,
-                acc.to(dinit.dtype.element_ty),
-                mask=md[:, None] & (p < 0)[None, :],
-            )
+        if c == 0:
+            _store_dinit(
+                xrow, irow, wrow, brow, dyrow, frow, dinit + b * di_b + d * di_d, md, L, x_l, i_s, w_w, dy_l,
+                f_s, di_s, W, HAS_INIT, HAS_BIAS, SILU, HAS_DFINAL, BLOCK_D, BLOCK_W,
+            )  # fmt: skip
     row = b * tl.num_programs(2) + c
     tl.store(dw_part + row * D * W + d[:, None] * W + kk[None, :], dw, mask=md[:, None] & (kk < W)[None, :])
+    if HAS_BIAS:
+        tl.store(db_part + row * D + d, db, mask=md)
+
+
+# --- widths up to 4, the Mamba convs': the taps padded to four (tap 3 on the newest input, the missing
+# leading taps zero), and every tile read as four columns, the positions 4g, 4g+1, 4g+2 and 4g+3. A shift
+# by s is then a choice of column in the same group or a neighbour group's, so that each input is loaded
+# in aligned vectors (the tile, the groups before it, the groups after it) instead of once per shift.
+QUAD_WIDTH = 4
+
+
+@triton.jit
+def _quads(t, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr):
+    """The four columns of a [BLOCK_D, BLOCK_T] tile: positions 4g + i, i = 0..3, each [BLOCK_D, BLOCK_T // 4]."""
+    even, odd = tl.split(tl.reshape(t, [BLOCK_D, BLOCK_T // 4, 2, 2]))
+    c0, c2 = tl.split(even)
+    c1, c3 = tl.split(odd)
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def _unquads(c0, c1, c2, c3, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr):
+    """The [BLOCK_D, BLOCK_T] tile of the four columns (`_quads` inverted)."""
+    return tl.reshape(tl.join(tl.join(c0, c2), tl.join(c1, c3)), [BLOCK_D, BLOCK_T])
+
+
+@triton.jit
+def _tap(wrow, md, w_w, k: tl.constexpr, W: tl.constexpr):
+    """Tap k of the four-tap form, [BLOCK_D, 1] fp32: weight k - (4 - W), zero for the padding."""
+    return tl.load(wrow + (k - (4 - W)) * w_w, mask=md & (k >= 4 - W), other=0.0).to(tl.float32)[:, None]
+
+
+@triton.jit
+def _pre_at(xs, taps, bv, o: tl.constexpr):
+    """The pre-activation at column offset o (positions 4g + o) from xs, the columns from offset -4 on."""
+    return bv + taps[0] * xs[o + 1] + taps[1] * xs[o + 2] + taps[2] * xs[o + 3] + taps[3] * xs[o + 4]
+
+
+@triton.jit
+def _bias_col(brow, md, HAS_BIAS: tl.constexpr):
+    if HAS_BIAS:
+        return tl.load(brow, mask=md, other=0.0).to(tl.float32)[:, None]
+    return tl.zeros_like(md.to(tl.float32))[:, None]
+
+
+@triton.jit
+def _silu(v, SILU: tl.constexpr):
+    if SILU:
+        return v * tl.sigmoid(v)
+    return v
+
+
+@triton.jit
+def _silu_grad(dy, pre, SILU: tl.constexpr):
+    """The gradient at the pre-activation from the output's."""
+    if SILU:
+        sg = tl.sigmoid(pre)
+        return dy * sg * (1.0 + pre * (1.0 - sg))
+    return dy
+
+
+@triton.jit
+def _conv_fwd_quad_kernel(
+    x, init, weight, bias, out,
+    D, L,
+    x_b, x_d, x_l, i_b, i_d, i_s, w_d, w_w, o_b, o_d, o_l,
+    W: tl.constexpr, HAS_INIT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+):  # fmt: skip
+    b = tl.program_id(0).to(tl.int64)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    t0 = tl.program_id(2) * BLOCK_T
+    t = t0 + tl.arange(0, BLOCK_T)
+    md, mt = d < D, t < L
+    xrow, irow, wrow = x + b * x_b + d * x_d, init + b * i_b + d * i_d, weight + d * w_d
+    taps = (_tap(wrow, md, w_w, 0, W), _tap(wrow, md, w_w, 1, W), _tap(wrow, md, w_w, 2, W),
+            _tap(wrow, md, w_w, 3, W))  # fmt: skip
+    bv = _bias_col(bias + d, md, HAS_BIAS)
+    before = _inputs_at(xrow, irow, md, t - 4, t0 - 4, t - 4 < L, x_l, i_s, W, HAS_INIT)
+    here = _inputs_at(xrow, irow, md, t, t0, mt, x_l, i_s, W, HAS_INIT)
+    xs = _quads(before, BLOCK_D, BLOCK_T) + _quads(here, BLOCK_D, BLOCK_T)
+    y = _unquads(
+        _silu(_pre_at(xs, taps, bv, 0), SILU), _silu(_pre_at(xs, taps, bv, 1), SILU),
+        _silu(_pre_at(xs, taps, bv, 2), SILU), _silu(_pre_at(xs, taps, bv, 3), SILU), BLOCK_D, BLOCK_T,
+    )  # fmt: skip
+    tl.store(
+        out + b * o_b + d[:, None] * o_d + t[None, :] * o_l,
+        y.to(out.dtype.element_ty),
+        mask=md[:, None] & mt[None, :],
+    )
+
+
+@triton.jit
+def _conv_bwd_quad_kernel(
+    x, init, weight, bias, dy, dfinal, dx, dinit, dw_part, db_part,
+    D, L, TILES,
+    x_b, x_d, x_l, i_b, i_d, i_s, w_d, w_w, dy_b, dy_d, dy_l, f_b, f_d, f_s, dx_b, dx_d, dx_l,
+    di_b, di_d, di_s,
+    W: tl.constexpr, HAS_INIT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+    HAS_DFINAL: tl.constexpr, STORE_DINIT: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_W: tl.constexpr,
+):  # fmt: skip
+    # As `_conv_bwd_kernel`, with x read once per tile as the tile and its neighbour groups on each side,
+    # dy as the tile and the groups after it; the gradient g at the pre-activation is recomputed at the
+    # seven column offsets 0..6 that the tile's input gradients read, dx_p = Σ_j w'_{3-j} g_{p+j}.
+    b = tl.program_id(0).to(tl.int64)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    c = tl.program_id(2)
+    md = d < D
+    xrow, irow, wrow, brow = x + b * x_b + d * x_d, init + b * i_b + d * i_d, weight + d * w_d, bias + d
+    dyrow, frow = dy + b * dy_b + d * dy_d, dfinal + b * f_b + d * f_d
+    taps = (_tap(wrow, md, w_w, 0, W), _tap(wrow, md, w_w, 1, W), _tap(wrow, md, w_w, 2, W),
+            _tap(wrow, md, w_w, 3, W))  # fmt: skip
+    bv = _bias_col(brow, md, HAS_BIAS)
+    dw0 = tl.zeros([BLOCK_D], dtype=tl.float32)
+    dw1 = tl.zeros([BLOCK_D], dtype=tl.float32)
+    dw2 = tl.zeros([BLOCK_D], dtype=tl.float32)
+    dw3 = tl.zeros([BLOCK_D], dtype=tl.float32)
+    db = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for tile in range(c * TILES, tl.minimum((c + 1) * TILES, tl.cdiv(L, BLOCK_T))):
+        p0 = tile * BLOCK_T
+        p = p0 + tl.arange(0, BLOCK_T)
+        mp = p < L
+        xs = (
+            _quads(_inputs_at(xrow, irow, md, p - 4, p0 - 4, p - 4 < L, x_l, i_s, W, HAS_INIT), BLOCK_D, BLOCK_T)
+            + _quads(_inputs_at(xrow, irow, md, p, p0, mp, x_l, i_s, W, HAS_INIT), BLOCK_D, BLOCK_T)
+            + _quads(_inputs_at(xrow, irow, md, p + 4, p0 + 4, p + 4 < L, x_l, i_s, W, HAS_INIT), BLOCK_D,
+                     BLOCK_T)
+        )  # fmt: skip
+        dys = _quads(
+            tl.load(dyrow[:, None] + p[None, :] * dy_l, mask=md[:, None] & mp[None, :], other=0.0).to(
+                tl.float32
+            ),
+            BLOCK_D, BLOCK_T,
+        ) + _quads(
+            tl.load(dyrow[:, None] + (p + 4)[None, :] * dy_l, mask=md[:, None] & (p + 4 < L)[None, :],
+                    other=0.0).to(tl.float32),
+            BLOCK_D, BLOCK_T,
+        )  # fmt: skip
+        g0 = _silu_grad(dys[0], _pre_at(xs, taps, bv, 0), SILU)
+        g1 = _silu_grad(dys[1], _pre_at(xs, taps, bv, 1), SILU)
+        g2 = _silu_grad(dys[2], _pre_at(xs, taps, bv, 2), SILU)
+        g3 = _silu_grad(dys[3], _pre_at(xs, taps, bv, 3), SILU)
+        g4 = _silu_grad(dys[4], _pre_at(xs, taps, bv, 4), SILU)
+        g5 = _silu_grad(dys[5], _pre_at(xs, taps, bv, 5), SILU)
+        g6 = _silu_grad(dys[6], _pre_at(xs, taps, bv, 6), SILU)
+        db += tl.sum(g0 + g1 + g2 + g3, axis=1)
+        # dw'_k = Σ_p g_p x_{p-3+k}: column i of g against the x column at offset i - 3 + k (xs index i + 1 + k)
+        dw0 += tl.sum(g0 * xs[1] + g1 * xs[2] + g2 * xs[3] + g3 * xs[4], axis=1)
+        dw1 += tl.sum(g0 * xs[2] + g1 * xs[3] + g2 * xs[4] + g3 * xs[5], axis=1)
+        dw2 += tl.sum(g0 * xs[3] + g1 * xs[4] + g2 * xs[5] + g3 * xs[6], axis=1)
+        dw3 += tl.sum(g0 * xs[4] + g1 * xs[5] + g2 * xs[6] + g3 * xs[7], axis=1)
+        acc = _unquads(
+            taps[3] * g0 + taps[2] * g1 + taps[1] * g2 + taps[0] * g3,
+            taps[3] * g1 + taps[2] * g2 + taps[1] * g3 + taps[0] * g4,
+            taps[3] * g2 + taps[2] * g3 + taps[1] * g4 + taps[0] * g5,
+            taps[3] * g3 + taps[2] * g4 + taps[1] * g5 + taps[0] * g6,
+            BLOCK_D, BLOCK_T,
+        )  # fmt: skip
+        if HAS_DFINAL:
+            acc += _final_grad(frow, md, p, L, f_s, W)
+        tl.store(
+            dx + b * dx_b + d[:, None] * dx_d + p[None, :] * dx_l,
+            acc.to(dx.dtype.element_ty),
+            mask=md[:, None] & mp[None, :],
+        )
+    if STORE_DINIT:  # noqa: SIM102
+        if c == 0:
+            _store_dinit(
+                xrow, irow, wrow, brow, dyrow, frow, dinit + b * di_b + d * di_d, md, L, x_l, i_s, w_w, dy_l,
+                f_s, di_s, W, HAS_INIT, HAS_BIAS, SILU, HAS_DFINAL, BLOCK_D, BLOCK_W,
+            )  # fmt: skip
+    row = b * tl.num_programs(2) + c
+    base = dw_part + row * D * W + d * W - (4 - W)  # tap k is weight k - (4 - W)
+    tl.store(base + 0, dw0, mask=md & (0 >= 4 - W))
+    tl.store(base + 1, dw1, mask=md & (1 >= 4 - W))
+    tl.store(base + 2, dw2, mask=md & (2 >= 4 - W))
+    tl.store(base + 3, dw3, mask=md)
     if HAS_BIAS:
         tl.store(db_part + row * D + d, db, mask=md)
 
@@ -312,7 +503,8 @@ def _conv_forward(x, weight, bias, initial_states, activation) -> torch.Tensor:
     init = initial_states if initial_states is not None else x
     block_d, block_t, warps = _tiles(x, "fwd")
     grid = (batch, triton.cdiv(dim, block_d), triton.cdiv(length, block_t))
-    _conv_fwd_kernel[grid](
+    kernel = _conv_fwd_quad_kernel if width <= QUAD_WIDTH else _conv_fwd_kernel
+    kernel[grid](
         x, init, weight, bias if bias is not None else weight, out,
         dim, length,
         *x.stride(), *init.stride(), *weight.stride(), *out.stride(),
@@ -345,7 +537,8 @@ def _conv_backward(x, weight, bias, initial_states, activation, dy, dfinal, want
         else dw_part
     )
     fin = dfinal if dfinal is not None else dy
-    _conv_bwd_kernel[(batch, d_blocks, chunks)](
+    kernel = _conv_bwd_quad_kernel if width <= QUAD_WIDTH else _conv_bwd_kernel
+    kernel[(batch, d_blocks, chunks)](
         x, init, weight, bias if bias is not None else weight, dy, fin, dx, dinit, dw_part, db_part,
         dim, length, tiles,
         *x.stride(), *init.stride(), *weight.stride(), *dy.stride(), *fin.stride(), *dx.stride(),
