@@ -311,3 +311,38 @@ def test_zamba2_shared_blocks_saved_under_every_use(tmp_path):
         lm_config_from_json(raw | {"layers_block_type": ["mamba", "attention"] * 3}, "config.json")
     with pytest.raises(CheckpointError, match="num_attention_heads 5 does not divide"):
         lm_config_from_json(raw | {"num_attention_heads": 5}, "config.json")
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.slow)])
+def test_training_forward_pads_rows_to_sixteen_without_changing_anything(monkeypatch, backend):
+    """A Mamba-1 model's training forward pads its rows to a multiple of 16 positions at the embedding
+    (its training kernels' tiles): logits and every gradient equal an unpadded forward's."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    import dataclasses
+
+    import mambavl.lm.model as lm_model
+    from mambavl.lm.model import LanguageModel
+    from mambavl.presets import PRESETS
+
+    monkeypatch.setenv("MAMBAVL_BACKEND", backend)
+    cfg = dataclasses.replace(PRESETS["tiny-cobra"].lm, d_model=16, d_inner=32, dt_rank=2, d_state=4)
+    lm = LanguageModel(cfg)
+    assert lm._pads(21) and not lm._pads(32)
+    ids = torch.randint(0, lm.config.vocab_size, (2, 21))
+
+    def run():
+        lm.zero_grad()
+        logits = lm(ids)
+        (logits.float().square().mean()).backward()
+        return logits.detach(), {n: p.grad.clone() for n, p in lm.named_parameters() if p.grad is not None}
+
+    padded_logits, padded_grads = run()
+    monkeypatch.setattr(lm_model, "PAD_MULTIPLE", 1)
+    assert not lm._pads(21)
+    logits, grads = run()
+    assert padded_logits.shape == logits.shape == (2, 21, lm.config.vocab_size)
+    torch.testing.assert_close(padded_logits, logits, rtol=1e-5, atol=1e-5)
+    assert padded_grads.keys() == grads.keys()
+    for name, g in grads.items():
+        torch.testing.assert_close(padded_grads[name], g, rtol=1e-4, atol=1e-6, msg=name)

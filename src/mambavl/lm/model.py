@@ -35,6 +35,23 @@ MIXER_CLASSES = {
 FFN_CLASSES = {"mlp": MLP, "moe": MoE}
 
 
+def _sublayer_input(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A norm's output as a sublayer takes it: in the weights' dtype, except that under autocast an input
+    already in autocast's dtype stays there (its projections would round it back to it: a cast up and
+    down again, and their gradients, for nothing)."""
+    kind = x.device.type
+    if torch.is_autocast_enabled(kind) and x.dtype == torch.get_autocast_dtype(kind):
+        return x
+    return x.to(dtype)
+
+
+# Multiple of positions that a training forward pads its rows to, at the end, when every layer is causal
+# and per-position (Mamba mixers, MLPs): the Mamba-1 training kernels take time tiles of 16, and a row
+# padded once at the embedding saves each layer a padded copy of its input and of its output's gradient.
+PAD_MULTIPLE = 16
+PADDABLE = ({"mamba1", "mamba2"}, {"mlp", "none"})
+
+
 class Block(nn.Module):
     def __init__(self, cfg: LMConfig, mixer: str, ffn: str):
         super().__init__()
@@ -79,13 +96,13 @@ class Block(nn.Module):
                 stream = stream.float()
             fed = self.linear(block(stream.to(dtype), embeddings, state, valid, use))
             x, _ = self.norm.add(fed, stream, self.residual_in_fp32)  # norm(stream + fed); the stream stays
-            out, residual = self._scaled(self.mixer(x.to(dtype), state, valid)), stream
+            out, residual = self._scaled(self.mixer(_sublayer_input(x, dtype), state, valid)), stream
         elif self.mixer is not None:
             x, residual = self.norm.add(out, residual, self.residual_in_fp32)
-            out = self._scaled(self.mixer(x.to(dtype), state, valid))
+            out = self._scaled(self.mixer(_sublayer_input(x, dtype), state, valid))
         if self.ffn is not None:
             x, residual = self.ffn_norm.add(out, residual, self.residual_in_fp32)
-            out = self._scaled(self.ffn(x.to(dtype)))
+            out = self._scaled(self.ffn(_sublayer_input(x, dtype)))
         return out, residual
 
     def _scaled(self, out: torch.Tensor) -> torch.Tensor:
@@ -171,6 +188,10 @@ class LanguageModel(nn.Module):
             self._check_state(state, hidden.shape[0])
         valid = None if lengths is None else self._valid(lengths, hidden.shape[:2], hidden.device)
         dtype = self.dtype
+        length = hidden.shape[1]
+        if state is None and valid is None and self._pads(length):
+            # positions after the last ones: causal layers never let them reach the real positions
+            hidden = nn.functional.pad(hidden, (0, 0, 0, -length % PAD_MULTIPLE))
         out, residual = hidden, None
         recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         uses = {i: u for u, i in enumerate(self.config.shared_layers)}
@@ -187,8 +208,24 @@ class LanguageModel(nn.Module):
                 out, residual = layer(out, residual, layer_state, dtype, valid, shared)
         if state is not None:
             state.seqlen += hidden.shape[1]
+        if hidden.shape[1] != length:
+            out, residual, hidden = out[:, :length], residual[:, :length], hidden[:, :length]
         hidden = self.norm_f.add(out, residual, self.config.residual_in_fp32)[0].to(dtype)
         return hidden if return_hidden else self.lm_head(hidden)
+
+    def _pads(self, length: int) -> bool:
+        """Whether a forward of `length` positions from no state pads its rows (`PAD_MULTIPLE`): only to
+        train a model of Mamba-1 layers, whose training kernels would pad each layer's input otherwise."""
+        mixers, ffns = PADDABLE
+        cfg = self.config
+        return (
+            length % PAD_MULTIPLE != 0
+            and torch.is_grad_enabled()
+            and "mamba1" in cfg.mixers
+            and set(cfg.mixers) <= mixers
+            and set(cfg.ffns) <= ffns
+            and not cfg.shared_layers
+        )
 
     @staticmethod
     def _valid(lengths: torch.Tensor, shape: torch.Size, device) -> torch.Tensor:

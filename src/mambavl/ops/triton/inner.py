@@ -131,6 +131,26 @@ def _matrix(t: torch.Tensor) -> torch.Tensor:
     return t.transpose(0, 1).reshape(t.shape[1], -1)
 
 
+def _weight_grad(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """a @ b, a weight's gradient, in the weight's dtype: for fp32 master weights and half-precision
+    factors on the GPU the GEMM writes fp32 itself (no half-precision result cast up afterwards)."""
+    if a.is_cuda and weight.dtype == torch.float32 and a.dtype in (torch.bfloat16, torch.float16):
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return (a @ b).to(weight.dtype)
+
+
+def _padded_rows(t: torch.Tensor, padded: int, dtype: torch.dtype) -> torch.Tensor:
+    """[B, L, W] t as [B·L', W] rows in `dtype`, zeros after each row's L positions: t itself where it is
+    so already (a row length of a multiple of 16, the dtype, contiguous), else a copy."""
+    batch, length, width = t.shape
+    if length == padded and t.dtype == dtype and t.is_contiguous():
+        return t.view(batch * padded, width)
+    out = torch.empty(batch, padded, width, device=t.device, dtype=dtype)
+    out[:, length:].zero_()
+    out[:, :length].copy_(t)
+    return out.view(batch * padded, width)
+
+
 class _Mamba1Mixer(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
@@ -142,10 +162,7 @@ class _Mamba1Mixer(torch.autograd.Function):
         dim = conv_w.shape[0]
         padded = -(-length // 16) * 16
         tiles = scan.DEFAULT_TILES
-        h = torch.empty(batch, padded, width, device=hidden.device, dtype=dtype)  # zeros past each row's end
-        h[:, length:].zero_()
-        h[:, :length].copy_(hidden)
-        h = h.view(batch * padded, width)
+        h = _padded_rows(hidden, padded, dtype)  # [B·L', width], zeros past each row's end
         xz = in_w.to(dtype) @ h.t()  # [2D, B·L']
         if in_b is not None:
             xz += in_b.to(dtype)[:, None]
@@ -172,11 +189,8 @@ class _Mamba1Mixer(torch.autograd.Function):
         h, xz, conv_w, conv_b, x_w, dt_w, dt_bias, A, D, x_dbl, states, y, in_w, out_w = ctx.saved_tensors
         dt_rank, d_state, batch, length, padded, dim = ctx.sizes
         dtype, width = ctx.dtype, h.shape[1]
-        d_out = torch.empty(batch, padded, width, device=dout.device, dtype=dtype)
-        d_out[:, length:].zero_()
-        d_out[:, :length].copy_(dout)
-        d_out = d_out.view(batch * padded, width)
-        d_out_w = d_out.t() @ y.t()
+        d_out = _padded_rows(dout, padded, dtype)
+        d_out_w = _weight_grad(d_out.t(), y.t(), out_w)
         d_out_b = d_out.sum(0) if ctx.biases[1] else None
         dy = (out_w.to(dtype).t() @ d_out.t()).view(dim, batch, padded).transpose(0, 1)
         xz3 = xz.view(2 * dim, batch, padded).transpose(0, 1)
@@ -190,17 +204,17 @@ class _Mamba1Mixer(torch.autograd.Function):
         )
         d_delta = _matrix(g["delta"])  # [D, B·L']
         d_dt = d_delta.t() @ dt_w.to(dtype)  # [B·L', R]
-        d_dt_w = d_delta @ x_dbl[:, :dt_rank]
+        d_dt_w = _weight_grad(d_delta, x_dbl[:, :dt_rank], dt_w)
         dB, dC = (g[k].transpose(1, 2).reshape(batch * padded, d_state).to(dtype) for k in ("B", "C"))
         d_x_dbl = torch.cat((d_dt, dB, dC), -1)  # [B·L', R + 2N]
         xc = _matrix(xc)
-        d_x_w = d_x_dbl.t() @ xc.t()
+        d_x_w = _weight_grad(d_x_dbl.t(), xc.t(), x_w)
         d_xc = _matrix(g["u"]).addmm_(x_w.to(dtype).t(), d_x_dbl.t())  # through x_proj too
         d_xc = d_xc.view(dim, batch, padded).transpose(0, 1)
         _, _, d_conv_w, d_conv_b = conv._conv_backward(
             x, conv_w, conv_b, None, "silu", d_xc, None, False, dx_out=d_xz3[:, :dim]
         )
-        d_in_w = d_xz @ h
+        d_in_w = _weight_grad(d_xz, h, in_w)
         d_in_b = d_xz.sum(1) if ctx.biases[0] else None
         dh = (d_xz.t() @ in_w.to(dtype)).view(batch, padded, width)[:, :length].to(ctx.hidden_dtype)
         return (
@@ -254,7 +268,7 @@ class _Mamba2Inner(torch.autograd.Function):
         y = y.view(-1, dim)
         yn, _, _ = norms._forward(y, None, parts.z, norm_w, eps, group, None, before, False)
         d_out = dout.reshape(-1, dout.shape[-1]).to(dtype)
-        d_out_w = d_out.t() @ yn
+        d_out_w = _weight_grad(d_out.t(), yn, out_w)
         d_out_b = d_out.sum(0) if has_out_b else None
         d_zxbcdt = torch.empty_like(zxbcdt)
         d_rows = d_zxbcdt.view(-1, zxbcdt.shape[-1])
