@@ -15,6 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from safetensors import safe_open
 import torch
 
 import mambavl
@@ -549,3 +550,25 @@ def test_a_step_that_fails_still_leaves_the_step_before_it_logged(shapes, tmp_pa
     records = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert [r["step"] for r in records] == [1, 2]  # step 2 was still queued when step 3 failed
     assert all(r["step_s"] > 0 and torch.isfinite(torch.tensor(r["loss"])) for r in records)
+
+
+@pytest.mark.slow
+def test_compiled_vision_tower_trains_as_the_eager_one(shapes, tmp_path):
+    """--compile-vision runs the frozen tower through torch.compile: the same losses as eager, and the
+    saved model keeps the tower's parameter names. A tower being trained is refused."""
+    eager = tiny_cfg(shapes, tmp_path / "eager", max_steps=2)
+    compiled = tiny_cfg(shapes, tmp_path / "compiled", max_steps=2, compile_vision=True)
+    train(eager)
+    train(compiled)
+    losses = [[r["loss"] for r in read_metrics(c.run_dir / "metrics.jsonl")] for c in (eager, compiled)]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4)
+    names = [
+        sorted(safe_open(f, "pt").keys())
+        for f in (
+            eager.run_dir / "model" / "model.safetensors",
+            compiled.run_dir / "model" / "model.safetensors",
+        )
+    ]
+    assert names[0] == names[1] and not any("_orig_mod" in n for n in names[1])
+    with pytest.raises(ValueError, match="frozen vision tower"):
+        train(tiny_cfg(shapes, tmp_path / "refused", max_steps=1, compile_vision=True, train_vision=True))

@@ -314,6 +314,9 @@ def train(
     profile_step: int = typer.Option(
         None, help="Profile this step (from 1) by kernel into RUN_DIR/profile.txt (where its time goes)."
     ),
+    compile_vision: bool = typer.Option(
+        None, "--compile-vision", help="Run the frozen vision tower through torch.compile."
+    ),
 ) -> None:
     """Train a VLM stage (as Cobra's scripts/pretrain.py). Run under torchrun for several processes."""
     from pathlib import Path
@@ -352,6 +355,7 @@ def train(
         resume=resume,
         report_to=tuple(report_to) if report_to else None,
         profile_step=profile_step,
+        compile_vision=compile_vision,
     )
     options |= {k: v for k, v in given.items() if v is not None}
     if lora_rank is not None:
@@ -545,6 +549,9 @@ def bench(
     steps: int = typer.Option(5, help="--train: steps (the first is warm-up)."),
     batch: int = typer.Option(8, help="--train: rows per step."),
     checkpointing: str = typer.Option("both", help="--train: gradient checkpointing on, off, both or none."),
+    compile_vision: bool = typer.Option(
+        False, "--compile-vision", help="--train: ours runs its frozen vision tower through torch.compile."
+    ),
     kernels: bool = typer.Option(
         False,
         "--kernels",
@@ -636,6 +643,7 @@ def bench(
                 say=console.print,
                 device=device,
                 profile=profile,
+                compile_vision=compile_vision,
             )
             console.print(f"wrote {Path(out) / 'train.json'}")
             return

@@ -140,6 +140,7 @@ def ours(
     device: torch.device,
     num_workers: int = 4,
     profile: bool = False,
+    compile_vision: bool = False,
 ) -> dict:
     """A `mambavl.train` finetune of `steps` steps on `data`; no checkpoint, no model written. With
     `profile`, one more step runs under the profiler (`run_dir/profile.txt`), outside the figures."""
@@ -164,6 +165,7 @@ def ours(
             save_every=0,
             save_final=False,
             progress=False,
+            compile_vision=compile_vision,
         )
         _release()
         _reset_peak(device)
@@ -180,6 +182,7 @@ def ours(
         "peak_memory_gib": _peak_gib(device),
         "losses": [r["loss"] for r in everything],
         "gradient_checkpointing": checkpointing,
+        "compile_vision": compile_vision,
         "wall_s_incl_setup": wall,
     }
 
@@ -342,13 +345,15 @@ def run_train(
     work: Path | None = None,
     peak: float | None = None,
     profile: bool = False,
+    compile_vision: bool = False,
 ) -> dict:
     """Ours with gradient checkpointing on and/or off, then the named peers; writes `out/train.json`.
 
     `length`: positions per row of the peers' batches (default: ours' average). `work`: where our runs'
     directories go (default: a temporary directory, removed). `peak`: the FLOP/s the MFU divides by
     (default: the GPU's dense bf16 peak, when the GPU is known). `profile`: one more step of ours runs under
-    the profiler, its table in `out/profile_<key>.txt`, and so does one more step of each peer."""
+    the profiler, its table in `out/profile_<key>.txt`, and so does one more step of each peer.
+    `compile_vision`: ours runs its frozen vision tower through torch.compile."""
     from mambavl.data.shapes import write_shapes
 
     choices = {"on": (True,), "off": (False,), "both": (True, False), "none": ()}
@@ -387,7 +392,9 @@ def run_train(
         for ckpt in choices[checkpointing]:
             key = f"mambavl_checkpointing_{'on' if ckpt else 'off'}"
             try:
-                run = ours(preset, data, root / key, steps, batch, ckpt, dev, num_workers, profile)
+                run = ours(
+                    preset, data, root / key, steps, batch, ckpt, dev, num_workers, profile, compile_vision
+                )
                 if profile:
                     table = (root / key / "profile.txt").read_text()
                     (out / f"profile_{key}.txt").write_text(table)

@@ -95,6 +95,9 @@ class TrainConfig:
     report_to: tuple[str, ...] = ()  # trackers besides metrics.jsonl: "wandb", "tensorboard"
     save_final: bool = True  # checkpoint and export the model at the end (off: a throughput measurement)
     profile_step: int = 0  # profile this step (from 1) by kernel into run_dir/profile.txt; 0: none
+    # run a frozen vision tower through torch.compile (its norms, activations and attention fused; the
+    # first step, and each new batch size, waits for the compilation)
+    compile_vision: bool = False
 
     def resolved(self) -> TrainConfig:
         if self.stage not in STAGES:

@@ -246,6 +246,10 @@ def train(
     vlm.to(world.device)
     vlm.train()
     vlm.vision.train(any(p.requires_grad for p in vlm.vision.parameters()))
+    if cfg.compile_vision:
+        if any(p.requires_grad for p in vlm.vision.parameters()):
+            raise ValueError("compile_vision compiles a frozen vision tower; this run trains it")
+        vlm.vision.compile()  # in place: the module, its parameters and their names stay
     model = shard(vlm, world)
     opt = optimizer(model, cfg)
     trainable = [p for p in model.parameters() if p.requires_grad]

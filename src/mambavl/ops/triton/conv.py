@@ -298,7 +298,8 @@ QUAD_WIDTH = 4
 
 @triton.jit
 def _quads(t, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr):
-    """The four columns of a [BLOCK_D, BLOCK_T] tile: positions 4g + i, i = 0..3, each [BLOCK_D, BLOCK_T // 4]."""
+    """The four columns of a [BLOCK_D, BLOCK_T] tile, positions 4g + i for i = 0..3: [BLOCK_D, BLOCK_T // 4]
+    each."""
     even, odd = tl.split(tl.reshape(t, [BLOCK_D, BLOCK_T // 4, 2, 2]))
     c0, c2 = tl.split(even)
     c1, c3 = tl.split(odd)
@@ -408,12 +409,14 @@ def _conv_bwd_quad_kernel(
         p0 = tile * BLOCK_T
         p = p0 + tl.arange(0, BLOCK_T)
         mp = p < L
+        before = _inputs_at(xrow, irow, md, p - 4, p0 - 4, p - 4 < L, x_l, i_s, W, HAS_INIT)
+        here = _inputs_at(xrow, irow, md, p, p0, mp, x_l, i_s, W, HAS_INIT)
+        after = _inputs_at(xrow, irow, md, p + 4, p0 + 4, p + 4 < L, x_l, i_s, W, HAS_INIT)
         xs = (
-            _quads(_inputs_at(xrow, irow, md, p - 4, p0 - 4, p - 4 < L, x_l, i_s, W, HAS_INIT), BLOCK_D, BLOCK_T)
-            + _quads(_inputs_at(xrow, irow, md, p, p0, mp, x_l, i_s, W, HAS_INIT), BLOCK_D, BLOCK_T)
-            + _quads(_inputs_at(xrow, irow, md, p + 4, p0 + 4, p + 4 < L, x_l, i_s, W, HAS_INIT), BLOCK_D,
-                     BLOCK_T)
-        )  # fmt: skip
+            _quads(before, BLOCK_D, BLOCK_T)
+            + _quads(here, BLOCK_D, BLOCK_T)
+            + _quads(after, BLOCK_D, BLOCK_T)
+        )
         dys = _quads(
             tl.load(dyrow[:, None] + p[None, :] * dy_l, mask=md[:, None] & mp[None, :], other=0.0).to(
                 tl.float32
@@ -432,7 +435,7 @@ def _conv_bwd_quad_kernel(
         g5 = _silu_grad(dys[5], _pre_at(xs, taps, bv, 5), SILU)
         g6 = _silu_grad(dys[6], _pre_at(xs, taps, bv, 6), SILU)
         db += tl.sum(g0 + g1 + g2 + g3, axis=1)
-        # dw'_k = Σ_p g_p x_{p-3+k}: column i of g against the x column at offset i - 3 + k (xs index i + 1 + k)
+        # dw'_k = Σ_p g_p x_{p-3+k}: g's column i against x's column at offset i - 3 + k (xs[i + 1 + k])
         dw0 += tl.sum(g0 * xs[1] + g1 * xs[2] + g2 * xs[3] + g3 * xs[4], axis=1)
         dw1 += tl.sum(g0 * xs[2] + g1 * xs[3] + g2 * xs[4] + g3 * xs[5], axis=1)
         dw2 += tl.sum(g0 * xs[3] + g1 * xs[4] + g2 * xs[5] + g3 * xs[6], axis=1)
@@ -459,9 +462,9 @@ def _conv_bwd_quad_kernel(
             )  # fmt: skip
     row = b * tl.num_programs(2) + c
     base = dw_part + row * D * W + d * W - (4 - W)  # tap k is weight k - (4 - W)
-    tl.store(base + 0, dw0, mask=md & (0 >= 4 - W))
-    tl.store(base + 1, dw1, mask=md & (1 >= 4 - W))
-    tl.store(base + 2, dw2, mask=md & (2 >= 4 - W))
+    tl.store(base + 0, dw0, mask=md & (W >= 4))
+    tl.store(base + 1, dw1, mask=md & (W >= 3))
+    tl.store(base + 2, dw2, mask=md & (W >= 2))
     tl.store(base + 3, dw3, mask=md)
     if HAS_BIAS:
         tl.store(db_part + row * D + d, db, mask=md)
