@@ -15,8 +15,8 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from safetensors import safe_open
 import torch
+from safetensors import safe_open
 
 import mambavl
 from mambavl.data.batching import micro_batches, plan_epoch
