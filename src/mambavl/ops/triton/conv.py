@@ -314,8 +314,8 @@ def _unquads(c0, c1, c2, c3, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr):
 
 @triton.jit
 def _tap(wrow, md, w_w, k: tl.constexpr, W: tl.constexpr):
-    """Tap k of the four-tap form, [BLOCK_D, 1] fp32: weight k - (4 - W), zero for the padding."""
-    return tl.load(wrow + (k - (4 - W)) * w_w, mask=md & (k >= 4 - W), other=0.0).to(tl.float32)[:, None]
+    """Tap k of the four-tap form, [BLOCK_D] fp32: weight k - (4 - W), zero for the padding."""
+    return tl.load(wrow + (k - (4 - W)) * w_w, mask=md & (k >= 4 - W), other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -325,10 +325,10 @@ def _pre_at(xs, taps, bv, o: tl.constexpr):
 
 
 @triton.jit
-def _bias_col(brow, md, HAS_BIAS: tl.constexpr):
+def _bias_vec(brow, md, HAS_BIAS: tl.constexpr):
     if HAS_BIAS:
-        return tl.load(brow, mask=md, other=0.0).to(tl.float32)[:, None]
-    return tl.zeros_like(md.to(tl.float32))[:, None]
+        return tl.load(brow, mask=md, other=0.0).to(tl.float32)
+    return tl.zeros_like(md.to(tl.float32))
 
 
 @triton.jit
@@ -361,9 +361,9 @@ def _conv_fwd_quad_kernel(
     t = t0 + tl.arange(0, BLOCK_T)
     md, mt = d < D, t < L
     xrow, irow, wrow = x + b * x_b + d * x_d, init + b * i_b + d * i_d, weight + d * w_d
-    taps = (_tap(wrow, md, w_w, 0, W), _tap(wrow, md, w_w, 1, W), _tap(wrow, md, w_w, 2, W),
-            _tap(wrow, md, w_w, 3, W))  # fmt: skip
-    bv = _bias_col(bias + d, md, HAS_BIAS)
+    taps = (_tap(wrow, md, w_w, 0, W)[:, None], _tap(wrow, md, w_w, 1, W)[:, None],
+            _tap(wrow, md, w_w, 2, W)[:, None], _tap(wrow, md, w_w, 3, W)[:, None])  # fmt: skip
+    bv = _bias_vec(bias + d, md, HAS_BIAS)[:, None]
     before = _inputs_at(xrow, irow, md, t - 4, t0 - 4, t - 4 < L, x_l, i_s, W, HAS_INIT)
     here = _inputs_at(xrow, irow, md, t, t0, mt, x_l, i_s, W, HAS_INIT)
     xs = _quads(before, BLOCK_D, BLOCK_T) + _quads(here, BLOCK_D, BLOCK_T)
@@ -397,9 +397,9 @@ def _conv_bwd_quad_kernel(
     md = d < D
     xrow, irow, wrow, brow = x + b * x_b + d * x_d, init + b * i_b + d * i_d, weight + d * w_d, bias + d
     dyrow, frow = dy + b * dy_b + d * dy_d, dfinal + b * f_b + d * f_d
-    taps = (_tap(wrow, md, w_w, 0, W), _tap(wrow, md, w_w, 1, W), _tap(wrow, md, w_w, 2, W),
-            _tap(wrow, md, w_w, 3, W))  # fmt: skip
-    bv = _bias_col(brow, md, HAS_BIAS)
+    taps = (_tap(wrow, md, w_w, 0, W)[:, None], _tap(wrow, md, w_w, 1, W)[:, None],
+            _tap(wrow, md, w_w, 2, W)[:, None], _tap(wrow, md, w_w, 3, W)[:, None])  # fmt: skip
+    bv = _bias_vec(brow, md, HAS_BIAS)[:, None]
     dw0 = tl.zeros([BLOCK_D], dtype=tl.float32)
     dw1 = tl.zeros([BLOCK_D], dtype=tl.float32)
     dw2 = tl.zeros([BLOCK_D], dtype=tl.float32)
@@ -470,6 +470,116 @@ def _conv_bwd_quad_kernel(
         tl.store(db_part + row * D + d, db, mask=md)
 
 
+# --- channel-contiguous x, widths up to 4: each program walks a run of steps one at a time over a block of
+# channels (a coalesced row per step), with the last inputs (and in the backward the last gradients at the
+# pre-activation) carried in registers: every input is loaded once, nothing is recomputed at a shift.
+ROLL_BLOCK_D, ROLL_WARPS, ROLL_MIN_STEPS = 256, 2, 16
+
+
+@triton.jit
+def _x_row(xrow, irow, md, q, L, x_l, i_s, W: tl.constexpr, HAS_INIT: tl.constexpr):
+    """x at the one position q, [BLOCK_D] fp32: the initial window below 0, zero before it and from L on."""
+    v = tl.load(xrow + q * x_l, mask=md & (q >= 0) & (q < L), other=0.0).to(tl.float32)
+    if HAS_INIT:
+        j = q + (W - 1)
+        v += tl.load(irow + j * i_s, mask=md & (q < 0) & (j >= 0), other=0.0).to(tl.float32)
+    return v
+
+
+@triton.jit
+def _conv_fwd_roll_kernel(
+    x, init, weight, bias, out,
+    D, L, STEPS,
+    x_b, x_d, x_l, i_b, i_d, i_s, w_d, w_w, o_b, o_d, o_l,
+    W: tl.constexpr, HAS_INIT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    b = tl.program_id(0).to(tl.int64)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    t0 = tl.program_id(2) * STEPS
+    t1 = tl.minimum(t0 + STEPS, L)
+    md = d < D
+    xrow, irow, wrow = x + b * x_b + d * x_d, init + b * i_b + d * i_d, weight + d * w_d
+    orow = out + b * o_b + d * o_d
+    w0, w1 = _tap(wrow, md, w_w, 0, W), _tap(wrow, md, w_w, 1, W)
+    w2, w3 = _tap(wrow, md, w_w, 2, W), _tap(wrow, md, w_w, 3, W)
+    bv = _bias_vec(bias + d, md, HAS_BIAS)
+    x3 = _x_row(xrow, irow, md, t0 - 3, L, x_l, i_s, W, HAS_INIT)  # x_{t-3}, x_{t-2}, x_{t-1}
+    x2 = _x_row(xrow, irow, md, t0 - 2, L, x_l, i_s, W, HAS_INIT)
+    x1 = _x_row(xrow, irow, md, t0 - 1, L, x_l, i_s, W, HAS_INIT)
+    for t in range(t0, t1):
+        x0 = tl.load(xrow + t * x_l, mask=md, other=0.0).to(tl.float32)
+        y = _silu(bv + w0 * x3 + w1 * x2 + w2 * x1 + w3 * x0, SILU)
+        tl.store(orow + t * o_l, y.to(out.dtype.element_ty), mask=md)
+        x3, x2, x1 = x2, x1, x0
+
+
+@triton.jit
+def _conv_bwd_roll_kernel(
+    x, init, weight, bias, dy, dfinal, dx, dinit, dw_part, db_part,
+    D, L, STEPS,
+    x_b, x_d, x_l, i_b, i_d, i_s, w_d, w_w, dy_b, dy_d, dy_l, f_b, f_d, f_s, dx_b, dx_d, dx_l,
+    di_b, di_d, di_s,
+    W: tl.constexpr, HAS_INIT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+    HAS_DFINAL: tl.constexpr, STORE_DINIT: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    # Program (b, channel block, c) owns the steps [t0, t1). At step t it forms g_t, the gradient at the
+    # pre-activation, and then dx_{t-3} = w'_3 g_{t-3} + w'_2 g_{t-2} + w'_1 g_{t-1} + w'_0 g_t; it goes on
+    # three steps past t1 (g there, not its own) to finish its last inputs' gradients. The first program of
+    # a row ends in the initial window's gradient (positions -3..-1).
+    b = tl.program_id(0).to(tl.int64)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    c = tl.program_id(2)
+    t0 = c * STEPS
+    t1 = tl.minimum(t0 + STEPS, L)
+    md = d < D
+    xrow, irow, wrow = x + b * x_b + d * x_d, init + b * i_b + d * i_d, weight + d * w_d
+    dyrow, frow, dxrow = dy + b * dy_b + d * dy_d, dfinal + b * f_b + d * f_d, dx + b * dx_b + d * dx_d
+    dirow = dinit + b * di_b + d * di_d
+    w0, w1 = _tap(wrow, md, w_w, 0, W), _tap(wrow, md, w_w, 1, W)
+    w2, w3 = _tap(wrow, md, w_w, 2, W), _tap(wrow, md, w_w, 3, W)
+    bv = _bias_vec(bias + d, md, HAS_BIAS)
+    x3 = _x_row(xrow, irow, md, t0 - 3, L, x_l, i_s, W, HAS_INIT)
+    x2 = _x_row(xrow, irow, md, t0 - 2, L, x_l, i_s, W, HAS_INIT)
+    x1 = _x_row(xrow, irow, md, t0 - 1, L, x_l, i_s, W, HAS_INIT)
+    zero = tl.zeros([BLOCK_D], dtype=tl.float32)
+    g3, g2, g1 = zero, zero, zero  # g_{t-3}, g_{t-2}, g_{t-1}: none before t0 is needed
+    dw0, dw1, dw2, dw3, db = zero, zero, zero, zero, zero
+    for t in range(t0, t1 + 3):
+        live = t < L
+        x0 = tl.load(xrow + t * x_l, mask=md & live, other=0.0).to(tl.float32)
+        g = tl.load(dyrow + t * dy_l, mask=md & live, other=0.0).to(tl.float32)
+        g = _silu_grad(g, bv + w0 * x3 + w1 * x2 + w2 * x1 + w3 * x0, SILU)
+        own = tl.where(t < t1, g, 0.0)
+        db += own
+        dw0 += own * x3
+        dw1 += own * x2
+        dw2 += own * x1
+        dw3 += own * x0
+        p = t - 3
+        acc = w3 * g3 + w2 * g2 + w1 * g1 + w0 * g
+        if HAS_DFINAL:
+            f = p - L + (W - 1)
+            acc += tl.load(frow + f * f_s, mask=md & (f >= 0) & (f < W - 1), other=0.0).to(tl.float32)
+        tl.store(dxrow + p * dx_l, acc.to(dx.dtype.element_ty), mask=md & (p >= t0))
+        if STORE_DINIT:
+            tl.store(
+                dirow + (p + W - 1) * di_s,
+                acc.to(dinit.dtype.element_ty),
+                mask=md & (p < 0) & (p >= -(W - 1)),
+            )
+        x3, x2, x1 = x2, x1, x0
+        g3, g2, g1 = g2, g1, g
+    row = b * tl.num_programs(2) + c
+    base = dw_part + row * D * W + d * W - (4 - W)  # tap k is weight k - (4 - W)
+    tl.store(base + 0, dw0, mask=md & (W >= 4))
+    tl.store(base + 1, dw1, mask=md & (W >= 3))
+    tl.store(base + 2, dw2, mask=md & (W >= 2))
+    tl.store(base + 3, dw3, mask=md)
+    if HAS_BIAS:
+        tl.store(db_part + row * D + d, db, mask=md)
+
+
 def _check_activation(activation) -> None:
     if activation not in (None, "silu", "swish"):
         raise ValueError(f"activation must be None or 'silu', got {activation!r}")
@@ -504,17 +614,38 @@ def _conv_forward(x, weight, bias, initial_states, activation) -> torch.Tensor:
     width = weight.shape[1]
     out = empty_like_layout(x, x.dtype)
     init = initial_states if initial_states is not None else x
+    flags = dict(
+        W=width, HAS_INIT=initial_states is not None, HAS_BIAS=bias is not None, SILU=activation is not None
+    )
+    args = (x, init, weight, bias if bias is not None else weight, out)
+    strides = (*x.stride(), *init.stride(), *weight.stride(), *out.stride())
+    if _rolls(x, width):
+        d_blocks = triton.cdiv(dim, ROLL_BLOCK_D)
+        steps, chunks = _roll_steps(x, batch * d_blocks, length)
+        _conv_fwd_roll_kernel[(batch, d_blocks, chunks)](
+            *args, dim, length, steps, *strides, **flags, BLOCK_D=ROLL_BLOCK_D, num_warps=ROLL_WARPS
+        )
+        return out
     block_d, block_t, warps = _tiles(x, "fwd")
     grid = (batch, triton.cdiv(dim, block_d), triton.cdiv(length, block_t))
     kernel = _conv_fwd_quad_kernel if width <= QUAD_WIDTH else _conv_fwd_kernel
-    kernel[grid](
-        x, init, weight, bias if bias is not None else weight, out,
-        dim, length,
-        *x.stride(), *init.stride(), *weight.stride(), *out.stride(),
-        W=width, HAS_INIT=initial_states is not None, HAS_BIAS=bias is not None, SILU=activation is not None,
-        BLOCK_D=block_d, BLOCK_T=block_t, num_warps=warps,
-    )  # fmt: skip
+    kernel[grid](*args, dim, length, *strides, **flags, BLOCK_D=block_d, BLOCK_T=block_t, num_warps=warps)
     return out
+
+
+def _rolls(x: torch.Tensor, width: int) -> bool:
+    """Whether the step-by-step kernels take x: channel-contiguous, a width of at most 4."""
+    return channels_last(x) and width <= QUAD_WIDTH
+
+
+def _roll_steps(x: torch.Tensor, rows: int, length: int) -> tuple[int, int]:
+    """(steps a program walks, programs along time) for `rows` (sequence, channel block) pairs: enough
+    programs to fill the GPU, none shorter than ROLL_MIN_STEPS steps (each also walks 3 steps past its
+    share in the backward, and reads 3 before it)."""
+    target = _programs_target(x.device) // 8 if x.device.type == "cuda" else 4  # 16 an SM: 32 warps
+    want = triton.cdiv(target, rows)
+    steps = max(triton.cdiv(length, want), min(ROLL_MIN_STEPS, length))
+    return steps, triton.cdiv(length, steps)
 
 
 def _conv_backward(x, weight, bias, initial_states, activation, dy, dfinal, want_dinit, dx_out=None):
@@ -528,11 +659,17 @@ def _conv_backward(x, weight, bias, initial_states, activation, dy, dfinal, want
     init = initial_states if initial_states is not None else x
     store_dinit = want_dinit and initial_states is not None and width > 1
     dinit = torch.empty_like(initial_states, memory_format=torch.contiguous_format) if store_dinit else dx
-    block_d, block_t, warps = _tiles(x, "bwd")
-    d_blocks, t_tiles = triton.cdiv(dim, block_d), triton.cdiv(length, block_t)
-    chunks = max(1, min(t_tiles, triton.cdiv(_programs_target(x.device), batch * d_blocks)))
-    tiles = triton.cdiv(t_tiles, chunks)
-    chunks = triton.cdiv(t_tiles, tiles)
+    rolls = _rolls(x, width)
+    if rolls:
+        block_d, warps = ROLL_BLOCK_D, ROLL_WARPS
+        d_blocks = triton.cdiv(dim, block_d)
+        tiles, chunks = _roll_steps(x, batch * d_blocks, length)  # steps a program, programs along time
+    else:
+        block_d, block_t, warps = _tiles(x, "bwd")
+        d_blocks, t_tiles = triton.cdiv(dim, block_d), triton.cdiv(length, block_t)
+        chunks = max(1, min(t_tiles, triton.cdiv(_programs_target(x.device), batch * d_blocks)))
+        tiles = triton.cdiv(t_tiles, chunks)
+        chunks = triton.cdiv(t_tiles, tiles)
     dw_part = torch.empty(batch * chunks, dim, width, device=x.device, dtype=torch.float32)
     db_part = (
         torch.empty(batch * chunks, dim, device=x.device, dtype=torch.float32)
@@ -540,16 +677,22 @@ def _conv_backward(x, weight, bias, initial_states, activation, dy, dfinal, want
         else dw_part
     )
     fin = dfinal if dfinal is not None else dy
-    kernel = _conv_bwd_quad_kernel if width <= QUAD_WIDTH else _conv_bwd_kernel
-    kernel[(batch, d_blocks, chunks)](
+    args = (
         x, init, weight, bias if bias is not None else weight, dy, fin, dx, dinit, dw_part, db_part,
         dim, length, tiles,
         *x.stride(), *init.stride(), *weight.stride(), *dy.stride(), *fin.stride(), *dx.stride(),
         *dinit.stride(),
-        W=width, HAS_INIT=initial_states is not None, HAS_BIAS=bias is not None, SILU=activation is not None,
-        HAS_DFINAL=dfinal is not None, STORE_DINIT=store_dinit,
-        BLOCK_D=block_d, BLOCK_T=block_t, BLOCK_W=max(2, triton.next_power_of_2(width)), num_warps=warps,
     )  # fmt: skip
+    flags = dict(
+        W=width, HAS_INIT=initial_states is not None, HAS_BIAS=bias is not None, SILU=activation is not None,
+        HAS_DFINAL=dfinal is not None, STORE_DINIT=store_dinit, BLOCK_D=block_d, num_warps=warps,
+    )  # fmt: skip
+    grid = (batch, d_blocks, chunks)
+    if rolls:
+        _conv_bwd_roll_kernel[grid](*args, **flags)
+    else:
+        kernel = _conv_bwd_quad_kernel if width <= QUAD_WIDTH else _conv_bwd_kernel
+        kernel[grid](*args, **flags, BLOCK_T=block_t, BLOCK_W=max(2, triton.next_power_of_2(width)))
     dbias = db_part.sum(0) if bias is not None else None
     return dx, dinit if store_dinit else None, dw_part.sum(0), dbias
 
