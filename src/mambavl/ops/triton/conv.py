@@ -542,9 +542,14 @@ def _conv_bwd_roll_kernel(
     x3 = _x_row(xrow, irow, md, t0 - 3, L, x_l, i_s, W, HAS_INIT)
     x2 = _x_row(xrow, irow, md, t0 - 2, L, x_l, i_s, W, HAS_INIT)
     x1 = _x_row(xrow, irow, md, t0 - 1, L, x_l, i_s, W, HAS_INIT)
-    zero = tl.zeros([BLOCK_D], dtype=tl.float32)
-    g3, g2, g1 = zero, zero, zero  # g_{t-3}, g_{t-2}, g_{t-1}: none before t0 is needed
-    dw0, dw1, dw2, dw3, db = zero, zero, zero, zero, zero
+    g3 = tl.zeros([BLOCK_D], dtype=tl.float32)  # g_{t-3}, g_{t-2}, g_{t-1}: none before t0 is needed
+    g2 = tl.zeros([BLOCK_D], dtype=tl.float32)
+    g1 = tl.zeros([BLOCK_D], dtype=tl.float32)
+    dw0 = tl.zeros([BLOCK_D], dtype=tl.float32)
+    dw1 = tl.zeros([BLOCK_D], dtype=tl.float32)
+    dw2 = tl.zeros([BLOCK_D], dtype=tl.float32)
+    dw3 = tl.zeros([BLOCK_D], dtype=tl.float32)
+    db = tl.zeros([BLOCK_D], dtype=tl.float32)
     for t in range(t0, t1 + 3):
         live = t < L
         x0 = tl.load(xrow + t * x_l, mask=md & live, other=0.0).to(tl.float32)
@@ -566,7 +571,7 @@ def _conv_bwd_roll_kernel(
             tl.store(
                 dirow + (p + W - 1) * di_s,
                 acc.to(dinit.dtype.element_ty),
-                mask=md & (p < 0) & (p >= -(W - 1)),
+                mask=md & (c == 0) & (p < 0) & (p >= -(W - 1)),  # the first program's alone
             )
         x3, x2, x1 = x2, x1, x0
         g3, g2, g1 = g2, g1, g
