@@ -327,9 +327,10 @@ def test_training_forward_pads_rows_to_sixteen_without_changing_anything(monkeyp
 
     monkeypatch.setenv("MAMBAVL_BACKEND", backend)
     cfg = dataclasses.replace(PRESETS["tiny-cobra"].lm, d_model=16, d_inner=32, dt_rank=2, d_state=4)
-    lm = LanguageModel(cfg)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    lm = LanguageModel(cfg).to(device)
     assert lm._pads(21) and not lm._pads(32)
-    ids = torch.randint(0, lm.config.vocab_size, (2, 21))
+    ids = torch.randint(0, lm.config.vocab_size, (2, 21), device=device)
 
     def run():
         lm.zero_grad()

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors import safe_open
 
 import mambavl
@@ -571,4 +572,40 @@ def test_compiled_vision_tower_trains_as_the_eager_one(shapes, tmp_path):
     ]
     assert names[0] == names[1] and not any("_orig_mod" in n for n in names[1])
     with pytest.raises(ValueError, match="frozen vision tower"):
-        train(tiny_cfg(shapes, tmp_path / "refused", max_steps=1, compile_vision=True, train_vision=True))
+        tiny_cfg(shapes, tmp_path / "refused", max_steps=1, compile_vision=True, train_vision=True).check()
+    with pytest.raises(ValueError, match="compile_vision must be"):
+        tiny_cfg(shapes, tmp_path / "refused", compile_vision="yes").check()
+
+
+def test_a_tower_that_fails_to_compile_runs_eagerly_and_says_so(monkeypatch):
+    """A compiler failure at the first call (no compiler on the machine, an op it does not take) must not
+    stop a run: the tower warns once and runs its eager forward from then on, with the same output."""
+    import torch._dynamo
+
+    from mambavl.vision.compiled import compile_frozen
+
+    vlm = mambavl.create("tiny-cobra")
+    tower = vlm.vision.requires_grad_(False).eval()
+    pixels = vlm.pixel_values([Image.new("RGB", (40, 30), (200, 90, 10)), Image.new("RGB", (20, 50))])
+    with torch.no_grad():
+        expected = tower(pixels)
+
+    def failing(fn, *args, **kwargs):
+        def run(*a, **k):
+            raise torch._dynamo.exc.BackendCompilerFailed(
+                lambda *_: None, RuntimeError("no C compiler"), None
+            )
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", failing)
+    warnings = []
+    compile_frozen(tower, warn=warnings.append)
+    with torch.no_grad():
+        first, second = tower(pixels), tower(pixels)
+    torch.testing.assert_close(first, expected)
+    torch.testing.assert_close(second, expected)
+    assert len(warnings) == 1 and "runs eagerly" in warnings[0] and "no C compiler" in warnings[0]
+    trainable = mambavl.create("tiny-cobra").vision
+    with pytest.raises(ValueError, match="frozen"):
+        compile_frozen(trainable)

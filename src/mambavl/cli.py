@@ -315,7 +315,9 @@ def train(
         None, help="Profile this step (from 1) by kernel into RUN_DIR/profile.txt (where its time goes)."
     ),
     compile_vision: bool = typer.Option(
-        None, "--compile-vision", help="Run the frozen vision tower through torch.compile."
+        None,
+        "--compile-vision/--no-compile-vision",
+        help="Run the frozen vision tower through torch.compile (default: on GPUs).",
     ),
 ) -> None:
     """Train a VLM stage (as Cobra's scripts/pretrain.py). Run under torchrun for several processes."""
@@ -550,7 +552,9 @@ def bench(
     batch: int = typer.Option(8, help="--train: rows per step."),
     checkpointing: str = typer.Option("both", help="--train: gradient checkpointing on, off, both or none."),
     compile_vision: bool = typer.Option(
-        False, "--compile-vision", help="--train: ours runs its frozen vision tower through torch.compile."
+        None,
+        "--compile-vision/--no-compile-vision",
+        help="--train: ours runs its frozen vision tower through torch.compile (default: on GPUs).",
     ),
     kernels: bool = typer.Option(
         False,
@@ -643,7 +647,7 @@ def bench(
                 say=console.print,
                 device=device,
                 profile=profile,
-                compile_vision=compile_vision,
+                compile_vision="auto" if compile_vision is None else compile_vision,
             )
             console.print(f"wrote {Path(out) / 'train.json'}")
             return

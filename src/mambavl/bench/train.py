@@ -140,7 +140,7 @@ def ours(
     device: torch.device,
     num_workers: int = 4,
     profile: bool = False,
-    compile_vision: bool = False,
+    compile_vision: bool | str = "auto",
 ) -> dict:
     """A `mambavl.train` finetune of `steps` steps on `data`; no checkpoint, no model written. With
     `profile`, one more step runs under the profiler (`run_dir/profile.txt`), outside the figures."""
@@ -182,7 +182,7 @@ def ours(
         "peak_memory_gib": _peak_gib(device),
         "losses": [r["loss"] for r in everything],
         "gradient_checkpointing": checkpointing,
-        "compile_vision": compile_vision,
+        "compile_vision": compile_vision is True or (compile_vision == "auto" and device.type == "cuda"),
         "wall_s_incl_setup": wall,
     }
 
@@ -345,7 +345,7 @@ def run_train(
     work: Path | None = None,
     peak: float | None = None,
     profile: bool = False,
-    compile_vision: bool = False,
+    compile_vision: bool | str = "auto",
 ) -> dict:
     """Ours with gradient checkpointing on and/or off, then the named peers; writes `out/train.json`.
 
@@ -353,7 +353,7 @@ def run_train(
     directories go (default: a temporary directory, removed). `peak`: the FLOP/s the MFU divides by
     (default: the GPU's dense bf16 peak, when the GPU is known). `profile`: one more step of ours runs under
     the profiler, its table in `out/profile_<key>.txt`, and so does one more step of each peer.
-    `compile_vision`: ours runs its frozen vision tower through torch.compile."""
+    `compile_vision`: whether ours runs its frozen vision tower through torch.compile (`TrainConfig`'s)."""
     from mambavl.data.shapes import write_shapes
 
     choices = {"on": (True,), "off": (False,), "both": (True, False), "none": ()}

@@ -96,8 +96,8 @@ class TrainConfig:
     save_final: bool = True  # checkpoint and export the model at the end (off: a throughput measurement)
     profile_step: int = 0  # profile this step (from 1) by kernel into run_dir/profile.txt; 0: none
     # run a frozen vision tower through torch.compile (its norms, activations and attention fused; the
-    # first step, and each new batch size, waits for the compilation)
-    compile_vision: bool = False
+    # first step, and each new batch size, waits for the compilation); "auto": on GPUs when it is frozen
+    compile_vision: bool | str = "auto"
 
     def resolved(self) -> TrainConfig:
         if self.stage not in STAGES:
@@ -129,6 +129,10 @@ class TrainConfig:
             raise ValueError(
                 f"gradient_checkpointing must be true, false or 'auto', got {self.gradient_checkpointing!r}"
             )
+        if self.compile_vision not in (True, False, "auto"):
+            raise ValueError(f"compile_vision must be true, false or 'auto', got {self.compile_vision!r}")
+        if self.compile_vision is True and (self.stage == "full" or self.train_vision):
+            raise ValueError("compile_vision compiles a frozen vision tower; this run trains it")
         if self.profile_step < 0:
             raise ValueError(
                 f"profile_step must be a step number (from 1), or 0 for none; got {self.profile_step}"

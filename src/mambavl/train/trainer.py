@@ -42,6 +42,7 @@ from mambavl.train.recipe import (
 )
 from mambavl.train.trackers import STATE_FILE, TENSORBOARD_DIR, Trackers
 from mambavl.train.trackers import check as check_trackers
+from mambavl.vision.compiled import compile_frozen
 from mambavl.vlm.sequence import IGNORE_INDEX
 
 # Options a resumed run may change; any other difference from the saved config is refused. The run dir
@@ -241,15 +242,15 @@ def train(
     configure_trainable(vlm, cfg, checkpointing_at_start(cfg, world.device, world.size))
     # "auto" may still turn recomputation on, once, if a step runs out of GPU memory
     may_turn_on = cfg.gradient_checkpointing == "auto" and not vlm.lm.gradient_checkpointing
-    if precision == "bf16" and not any(p.requires_grad for p in vlm.vision.parameters()):
+    frozen = not any(p.requires_grad for p in vlm.vision.parameters())
+    if precision == "bf16" and frozen:
         vlm.vision.to(torch.bfloat16)  # frozen: no master copy needed (as the seeds do)
     vlm.to(world.device)
     vlm.train()
-    vlm.vision.train(any(p.requires_grad for p in vlm.vision.parameters()))
-    if cfg.compile_vision:
-        if any(p.requires_grad for p in vlm.vision.parameters()):
-            raise ValueError("compile_vision compiles a frozen vision tower; this run trains it")
-        vlm.vision.compile()  # in place: the module, its parameters and their names stay
+    vlm.vision.train(not frozen)
+    auto = cfg.compile_vision == "auto" and frozen and world.device.type == "cuda"
+    if cfg.compile_vision is True or auto:
+        compile_frozen(vlm.vision, warn=lambda text: say(f"[yellow]{text}[/yellow]"))
     model = shard(vlm, world)
     opt = optimizer(model, cfg)
     trainable = [p for p in model.parameters() if p.requires_grad]
