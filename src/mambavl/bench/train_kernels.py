@@ -443,8 +443,8 @@ def sweep_prefill_scan(lm, length: int = 16384, say=print, budget_s: float = 90.
 
 
 CONV_BWD_CANDIDATES = {
-    # the mixers' channel-contiguous views (Mamba-2's xBC), and the Mamba-1 node's channel-major x
-    "channels": ((32, 16, 4), (64, 16, 4), (32, 32, 4), (64, 32, 8)),
+    # the Mamba-1 node's channel-major x (the four-column backward's tiles); the mixers' channel-contiguous
+    # views (Mamba-2's xBC) run the step-by-step kernel, which has no tile to choose
     "time": ((16, 64, 4), (16, 32, 4), (8, 128, 4), (4, 256, 4), (8, 64, 2), (32, 64, 8)),
 }
 
@@ -464,15 +464,12 @@ def _conv_time_inputs(batch: int, dim: int, width: int, length: int) -> dict:
 
 def sweep_conv(lm, batch: int, length: int, say=print) -> list[dict]:
     """Forward + backward time of the causal conv1d for candidate backward tiles and program counts, on
-    both layouts the mixers hand it (`CONV_BWD_CANDIDATES`), fastest first within each."""
+    the layouts whose kernel takes a tile (`CONV_BWD_CANDIDATES`), fastest first within each."""
     from mambavl import ops
     from mambavl.ops.triton import conv
 
     saved = dict(conv.TILES), conv.PROGRAMS_PER_SM
-    layouts = {
-        "channels": _conv_inputs(batch, lm.d_inner, lm.d_conv, length),
-        "time": _conv_time_inputs(batch, lm.d_inner, lm.d_conv, length),
-    }
+    layouts = {"time": _conv_time_inputs(batch, lm.d_inner, lm.d_conv, length)}
     rows = []
     try:
         for layout, inputs in layouts.items():

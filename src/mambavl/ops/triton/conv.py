@@ -203,6 +203,19 @@ def _final_grad(frow, md, p, L, f_s, W: tl.constexpr):
 
 
 @triton.jit
+def _bwd_rows(
+    x, init, weight, bias, dy, dfinal, D, x_b, x_d, i_b, i_d, w_d, dy_b, dy_d, f_b, f_d, BLOCK_D: tl.constexpr
+):  # fmt: skip
+    """A backward program's (sequence, channels, chunk along time), its channel mask and the row pointers
+    of its channels into x, the initial window, the weights, the bias, dy and the final window's gradient."""
+    b = tl.program_id(0).to(tl.int64)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    xrow, irow, wrow, brow = x + b * x_b + d * x_d, init + b * i_b + d * i_d, weight + d * w_d, bias + d
+    dyrow, frow = dy + b * dy_b + d * dy_d, dfinal + b * f_b + d * f_d
+    return b, d, tl.program_id(2), d < D, xrow, irow, wrow, brow, dyrow, frow
+
+
+@triton.jit
 def _store_dinit(
     xrow, irow, wrow, brow, dyrow, frow, dirow, md, L, x_l, i_s, w_w, dy_l, f_s, di_s,
     W: tl.constexpr, HAS_INIT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
@@ -242,12 +255,9 @@ def _conv_bwd_kernel(
     # shifts from x and dy (loads the cache serves: x, dy and dx each cross memory once, and nothing is
     # written but dx); the weight and bias gradients' partial sums take g at the tile's own positions and go
     # to row b·chunks + c of dw_part / db_part.
-    b = tl.program_id(0).to(tl.int64)
-    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    c = tl.program_id(2)
-    md = d < D
-    xrow, irow, wrow, brow = x + b * x_b + d * x_d, init + b * i_b + d * i_d, weight + d * w_d, bias + d
-    dyrow, frow = dy + b * dy_b + d * dy_d, dfinal + b * f_b + d * f_d
+    b, d, c, md, xrow, irow, wrow, brow, dyrow, frow = _bwd_rows(
+        x, init, weight, bias, dy, dfinal, D, x_b, x_d, i_b, i_d, w_d, dy_b, dy_d, f_b, f_d, BLOCK_D
+    )
     kk = tl.arange(0, BLOCK_W)
     dw = tl.zeros([BLOCK_D, BLOCK_W], dtype=tl.float32)
     db = tl.zeros([BLOCK_D], dtype=tl.float32)
@@ -391,12 +401,9 @@ def _conv_bwd_quad_kernel(
     # As `_conv_bwd_kernel`, with x read once per tile as the tile and its neighbour groups on each side,
     # dy as the tile and the groups after it; the gradient g at the pre-activation is recomputed at the
     # seven column offsets 0..6 that the tile's input gradients read, dx_p = Σ_j w'_{3-j} g_{p+j}.
-    b = tl.program_id(0).to(tl.int64)
-    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    c = tl.program_id(2)
-    md = d < D
-    xrow, irow, wrow, brow = x + b * x_b + d * x_d, init + b * i_b + d * i_d, weight + d * w_d, bias + d
-    dyrow, frow = dy + b * dy_b + d * dy_d, dfinal + b * f_b + d * f_d
+    b, d, c, md, xrow, irow, wrow, brow, dyrow, frow = _bwd_rows(
+        x, init, weight, bias, dy, dfinal, D, x_b, x_d, i_b, i_d, w_d, dy_b, dy_d, f_b, f_d, BLOCK_D
+    )
     taps = (_tap(wrow, md, w_w, 0, W)[:, None], _tap(wrow, md, w_w, 1, W)[:, None],
             _tap(wrow, md, w_w, 2, W)[:, None], _tap(wrow, md, w_w, 3, W)[:, None])  # fmt: skip
     bv = _bias_vec(brow, md, HAS_BIAS)[:, None]
@@ -527,18 +534,15 @@ def _conv_bwd_roll_kernel(
     # pre-activation, and then dx_{t-3} = w'_3 g_{t-3} + w'_2 g_{t-2} + w'_1 g_{t-1} + w'_0 g_t; it goes on
     # three steps past t1 (g there, not its own) to finish its last inputs' gradients. The first program of
     # a row ends in the initial window's gradient (positions -3..-1).
-    b = tl.program_id(0).to(tl.int64)
-    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    c = tl.program_id(2)
+    b, d, c, md, xrow, irow, wrow, brow, dyrow, frow = _bwd_rows(
+        x, init, weight, bias, dy, dfinal, D, x_b, x_d, i_b, i_d, w_d, dy_b, dy_d, f_b, f_d, BLOCK_D
+    )
     t0 = c * STEPS
     t1 = tl.minimum(t0 + STEPS, L)
-    md = d < D
-    xrow, irow, wrow = x + b * x_b + d * x_d, init + b * i_b + d * i_d, weight + d * w_d
-    dyrow, frow, dxrow = dy + b * dy_b + d * dy_d, dfinal + b * f_b + d * f_d, dx + b * dx_b + d * dx_d
-    dirow = dinit + b * di_b + d * di_d
+    dxrow, dirow = dx + b * dx_b + d * dx_d, dinit + b * di_b + d * di_d
     w0, w1 = _tap(wrow, md, w_w, 0, W), _tap(wrow, md, w_w, 1, W)
     w2, w3 = _tap(wrow, md, w_w, 2, W), _tap(wrow, md, w_w, 3, W)
-    bv = _bias_vec(bias + d, md, HAS_BIAS)
+    bv = _bias_vec(brow, md, HAS_BIAS)
     x3 = _x_row(xrow, irow, md, t0 - 3, L, x_l, i_s, W, HAS_INIT)
     x2 = _x_row(xrow, irow, md, t0 - 2, L, x_l, i_s, W, HAS_INIT)
     x1 = _x_row(xrow, irow, md, t0 - 1, L, x_l, i_s, W, HAS_INIT)
