@@ -156,22 +156,22 @@ def _conv_fwd_kernel(
     D, L,
     x_b, x_d, x_l, i_b, i_d, i_s, w_d, w_w, o_b, o_d, o_l,
     W: tl.constexpr, HAS_INIT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+    QUAD: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0).to(tl.int64)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     t0 = tl.program_id(2) * BLOCK_T
     t = t0 + tl.arange(0, BLOCK_T)
     md, mt = d < D, t < L
-    acc = _preactivation(
-        x + b * x_b + d * x_d, init + b * i_b + d * i_d, weight + d * w_d, bias + d, md, t, t0, mt,
-        x_l, i_s, w_w, W, HAS_INIT, HAS_BIAS,
-    )  # fmt: skip
-    if SILU:
-        acc = acc * tl.sigmoid(acc)
+    xrow, irow, wrow, brow = x + b * x_b + d * x_d, init + b * i_b + d * i_d, weight + d * w_d, bias + d
+    if QUAD:
+        acc = _quad_preactivation(xrow, irow, wrow, brow, md, t, t0, L, x_l, i_s, w_w, W, HAS_INIT,
+                                  HAS_BIAS, BLOCK_D, BLOCK_T)  # fmt: skip
+    else:
+        acc = _preactivation(xrow, irow, wrow, brow, md, t, t0, mt, x_l, i_s, w_w, W, HAS_INIT, HAS_BIAS)
     tl.store(
         out + b * o_b + d[:, None] * o_d + t[None, :] * o_l,
-        acc.to(out.dtype.element_ty),
+        _silu(acc, SILU).to(out.dtype.element_ty),
         mask=md[:, None] & mt[None, :],
     )
 
@@ -247,14 +247,15 @@ def _conv_bwd_kernel(
     x_b, x_d, x_l, i_b, i_d, i_s, w_d, w_w, dy_b, dy_d, dy_l, f_b, f_d, f_s, dx_b, dx_d, dx_l,
     di_b, di_d, di_s,
     W: tl.constexpr, HAS_INIT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
-    HAS_DFINAL: tl.constexpr, STORE_DINIT: tl.constexpr,
+    HAS_DFINAL: tl.constexpr, STORE_DINIT: tl.constexpr, QUAD: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_W: tl.constexpr,
 ):  # fmt: skip
     # Program (b, channel block, c) owns the time tiles [c·TILES, (c+1)·TILES). Per tile of positions p:
-    # dx_p = Σ_j w_{W-1-j} g_{p+j}, with g the gradient at the pre-activation, recomputed at each of the W
-    # shifts from x and dy (loads the cache serves: x, dy and dx each cross memory once, and nothing is
+    # dx_p = Σ_j w_{W-1-j} g_{p+j}, with g the gradient at the pre-activation, recomputed at the shifts the
+    # tile reads from x and dy (loads the cache serves: x, dy and dx each cross memory once, and nothing is
     # written but dx); the weight and bias gradients' partial sums take g at the tile's own positions and go
-    # to row b·chunks + c of dw_part / db_part.
+    # to row b·chunks + c of dw_part / db_part. QUAD (widths up to 4): the four-column form, BLOCK_W = 4
+    # taps, tap k being weight k - (4 - W); else a shifted load of x or dy for each shift.
     b, d, c, md, xrow, irow, wrow, brow, dyrow, frow = _bwd_rows(
         x, init, weight, bias, dy, dfinal, D, x_b, x_d, i_b, i_d, w_d, dy_b, dy_d, f_b, f_d, BLOCK_D
     )
@@ -265,21 +266,29 @@ def _conv_bwd_kernel(
         p0 = tile * BLOCK_T
         p = p0 + tl.arange(0, BLOCK_T)
         mp = p < L
-        g = _output_grad(
-            xrow, irow, wrow, brow, dyrow, md, p, p0, L, x_l, i_s, w_w, dy_l, W, HAS_INIT, HAS_BIAS, SILU
-        )
-        db += tl.sum(g, axis=1)
-        for k in tl.static_range(W):
-            xk = _inputs_at(xrow, irow, md, p - (W - 1) + k, p0 - (W - 1) + k, mp, x_l, i_s, W, HAS_INIT)
-            dw += tl.where(kk[None, :] == k, tl.sum(g * xk, axis=1)[:, None], 0.0)
-        acc = tl.load(wrow + (W - 1) * w_w, mask=md, other=0.0).to(tl.float32)[:, None] * g
-        for j in tl.static_range(1, W):
-            wj = tl.load(wrow + (W - 1 - j) * w_w, mask=md, other=0.0).to(tl.float32)
-            gj = _output_grad(
-                xrow, irow, wrow, brow, dyrow, md, p + j, p0 + j, L, x_l, i_s, w_w, dy_l,
-                W, HAS_INIT, HAS_BIAS, SILU,
+        if QUAD:
+            acc, g_sum, dw_tile = _quad_grads(
+                xrow, irow, wrow, brow, dyrow, md, p, p0, L, x_l, i_s, w_w, dy_l,
+                W, HAS_INIT, HAS_BIAS, SILU, BLOCK_D, BLOCK_T,
             )  # fmt: skip
-            acc += wj[:, None] * gj
+            db += g_sum
+            dw += dw_tile
+        else:
+            g = _output_grad(
+                xrow, irow, wrow, brow, dyrow, md, p, p0, L, x_l, i_s, w_w, dy_l, W, HAS_INIT, HAS_BIAS, SILU
+            )
+            db += tl.sum(g, axis=1)
+            for k in tl.static_range(W):
+                xk = _inputs_at(xrow, irow, md, p - (W - 1) + k, p0 - (W - 1) + k, mp, x_l, i_s, W, HAS_INIT)
+                dw += tl.where(kk[None, :] == k, tl.sum(g * xk, axis=1)[:, None], 0.0)
+            acc = tl.load(wrow + (W - 1) * w_w, mask=md, other=0.0).to(tl.float32)[:, None] * g
+            for j in tl.static_range(1, W):
+                wj = tl.load(wrow + (W - 1 - j) * w_w, mask=md, other=0.0).to(tl.float32)
+                gj = _output_grad(
+                    xrow, irow, wrow, brow, dyrow, md, p + j, p0 + j, L, x_l, i_s, w_w, dy_l,
+                    W, HAS_INIT, HAS_BIAS, SILU,
+                )  # fmt: skip
+                acc += wj[:, None] * gj
         if HAS_DFINAL:
             acc += _final_grad(frow, md, p, L, f_s, W)
         tl.store(
@@ -294,7 +303,12 @@ def _conv_bwd_kernel(
                 f_s, di_s, W, HAS_INIT, HAS_BIAS, SILU, HAS_DFINAL, BLOCK_D, BLOCK_W,
             )  # fmt: skip
     row = b * tl.num_programs(2) + c
-    tl.store(dw_part + row * D * W + d[:, None] * W + kk[None, :], dw, mask=md[:, None] & (kk < W)[None, :])
+    k = kk - (BLOCK_W - W if QUAD else 0)  # the weight each column holds
+    tl.store(
+        dw_part + row * D * W + d[:, None] * W + k[None, :],
+        dw,
+        mask=md[:, None] & ((k >= 0) & (k < W))[None, :],
+    )
     if HAS_BIAS:
         tl.store(db_part + row * D + d, db, mask=md)
 
@@ -358,123 +372,75 @@ def _silu_grad(dy, pre, SILU: tl.constexpr):
 
 
 @triton.jit
-def _conv_fwd_quad_kernel(
-    x, init, weight, bias, out,
-    D, L,
-    x_b, x_d, x_l, i_b, i_d, i_s, w_d, w_w, o_b, o_d, o_l,
-    W: tl.constexpr, HAS_INIT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+def _quad_preactivation(
+    xrow, irow, wrow, brow, md, t, t0, L, x_l, i_s, w_w,
+    W: tl.constexpr, HAS_INIT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_T: tl.constexpr,
 ):  # fmt: skip
-    b = tl.program_id(0).to(tl.int64)
-    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    t0 = tl.program_id(2) * BLOCK_T
-    t = t0 + tl.arange(0, BLOCK_T)
-    md, mt = d < D, t < L
-    xrow, irow, wrow = x + b * x_b + d * x_d, init + b * i_b + d * i_d, weight + d * w_d
-    taps = (_tap(wrow, md, w_w, 0, W)[:, None], _tap(wrow, md, w_w, 1, W)[:, None],
-            _tap(wrow, md, w_w, 2, W)[:, None], _tap(wrow, md, w_w, 3, W)[:, None])  # fmt: skip
-    bv = _bias_vec(bias + d, md, HAS_BIAS)[:, None]
+    """`_preactivation` for widths up to 4 (t0 a multiple of 4): two aligned loads of x, the tile and the
+    groups before it."""
+    taps = _taps(wrow, md, w_w, W)
+    bv = _bias_vec(brow, md, HAS_BIAS)[:, None]
     before = _inputs_at(xrow, irow, md, t - 4, t0 - 4, t - 4 < L, x_l, i_s, W, HAS_INIT)
-    here = _inputs_at(xrow, irow, md, t, t0, mt, x_l, i_s, W, HAS_INIT)
+    here = _inputs_at(xrow, irow, md, t, t0, t < L, x_l, i_s, W, HAS_INIT)
     xs = _quads(before, BLOCK_D, BLOCK_T) + _quads(here, BLOCK_D, BLOCK_T)
-    y = _unquads(
-        _silu(_pre_at(xs, taps, bv, 0), SILU), _silu(_pre_at(xs, taps, bv, 1), SILU),
-        _silu(_pre_at(xs, taps, bv, 2), SILU), _silu(_pre_at(xs, taps, bv, 3), SILU), BLOCK_D, BLOCK_T,
+    return _unquads(
+        _pre_at(xs, taps, bv, 0), _pre_at(xs, taps, bv, 1),
+        _pre_at(xs, taps, bv, 2), _pre_at(xs, taps, bv, 3), BLOCK_D, BLOCK_T,
     )  # fmt: skip
-    tl.store(
-        out + b * o_b + d[:, None] * o_d + t[None, :] * o_l,
-        y.to(out.dtype.element_ty),
-        mask=md[:, None] & mt[None, :],
-    )
 
 
 @triton.jit
-def _conv_bwd_quad_kernel(
-    x, init, weight, bias, dy, dfinal, dx, dinit, dw_part, db_part,
-    D, L, TILES,
-    x_b, x_d, x_l, i_b, i_d, i_s, w_d, w_w, dy_b, dy_d, dy_l, f_b, f_d, f_s, dx_b, dx_d, dx_l,
-    di_b, di_d, di_s,
+def _taps(wrow, md, w_w, W: tl.constexpr):
+    """The four taps, each [BLOCK_D, 1]."""
+    return (
+        _tap(wrow, md, w_w, 0, W)[:, None], _tap(wrow, md, w_w, 1, W)[:, None],
+        _tap(wrow, md, w_w, 2, W)[:, None], _tap(wrow, md, w_w, 3, W)[:, None],
+    )  # fmt: skip
+
+
+@triton.jit
+def _quad_grads(
+    xrow, irow, wrow, brow, dyrow, md, p, p0, L, x_l, i_s, w_w, dy_l,
     W: tl.constexpr, HAS_INIT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
-    HAS_DFINAL: tl.constexpr, STORE_DINIT: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_W: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
 ):  # fmt: skip
-    # As `_conv_bwd_kernel`, with x read once per tile as the tile and its neighbour groups on each side,
-    # dy as the tile and the groups after it; the gradient g at the pre-activation is recomputed at the
-    # seven column offsets 0..6 that the tile's input gradients read, dx_p = Σ_j w'_{3-j} g_{p+j}.
-    b, d, c, md, xrow, irow, wrow, brow, dyrow, frow = _bwd_rows(
-        x, init, weight, bias, dy, dfinal, D, x_b, x_d, i_b, i_d, w_d, dy_b, dy_d, f_b, f_d, BLOCK_D
-    )
-    taps = (_tap(wrow, md, w_w, 0, W)[:, None], _tap(wrow, md, w_w, 1, W)[:, None],
-            _tap(wrow, md, w_w, 2, W)[:, None], _tap(wrow, md, w_w, 3, W)[:, None])  # fmt: skip
+    """One tile of the backward for widths up to 4: (dx of the tile without the final window's share, the
+    tile's Σ g, its [BLOCK_D, 4] weight-gradient sums by tap). x is read as the tile and its neighbour groups
+    on each side, dy as the tile and the groups after it; g is recomputed at the seven column offsets 0..6
+    that the tile's input gradients read, dx_p = Σ_j w'_{3-j} g_{p+j}."""
+    taps = _taps(wrow, md, w_w, W)
     bv = _bias_vec(brow, md, HAS_BIAS)[:, None]
-    dw0 = tl.zeros([BLOCK_D], dtype=tl.float32)
-    dw1 = tl.zeros([BLOCK_D], dtype=tl.float32)
-    dw2 = tl.zeros([BLOCK_D], dtype=tl.float32)
-    dw3 = tl.zeros([BLOCK_D], dtype=tl.float32)
-    db = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for tile in range(c * TILES, tl.minimum((c + 1) * TILES, tl.cdiv(L, BLOCK_T))):
-        p0 = tile * BLOCK_T
-        p = p0 + tl.arange(0, BLOCK_T)
-        mp = p < L
-        before = _inputs_at(xrow, irow, md, p - 4, p0 - 4, p - 4 < L, x_l, i_s, W, HAS_INIT)
-        here = _inputs_at(xrow, irow, md, p, p0, mp, x_l, i_s, W, HAS_INIT)
-        after = _inputs_at(xrow, irow, md, p + 4, p0 + 4, p + 4 < L, x_l, i_s, W, HAS_INIT)
-        xs = (
-            _quads(before, BLOCK_D, BLOCK_T)
-            + _quads(here, BLOCK_D, BLOCK_T)
-            + _quads(after, BLOCK_D, BLOCK_T)
-        )
-        dys = _quads(
-            tl.load(dyrow[:, None] + p[None, :] * dy_l, mask=md[:, None] & mp[None, :], other=0.0).to(
-                tl.float32
-            ),
-            BLOCK_D, BLOCK_T,
-        ) + _quads(
-            tl.load(dyrow[:, None] + (p + 4)[None, :] * dy_l, mask=md[:, None] & (p + 4 < L)[None, :],
-                    other=0.0).to(tl.float32),
-            BLOCK_D, BLOCK_T,
-        )  # fmt: skip
-        g0 = _silu_grad(dys[0], _pre_at(xs, taps, bv, 0), SILU)
-        g1 = _silu_grad(dys[1], _pre_at(xs, taps, bv, 1), SILU)
-        g2 = _silu_grad(dys[2], _pre_at(xs, taps, bv, 2), SILU)
-        g3 = _silu_grad(dys[3], _pre_at(xs, taps, bv, 3), SILU)
-        g4 = _silu_grad(dys[4], _pre_at(xs, taps, bv, 4), SILU)
-        g5 = _silu_grad(dys[5], _pre_at(xs, taps, bv, 5), SILU)
-        g6 = _silu_grad(dys[6], _pre_at(xs, taps, bv, 6), SILU)
-        db += tl.sum(g0 + g1 + g2 + g3, axis=1)
-        # dw'_k = Σ_p g_p x_{p-3+k}: g's column i against x's column at offset i - 3 + k (xs[i + 1 + k])
-        dw0 += tl.sum(g0 * xs[1] + g1 * xs[2] + g2 * xs[3] + g3 * xs[4], axis=1)
-        dw1 += tl.sum(g0 * xs[2] + g1 * xs[3] + g2 * xs[4] + g3 * xs[5], axis=1)
-        dw2 += tl.sum(g0 * xs[3] + g1 * xs[4] + g2 * xs[5] + g3 * xs[6], axis=1)
-        dw3 += tl.sum(g0 * xs[4] + g1 * xs[5] + g2 * xs[6] + g3 * xs[7], axis=1)
-        acc = _unquads(
-            taps[3] * g0 + taps[2] * g1 + taps[1] * g2 + taps[0] * g3,
-            taps[3] * g1 + taps[2] * g2 + taps[1] * g3 + taps[0] * g4,
-            taps[3] * g2 + taps[2] * g3 + taps[1] * g4 + taps[0] * g5,
-            taps[3] * g3 + taps[2] * g4 + taps[1] * g5 + taps[0] * g6,
-            BLOCK_D, BLOCK_T,
-        )  # fmt: skip
-        if HAS_DFINAL:
-            acc += _final_grad(frow, md, p, L, f_s, W)
-        tl.store(
-            dx + b * dx_b + d[:, None] * dx_d + p[None, :] * dx_l,
-            acc.to(dx.dtype.element_ty),
-            mask=md[:, None] & mp[None, :],
-        )
-    if STORE_DINIT:  # noqa: SIM102
-        if c == 0:
-            _store_dinit(
-                xrow, irow, wrow, brow, dyrow, frow, dinit + b * di_b + d * di_d, md, L, x_l, i_s, w_w, dy_l,
-                f_s, di_s, W, HAS_INIT, HAS_BIAS, SILU, HAS_DFINAL, BLOCK_D, BLOCK_W,
-            )  # fmt: skip
-    row = b * tl.num_programs(2) + c
-    base = dw_part + row * D * W + d * W - (4 - W)  # tap k is weight k - (4 - W)
-    tl.store(base + 0, dw0, mask=md & (W >= 4))
-    tl.store(base + 1, dw1, mask=md & (W >= 3))
-    tl.store(base + 2, dw2, mask=md & (W >= 2))
-    tl.store(base + 3, dw3, mask=md)
-    if HAS_BIAS:
-        tl.store(db_part + row * D + d, db, mask=md)
+    before = _inputs_at(xrow, irow, md, p - 4, p0 - 4, p - 4 < L, x_l, i_s, W, HAS_INIT)
+    here = _inputs_at(xrow, irow, md, p, p0, p < L, x_l, i_s, W, HAS_INIT)
+    after = _inputs_at(xrow, irow, md, p + 4, p0 + 4, p + 4 < L, x_l, i_s, W, HAS_INIT)
+    xs = _quads(before, BLOCK_D, BLOCK_T) + _quads(here, BLOCK_D, BLOCK_T) + _quads(after, BLOCK_D, BLOCK_T)
+    dy_here = tl.load(dyrow[:, None] + p[None, :] * dy_l, mask=md[:, None] & (p < L)[None, :], other=0.0)
+    dy_after = tl.load(
+        dyrow[:, None] + (p + 4)[None, :] * dy_l, mask=md[:, None] & (p + 4 < L)[None, :], other=0.0
+    )
+    dys = _quads(dy_here.to(tl.float32), BLOCK_D, BLOCK_T) + _quads(dy_after.to(tl.float32), BLOCK_D, BLOCK_T)
+    g0 = _silu_grad(dys[0], _pre_at(xs, taps, bv, 0), SILU)
+    g1 = _silu_grad(dys[1], _pre_at(xs, taps, bv, 1), SILU)
+    g2 = _silu_grad(dys[2], _pre_at(xs, taps, bv, 2), SILU)
+    g3 = _silu_grad(dys[3], _pre_at(xs, taps, bv, 3), SILU)
+    g4 = _silu_grad(dys[4], _pre_at(xs, taps, bv, 4), SILU)
+    g5 = _silu_grad(dys[5], _pre_at(xs, taps, bv, 5), SILU)
+    g6 = _silu_grad(dys[6], _pre_at(xs, taps, bv, 6), SILU)
+    # dw'_k = Σ_p g_p x_{p-3+k}: g's column i against x's column at offset i - 3 + k (xs[i + 1 + k])
+    kk = tl.arange(0, 4)[None, :]
+    dw = tl.where(kk == 0, tl.sum(g0 * xs[1] + g1 * xs[2] + g2 * xs[3] + g3 * xs[4], axis=1)[:, None], 0.0)
+    dw += tl.where(kk == 1, tl.sum(g0 * xs[2] + g1 * xs[3] + g2 * xs[4] + g3 * xs[5], axis=1)[:, None], 0.0)
+    dw += tl.where(kk == 2, tl.sum(g0 * xs[3] + g1 * xs[4] + g2 * xs[5] + g3 * xs[6], axis=1)[:, None], 0.0)
+    dw += tl.where(kk == 3, tl.sum(g0 * xs[4] + g1 * xs[5] + g2 * xs[6] + g3 * xs[7], axis=1)[:, None], 0.0)
+    dx = _unquads(
+        taps[3] * g0 + taps[2] * g1 + taps[1] * g2 + taps[0] * g3,
+        taps[3] * g1 + taps[2] * g2 + taps[1] * g3 + taps[0] * g4,
+        taps[3] * g2 + taps[2] * g3 + taps[1] * g4 + taps[0] * g5,
+        taps[3] * g3 + taps[2] * g4 + taps[1] * g5 + taps[0] * g6,
+        BLOCK_D, BLOCK_T,
+    )  # fmt: skip
+    return dx, tl.sum(g0 + g1 + g2 + g3, axis=1), dw
 
 
 # --- channel-contiguous x, widths up to 4: each program walks a run of steps one at a time over a block of
@@ -637,8 +603,10 @@ def _conv_forward(x, weight, bias, initial_states, activation) -> torch.Tensor:
         return out
     block_d, block_t, warps = _tiles(x, "fwd")
     grid = (batch, triton.cdiv(dim, block_d), triton.cdiv(length, block_t))
-    kernel = _conv_fwd_quad_kernel if width <= QUAD_WIDTH else _conv_fwd_kernel
-    kernel[grid](*args, dim, length, *strides, **flags, BLOCK_D=block_d, BLOCK_T=block_t, num_warps=warps)
+    _conv_fwd_kernel[grid](
+        *args, dim, length, *strides, **flags, QUAD=width <= QUAD_WIDTH, BLOCK_D=block_d, BLOCK_T=block_t,
+        num_warps=warps,
+    )  # fmt: skip
     return out
 
 
@@ -700,8 +668,9 @@ def _conv_backward(x, weight, bias, initial_states, activation, dy, dfinal, want
     if rolls:
         _conv_bwd_roll_kernel[grid](*args, **flags)
     else:
-        kernel = _conv_bwd_quad_kernel if width <= QUAD_WIDTH else _conv_bwd_kernel
-        kernel[grid](*args, **flags, BLOCK_T=block_t, BLOCK_W=max(2, triton.next_power_of_2(width)))
+        quad = width <= QUAD_WIDTH
+        block_w = QUAD_WIDTH if quad else triton.next_power_of_2(width)
+        _conv_bwd_kernel[grid](*args, **flags, QUAD=quad, BLOCK_T=block_t, BLOCK_W=max(2, block_w))
     dbias = db_part.sum(0) if bias is not None else None
     return dx, dinit if store_dinit else None, dw_part.sum(0), dbias
 
