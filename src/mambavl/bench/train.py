@@ -182,7 +182,7 @@ def ours(
         "peak_memory_gib": _peak_gib(device),
         "losses": [r["loss"] for r in everything],
         "gradient_checkpointing": checkpointing,
-        "compile_vision": compile_vision is True or (compile_vision == "auto" and device.type == "cuda"),
+        "compile_vision": cfg.compiles_vision(device.type, frozen=True),  # finetune: the tower is frozen
         "wall_s_incl_setup": wall,
     }
 

@@ -99,6 +99,12 @@ class TrainConfig:
     # first step, and each new batch size, waits for the compilation); "auto": on GPUs when it is frozen
     compile_vision: bool | str = "auto"
 
+    def compiles_vision(self, device_type: str, frozen: bool) -> bool:
+        """Whether the run compiles its vision tower (`compile_vision`; "auto": a frozen one on GPUs)."""
+        return self.compile_vision is True or (
+            self.compile_vision == "auto" and frozen and device_type == "cuda"
+        )
+
     def resolved(self) -> TrainConfig:
         if self.stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")

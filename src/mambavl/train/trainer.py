@@ -248,8 +248,7 @@ def train(
     vlm.to(world.device)
     vlm.train()
     vlm.vision.train(not frozen)
-    auto = cfg.compile_vision == "auto" and frozen and world.device.type == "cuda"
-    if cfg.compile_vision is True or auto:
+    if cfg.compiles_vision(world.device.type, frozen):
         compile_frozen(vlm.vision, warn=lambda text: say(f"[yellow]{text}[/yellow]"))
     model = shard(vlm, world)
     opt = optimizer(model, cfg)

@@ -118,6 +118,29 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None) -> t
 
 
 @triton.jit
+def _bias_vec(brow, md, HAS_BIAS: tl.constexpr):
+    if HAS_BIAS:
+        return tl.load(brow, mask=md, other=0.0).to(tl.float32)
+    return tl.zeros_like(md.to(tl.float32))
+
+
+@triton.jit
+def _silu(v, SILU: tl.constexpr):
+    if SILU:
+        return v * tl.sigmoid(v)
+    return v
+
+
+@triton.jit
+def _silu_grad(dy, pre, SILU: tl.constexpr):
+    """The gradient at the pre-activation from the output's."""
+    if SILU:
+        sg = tl.sigmoid(pre)
+        return dy * sg * (1.0 + pre * (1.0 - sg))
+    return dy
+
+
+@triton.jit
 def _inputs_at(xrow, irow, md, p, p0, live, x_l, i_s, W: tl.constexpr, HAS_INIT: tl.constexpr):
     """The [BLOCK_D, len(p)] inputs at positions p (fp32), zero where not `live` or before the window."""
     v = tl.load(
@@ -145,9 +168,7 @@ def _preactivation(
         acc += wk[:, None] * _inputs_at(
             xrow, irow, md, t - (W - 1) + k, t0 - (W - 1) + k, live, x_l, i_s, W, HAS_INIT
         )
-    if HAS_BIAS:
-        acc += tl.load(brow, mask=md, other=0.0).to(tl.float32)[:, None]
-    return acc
+    return acc + _bias_vec(brow, md, HAS_BIAS)[:, None]
 
 
 @triton.jit
@@ -188,8 +209,7 @@ def _output_grad(
     )
     if SILU:
         pre = _preactivation(xrow, irow, wrow, brow, md, t, t0, live, x_l, i_s, w_w, W, HAS_INIT, HAS_BIAS)
-        sg = tl.sigmoid(pre)
-        g = g * sg * (1.0 + pre * (1.0 - sg))
+        g = _silu_grad(g, pre, SILU)
     return g
 
 
@@ -346,29 +366,6 @@ def _tap(wrow, md, w_w, k: tl.constexpr, W: tl.constexpr):
 def _pre_at(xs, taps, bv, o: tl.constexpr):
     """The pre-activation at column offset o (positions 4g + o) from xs, the columns from offset -4 on."""
     return bv + taps[0] * xs[o + 1] + taps[1] * xs[o + 2] + taps[2] * xs[o + 3] + taps[3] * xs[o + 4]
-
-
-@triton.jit
-def _bias_vec(brow, md, HAS_BIAS: tl.constexpr):
-    if HAS_BIAS:
-        return tl.load(brow, mask=md, other=0.0).to(tl.float32)
-    return tl.zeros_like(md.to(tl.float32))
-
-
-@triton.jit
-def _silu(v, SILU: tl.constexpr):
-    if SILU:
-        return v * tl.sigmoid(v)
-    return v
-
-
-@triton.jit
-def _silu_grad(dy, pre, SILU: tl.constexpr):
-    """The gradient at the pre-activation from the output's."""
-    if SILU:
-        sg = tl.sigmoid(pre)
-        return dy * sg * (1.0 + pre * (1.0 - sg))
-    return dy
 
 
 @triton.jit
