@@ -157,6 +157,55 @@ def test_selective_scan_triton_equals_reference(batch, dim, n, length, groups, d
     torch.testing.assert_close(tri_h, ref_h, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize(
+    "tiles",
+    [
+        dict(),  # the step-by-step kernel as the GPU runs it
+        dict(steps_block_d=16, steps_warps=2),  # two warps, more channels than a group of B/C has
+        dict(prefill="tiles"),  # the tiled kernel
+    ],
+    ids=["steps", "steps-wide", "tiles"],
+)
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_selective_scan_prefill_kernels(tiles, channels_last):
+    """Both prefill kernels equal the reference at the mixer's layouts: u, Δ and z channel-contiguous views
+    and B, C slices of x_proj's output (or all time-contiguous), bf16, three groups of 8 channels, a length
+    off the kernel's blocks of eight steps, from an initial state."""
+    from mambavl.ops.triton.scan import ScanTiles, selective_scan
+
+    batch, dim, n, length, groups, rank = 2, 24, 16, 29, 3, 5
+    gen = torch.Generator().manual_seed(0)
+
+    def rows(*shape):  # [B, D, L] as a channel-contiguous view, or time-contiguous
+        x = torch.randn(batch, length, *shape, generator=gen).to(DEVICE, torch.bfloat16)
+        return x.movedim(1, -1) if channels_last else x.movedim(1, -1).contiguous()
+
+    x_dbl = rows(groups, rank + 2 * n)  # [B, G, R + 2N, L]
+    kw = dict(
+        u=rows(dim), delta=(rows(dim) * 0.5), z=rows(dim), B=x_dbl[:, :, rank : rank + n],
+        C=x_dbl[:, :, rank + n :], A=-torch.rand(dim, n, generator=gen).to(DEVICE) * 3,
+        D=torch.randn(dim, generator=gen).to(DEVICE),
+        delta_bias=torch.randn(dim, generator=gen).to(DEVICE) * 0.3,
+        initial_state=torch.randn(batch, dim, n, generator=gen).to(DEVICE),
+    )  # fmt: skip
+    ref_y, ref_h = ops.selective_scan(**kw, delta_softplus=True, return_last_state=True, backend="torch")
+    y, h = selective_scan(**kw, delta_softplus=True, return_last_state=True, tiles=ScanTiles(**tiles))
+    assert y.dtype == torch.bfloat16 and y.shape == ref_y.shape
+    torch.testing.assert_close(y.float(), ref_y.float(), rtol=2e-2, atol=5e-2)
+    torch.testing.assert_close(h, ref_h, rtol=1e-4, atol=1e-4)
+
+
+def test_selective_scan_tiles_are_checked():
+    from mambavl.ops.triton.scan import ScanTiles
+
+    with pytest.raises(ValueError, match="prefill"):
+        ScanTiles(prefill="rows")
+    with pytest.raises(ValueError, match="steps_block_d"):
+        ScanTiles(steps_block_d=12)
+    with pytest.raises(ValueError, match="warp"):
+        ScanTiles(steps_warps=0)
+
+
 def test_selective_scan_triton_continues_a_sequence():
     """Two calls, the second from the first's last state, equal one call over the whole sequence."""
     kw = _scan_inputs(1, 16, 16, 40, None, torch.float32)

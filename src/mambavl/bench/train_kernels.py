@@ -410,35 +410,40 @@ def sweep_scan(
 
 def sweep_prefill_scan(lm, length: int = 16384, say=print, budget_s: float = 90.0) -> list[dict]:
     """Time of the Mamba-1 scan without a gradient (prefill: one sequence of `length` steps, the mixer's
-    layout) under every candidate inference tile (inputs made time-contiguous or not, steps a tile, channels
-    a program, warps), fastest first."""
+    layout) under every candidate inference launch, fastest first: the step-by-step kernel (channels a
+    program, warps) and the tiled one (inputs made time-contiguous or not, steps a tile, channels, warps)."""
+    import dataclasses
     import itertools
     import time
 
-    from mambavl.ops.triton.scan import DEFAULT_TILES, ScanTiles, selective_scan
+    from mambavl.ops.triton.scan import DEFAULT_TILES, selective_scan
 
     inputs = {
         k: v.detach() for k, v in _scan_inputs_as_mixed(1, lm.d_inner, lm.d_state, length, lm.dt_rank).items()
     }
+    steps = [
+        dict(prefill="steps", steps_block_d=d, steps_warps=w)
+        for d, w in itertools.product((4, 8, 16, 32), (1, 2))
+    ]
+    tiled_grid = [(False, 16, 2, 1), *itertools.product((True,), (16, 32, 64), (1, 2, 4, 8), (1, 2, 4))]
+    tiled = [
+        dict(prefill="tiles", prefill_time_major=major, block_t=t, block_d=d, num_warps=w)
+        for major, t, d, w in tiled_grid
+        if 1 <= t * d * 16 // (32 * w) <= 64
+    ]
     rows, start = [], time.perf_counter()
-    grid = [(False, 16, 2, 1), *itertools.product((True,), (16, 32, 64), (1, 2, 4, 8), (1, 2, 4))]
-    for major, block_t, block_d, warps in grid:
-        if not 1 <= block_t * block_d * 16 // (32 * warps) <= 64 or time.perf_counter() - start > budget_s:
-            continue
-        tiles = ScanTiles(
-            block_t=block_t, block_d=block_d, num_warps=warps, chunk=DEFAULT_TILES.chunk,
-            train_block_d=DEFAULT_TILES.train_block_d, train_warps=DEFAULT_TILES.train_warps,
-            prefill_time_major=major,
-        )  # fmt: skip
+    for launch in steps + tiled:
+        if time.perf_counter() - start > budget_s:
+            break
+        tiles = dataclasses.replace(DEFAULT_TILES, **launch)
         try:
             with torch.no_grad():
                 ms = _time(lambda t=tiles: selective_scan(**inputs, delta_softplus=True, tiles=t), 5, 1) * 1e3
         except Exception as e:
-            say(f"prefill sweep {tiles}: {type(e).__name__}")
+            say(f"prefill sweep {launch}: {type(e).__name__}")
             continue
-        row = dict(time_major=major, block_t=block_t, block_d=block_d, num_warps=warps, prefill_ms=ms)
-        rows.append(row)
-        say(f"prefill sweep {row}")
+        rows.append(launch | {"prefill_ms": ms})
+        say(f"prefill sweep {rows[-1]}")
     return sorted(rows, key=lambda r: r["prefill_ms"])
 
 

@@ -1,12 +1,16 @@
 """The Mamba-1 selective scan (prefill and training), fused: Δ (bias, softplus), the discretisation, the scan,
 the read-out through C, the skip D and the SiLU gate, in one pass over the inputs; and its backward.
 
-Forward without a gradient (prefill): one program per (sequence, block of BLOCK_D channels). It walks the
-sequence in tiles of BLOCK_T steps: inside a tile the recurrence h_t = exp(Δ_t A)·h_{t-1} + Δ_t B_t u_t is
-a parallel associative scan over a [BLOCK_D, N, BLOCK_T] tile in registers, and the state at the tile's end
-carries to the next tile. Inputs are read once and y written once; the [B, L, D, N] states that the
-reference materialises never leave the chip. Positions past the end are identity steps (Δ = 0), so the
-carried state is exactly the state after the last real token.
+Forward without a gradient (prefill), step by step: one program per (sequence, block of channels), each
+thread holding a few states n of one channel and running the recurrence h_t = exp(Δ_t A)·h_{t-1} + Δ_t B_t u_t
+one step after another, a multiply and a fused multiply-add per state and step, and y_t = Σ_n C_t h_t a sum
+over the threads of a channel. Inputs come in blocks of eight steps, loaded one block ahead and split
+inside the threads into the eight steps (`_steps8`); Δ's softplus, Δ·u, the skip and the gate are computed
+on the block in its load layout, each value once. Inputs are read once and y written once; the
+[B, L, D, N] states that the reference materialises never leave the chip. Positions past the end are
+identity steps (Δ = 0), so the carried state is exactly the state after the last real token. (The older
+tiled form, `_selective_scan_kernel`, ran the recurrence as an associative scan over [channels, N, steps]
+tiles: about four times the instructions a state and step.)
 
 Forward for training: the backward's tile, [channels, CHUNK steps], with the state index n as the loop
 inside a chunk (the scan runs over time alone and y = Σ_n C·h is a running sum); it stores the fp32 state
@@ -49,7 +53,9 @@ class ScanTiles:
     """Launch parameters, from sweeps on an H100 at Mamba-1 2.8B shapes (`mambavl bench --kernels --train
     --sweep`, BENCHMARKS.md).
 
-    Inference (no gradient): tiles of `block_t` steps × `block_d` channels, `num_warps` warps. Training: the
+    Inference (no gradient): with `prefill="steps"` (the default), the step-by-step kernel on `steps_block_d`
+    channels a program (fewer where a group of B/C has fewer) and `steps_warps` warps; with "tiles", the
+    tiled kernel on tiles of `block_t` steps × `block_d` channels, `num_warps` warps. Training: the
     forward keeps the state every `chunk` steps (B·D·N·L/chunk fp32 values a layer), and both it and the
     backward run one program per sequence and `train_block_d` channels (fewer where a group of B/C has
     fewer), on `train_warps` warps, with [train_block_d, chunk] tiles; the backward walks the chunks last to
@@ -65,6 +71,9 @@ class ScanTiles:
     block_t: int = 16
     block_d: int = 2
     num_warps: int = 1
+    prefill: str = "steps"
+    steps_block_d: int = 8
+    steps_warps: int = 1
     chunk: int = 128
     train_block_d: int = 4
     train_warps: int = 1
@@ -74,12 +83,14 @@ class ScanTiles:
     train_maxnreg: int | None = None
 
     def __post_init__(self):
-        for name in ("block_t", "chunk", "block_d", "train_block_d"):
+        if self.prefill not in ("steps", "tiles"):
+            raise ValueError(f"ScanTiles.prefill must be 'steps' or 'tiles', got {self.prefill!r}")
+        for name in ("block_t", "chunk", "block_d", "train_block_d", "steps_block_d"):
             value = getattr(self, name)
             if value < 1 or value & (value - 1):
                 raise ValueError(f"ScanTiles.{name} must be a power of two, got {value}")
-        if self.bwd_slots < 1 or self.num_warps < 1 or self.train_warps < 1:
-            raise ValueError("ScanTiles: bwd_slots, num_warps and train_warps must be at least 1")
+        if min(self.bwd_slots, self.num_warps, self.train_warps, self.steps_warps) < 1:
+            raise ValueError("ScanTiles: bwd_slots and every warp count must be at least 1")
         if self.train_maxnreg is not None and not 24 <= self.train_maxnreg <= 255:
             raise ValueError(f"ScanTiles.train_maxnreg must be None or 24..255, got {self.train_maxnreg}")
 
@@ -105,6 +116,123 @@ def _timestep(raw, SOFTPLUS: tl.constexpr):
     if SOFTPLUS:
         raw = tl.where(raw <= 20.0, tl.log(1.0 + tl.exp(raw)), raw)
     return raw
+
+
+@triton.jit
+def _steps8(x, R0: tl.constexpr, R1: tl.constexpr):
+    """The eight steps of an [R0, R1, 8] block, in time order, [R0, R1] each: split inside the threads
+    (`tl.split` keeps its last axis in a thread's registers)."""
+    lo, hi = tl.split(tl.reshape(x, [R0, R1, 4, 2]))  # steps 2a | 2a + 1
+    a0, a1 = tl.split(tl.reshape(lo, [R0, R1, 2, 2]))  # steps 0, 4 | 2, 6
+    b0, b1 = tl.split(tl.reshape(hi, [R0, R1, 2, 2]))  # steps 1, 5 | 3, 7
+    t0, t4 = tl.split(a0)
+    t2, t6 = tl.split(a1)
+    t1, t5 = tl.split(b0)
+    t3, t7 = tl.split(b1)
+    return t0, t1, t2, t3, t4, t5, t6, t7
+
+
+@triton.jit
+def _join8(t0, t1, t2, t3, t4, t5, t6, t7, R0: tl.constexpr):
+    """The [R0, 8] block of eight [R0] steps (`_steps8` inverted)."""
+    lo = tl.reshape(tl.join(tl.join(t0, t4), tl.join(t2, t6)), [R0, 4])  # steps 0, 2, 4, 6
+    hi = tl.reshape(tl.join(tl.join(t1, t5), tl.join(t3, t7)), [R0, 4])  # steps 1, 3, 5, 7
+    return tl.reshape(tl.join(lo, hi), [R0, 8])
+
+
+@triton.jit
+def _step(h, a2, dt, du, bv, cv):
+    """One step of the recurrence for [channels, N] states h: the next states and y = Σ_n C h [channels]."""
+    h = tl.exp2(dt * a2) * h + du * bv
+    return h, tl.sum(h * cv, 1)
+
+
+@triton.jit
+def _selective_scan_steps_kernel(
+    u, delta, A, B, C, D, z, bias, h0, y, h_last,
+    dim, length, N, channels_per_group,
+    u_b, u_d, u_t,
+    dl_b, dl_d, dl_t,
+    a_d, a_n,
+    b_b, b_g, b_n, b_t,
+    c_b, c_g, c_n, c_t,
+    z_b, z_d, z_t,
+    h0_b, h0_d, h0_n,
+    y_b, y_d, y_t,
+    hl_b, hl_d, hl_n,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    HAS_H0: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    # Blocks of eight steps: Δ, u, z and y as [BLOCK_D, 8], B and C (fp32) as [1, BLOCK_N, 8], shared by the
+    # program's channels (BLOCK_D divides channels_per_group: one group a program); the states [BLOCK_D,
+    # BLOCK_N] stay in registers from the first step to the last.
+    b = tl.program_id(0).to(tl.int64)  # batch offsets can pass 2^31 elements on long sequences
+    first = tl.program_id(1) * BLOCK_D
+    d = first + tl.arange(0, BLOCK_D)
+    n = tl.arange(0, BLOCK_N)
+    t = tl.arange(0, 8)
+    md, mn = d < dim, n < N
+    mdn = md[:, None] & mn[None, :]
+    a2 = tl.load(A + d[:, None] * a_d + n[None, :] * a_n, mask=mdn, other=0.0).to(tl.float32) * LOG2E
+    if HAS_D:
+        skip = tl.load(D + d, mask=md, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        dt_bias = tl.load(bias + d, mask=md, other=0.0).to(tl.float32)
+    if HAS_H0:
+        h = tl.load(h0 + b * h0_b + d[:, None] * h0_d + n[None, :] * h0_n, mask=mdn, other=0.0).to(tl.float32)
+    else:
+        h = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
+    u += b * u_b + d[:, None] * u_d
+    delta += b * dl_b + d[:, None] * dl_d
+    z += b * z_b + d[:, None] * z_d
+    y += b * y_b + d[:, None] * y_d
+    g = first // channels_per_group
+    B += b * b_b + g * b_g + n[None, :, None] * b_n
+    C += b * c_b + g * c_g + n[None, :, None] * c_n
+
+    # each block's inputs are loaded one block ahead, so that their latency overlaps the block before
+    m2 = md[:, None] & (t < length)[None, :]
+    mbc = mn[None, :, None] & (t < length)[None, None, :]
+    raw_next = tl.load(delta + t[None, :] * dl_t, mask=m2, other=0.0)
+    uv_next = tl.load(u + t[None, :] * u_t, mask=m2, other=0.0)
+    bv_next = tl.load(B + t[None, None, :] * b_t, mask=mbc, other=0.0)
+    cv_next = tl.load(C + t[None, None, :] * c_t, mask=mbc, other=0.0)
+    for start in range(0, length, 8):
+        tt = start + t
+        m2 = md[:, None] & (tt < length)[None, :]
+        raw, uv, bv, cv = raw_next.to(tl.float32), uv_next.to(tl.float32), bv_next, cv_next
+        nt = tt + 8
+        m2_next = md[:, None] & (nt < length)[None, :]
+        mbc = mn[None, :, None] & (nt < length)[None, None, :]
+        raw_next = tl.load(delta + nt[None, :] * dl_t, mask=m2_next, other=0.0)
+        uv_next = tl.load(u + nt[None, :] * u_t, mask=m2_next, other=0.0)
+        bv_next = tl.load(B + nt[None, None, :] * b_t, mask=mbc, other=0.0)
+        cv_next = tl.load(C + nt[None, None, :] * c_t, mask=mbc, other=0.0)
+        if HAS_Z:
+            zv = tl.load(z + tt[None, :] * z_t, mask=m2, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            raw += dt_bias[:, None]
+        dt = tl.where(m2, _timestep(raw, SOFTPLUS), 0.0)  # past the end: identity steps
+        du = dt * uv
+        d0, d1, d2, d3, d4, d5, d6, d7 = _steps8(dt[:, None, :], BLOCK_D, 1)
+        e0, e1, e2, e3, e4, e5, e6, e7 = _steps8(du[:, None, :], BLOCK_D, 1)
+        b0, b1, b2, b3, b4, b5, b6, b7 = _steps8(bv, 1, BLOCK_N)
+        c0, c1, c2, c3, c4, c5, c6, c7 = _steps8(cv, 1, BLOCK_N)
+        h, y0 = _step(h, a2, d0, e0, b0, c0)
+        h, y1 = _step(h, a2, d1, e1, b1, c1)
+        h, y2 = _step(h, a2, d2, e2, b2, c2)
+        h, y3 = _step(h, a2, d3, e3, b3, c3)
+        h, y4 = _step(h, a2, d4, e4, b4, c4)
+        h, y5 = _step(h, a2, d5, e5, b5, c5)
+        h, y6 = _step(h, a2, d6, e6, b6, c6)
+        h, y7 = _step(h, a2, d7, e7, b7, c7)
+        out = _join8(y0, y1, y2, y3, y4, y5, y6, y7, BLOCK_D)
+        if HAS_D:
+            out += uv * skip[:, None]
+        if HAS_Z:
+            out *= zv * tl.sigmoid(zv)
+        tl.store(y + tt[None, :] * y_t, out.to(y.dtype.element_ty), mask=m2)
+    tl.store(h_last + b * hl_b + d[:, None] * hl_d + n[None, :] * hl_n, h, mask=mdn)
 
 
 @triton.jit
@@ -435,20 +563,23 @@ def _grouped(M: torch.Tensor) -> torch.Tensor:
     return M[:, None] if M.dim() == 3 else M
 
 
-def kernel_inputs(B, C, D, delta_bias):
+def kernel_inputs(B, C, D, delta_bias, dtype=None):
     """B and C with time-contiguous rows (a copy of L·N values where they come as slices of x_proj's
-    output: every channel's program reads them, in a few wide loads), D and the Δ bias with stride 1 (the
+    output: every channel's program reads them, in a few wide loads), in `dtype` when given (the prefill
+    kernel takes them in fp32: its threads then use them as loaded); D and the Δ bias with stride 1 (the
     kernels index them so)."""
-    B, C = (M if M.stride(-1) == 1 else M.contiguous() for M in (B, C))
+    B, C = (
+        M if M.stride(-1) == 1 and dtype in (None, M.dtype) else M.new_empty(M.shape, dtype=dtype).copy_(M)
+        for M in (B, C)
+    )
     D = D.contiguous() if D is not None else None
     delta_bias = delta_bias.contiguous() if delta_bias is not None else None
     return B, C, D, delta_bias
 
 
-def _train_block_d(tiles: ScanTiles, per_group: int) -> int:
-    """Channels a training program takes: `tiles.train_block_d`, halved until it divides a group of B/C
-    (a program's channels stay inside one group)."""
-    block_d = tiles.train_block_d
+def _block_in_group(block_d: int, per_group: int) -> int:
+    """Channels a program takes: `block_d`, halved until it divides a group of B/C (a program's channels
+    stay inside one group)."""
     while per_group % block_d:
         block_d //= 2
     return block_d
@@ -478,7 +609,7 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
     if save_states:
         n_chunks = triton.cdiv(length, tiles.chunk)
         states = torch.empty(batch, n_chunks, dim, N, device=u.device, dtype=torch.float32)
-        block_d = _train_block_d(tiles, dim // groups)
+        block_d = _block_in_group(tiles.train_block_d, dim // groups)
         _selective_scan_loop_kernel[(batch, dim // block_d)](
             u, delta, A, Bg, Cg,
             D if D is not None else dummy, zt, delta_bias if delta_bias is not None else dummy, h0, y, h_last,
@@ -488,14 +619,23 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
             **common, CHUNK=tiles.chunk, BLOCK_D=block_d, **tiles.train_launch(),
         )  # fmt: skip
         return y, h_last, states.permute(0, 2, 3, 1)
-    grid = (batch, triton.cdiv(dim, tiles.block_d))
-    _selective_scan_kernel[grid](
+    args = (
         u, delta, A, Bg, Cg,
         D if D is not None else dummy, zt, delta_bias if delta_bias is not None else dummy, h0, y, h_last,
         dim, length, N, dim // groups,
         *u.stride(), *delta.stride(), *A.stride(), *Bg.stride(), *Cg.stride(), *zt.stride(),
         *h0.stride(), *y.stride(), *h_last.stride(),
-        **common, BLOCK_T=tiles.block_t, BLOCK_D=tiles.block_d, BLOCK_N=max(triton.next_power_of_2(N), 2),
+    )  # fmt: skip
+    block_n = max(triton.next_power_of_2(N), 2)
+    if tiles.prefill == "steps":
+        block_d = _block_in_group(tiles.steps_block_d, dim // groups)
+        _selective_scan_steps_kernel[(batch, dim // block_d)](
+            *args, **common, BLOCK_D=block_d, BLOCK_N=block_n, num_warps=tiles.steps_warps
+        )
+        return y, h_last, None
+    grid = (batch, triton.cdiv(dim, tiles.block_d))
+    _selective_scan_kernel[grid](
+        *args, **common, BLOCK_T=tiles.block_t, BLOCK_D=tiles.block_d, BLOCK_N=block_n,
         num_warps=tiles.num_warps,
     )  # fmt: skip
     return y, h_last, None
@@ -509,7 +649,7 @@ def _backward(u, delta, A, B, C, D, z, delta_bias, states, delta_softplus, tiles
     Bg, Cg = _grouped(B), _grouped(C)
     groups = Bg.shape[1]
     per_group = dim // groups
-    block_d = _train_block_d(tiles, per_group)
+    block_d = _block_in_group(tiles.train_block_d, per_group)
     programs = dim // block_d
     slots = max(1, min(tiles.bwd_slots, programs // groups))
     n_chunks = states.shape[-1]
@@ -613,8 +753,10 @@ def selective_scan(
     (and through the returned last state). `tiles`: launch parameters (`ScanTiles`; `DEFAULT_TILES` when
     None, which is what `ops.selective_scan` runs)."""
     tiles = tiles or DEFAULT_TILES
-    B, C, D, delta_bias = kernel_inputs(B, C, D, delta_bias)
-    if needs_grad(u, delta, A, B, C, D, z, delta_bias, initial_state):
+    grad = needs_grad(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    fp32 = torch.float32 if not grad and tiles.prefill == "steps" else None
+    B, C, D, delta_bias = kernel_inputs(B, C, D, delta_bias, fp32)
+    if grad:
         y, h_last = _SelectiveScanFn.apply(
             u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, tiles
         )
