@@ -501,10 +501,17 @@ def test_the_cobra_recipe_trains_on_a_hybrid_lm(shapes, tmp_path, preset, family
 
 
 # ---- the step: clipping folded into the fused optimizer, steps read back one behind ---------------------
-def test_clip_folded_into_fused_adamw_equals_clip_grad_norm_then_step():
+@pytest.mark.parametrize("kind", ["torch-fused", "triton"])
+def test_clip_folded_into_fused_adamw_equals_clip_grad_norm_then_step(kind):
+    """The clip factor handed to the step as its divisor (torch's fused AdamW, or TritonAdamW, which also
+    takes the norm in one launch) equals clip_grad_norm_ followed by a plain step."""
     import copy
 
     from mambavl.train.recipe import clip_and_step
+
+    if kind == "triton":
+        pytest.importorskip("triton")
+        from mambavl.train.adamw import TritonAdamW
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(7, 13), torch.nn.GELU(), torch.nn.Linear(13, 5))
@@ -518,6 +525,8 @@ def test_clip_folded_into_fused_adamw_equals_clip_grad_norm_then_step():
         return torch.optim.AdamW(groups, lr=1e-2, fused=True)
 
     opt_ref, opt_folded = adamw(ref), adamw(folded)
+    if kind == "triton":
+        opt_folded = TritonAdamW(opt_folded.param_groups, lr=1e-2)
     for step in range(6):
         x, scale = torch.randn(4, 7), (30.0 if step % 2 else 0.01)  # not clipped, then clipped
         (ref(x).pow(2).sum() * scale).backward()
@@ -525,13 +534,14 @@ def test_clip_folded_into_fused_adamw_equals_clip_grad_norm_then_step():
         want = torch.nn.utils.clip_grad_norm_(list(ref.parameters()), 1.0)
         opt_ref.step()
         got = clip_and_step(opt_folded, list(folded.parameters()), 1.0)
-        assert float(got) == pytest.approx(float(want), rel=1e-6)
+        # (TritonAdamW's update rounds a few products differently: the weights drift apart by ~1e-7)
+        assert float(got) == pytest.approx(float(want), rel=1e-6 if kind == "torch-fused" else 1e-5)
         assert (float(want) > 1.0) == (step % 2 == 1)  # both cases are met
-        assert not hasattr(opt_folded, "grad_scale")  # never left for a later step
+        assert getattr(opt_folded, "grad_scale", None) is None  # never left for a later step
         opt_ref.zero_grad()
         opt_folded.zero_grad()
     for a, b in zip(ref.parameters(), folded.parameters(), strict=True):
-        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
 
 
 def test_a_step_that_fails_still_leaves_the_step_before_it_logged(shapes, tmp_path, monkeypatch):

@@ -408,6 +408,38 @@ def sweep_scan(
     return sorted(rows, key=lambda r: r["fwd_bwd_ms"])
 
 
+def time_optimizer(lm, say=print, repeat: int = 5) -> dict:
+    """One optimizer step of `lm`'s parameters (random fp32 weights and gradients at full size), clipping
+    included, as the trainer takes it (`recipe.clip_and_step`, two parameter groups): torch's fused AdamW
+    and TritonAdamW, same parameters, same gradients, in this process."""
+    from mambavl.lm import LanguageModel
+    from mambavl.train.adamw import TritonAdamW
+    from mambavl.train.recipe import clip_and_step
+
+    with torch.device("cuda"):
+        model = LanguageModel(lm)
+    params = [p for p in model.parameters() if p.requires_grad]
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for p in params:
+        p.grad = torch.randn(p.shape, device="cuda", generator=gen) * 1e-3
+    groups = [
+        {"params": [p for p in params if p.ndim > 1], "weight_decay": 0.1},
+        {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
+    ]
+    result = {"params": sum(p.numel() for p in params), "tensors": len(params)}
+    makers = {
+        "torch_fused_adamw": lambda: torch.optim.AdamW(groups, lr=1e-5, fused=True),
+        "triton_adamw": lambda: TritonAdamW(groups, lr=1e-5),
+    }
+    for name, make in makers.items():
+        opt = make()
+        result[f"{name}_ms"] = _time(lambda o=opt: clip_and_step(o, params, 1.0), repeat, 2) * 1e3
+        say(f"optimizer step with clipping, {name}: {result[f'{name}_ms']:.2f} ms")
+        del opt
+        torch.cuda.empty_cache()
+    return result
+
+
 def sweep_prefill_scan(lm, length: int = 16384, say=print, budget_s: float = 90.0) -> list[dict]:
     """Time of the Mamba-1 scan without a gradient (prefill: one sequence of `length` steps, the mixer's
     layout) under every candidate inference launch, fastest first: the step-by-step kernel (channels a
@@ -544,6 +576,8 @@ def run_train_kernels(
                     f"   fwd+bwd {entry['fwd_bwd_ms']:8.3f} ms"
                     f"   +{entry['extra_peak_mib']:8.0f} MiB"
                 )
+    if ops:
+        result["optimizer"] = time_optimizer(lm, say)
     if sweep and lm.uses("mamba1"):
         result["scan_tile_sweep"] = sweep_scan(lm, batch, length, say, budget_s=sweep_s)
         say(f"fastest: {result['scan_tile_sweep'][:3]}")

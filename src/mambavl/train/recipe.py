@@ -14,6 +14,7 @@ import math
 import torch
 from torch import nn
 
+from mambavl.ops.dispatch import backend_for
 from mambavl.train.config import LoraConfig, TrainConfig
 
 
@@ -82,8 +83,12 @@ def optimizer(vlm: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    fused = next(vlm.parameters()).device.type == "cuda"
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, fused=fused or None)
+    first = next(vlm.parameters())
+    if first.is_cuda and backend_for(first) == "triton":  # one launch a step (train.adamw)
+        from mambavl.train.adamw import TritonAdamW
+
+        return TritonAdamW(groups, lr=cfg.learning_rate)
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, fused=first.is_cuda or None)
 
 
 def lr_factor(step: int, total: int, warmup: int, min_ratio: float = 0.0) -> float:
@@ -107,20 +112,29 @@ def clip_and_step(opt: torch.optim.Optimizer, params: list[nn.Parameter], max_no
     `torch.nn.utils.clip_grad_norm_`: × min(1, max_norm / (norm + 1e-6))) and takes the optimizer's step.
     Returns the norm before clipping, a tensor on the device (reading it waits for the device).
 
-    With fused Adam/AdamW over plain tensors, the clip factor is handed to the fused step as its gradient
-    divisor (`grad_scale`, the hook GradScaler unscales through) instead of a separate pass that multiplies
-    every gradient: the step reads each gradient once instead of three times. Sharded (DTensor) gradients
-    and other optimizers take clip_grad_norm_'s way."""
+    With `TritonAdamW` or fused Adam/AdamW over plain tensors, the clip factor is handed to the step as its
+    gradient divisor (`grad_scale`, the hook GradScaler unscales through) instead of a separate pass that
+    multiplies every gradient: the step reads each gradient once instead of three times (and TritonAdamW
+    takes the norm in one launch). Sharded (DTensor) gradients and other optimizers take clip_grad_norm_'s
+    way. `params` must be the optimizer's parameters that have gradients."""
+    from mambavl.train.adamw import TritonAdamW
+
     grads = [p.grad for p in params if p.grad is not None]
-    fused = isinstance(opt, torch.optim.Adam) and opt.defaults.get("fused")
+    fused = isinstance(opt, TritonAdamW) or (isinstance(opt, torch.optim.Adam) and opt.defaults.get("fused"))
     if not fused or not grads or any(hasattr(g, "full_tensor") for g in grads):
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         opt.step()
         return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-    norm = torch.nn.utils.get_total_norm(grads, 2.0, foreach=True)
+    if isinstance(opt, TritonAdamW):
+        norm = opt.grad_norm()
+    else:
+        norm = torch.nn.utils.get_total_norm(grads, 2.0, foreach=True)
     opt.grad_scale = torch.clamp((norm.float() + 1e-6) / max_norm, min=1.0)
     try:
         opt.step()
     finally:
-        del opt.grad_scale  # a later step without clipping must not reuse it
+        if isinstance(opt, TritonAdamW):
+            opt.grad_scale = None
+        else:
+            del opt.grad_scale  # a later step without clipping must not reuse it
     return norm
