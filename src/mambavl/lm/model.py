@@ -228,11 +228,16 @@ class LanguageModel(nn.Module):
         )
 
     @staticmethod
-    def _valid(lengths: torch.Tensor, shape: torch.Size, device) -> torch.Tensor:
+    def _valid(lengths: torch.Tensor, shape: torch.Size, device) -> torch.Tensor | None:
+        """The [B, T] mask of real positions, or None when every row is real to its end (the layers then
+        take their unpadded path: no masked copy of Δ, the Δ bias and softplus inside the scan)."""
         lengths = torch.as_tensor(lengths, device=device)
         batch, T = shape
-        if lengths.shape != (batch,) or bool((lengths < 0).any()) or bool((lengths > T).any()):
+        low, high = torch.stack((lengths.min(), lengths.max())).tolist() if lengths.numel() else (0, 0)
+        if lengths.shape != (batch,) or low < 0 or high > T:
             raise ValueError(f"lengths must be [{batch}] integers in [0, {T}], got {lengths.tolist()}")
+        if low == T:
+            return None
         return torch.arange(T, device=device)[None, :] < lengths[:, None]
 
     def _check_state(self, state: LMState, batch: int) -> None:
