@@ -193,7 +193,9 @@ def _selective_scan_steps_kernel(
     # each block's inputs are loaded one block ahead, so that their latency overlaps the block before
     m2 = md[:, None] & (t < length)[None, :]
     mbc = mn[None, :, None] & (t < length)[None, None, :]
-    raw_next = tl.load(delta + t[None, :] * dl_t, mask=m2, other=0.0)
+    # past the end, Δ's input is -inf under softplus, so Δ = 0 there with no select: identity steps
+    pad: tl.constexpr = float("-inf") if SOFTPLUS else 0.0
+    raw_next = tl.load(delta + t[None, :] * dl_t, mask=m2, other=pad)
     uv_next = tl.load(u + t[None, :] * u_t, mask=m2, other=0.0)
     bv_next = tl.load(B + t[None, None, :] * b_t, mask=mbc, other=0.0)
     cv_next = tl.load(C + t[None, None, :] * c_t, mask=mbc, other=0.0)
@@ -204,7 +206,7 @@ def _selective_scan_steps_kernel(
         nt = tt + 8
         m2_next = md[:, None] & (nt < length)[None, :]
         mbc = mn[None, :, None] & (nt < length)[None, None, :]
-        raw_next = tl.load(delta + nt[None, :] * dl_t, mask=m2_next, other=0.0)
+        raw_next = tl.load(delta + nt[None, :] * dl_t, mask=m2_next, other=pad)
         uv_next = tl.load(u + nt[None, :] * u_t, mask=m2_next, other=0.0)
         bv_next = tl.load(B + nt[None, None, :] * b_t, mask=mbc, other=0.0)
         cv_next = tl.load(C + nt[None, None, :] * c_t, mask=mbc, other=0.0)
@@ -212,7 +214,9 @@ def _selective_scan_steps_kernel(
             zv = tl.load(z + tt[None, :] * z_t, mask=m2, other=0.0).to(tl.float32)
         if HAS_BIAS:
             raw += dt_bias[:, None]
-        dt = tl.where(m2, _timestep(raw, SOFTPLUS), 0.0)  # past the end: identity steps
+        dt = _timestep(raw, SOFTPLUS)
+        if not SOFTPLUS:
+            dt = tl.where(m2, dt, 0.0)  # past the end: identity steps
         du = dt * uv
         d0, d1, d2, d3, d4, d5, d6, d7 = _steps8(dt[:, None, :], BLOCK_D, 1)
         e0, e1, e2, e3, e4, e5, e6, e7 = _steps8(du[:, None, :], BLOCK_D, 1)
