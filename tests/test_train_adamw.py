@@ -130,3 +130,10 @@ def test_blocks_cover_every_element_once():
     pairs = list(zip(blocks.tensor.tolist(), blocks.start.tolist(), strict=True))
     assert pairs == [(0, 0), (1, 0), (2, 0), (2, 1), (3, 0)]
     assert blocks.sizes.tolist() == sizes
+
+
+def test_torchs_own_kernel_options_are_refused():
+    with pytest.raises(ValueError, match="own kernels"):
+        TritonAdamW(_params(), fused=True)
+    opt = TritonAdamW(_params(), amsgrad=True)  # AdamW's other options are kept (and take torch's step)
+    assert opt.param_groups[0]["amsgrad"] and not opt.param_groups[0]["foreach"]

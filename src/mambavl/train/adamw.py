@@ -22,8 +22,13 @@ class TritonAdamW(torch.optim.AdamW):
     update (as fused AdamW's `grad_scale`), which is how clipping takes effect without a pass over the
     gradients (`grad_norm`, `recipe.clip_and_step`)."""
 
-    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay=1e-2):
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=False)
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, **options):
+        """`options`: AdamW's others (amsgrad, maximize, ...), which take torch's step; not fused or
+        foreach, which name torch's own kernels."""
+        if options.get("fused") or options.get("foreach"):
+            raise ValueError("TritonAdamW has its own kernels: fused= and foreach= are torch.optim.AdamW's")
+        options.update(fused=None, foreach=False)
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **options)
         self._blocks: dict[tuple, kernels.Blocks] = {}
         self.grad_scale: torch.Tensor | None = None
 
@@ -80,7 +85,7 @@ class TritonAdamW(torch.optim.AdamW):
         if self._kernel_problem(pairs) is not None:
             self._torch_step([p.grad for _, p in pairs])
             return loss
-        params, grads, exp_avgs, exp_avg_sqs, steps, rows = [], [], [], [], [], []
+        params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
         for _, p in pairs:
             state = self.state[p]
             if not state:
@@ -94,20 +99,18 @@ class TritonAdamW(torch.optim.AdamW):
             exp_avgs.append(state["exp_avg"])
             exp_avg_sqs.append(state["exp_avg_sq"])
             steps.append(state["step"])
+        if kernels.check_tensors(params[0], *exp_avgs, *exp_avg_sqs) is not None:
+            self._torch_step(grads)  # state loaded in another dtype or layout: torch's step from it
+            return loss
         torch._foreach_add_(steps, 1.0)
+        rows = []
         for (group, _), step in zip(pairs, steps, strict=True):
             beta1, beta2 = group["betas"]
-            t = float(step)
-            lr = group["lr"]
+            t, lr = float(step), group["lr"]
             rows.append(
                 [1.0 - lr * group["weight_decay"], lr / (1.0 - beta1**t), (1.0 - beta2**t) ** 0.5,
                  1.0 - beta1, beta2, group["eps"]]
             )  # fmt: skip
-        problem = kernels.check_tensors(*exp_avgs, *exp_avg_sqs, params[0])
-        if problem is not None:  # state loaded in another dtype or layout: torch's step, from the same state
-            torch._foreach_add_(steps, -1.0)
-            self._torch_step(grads)
-            return loss
         device = params[0].device
         host = torch.tensor(rows, dtype=torch.float32)
         hyper = (host.pin_memory() if device.type == "cuda" else host).to(device, non_blocking=True)
