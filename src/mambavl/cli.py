@@ -319,6 +319,11 @@ def train(
         "--compile-vision/--no-compile-vision",
         help="Run the frozen vision tower through torch.compile (default: on GPUs).",
     ),
+    adamw_kernels: str = typer.Option(
+        None,
+        "--adamw-kernels",
+        help="AdamW kernels on GPUs: triton (all parameters in one launch), torch (its fused AdamW), auto.",
+    ),
 ) -> None:
     """Train a VLM stage (as Cobra's scripts/pretrain.py). Run under torchrun for several processes."""
     from pathlib import Path
@@ -358,6 +363,7 @@ def train(
         report_to=tuple(report_to) if report_to else None,
         profile_step=profile_step,
         compile_vision=compile_vision,
+        adamw_kernels=adamw_kernels,
     )
     options |= {k: v for k, v in given.items() if v is not None}
     if lora_rank is not None:

@@ -147,6 +147,7 @@ def ours(
     from mambavl.train import TrainConfig, train
     from mambavl.train.distributed import World
     from mambavl.train.metrics import read_metrics
+    from mambavl.train.recipe import adamw_kernels
 
     with offline_preset(preset) as model:
         cfg = TrainConfig(
@@ -183,6 +184,7 @@ def ours(
         "losses": [r["loss"] for r in everything],
         "gradient_checkpointing": checkpointing,
         "compile_vision": cfg.compiles_vision(device.type, frozen=True),  # finetune: the tower is frozen
+        "adamw_kernels": adamw_kernels(cfg, torch.empty(0, device=device)),
         "wall_s_incl_setup": wall,
     }
 

@@ -74,6 +74,16 @@ def merge_lora(module: nn.Module) -> nn.Module:
     return module
 
 
+def adamw_kernels(cfg: TrainConfig, param: torch.Tensor) -> str:
+    """Which AdamW kernels a run with parameters like `param` takes: "triton" (TritonAdamW) or "torch"
+    (torch's AdamW, fused on GPUs). `cfg.adamw_kernels` "auto": triton on GPUs where Triton runs the ops."""
+    if not param.is_cuda:
+        return "torch"
+    if cfg.adamw_kernels == "auto":
+        return "triton" if backend_for(param) == "triton" else "torch"
+    return cfg.adamw_kernels
+
+
 def optimizer(vlm: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     decay, no_decay = [], []
     for name, p in vlm.named_parameters():
@@ -84,7 +94,7 @@ def optimizer(vlm: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
         {"params": no_decay, "weight_decay": 0.0},
     ]
     first = next(vlm.parameters())
-    if first.is_cuda and backend_for(first) == "triton":  # one launch a step (train.adamw)
+    if adamw_kernels(cfg, first) == "triton":  # every parameter in one launch (train.adamw)
         from mambavl.train.adamw import TritonAdamW
 
         return TritonAdamW(groups, lr=cfg.learning_rate)

@@ -63,6 +63,9 @@ RESUMABLE_CHANGES = {
     "save_final",
     "profile_step",
     "gradient_checkpointing",  # recomputation gives the same gradients: a run may switch it either way
+    # how a step runs, not what it computes (the results agree to rounding): either way too
+    "compile_vision",
+    "adamw_kernels",
 }
 
 
