@@ -160,9 +160,9 @@ def test_selective_scan_triton_equals_reference(batch, dim, n, length, groups, d
 @pytest.mark.parametrize(
     "tiles",
     [
-        dict(),  # the step-by-step kernel as the GPU runs it
-        dict(steps_block_d=16, steps_warps=2),  # two warps, more channels than a group of B/C has
-        dict(prefill="tiles"),  # the tiled kernel
+        dict(prefill="steps"),  # the step-by-step kernel
+        dict(prefill="steps", steps_block_d=16, steps_warps=2),  # two warps, more channels than a group has
+        dict(prefill="tiles"),  # the tiled kernel (the default)
     ],
     ids=["steps", "steps-wide", "tiles"],
 )
@@ -192,6 +192,24 @@ def test_selective_scan_prefill_kernels(tiles, channels_last):
     y, h = selective_scan(**kw, delta_softplus=True, return_last_state=True, tiles=ScanTiles(**tiles))
     assert y.dtype == torch.bfloat16 and y.shape == ref_y.shape
     torch.testing.assert_close(y.float(), ref_y.float(), rtol=2e-2, atol=5e-2)
+    torch.testing.assert_close(h, ref_h, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(2, 37, 5, 45, None), (1, 16, 32, 9, None), (2, 12, 16, 17, 4)])
+@pytest.mark.parametrize("softplus", [True, False])
+def test_selective_scan_step_kernel_fp32(shape, softplus):
+    """The step-by-step prefill kernel in fp32 at odd sizes (37 channels, 5 states; 32 states; groups of
+    three channels), lengths off its blocks of eight steps, from an initial state, Δ through softplus or
+    as given: to 1e-4."""
+    from mambavl.ops.triton.scan import ScanTiles, selective_scan
+
+    kw = _scan_inputs(*shape, torch.float32)
+    if not softplus:
+        kw["delta"] = kw["delta"].abs()
+    args = dict(delta_softplus=softplus, return_last_state=True)
+    ref_y, ref_h = ops.selective_scan(**kw, **args, backend="torch")
+    y, h = selective_scan(**kw, **args, tiles=ScanTiles(prefill="steps"))
+    torch.testing.assert_close(y, ref_y, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(h, ref_h, rtol=1e-4, atol=1e-4)
 
 

@@ -140,22 +140,18 @@ def test_torchs_own_kernel_options_are_refused():
     assert opt.param_groups[0]["amsgrad"] and not opt.param_groups[0]["foreach"]
 
 
-def test_the_run_chooses_its_adamw_kernels(monkeypatch):
-    """`TrainConfig.adamw_kernels`: torch's AdamW on CPUs whatever is asked; on GPUs TritonAdamW under
-    "auto" (unless MAMBAVL_BACKEND=torch) and "triton", torch's fused AdamW under "torch"; checked."""
+def test_the_run_chooses_its_adamw_kernels():
+    """`TrainConfig.adamw_kernels`: on GPUs what it names (torch's fused AdamW by default), torch's AdamW
+    on CPUs whatever is asked; anything else is refused."""
     from types import SimpleNamespace
 
     from mambavl.train.config import TrainConfig
     from mambavl.train.recipe import adamw_kernels
 
-    cpu = torch.zeros(1)
-    gpu = SimpleNamespace(is_cuda=True)  # adamw_kernels reads only is_cuda and the dispatch's choice
-    monkeypatch.setattr("mambavl.train.recipe.backend_for", lambda p: "triton")
-    for choice in ("auto", "triton", "torch"):
-        assert adamw_kernels(SimpleNamespace(adamw_kernels=choice), cpu) == "torch"
-    assert adamw_kernels(SimpleNamespace(adamw_kernels="auto"), gpu) == "triton"
-    assert adamw_kernels(SimpleNamespace(adamw_kernels="torch"), gpu) == "torch"
-    monkeypatch.setattr("mambavl.train.recipe.backend_for", lambda p: "torch")  # MAMBAVL_BACKEND=torch
-    assert adamw_kernels(SimpleNamespace(adamw_kernels="auto"), gpu) == "torch"
+    gpu = SimpleNamespace(is_cuda=True)  # adamw_kernels reads only where the parameters are
+    assert TrainConfig(model="tiny-cobra", run_dir=Path("run")).adamw_kernels == "torch"
+    for choice in ("torch", "triton"):
+        assert adamw_kernels(SimpleNamespace(adamw_kernels=choice), torch.zeros(1)) == "torch"
+        assert adamw_kernels(SimpleNamespace(adamw_kernels=choice), gpu) == choice
     with pytest.raises(ValueError, match="adamw_kernels"):
         TrainConfig(model="tiny-cobra", run_dir=Path("run"), adamw_kernels="apex").resolved()

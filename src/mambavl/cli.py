@@ -322,7 +322,7 @@ def train(
     adamw_kernels: str = typer.Option(
         None,
         "--adamw-kernels",
-        help="AdamW kernels on GPUs: triton (all parameters in one launch), torch (its fused AdamW), auto.",
+        help="AdamW kernels on GPUs: torch (its fused AdamW; default) or triton (one launch for all).",
     ),
 ) -> None:
     """Train a VLM stage (as Cobra's scripts/pretrain.py). Run under torchrun for several processes."""

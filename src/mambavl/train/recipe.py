@@ -14,7 +14,6 @@ import math
 import torch
 from torch import nn
 
-from mambavl.ops.dispatch import backend_for
 from mambavl.train.config import LoraConfig, TrainConfig
 
 
@@ -75,13 +74,9 @@ def merge_lora(module: nn.Module) -> nn.Module:
 
 
 def adamw_kernels(cfg: TrainConfig, param: torch.Tensor) -> str:
-    """Which AdamW kernels a run with parameters like `param` takes: "triton" (TritonAdamW) or "torch"
-    (torch's AdamW, fused on GPUs). `cfg.adamw_kernels` "auto": triton on GPUs where Triton runs the ops."""
-    if not param.is_cuda:
-        return "torch"
-    if cfg.adamw_kernels == "auto":
-        return "triton" if backend_for(param) == "triton" else "torch"
-    return cfg.adamw_kernels
+    """Which AdamW kernels a run with parameters like `param` takes: `cfg.adamw_kernels` on GPUs ("triton":
+    TritonAdamW; "torch": torch's fused AdamW), torch's AdamW on CPUs."""
+    return cfg.adamw_kernels if param.is_cuda else "torch"
 
 
 def optimizer(vlm: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
