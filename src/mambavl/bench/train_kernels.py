@@ -577,7 +577,12 @@ def run_train_kernels(
                     f"   +{entry['extra_peak_mib']:8.0f} MiB"
                 )
     if ops:
-        result["optimizer"] = time_optimizer(lm, say)
+        try:
+            result["optimizer"] = time_optimizer(lm, say)
+        except torch.cuda.OutOfMemoryError:  # weights, gradients and two moments at full size
+            result["optimizer"] = {"error": "out of memory"}
+            say("optimizer step: out of memory")
+        torch.cuda.empty_cache()
     if sweep and lm.uses("mamba1"):
         result["scan_tile_sweep"] = sweep_scan(lm, batch, length, say, budget_s=sweep_s)
         say(f"fastest: {result['scan_tile_sweep'][:3]}")
