@@ -109,6 +109,7 @@ def test_ours_and_both_training_peers_in_one_run(tmp_path, fake_mamba_ssm):
         assert entry["tokens_per_s"] == pytest.approx(entry["positions_per_step"] / entry["step_s"], rel=0.05)
         assert entry["mfu"] == pytest.approx(entry["flops_per_step"]["total"] / entry["step_s"] / 1e12)
     assert len(ours["losses"]) == 2 and len(ssm["losses"]) == 2
+    assert ours["adamw_kernels"] == "torch"  # what ran (on a CPU torch's AdamW whatever is asked)
 
     # the work each counts: 6 × LM parameters per LM position; the towers' forward for ours only
     sizes = bench.model_sizes("tiny-mlmamba")

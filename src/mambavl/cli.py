@@ -562,6 +562,9 @@ def bench(
         "--compile-vision/--no-compile-vision",
         help="--train: ours runs its frozen vision tower through torch.compile (default: on GPUs).",
     ),
+    adamw_kernels: str = typer.Option(
+        "torch", "--adamw-kernels", help="--train: ours' AdamW kernels, torch (fused) or triton."
+    ),
     kernels: bool = typer.Option(
         False,
         "--kernels",
@@ -654,6 +657,7 @@ def bench(
                 device=device,
                 profile=profile,
                 compile_vision="auto" if compile_vision is None else compile_vision,
+                adamw_kernels=adamw_kernels,
             )
             console.print(f"wrote {Path(out) / 'train.json'}")
             return

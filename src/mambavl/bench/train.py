@@ -141,13 +141,14 @@ def ours(
     num_workers: int = 4,
     profile: bool = False,
     compile_vision: bool | str = "auto",
+    adamw_kernels: str = "torch",
 ) -> dict:
     """A `mambavl.train` finetune of `steps` steps on `data`; no checkpoint, no model written. With
     `profile`, one more step runs under the profiler (`run_dir/profile.txt`), outside the figures."""
     from mambavl.train import TrainConfig, train
     from mambavl.train.distributed import World
     from mambavl.train.metrics import read_metrics
-    from mambavl.train.recipe import adamw_kernels
+    from mambavl.train.recipe import adamw_kernels as kernels_run
 
     with offline_preset(preset) as model:
         cfg = TrainConfig(
@@ -167,6 +168,7 @@ def ours(
             save_final=False,
             progress=False,
             compile_vision=compile_vision,
+            adamw_kernels=adamw_kernels,
         )
         _release()
         _reset_peak(device)
@@ -184,7 +186,7 @@ def ours(
         "losses": [r["loss"] for r in everything],
         "gradient_checkpointing": checkpointing,
         "compile_vision": cfg.compiles_vision(device.type, frozen=True),  # finetune: the tower is frozen
-        "adamw_kernels": adamw_kernels(cfg, torch.empty(0, device=device)),
+        "adamw_kernels": kernels_run(cfg, torch.empty(0, device=device)),
         "wall_s_incl_setup": wall,
     }
 
@@ -348,6 +350,7 @@ def run_train(
     peak: float | None = None,
     profile: bool = False,
     compile_vision: bool | str = "auto",
+    adamw_kernels: str = "torch",
 ) -> dict:
     """Ours with gradient checkpointing on and/or off, then the named peers; writes `out/train.json`.
 
@@ -355,7 +358,8 @@ def run_train(
     directories go (default: a temporary directory, removed). `peak`: the FLOP/s the MFU divides by
     (default: the GPU's dense bf16 peak, when the GPU is known). `profile`: one more step of ours runs under
     the profiler, its table in `out/profile_<key>.txt`, and so does one more step of each peer.
-    `compile_vision`: whether ours runs its frozen vision tower through torch.compile (`TrainConfig`'s)."""
+    `compile_vision`: whether ours runs its frozen vision tower through torch.compile (`TrainConfig`'s);
+    `adamw_kernels`: ours' AdamW kernels (`TrainConfig`'s)."""
     from mambavl.data.shapes import write_shapes
 
     choices = {"on": (True,), "off": (False,), "both": (True, False), "none": ()}
@@ -395,8 +399,9 @@ def run_train(
             key = f"mambavl_checkpointing_{'on' if ckpt else 'off'}"
             try:
                 run = ours(
-                    preset, data, root / key, steps, batch, ckpt, dev, num_workers, profile, compile_vision
-                )
+                    preset, data, root / key, steps, batch, ckpt, dev, num_workers, profile, compile_vision,
+                    adamw_kernels,
+                )  # fmt: skip
                 if profile:
                     table = (root / key / "profile.txt").read_text()
                     (out / f"profile_{key}.txt").write_text(table)
