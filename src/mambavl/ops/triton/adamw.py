@@ -1,10 +1,10 @@
 """AdamW's update and the gradients' squared norm over a whole list of fp32 tensors, each in one launch.
 
-torch's fused AdamW walks its tensors in many launches of a few hundred blocks each (the kernel's
-arguments hold only so many tensor addresses), and every launch ends in a tail where the GPU is mostly
-idle; for a 2.8B-parameter model that is ~150 launches a step. Here one launch covers every tensor: the
-tensors' addresses and their hyperparameters sit in small device tables, and each program takes one
-block of one tensor, found through a block table that is built once for a list of tensor sizes.
+AdamW is bandwidth-bound: per parameter it reads the weight, its gradient and both moments and writes three
+of them back (28 bytes). One launch covers every tensor: the tensors' addresses (as element offsets from
+one base pointer, so that the compiler knows their 16-byte alignment and moves whole blocks as 128-bit
+vectors) and their hyperparameters sit in small device tables, and each program takes one block of one
+tensor, found through a block table that is built once for a list of tensor sizes.
 
 The update is torch.optim.AdamW's (not amsgrad, not maximize), in fp32:
     g ← g / grad_scale;  p ← p·(1 − lr·wd);  m ← m + (1 − β1)(g − m);  v ← β2·v + (1 − β2)·g²
