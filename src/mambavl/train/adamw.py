@@ -11,8 +11,15 @@ from __future__ import annotations
 
 import torch
 
-from mambavl.ops.dispatch import interpreting
-from mambavl.ops.triton import adamw as kernels
+from mambavl.ops.dispatch import interpreting, triton_available
+
+
+def _kernels():
+    """`ops.triton.adamw`, imported where it is used: this module (and the trainer's clipping, which
+    checks for this class) stays importable where Triton is not installed."""
+    from mambavl.ops.triton import adamw
+
+    return adamw
 
 
 class TritonAdamW(torch.optim.AdamW):
@@ -29,14 +36,14 @@ class TritonAdamW(torch.optim.AdamW):
             raise ValueError("TritonAdamW has its own kernels: fused= and foreach= are torch.optim.AdamW's")
         options.update(fused=None, foreach=False)
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **options)
-        self._blocks: dict[tuple, kernels.Blocks] = {}
+        self._blocks: dict[tuple, object] = {}  # (device, sizes) -> ops.triton.adamw.Blocks
         self.grad_scale: torch.Tensor | None = None
 
-    def _blocks_for(self, tensors: list[torch.Tensor]) -> kernels.Blocks:
+    def _blocks_for(self, tensors: list[torch.Tensor]):
         sizes = tuple(t.numel() for t in tensors)
         key = (tensors[0].device, sizes)
         if key not in self._blocks:
-            self._blocks[key] = kernels.Blocks.of(list(sizes), tensors[0].device)
+            self._blocks[key] = _kernels().Blocks.of(list(sizes), tensors[0].device)
         return self._blocks[key]
 
     def _with_grads(self) -> list[tuple[dict, torch.Tensor]]:
@@ -46,6 +53,8 @@ class TritonAdamW(torch.optim.AdamW):
         """Why this step cannot run the kernels (None if it can)."""
         if not pairs:
             return "no gradients"
+        if not triton_available():
+            return "Triton is not installed"
         for group in self.param_groups:
             if group["amsgrad"] or group["maximize"] or group["differentiable"]:
                 return "amsgrad, maximize or differentiable"
@@ -54,7 +63,7 @@ class TritonAdamW(torch.optim.AdamW):
         tensors = [t for _, p in pairs for t in (p, p.grad)]
         if tensors[0].device.type != "cuda" and not interpreting():
             return "CPU tensors"
-        return kernels.check_tensors(*tensors)
+        return _kernels().check_tensors(*tensors)
 
     def grad_norm(self) -> torch.Tensor:
         """The L2 norm of every gradient together, an fp32 device scalar (`clip_grad_norm_`'s total norm),
@@ -63,7 +72,7 @@ class TritonAdamW(torch.optim.AdamW):
         if self._kernel_problem(pairs) is not None:
             return torch.nn.utils.get_total_norm([p.grad for _, p in pairs], 2.0, foreach=True)
         grads = [p.grad for _, p in pairs]
-        return kernels.sum_squares(grads, self._blocks_for(grads)).sqrt()
+        return _kernels().sum_squares(grads, self._blocks_for(grads)).sqrt()
 
     def _torch_step(self, grads: list[torch.Tensor]) -> None:
         """torch's own step; its non-fused path has no divisor, so `grad_scale` divides the gradients."""
@@ -99,7 +108,7 @@ class TritonAdamW(torch.optim.AdamW):
             exp_avgs.append(state["exp_avg"])
             exp_avg_sqs.append(state["exp_avg_sq"])
             steps.append(state["step"])
-        if kernels.check_tensors(params[0], *exp_avgs, *exp_avg_sqs) is not None:
+        if _kernels().check_tensors(params[0], *exp_avgs, *exp_avg_sqs) is not None:
             self._torch_step(grads)  # state loaded in another dtype or layout: torch's step from it
             return loss
         torch._foreach_add_(steps, 1.0)
@@ -114,7 +123,7 @@ class TritonAdamW(torch.optim.AdamW):
         device = params[0].device
         host = torch.tensor(rows, dtype=torch.float32)
         hyper = (host.pin_memory() if device.type == "cuda" else host).to(device, non_blocking=True)
-        kernels.adamw_update(
+        _kernels().adamw_update(
             params, grads, exp_avgs, exp_avg_sqs, hyper, self._blocks_for(params), self.grad_scale
         )
         return loss
