@@ -11,8 +11,8 @@ Forward without a gradient (prefill), two kernels (`ScanTiles.prefill`):
   state and step), y_t = Σ_n C_t h_t a sum over the threads of a channel. Inputs come in blocks of eight
   steps, loaded one block ahead and split inside the threads into the eight steps (`_steps8`); Δ's
   softplus, Δ·u, the skip and the gate are computed on the block in its load layout, each value once.
-  Compiled for sm_90 it issues 2.3–2.7 times fewer instructions a state and step than "tiles" (Triton 3.6
-  and 3.8); it is not yet the default because it has not run on a GPU.
+  Compiled for sm_90 it issues 2.8–3.6 times fewer instructions a state and step than "tiles" (Triton 3.8
+  and 3.6); it is not yet the default because it has not run on a GPU.
 Either way inputs are read once and y written once; the [B, L, D, N] states that the reference
 materialises never leave the chip. Positions past the end are identity steps (Δ = 0), so the carried state
 is exactly the state after the last real token.
@@ -146,6 +146,13 @@ def _join8(t0, t1, t2, t3, t4, t5, t6, t7, R0: tl.constexpr):
 
 
 @triton.jit
+def _pair(x):
+    """Δ and Δu of one step from their [channels, 2] pair, each [channels, 1]."""
+    dt, du = tl.split(x)
+    return dt[:, None], du[:, None]
+
+
+@triton.jit
 def _step(h, a2, dt, du, bv, cv):
     """One step of the recurrence for [channels, N] states h: the next states and y = Σ_n C h [channels]."""
     h = tl.exp2(dt * a2) * h + du * bv
@@ -223,8 +230,17 @@ def _selective_scan_steps_kernel(
         if not SOFTPLUS:
             dt = tl.where(m2, dt, 0.0)  # past the end: identity steps
         du = dt * uv
-        d0, d1, d2, d3, d4, d5, d6, d7 = _steps8(dt[:, None, :], BLOCK_D, 1)
-        e0, e1, e2, e3, e4, e5, e6, e7 = _steps8(du[:, None, :], BLOCK_D, 1)
+        # Δ and Δu split into steps together: one exchange between threads for both (apart, Triton 3.6
+        # moves the exchange before the softplus, which every thread of a channel then computes again)
+        p0, p1, p2, p3, p4, p5, p6, p7 = _steps8(tl.permute(tl.join(dt, du), (0, 2, 1)), BLOCK_D, 2)
+        d0, e0 = _pair(p0)
+        d1, e1 = _pair(p1)
+        d2, e2 = _pair(p2)
+        d3, e3 = _pair(p3)
+        d4, e4 = _pair(p4)
+        d5, e5 = _pair(p5)
+        d6, e6 = _pair(p6)
+        d7, e7 = _pair(p7)
         b0, b1, b2, b3, b4, b5, b6, b7 = _steps8(bv, 1, BLOCK_N)
         c0, c1, c2, c3, c4, c5, c6, c7 = _steps8(cv, 1, BLOCK_N)
         h, y0 = _step(h, a2, d0, e0, b0, c0)
