@@ -410,11 +410,12 @@ def sweep_scan(
 
 def time_optimizer(lm, say=print, repeat: int = 5) -> dict:
     """One optimizer step of `lm`'s parameters (random fp32 weights and gradients at full size), clipping
-    included, as the trainer takes it (`recipe.clip_and_step`, two parameter groups): torch's fused AdamW
+    included, as the trainer takes it (`recipe.optimizer` and `recipe.clip_and_step`): torch's fused AdamW
     and TritonAdamW, same parameters, same gradients, in this process."""
+    from types import SimpleNamespace
+
     from mambavl.lm import LanguageModel
-    from mambavl.train.adamw import TritonAdamW
-    from mambavl.train.recipe import clip_and_step
+    from mambavl.train.recipe import clip_and_step, optimizer
 
     with torch.device("cuda"):
         model = LanguageModel(lm)
@@ -422,17 +423,10 @@ def time_optimizer(lm, say=print, repeat: int = 5) -> dict:
     gen = torch.Generator(device="cuda").manual_seed(0)
     for p in params:
         p.grad = torch.randn(p.shape, device="cuda", generator=gen) * 1e-3
-    groups = [
-        {"params": [p for p in params if p.ndim > 1], "weight_decay": 0.1},
-        {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
-    ]
     result = {"params": sum(p.numel() for p in params), "tensors": len(params)}
-    makers = {
-        "torch_fused_adamw": lambda: torch.optim.AdamW(groups, lr=1e-5, fused=True),
-        "triton_adamw": lambda: TritonAdamW(groups, lr=1e-5),
-    }
-    for name, make in makers.items():
-        opt = make()
+    for kernels, name in (("torch", "torch_fused_adamw"), ("triton", "triton_adamw")):
+        cfg = SimpleNamespace(weight_decay=0.1, learning_rate=1e-5, adamw_kernels=kernels)  # what it reads
+        opt = optimizer(model, cfg)
         result[f"{name}_ms"] = _time(lambda o=opt: clip_and_step(o, params, 1.0), repeat, 2) * 1e3
         say(f"optimizer step with clipping, {name}: {result[f'{name}_ms']:.2f} ms")
         del opt

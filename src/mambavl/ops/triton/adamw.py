@@ -100,10 +100,11 @@ def _sum_squares_kernel(base, addresses, block_tensor, block_start, sizes, out, 
     # them, in a fixed order)
     pid = tl.program_id(0)
     tensor = tl.load(block_tensor + pid)
-    offs = tl.load(block_start + pid).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    start = tl.load(block_start + pid).to(tl.int64) * BLOCK
+    offs = start + tl.arange(0, BLOCK)
     x_ptr = _address(base, addresses, tensor, 0, 1)
     size = tl.load(sizes + tensor)
-    if tl.load(block_start + pid).to(tl.int64) * BLOCK + BLOCK <= size:
+    if start + BLOCK <= size:
         x = _load(x_ptr + offs, offs < size, False)  # a whole block, loaded as vectors
     else:
         x = _load(x_ptr + offs, offs < size, True)
