@@ -24,7 +24,8 @@ KEYS = {
 
 
 def test_every_projector_is_covered():
-    assert set(PROJECTORS) == set(KEYS) | {"msc", "vss-l2"}  # these two have their own tests below
+    # these have their own tests (rmsnorm-relu2-mlp against transformers': test_nemotron_vlm)
+    assert set(PROJECTORS) == set(KEYS) | {"msc", "vss-l2", "rmsnorm-relu2-mlp"}
 
 
 @pytest.mark.parametrize("name", sorted(KEYS))
@@ -43,6 +44,19 @@ def test_full_size_parameter_counts(name, params):
     with torch.device("meta"):
         n = sum(p.numel() for p in create_projector(name, 2176, 2560).parameters())
     assert abs(n - params) / params < 0.01, n
+
+
+@torch.no_grad()
+def test_rmsnorm_relu2_mlp_computes_what_it_says():
+    p = create_projector("rmsnorm-relu2-mlp", 12, 16, hidden=20)
+    assert {k: tuple(v.shape) for k, v in p.state_dict().items()} == {
+        "layer_norm.weight": (12,), "linear_1.weight": (20, 12), "linear_2.weight": (16, 20),
+    }  # fmt: skip
+    p.layer_norm.weight.normal_()
+    x = torch.randn(2, 9, 12, dtype=torch.float64)
+    p = p.double()
+    normed = x / (x.pow(2).mean(-1, keepdim=True) + 1e-5).sqrt() * p.layer_norm.weight
+    torch.testing.assert_close(p(x), p.linear_2(F.relu(p.linear_1(normed)) ** 2))
 
 
 @torch.no_grad()

@@ -13,7 +13,7 @@ import torch
 from mambavl.checkpoints.files import CheckpointError
 from mambavl.checkpoints.vlm import load as load_checkpoint
 from mambavl.checkpoints.vlm import save_pretrained
-from mambavl.presets import LLM_BACKBONES, PRESETS, RELEASES, create, is_tiny
+from mambavl.presets import HUB_MODELS, LLM_BACKBONES, PRESETS, RELEASES, create, is_tiny
 from mambavl.vlm.model import VLM, VLMConfig
 
 # The registries' display names -> preset ids ("Cobra-DINOSigLIP 3B" -> "cobra+3b")
@@ -44,7 +44,7 @@ def load(
     On `device` (default: the CPU), in `dtype` (default: as stored).
     """
     name = DISPLAY_NAMES.get(str(model_id_or_path), model_id_or_path)
-    if Path(name).expanduser().is_dir() or name in available_models():
+    if Path(name).expanduser().is_dir() or name in available_models() or name in HUB_MODELS:
         hub = {
             key: value for key, value in (("token", hf_token), ("cache_dir", cache_dir)) if value is not None
         }
@@ -61,7 +61,8 @@ def load(
         tiny = [p for p in PRESETS if is_tiny(p)]
         raise CheckpointError(
             f"{name}: neither a model directory nor a preset that load can build (released weights: "
-            f"{', '.join(available_models())}; tiny presets, random weights: {', '.join(tiny)}). Pass a "
+            f"{', '.join(available_models())}; read from their hub files: {', '.join(HUB_MODELS)}; tiny "
+            f"presets, random weights: {', '.join(tiny)}). Pass a "
             "model directory, or build any preset with random weights with mambavl.create(name)."
         )
     return vlm.train(load_for_training)

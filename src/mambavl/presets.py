@@ -250,6 +250,23 @@ PRESETS: dict[str, VLMConfig] = {
         lm=TINY_NEMOTRON_H,
         tokenizer="bytes",
     ),
+    # NVIDIA's Nemotron Omni recipe, tiny: C-RADIO at each image's own size, pixel shuffle, the
+    # RMSNorm-ReLU² projector, a Nemotron-H LM, <img> … </img> around the image at the prompt's <image>.
+    "tiny-nemotron-omni": VLMConfig(
+        name="tiny-nemotron-omni",
+        tower="tiny-radio",
+        projector="rmsnorm-relu2-mlp",
+        projector_options={"hidden": 48},
+        lm=TINY_NEMOTRON_H,
+        tokenizer="bytes",
+        prompt_format="chat-template",
+        chat_template=CHATML_TEMPLATE,
+        eos_token="<|im_end|>",
+        resize="dynamic",
+        image_placement="placeholder",
+        image_wrap=("<img>", "</img>"),
+        max_length=4096,
+    ),
     "tiny-cobra-falcon-h1": VLMConfig(  # Cobra's towers and projector on a Falcon-H1 LM
         name="tiny-cobra-falcon-h1",
         tower="tiny-dinosiglip",
@@ -264,6 +281,13 @@ PRESETS: dict[str, VLMConfig] = {
         lm=TINY_ZAMBA2,
         tokenizer="bytes",
     ),
+}
+
+
+# ---- released models read from their own hub files (their config is the hub's config.json) -------------
+# name -> (hub id, layout). The id is the one transformers' nemotron_h_omni names as its checkpoint.
+HUB_MODELS: dict[str, tuple[str, str]] = {
+    "nemotron-3-nano-omni": ("nvidia/Nemotron-3-Nano-Omni-30B-A3B-Reasoning-BF16", "nemotron"),
 }
 
 

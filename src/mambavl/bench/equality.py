@@ -71,9 +71,7 @@ def gradients(cfg, device: torch.device, backends=BACKENDS) -> list[dict[str, to
     data = load_training_data(data_sources(cfg), vlm, cfg.stage, cfg.seed, False, False)
     configure_trainable(vlm, cfg, checkpointing=False)
     vlm.to(device).train()
-    dataset = TrainDataset(
-        data.examples, vlm.image_transform, vlm.config.anyres is not None, vlm.config.max_pixels
-    )
+    dataset = TrainDataset(data.examples, vlm.image_transform, vlm.images_vary, vlm.config.max_pixels)
     batch = collate([dataset[i] for i in range(min(cfg.per_device_batch_size, len(dataset)))]).to(device)
     out = []
     for name in backends:

@@ -75,7 +75,7 @@ WEIGHT_FILES = (
     "pytorch_model.bin",
     "pytorch_model.bin.index.json",
 )
-HUB_PATTERNS = ["*.json", "*.safetensors", "*.bin", "*.model", "*.txt", "*.yaml"]
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.bin", "*.model", "*.txt", "*.yaml", "*.jinja"]
 
 
 def resolve_model_dir(path_or_hub_id: str | Path) -> Path:

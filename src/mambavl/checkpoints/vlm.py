@@ -29,10 +29,12 @@ from mambavl.checkpoints.files import (
     read_json,
     read_state_dict,
     read_weights,
+    resolve_model_dir,
 )
 from mambavl.lm.config import LMConfig
 from mambavl.lm.load import assign_lm_weights, check_weights, checkpoint_dtype, to_our_keys
 from mambavl.projectors import PROJECTORS, projector_from_groups, seed_groups
+from mambavl.vision import RADIO_TOWERS
 from mambavl.vlm.model import VLM, VLMConfig, build_tower
 from mambavl.vlm.tokenizer import TextTokenizer, hub_chat_template, tokenizer_file
 
@@ -65,6 +67,12 @@ def config_from_dict(d: dict, where: str | Path = "config.json") -> VLMConfig:
             lm[key] = tuple(lm[key])
     if d.get("anyres") is not None:
         d["anyres"] = tuple(tuple(p) for p in d["anyres"])
+    if d.get("image_wrap") is not None:
+        d["image_wrap"] = tuple(d["image_wrap"])
+    if d.get("tower_options"):
+        d["tower_options"] = {
+            k: tuple(v) if isinstance(v, list) else v for k, v in d["tower_options"].items()
+        }
     try:
         return VLMConfig(lm=LMConfig(**lm), **d)
     except ValueError as e:  # LMConfig's checks: ranges, and sizes that do not fit together
@@ -73,12 +81,12 @@ def config_from_dict(d: dict, where: str | Path = "config.json") -> VLMConfig:
 
 def _value_problems(d: dict) -> list[str]:
     """The fields of a well-typed config dict whose values mambavl cannot run (unknown names, ranges)."""
-    from mambavl.vision import TOWER_SETS, TOWERS
+    from mambavl.vision import RADIO_TOWERS, RadioConfig, tower_names
     from mambavl.vision.transforms import RESIZE_STRATEGIES
     from mambavl.vlm.prompts import PROMPT_FORMATS
 
     choices = {
-        "tower": sorted(TOWER_SETS | TOWERS),
+        "tower": tower_names(),
         "projector": sorted(PROJECTORS),
         "prompt_format": [*PROMPT_FORMATS, "chat-template"],
         "resize": list(RESIZE_STRATEGIES),
@@ -98,6 +106,13 @@ def _value_problems(d: dict) -> list[str]:
         problems.append(
             f"config.anyres: expected [[width, height], ...] of positive sizes, got {show(d['anyres'])}"
         )
+    if options := d.get("tower_options"):
+        if d.get("tower") not in RADIO_TOWERS:
+            problems.append(f"config.tower_options: tower {show(d.get('tower'))} takes no options")
+        else:
+            problems += type_problems(RadioConfig, options, "config.tower_options.")
+    if (wrap := d.get("image_wrap")) is not None and not all(wrap):
+        problems.append(f"config.image_wrap: both markers must be non-empty, got {show(wrap)}")
     if not d.get("eos_token", "x"):
         problems.append("config.eos_token: must not be empty")
     if d.get("prompt_format") == "chat-template" and not d.get("chat_template"):
@@ -126,7 +141,7 @@ def _build(
             f"{where}: the config does not describe a model mambavl can build ({type(e).__name__}: {e})"
         ) from e
     towers = vlm.vision.towers.values() if hasattr(vlm.vision, "towers") else [vlm.vision]
-    for tower in towers:
+    for tower in (t for t in towers if hasattr(t, "feature_index")):  # timm towers: where features come from
         depth = len(tower.model.blocks)
         if not 0 <= tower.feature_index < depth:
             field = layer_field or "config.feature_layer"
@@ -238,7 +253,7 @@ def _seed_config(directory: Path, groups: set[str], preset: VLMConfig | None) ->
     """A VLMConfig from a Cobra/ML-Mamba run config (config.json["model"]), else from the preset."""
     from mambavl.presets import LLM_BACKBONES, msc_options
     from mambavl.vision import TOWER_SETS, TOWERS
-    from mambavl.vision.transforms import RESIZE_STRATEGIES
+    from mambavl.vision.transforms import SQUARE_RESIZES
 
     projector = projector_from_groups(groups)
     where = directory / "config.json"
@@ -270,7 +285,7 @@ def _seed_config(directory: Path, groups: set[str], preset: VLMConfig | None) ->
         lm=lm,
         tokenizer=tokenizer,
         prompt_format=prompt_format,
-        resize=f.text("image_resize_strategy", "resize-naive", RESIZE_STRATEGIES),
+        resize=f.text("image_resize_strategy", "resize-naive", SQUARE_RESIZES),
         max_length=f.integer("llm_max_length", 2048),
         hub_id=preset.hub_id if preset else None,
         hub_layout=preset.hub_layout if preset else None,
@@ -342,8 +357,11 @@ def _pinpoints(f: ConfigFields) -> tuple[tuple[int, int], ...]:
     return tuple(tuple(p) for p in value)
 
 
-def _tokenizer_settings(directory: Path, lm_type: str, preset: VLMConfig | None) -> tuple[str, str | None]:
-    """(eos token, chat template) from tokenizer_config.json, the preset, or Viper's defaults."""
+def _tokenizer_settings(
+    directory: Path, default_eos: str, preset: VLMConfig | None
+) -> tuple[str, str | None]:
+    """(eos token, chat template) from tokenizer_config.json (or chat_template.jinja beside it), the
+    preset, or the family's default eos."""
     path = directory / "tokenizer_config.json"
     t = ConfigFields(read_json(path) if path.is_file() else {}, path)
     eos = t.raw.get("eos_token")
@@ -358,7 +376,10 @@ def _tokenizer_settings(directory: Path, lm_type: str, preset: VLMConfig | None)
         )
     if template is not None and not isinstance(template, str):
         raise t.fail("chat_template", "a Jinja template string (or a list of named ones)", template)
-    eos = preset.eos_token if preset else eos or LLAVA_EOS[lm_type]
+    jinja = directory / "chat_template.jinja"  # where transformers 5 saves it
+    if template is None and jinja.is_file():
+        template = jinja.read_text(encoding="utf-8")
+    eos = preset.eos_token if preset else eos or default_eos
     return eos, template or (preset.chat_template if preset else None)
 
 
@@ -379,7 +400,7 @@ def _llava_config(directory: Path, raw: dict, preset: VLMConfig | None) -> VLMCo
     projector = LLAVA_PROJECTORS[f.text("mm_projector_type", "linear", sorted(LLAVA_PROJECTORS))]
     f.text("mm_vision_select_feature", "patch", ["patch"])  # "cls_patch" keeps CLS: not supported
     anyres = _pinpoints(f) if f.text("image_aspect_ratio", "square") == "anyres" else None
-    eos, chat_template = _tokenizer_settings(directory, lm_type, preset)
+    eos, chat_template = _tokenizer_settings(directory, LLAVA_EOS[lm_type], preset)
     has_tokenizer = (directory / "tokenizer.json").is_file()
     if not has_tokenizer and preset is None:
         raise CheckpointError(f"{directory}: no tokenizer.json beside the weights")
@@ -457,6 +478,170 @@ def _from_llava(
     return vlm
 
 
+# ---- NVIDIA's Nemotron Omni layout (transformers' nemotron_h_omni) ---------------------------------------
+NEMOTRON_TYPES = ("nemotron_h_omni",)
+_RADIO = "vision_model.radio_model.model."
+# the released processor's image settings: preprocessor_config.json field -> RadioConfig field
+_NEMOTRON_IMAGE = {"min_num_patches": "min_patches", "max_num_patches": "max_patches"}
+
+
+def _legacy(f: ConfigFields, name: str, legacy: str):
+    """A field under its current name, else under the released checkpoint's older one."""
+    return f.raw.get(name) if f.raw.get(name) is not None else f.raw.get(legacy)
+
+
+def _nemotron_config(directory: Path, raw: dict, preset: VLMConfig | None) -> VLMConfig:
+    """The VLMConfig of a Nemotron Omni checkpoint: C-RADIO at each image's own size, the pixel-shuffle
+    merge, the RMSNorm-ReLU² projector, a Nemotron-H LM; `<img>` … `</img>` around the image at the
+    prompt's `<image>`. Audio and video are not read (their weights are skipped)."""
+    from mambavl.lm.layouts import lm_config_from_json
+
+    where = directory / "config.json"
+    f = ConfigFields(raw, where)
+    text = _legacy(f, "text_config", "llm_config")
+    if not isinstance(text, dict):
+        raise f.fail("text_config", "an object (the Nemotron-H language model's config)", text)
+    lm, lm_type = lm_config_from_json({"model_type": "nemotron_h"} | text, where)
+    if lm_type != "nemotron_h":
+        raise CheckpointError(f"{where}: text_config.model_type must be nemotron_h, got {show(lm_type)}")
+    v = f.section("vision_config")
+    if v.flag("use_swiglu_ffn", False):
+        raise CheckpointError(
+            f"{where}: vision_config.use_swiglu_ffn=true is not a C-RADIO tower mambavl runs"
+        )
+    v.text("hidden_act", "gelu", ["gelu"])
+    hidden = v.integer("hidden_size", 1280)
+    vit_hidden = _legacy(f, "vision_hidden_size", "vit_hidden_size")
+    if vit_hidden is not None and vit_hidden != hidden:
+        raise CheckpointError(
+            f"{where}: vision_hidden_size {show(vit_hidden)} differs from vision_config.hidden_size {hidden}"
+        )
+    ratio = f.number("downsample_ratio", 0.5)
+    merge = round(1 / ratio)
+    if merge < 1 or abs(merge * ratio - 1) > 1e-6:
+        raise f.fail("downsample_ratio", "1 / an integer (0.5: 2×2 patches a position)", ratio)
+    text_f = ConfigFields(text, where, "text_config.")
+    options = dict(
+        hidden_size=hidden,
+        depth=v.integer("num_hidden_layers", 32),
+        num_heads=v.integer("num_attention_heads", 16),
+        mlp_ratio=v.number("mlp_ratio", 4.0),
+        patch_size=v.integer("patch_size", 16),
+        max_img_size=v.integer("max_img_size", 2048),
+        num_cls_tokens=v.integer("num_cls_tokens", 3, minimum=0),
+        num_registers=v.integer("num_registers", 7, minimum=0),
+        layer_norm_eps=v.number("layer_norm_eps", 1e-6),
+        qkv_bias=v.flag("qkv_bias", True),
+        final_norm=text_f.integer("num_nextn_predict_layers", 0, minimum=0) > 0,
+        merge=merge,
+    )
+    pre_path = directory / "preprocessor_config.json"
+    pre = ConfigFields(read_json(pre_path) if pre_path.is_file() else {}, pre_path)
+    for ours, theirs in (("patch_size", "patch_size"),):
+        if pre.raw.get(theirs) is not None and pre.integer(theirs) != options[ours]:
+            raise CheckpointError(
+                f"{pre_path}: {theirs} {pre.raw[theirs]} differs from the tower's {options[ours]}"
+            )
+    for theirs, ours in _NEMOTRON_IMAGE.items():
+        if pre.raw.get(theirs) is not None:
+            options[ours] = pre.integer(theirs, minimum=0)
+    for ours, names in (("mean", ("image_mean", "norm_mean")), ("std", ("image_std", "norm_std"))):
+        value = next((pre.raw[n] for n in names if pre.raw.get(n) is not None), None)
+        if value is not None:
+            if not (
+                isinstance(value, list) and len(value) == 3 and all(isinstance(x, int | float) for x in value)
+            ):
+                raise pre.fail(names[0], "three numbers", value)
+            options[ours] = tuple(float(x) for x in value)
+    default = dataclasses.asdict(RADIO_TOWERS["c-radio-h"])
+    options = {k: val for k, val in options.items() if default[k] != val}
+    eos, chat_template = _tokenizer_settings(directory, "<|im_end|>", preset)
+    has_tokenizer = (directory / "tokenizer.json").is_file()
+    if not has_tokenizer and preset is None:
+        raise CheckpointError(f"{directory}: no tokenizer.json beside the weights")
+    if chat_template is None and preset is None:
+        raise CheckpointError(f"{directory}: no chat template (tokenizer_config.json or chat_template.jinja)")
+    name = raw.get("_name_or_path")
+    return VLMConfig(
+        name=name if isinstance(name, str) and name else directory.name,
+        tower="c-radio-h",
+        tower_options=options,
+        projector="rmsnorm-relu2-mlp",
+        projector_options={"hidden": f.integer("projector_hidden_size", 4096)},
+        lm=lm,
+        tokenizer=str(directory / "tokenizer.json") if has_tokenizer else preset.tokenizer,
+        prompt_format="chat-template",
+        resize="dynamic",
+        image_placement="placeholder",
+        image_wrap=("<img>", "</img>"),
+        eos_token=eos,
+        system_prompt=preset.system_prompt if preset else None,
+        chat_template=chat_template or preset.chat_template,
+        max_length=text_f.integer("max_position_embeddings", 131072),
+    )
+
+
+def _nemotron_tower_keys(vision: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
+    """The released RADIO keys (`radio_model.model.` removed) without what our tower does not hold: the
+    video patch projection (video is not read), the summary indices, the input conditioner (the image
+    transform normalises), and LayerScale factors, which C-RADIO does not have (all ones)."""
+    out = {}
+    for key, value in vision.items():
+        if ".layer_scale" in key:
+            if not torch.all(value == 1):
+                raise CheckpointError(
+                    f"{where}: {key} holds a LayerScale other than 1, which C-RADIO does not have"
+                )
+            continue
+        if key.startswith(("patch_generator.video_embedder.", "summary_idxs", "input_conditioner.")):
+            continue
+        out[key] = value
+    return out
+
+
+def _from_nemotron(
+    directory: Path, raw: dict, preset: VLMConfig | None, dtype: torch.dtype | None = None
+) -> VLM:
+    config = _nemotron_config(directory, raw, preset)
+    where = directory / "config.json"
+    tokenizer = (
+        _tokenizer_beside(directory, config, where) if (directory / "tokenizer.json").is_file() else None
+    )
+    vlm = _build(config, where, tokenizer)
+    tensors, origin = read_state_dict(directory)
+    lm_sd, tower, projector, labels = {}, {}, {}, {}
+    for key, value in tensors.items():
+        if key.startswith("language_model."):
+            lm_sd[key.removeprefix("language_model.")] = value
+            labels[key.removeprefix("language_model.")] = f"{origin[key].name}:{key}"
+        elif key.startswith(_RADIO):
+            tower[key.removeprefix(_RADIO)] = value
+        elif key.startswith("vision_model.radio_model."):
+            tower[key.removeprefix("vision_model.radio_model.")] = value
+        elif key.startswith("vision_projector.vision_final_layernorm."):
+            tower["final_norm." + key.removeprefix("vision_projector.vision_final_layernorm.")] = value
+        elif key.startswith("mlp1."):
+            index, rest = key.removeprefix("mlp1.").split(".", 1)
+            part = {"0": "layer_norm", "1": "linear_1", "3": "linear_2"}.get(index, f"mlp1.{index}")
+            projector[f"{part}.{rest}"] = value
+        elif key.startswith(("sound_encoder.", "sound_projection.")):
+            continue  # audio is not read
+        else:
+            raise CheckpointError(f"{origin[key]}: {key} is no part of a Nemotron Omni model mambavl knows")
+    sd, source = to_our_keys(lm_sd, "nemotron_h", config.lm, labels, str(directory))
+    dtype = checkpoint_dtype(sd, "embedding.weight") if dtype is None else dtype
+    assign_lm_weights(vlm.lm, sd, source, f"{directory}: language model", dtype)
+    for module, part, prefix in ((vlm.vision, tower, _RADIO), (vlm.projector, projector, "mlp1 as ")):
+        if module is vlm.vision:
+            part = _nemotron_tower_keys(part, str(directory))
+        expected = {k: val.shape for k, val in module.state_dict().items()}
+        names = {k: f"{prefix}{k}" for k in part}
+        module.load_state_dict(
+            check_weights(part, expected, names, f"{directory}: {prefix}", dtype), assign=True
+        )
+    return vlm
+
+
 # ---- entry point -----------------------------------------------------------------------------------------
 def _download_preset(config: VLMConfig, **hub_options) -> Path:
     """The directory of a preset's released files in the Hugging Face cache, downloaded if need be; offline
@@ -476,15 +661,28 @@ def _download_preset(config: VLMConfig, **hub_options) -> Path:
     return paths[0].parent
 
 
+def _hub_model_dir(name: str) -> Path | None:
+    """The local snapshot of a released model that is read from its own hub files (`HUB_MODELS`),
+    downloaded if need be; None for any other name."""
+    from mambavl.presets import HUB_MODELS
+
+    if name not in HUB_MODELS:
+        return None
+    return resolve_model_dir(HUB_MODELS[name][0])
+
+
 def _layout(directory: Path) -> tuple[str, dict]:
-    """Which layout a model directory holds ("ours", "llava" or "seed": a Cobra / ML-Mamba run), and its
-    config.json ({} when it has none, as a seed's checkpoint-only directory may)."""
+    """Which layout a model directory holds ("ours", "llava", "nemotron" or "seed": a Cobra / ML-Mamba
+    run), and its config.json ({} when it has none, as a seed's checkpoint-only directory may)."""
     config = directory / "config.json"
     raw = read_json(config) if config.is_file() else {}
     if raw.get("format") == FORMAT:
         return "ours", raw
-    if ConfigFields(raw, config).text("model_type", None) in LLAVA_TYPES:
+    model_type = ConfigFields(raw, config).text("model_type", None)
+    if model_type in LLAVA_TYPES:
         return "llava", raw
+    if model_type in NEMOTRON_TYPES:
+        return "nemotron", raw
     return "seed", raw
 
 
@@ -502,16 +700,17 @@ def load(
     Nothing in the directory is trusted: every config field is checked, every file must resolve inside
     the directory, NaN or infinite weights are refused. `dtype=None` keeps the checkpoint's dtype; one
     that mixes dtypes loads in its LM embedding's (see `checkpoint_dtype`)."""
-    from mambavl.presets import PRESETS
+    from mambavl.presets import HUB_MODELS, PRESETS
 
     name = str(name_or_path)
     preset = PRESETS.get(name)
-    directory = Path(name_or_path).expanduser()
+    directory = _hub_model_dir(name) or Path(name_or_path).expanduser()
     if not directory.is_dir():
         if preset is None or preset.hub_layout is None:
             raise CheckpointError(
                 f"{name}: neither a model directory nor a preset with released weights "
-                f"({sorted(k for k, v in PRESETS.items() if v.hub_layout)})"
+                f"({sorted(k for k, v in PRESETS.items() if v.hub_layout)}) nor a released model read from "
+                f"its hub files ({sorted(HUB_MODELS)})"
             )
         directory = _download_preset(preset, **hub_options)
     layout, raw = _layout(directory)
@@ -519,6 +718,8 @@ def load(
         vlm = _from_ours(directory, raw, dtype)
     elif layout == "llava":
         vlm = _from_llava(directory, raw, preset, pretrained_tower, dtype)
+    elif layout == "nemotron":
+        vlm = _from_nemotron(directory, raw, preset, dtype)
     else:
         vlm = _from_seed(directory, preset, pretrained_tower, dtype)
     if dtype is not None:
@@ -539,7 +740,7 @@ def read_config(name_or_path: str | Path) -> tuple[VLMConfig, str] | None:
     from mambavl.presets import PRESETS
 
     name = str(name_or_path)
-    directory = Path(name_or_path).expanduser()
+    directory = _hub_model_dir(name) or Path(name_or_path).expanduser()
     if not directory.is_dir():
         if name in PRESETS:
             return PRESETS[name], "mambavl preset"
@@ -549,6 +750,8 @@ def read_config(name_or_path: str | Path) -> tuple[VLMConfig, str] | None:
         return config_from_dict(raw.get("config"), directory / "config.json"), "mambavl"
     if layout == "llava":
         return _llava_config(directory, raw, None), f"LLaVA / Viper ({raw['model_type']})"
+    if layout == "nemotron":
+        return _nemotron_config(directory, raw, None), f"Nemotron Omni ({raw['model_type']})"
     seed_files = (directory / "checkpoints" / "latest-checkpoint.pt", directory / "latest-checkpoint.pt")
     if "model" not in raw and (raw or not any(p.is_file() for p in seed_files)):
         return None
@@ -562,7 +765,7 @@ def model_files(name_or_path: str | Path) -> list[Path]:
     from mambavl.checkpoints.files import weight_files
     from mambavl.presets import PRESETS
 
-    directory = Path(name_or_path).expanduser()
+    directory = _hub_model_dir(str(name_or_path)) or Path(name_or_path).expanduser()
     if not directory.is_dir():
         preset = PRESETS.get(str(name_or_path))
         if preset is None:
@@ -573,7 +776,7 @@ def model_files(name_or_path: str | Path) -> list[Path]:
     layout, _ = _layout(directory)
     if layout == "ours":
         files = [directory / "model.safetensors", directory / "tokenizer.json"]
-    elif layout == "llava":
+    elif layout in ("llava", "nemotron"):
         files = [*weight_files(directory), directory / "tokenizer.json", directory / "tokenizer_config.json"]
     else:
         files = [_find_checkpoint(directory)]

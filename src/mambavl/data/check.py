@@ -12,8 +12,8 @@ from mambavl.vision.images import ImageError, load_image
 
 
 def image_tokens(vlm) -> int | None:
-    """Image positions per sample for single-view models (None for AnyRes: it depends on the image)."""
-    return None if vlm.config.anyres is not None else vlm.positions_per_view
+    """Image positions per sample, or None where they vary (AnyRes, or a tower at each image's size)."""
+    return None if vlm.images_vary else vlm.positions_per_view
 
 
 def image_problem(image: str, image_root: Path, max_pixels: int, decode: bool = True) -> str | None:
@@ -37,7 +37,9 @@ def encode_sample(sample: Sample, vlm, stage: str = "finetune") -> Encoded:
     """A sample's ids and labels as the stage trains on them."""
     if stage == "align":
         return encode_align(sample, vlm.tokenizer)
-    return encode_finetune(sample, vlm.tokenizer, vlm.get_prompt_builder(), vlm.config.image_placement)
+    return encode_finetune(
+        sample, vlm.tokenizer, vlm.get_prompt_builder(), vlm.config.image_placement, vlm.config.image_wrap
+    )
 
 
 def model_for_checking(model: str, stage: str = "finetune"):

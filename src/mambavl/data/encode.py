@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mambavl.data.llava import Sample
-from mambavl.vlm.sequence import IGNORE_INDEX, IMAGE_PLACEHOLDER
+from mambavl.vlm.sequence import IGNORE_INDEX, IMAGE_PLACEHOLDER, wrap_image_marker
 
 
 @dataclass(frozen=True)
@@ -23,17 +23,25 @@ class Encoded:
     image_at: int  # token index where the image embeddings go
 
 
-def _encode_with_image(tokenizer, text: str) -> tuple[list[int], int | None]:
-    """Token ids of `text` without its `<image>` marker, and where the marker stood (in tokens)."""
+def _encode_with_image(tokenizer, text: str, wrap: tuple[str, str] | None) -> tuple[list[int], int | None]:
+    """Token ids of `text` without its `<image>` marker (the model's `wrap` around it), and where the
+    image goes (in tokens)."""
     if IMAGE_PLACEHOLDER not in text:
         return tokenizer.encode(text), None
-    before, after = text.split(IMAGE_PLACEHOLDER, 1)
+    before, after = wrap_image_marker(*text.split(IMAGE_PLACEHOLDER, 1), wrap)
     head = tokenizer.encode(before)
     return head + tokenizer.encode(after.replace(IMAGE_PLACEHOLDER, "")), len(head)
 
 
-def encode_finetune(sample: Sample, tokenizer, builder, image_placement: str = "first") -> Encoded:
-    """`builder`: a fresh prompt builder of the model (`vlm.get_prompt_builder()`)."""
+def encode_finetune(
+    sample: Sample,
+    tokenizer,
+    builder,
+    image_placement: str = "first",
+    image_wrap: tuple[str, str] | None = None,
+) -> Encoded:
+    """`builder`: a fresh prompt builder of the model (`vlm.get_prompt_builder()`); `image_wrap`: the
+    model's text around the image (`VLMConfig.image_wrap`)."""
     ids: list[int] = []
     labels: list[int] = []
     image_at = None
@@ -47,7 +55,7 @@ def encode_finetune(sample: Sample, tokenizer, builder, image_placement: str = "
             )
         piece, rendered = prompt[len(rendered) :], prompt
         if image_placement == "placeholder":
-            tokens, at = _encode_with_image(tokenizer, piece)
+            tokens, at = _encode_with_image(tokenizer, piece, image_wrap)
             if at is not None and image_at is None:
                 image_at = len(ids) + at
         else:

@@ -92,7 +92,9 @@ def load_training_data(
             if stage == "align":
                 ex = encode_align(sample, vlm.tokenizer)
             else:
-                ex = encode_finetune(sample, vlm.tokenizer, builder(), vlm.config.image_placement)
+                ex = encode_finetune(
+                    sample, vlm.tokenizer, builder(), vlm.config.image_placement, vlm.config.image_wrap
+                )
             if ex.image is not None:
                 ex = replace(ex, image=str(source.image_root / ex.image))
             encoded.append(ex)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from mambavl.projectors.ldp import FusedLDPProjector
-from mambavl.projectors.mlp import FusedMLPProjector, LinearProjector, MLPProjector
+from mambavl.projectors.mlp import FusedMLPProjector, LinearProjector, MLPProjector, RMSReLU2Projector
 from mambavl.projectors.msc import MSCProjector
 from mambavl.projectors.vss import VSSProjector
 
@@ -16,6 +16,7 @@ PROJECTORS: dict[str, type[nn.Module]] = {
     "fused-ldpnet": FusedLDPProjector,
     "msc": MSCProjector,  # ML-Mamba's Mamba-2 Scan Connector
     "vss-l2": VSSProjector,  # VL-Mamba's connector (its paper; no code was released)
+    "rmsnorm-relu2-mlp": RMSReLU2Projector,  # the Nemotron VLMs' (`mlp1`)
 }
 
 
@@ -50,6 +51,7 @@ __all__ = [
     "LinearProjector",
     "MLPProjector",
     "MSCProjector",
+    "RMSReLU2Projector",
     "VSSProjector",
     "create_projector",
     "projector_from_groups",

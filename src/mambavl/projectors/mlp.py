@@ -45,3 +45,22 @@ class FusedMLPProjector(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.projector(features)
+
+
+class RMSReLU2Projector(nn.Module):
+    """`rmsnorm-relu2-mlp` (Nemotron VLMs): RMSNorm(v) Linear(v→h) ReLU² Linear(h→l), no biases;
+    layer_norm / linear_1 / linear_2. The norm runs in fp32 (its weight too) and casts back."""
+
+    def __init__(self, vision_dim: int, llm_dim: int, hidden: int = 4096, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.layer_norm = nn.Module()
+        self.layer_norm.weight = nn.Parameter(torch.ones(vision_dim))
+        self.linear_1 = nn.Linear(vision_dim, hidden, bias=False)
+        self.linear_2 = nn.Linear(hidden, llm_dim, bias=False)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        x = features.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        x = (self.layer_norm.weight.float() * x).to(features.dtype)
+        return self.linear_2(torch.relu(self.linear_1(x)).square())

@@ -281,7 +281,7 @@ def train(
     dataset = TrainDataset(
         data.examples,
         vlm.image_transform,
-        vlm.config.anyres is not None,
+        vlm.images_vary,
         vlm.config.max_pixels,
         cfg.blank_images,
         cfg.cache_images,

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from mambavl.vision.radio import RadioConfig, RadioTower
 from mambavl.vision.transforms import ImageTransform
 
 
@@ -131,6 +132,23 @@ TOWER_SETS: dict[str, tuple[str, ...]] = {
     "tiny-dinosiglip": ("tiny-dinov2", "tiny-siglip"),
     "tiny-clip": ("tiny-clip",),
 }
+# RADIO towers (the Nemotron VLMs'): our own module, every image at its own size. A checkpoint's
+# vision config may override any RadioConfig field (`tower_options`).
+RADIO_TOWERS: dict[str, RadioConfig] = {
+    "c-radio-h": RadioConfig(),  # C-RADIOv4-H, as the Nemotron Omni VLM uses it
+    "tiny-radio": RadioConfig(
+        hidden_size=32,
+        depth=2,
+        num_heads=2,
+        patch_size=8,
+        max_img_size=128,
+        num_cls_tokens=2,
+        num_registers=1,
+        min_patches=16,
+        max_patches=64,
+        image_size=64,
+    ),
+}
 _SHORT = {
     "dinov2-vit-l-reg4-384": "dino",
     "siglip-so400m-384": "siglip",
@@ -139,13 +157,28 @@ _SHORT = {
 }
 
 
+def tower_names() -> list[str]:
+    return sorted(TOWER_SETS | TOWERS | RADIO_TOWERS)
+
+
 def create_tower(
-    name: str, pretrained: bool = False, feature_layer: int | None = None
-) -> VisionTower | FusedTower:
-    """A tower or fused tower set by name (TOWER_SETS or TOWERS); `feature_layer` overrides where the
-    features are taken (LLaVA-style configs say it: `mm_vision_select_layer`)."""
+    name: str, pretrained: bool = False, feature_layer: int | None = None, options: dict | None = None
+) -> VisionTower | FusedTower | RadioTower:
+    """A tower or fused tower set by name (TOWER_SETS, TOWERS or RADIO_TOWERS); `feature_layer` overrides
+    where the features are taken (LLaVA-style configs say it: `mm_vision_select_layer`); `options`
+    override a RADIO tower's config fields (its sizes, as a checkpoint's vision config gives them).
+    RADIO towers have no weights of their own to fetch: theirs come with the VLM's checkpoint."""
+    if name in RADIO_TOWERS:
+        if feature_layer is not None:
+            raise ValueError(f"tower {name!r} gives its last block's features; feature_layer does not apply")
+        try:
+            return RadioTower(dataclasses.replace(RADIO_TOWERS[name], **(options or {})))
+        except TypeError as e:
+            raise ValueError(f"tower options {sorted(options or {})} for {name!r}: {e}") from None
+    if options:
+        raise ValueError(f"tower {name!r} takes no options, got {sorted(options)}")
     if name not in TOWERS and name not in TOWER_SETS:
-        raise KeyError(f"unknown vision tower {name!r}; known: {sorted(TOWER_SETS | TOWERS)}")
+        raise KeyError(f"unknown vision tower {name!r}; known: {tower_names()}")
     members = (name,) if name in TOWERS else TOWER_SETS[name]
 
     def one(member: str) -> VisionTower:

@@ -1,6 +1,7 @@
 """Image → tensor for a tower, with the seeds' resize strategies (prismatic's names):
 `resize-naive` squashes to the square input size; `resize-crop` resizes the short side and centre-crops;
-`letterbox` pads to a square with the tower's mean colour first, then resize-crops."""
+`letterbox` pads to a square with the tower's mean colour first, then resize-crops. (`dynamic` keeps each
+image at its own size: the RADIO tower's transform, `vision.radio`.)"""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from PIL import Image, ImageOps
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-RESIZE_STRATEGIES = ("resize-naive", "resize-crop", "letterbox")
+SQUARE_RESIZES = ("resize-naive", "resize-crop", "letterbox")
+RESIZE_STRATEGIES = (*SQUARE_RESIZES, "dynamic")  # dynamic: each image at its own size (RADIO towers)
 _INTERPOLATION = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR}
 
 
@@ -24,8 +26,11 @@ class ImageTransform:
     resize: str = "resize-naive"
 
     def __post_init__(self):
-        if self.resize not in RESIZE_STRATEGIES:
-            raise ValueError(f"resize strategy {self.resize!r} unknown; expected one of {RESIZE_STRATEGIES}")
+        if self.resize not in SQUARE_RESIZES:
+            raise ValueError(
+                f"resize strategy {self.resize!r} does not apply to a square tower; "
+                f"expected one of {SQUARE_RESIZES}"
+            )
 
     @property
     def fill(self) -> tuple[int, int, int]:

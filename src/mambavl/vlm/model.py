@@ -27,6 +27,7 @@ from mambavl.vlm.sequence import (
     pack,
     splice_image_first,
     split_at_placeholder,
+    wrap_image_marker,
 )
 from mambavl.vlm.tokenizer import TextTokenizer, hub_chat_template, load_tokenizer
 
@@ -40,6 +41,7 @@ class VLMConfig:
     tokenizer: str  # a hub repo with tokenizer.json, or "bytes" (built in, offline)
     prompt_format: str = "zephyr"  # a name in mambavl.vlm.prompts.PROMPT_FORMATS
     projector_options: dict = field(default_factory=dict)
+    tower_options: dict = field(default_factory=dict)  # a RADIO tower's sizes, as its checkpoint says them
     resize: str = "resize-naive"
     max_length: int = 2048  # image + text positions the model was trained on
     hub_id: str | None = None  # where the released weights live
@@ -51,6 +53,7 @@ class VLMConfig:
     image_placement: str = "first"  # "first" (Cobra, ML-Mamba) or "placeholder": at `<image>` in the prompt
     anyres: tuple[tuple[int, int], ...] | None = None  # AnyRes grid pinpoints; None = one view
     image_newline: bool = False  # LLaVA-NeXT spatial_unpad: a learned embedding after every grid row
+    image_wrap: tuple[str, str] | None = None  # text either side of the image (Nemotron: <img>, </img>)
     eos_token: str = "<|endoftext|>"  # the token that ends an answer
     system_prompt: str | None = None  # default system prompt of chat-template formats
     chat_template: str | None = None  # jinja template; None = the tokenizer repo's own (chat-template format)
@@ -112,7 +115,7 @@ class VLM(nn.Module):
     ):
         super().__init__()
         self.config = config
-        self.vision = build_tower(config.tower, pretrained_tower, config.feature_layer)
+        self.vision = build_tower(config.tower, pretrained_tower, config.feature_layer, config.tower_options)
         self.projector = create_projector(
             config.projector, self.vision.embed_dim, config.lm.d_model, **config.projector_options
         )
@@ -211,6 +214,12 @@ class VLM(nn.Module):
         return self._stack([self.image_transform(load_image(im, self.config.max_pixels)) for im in images])
 
     @property
+    def images_vary(self) -> bool:
+        """Whether images take different numbers of positions (AnyRes tiles, or a tower that reads each
+        image at its own size): the data pipeline then hands images on whole, not as stacked pixels."""
+        return self.config.anyres is not None or getattr(self.vision, "dynamic", False)
+
+    @property
     def vision_dtype(self) -> torch.dtype:
         return next(self.vision.parameters()).dtype
 
@@ -246,6 +255,9 @@ class VLM(nn.Module):
         request's length with before queuing it."""
         per_view = self.positions_per_view
         if self.config.anyres is None:
+            if getattr(self.vision, "dynamic", False):  # token-wise from the tower on: scale by its count
+                height, width = image.views[0].shape[-2:]
+                return self.vision.positions_for(height, width) * per_view // self.vision.num_patches
             return per_view
         if self.image_newline is None:
             return per_view * len(image.views)
@@ -260,7 +272,9 @@ class VLM(nn.Module):
         encode = self.tokenizer.encode_releasing_gil if release_gil else self.tokenizer.encode
         if self.config.image_placement == "placeholder":
             if has_image:
-                return PromptIds(*(encode(t) for t in split_at_placeholder(prompt)))
+                before, after = split_at_placeholder(prompt)
+                before, after = wrap_image_marker(before, after, self.config.image_wrap)
+                return PromptIds(encode(before), encode(after))
             if IMAGE_PLACEHOLDER in prompt:
                 raise ValueError(f"{name} has '{IMAGE_PLACEHOLDER}' but no image was given for it")
         ids = encode(prompt)
@@ -272,8 +286,18 @@ class VLM(nn.Module):
         """Each image's embedding sequence [N_i, d_model]; with AnyRes, N_i depends on the image's shape.
         Images: anything `load_image` reads, or `preprocess`'s output."""
         prepared = [self.preprocess(im) for im in images]
-        if self.config.anyres is None:
-            return list(self.encode_images(self._stack([p.views[0] for p in prepared])))
+        if self.config.anyres is None:  # one view an image; views of one size go through the tower together
+            views = [p.views[0] for p in prepared]
+            sizes: dict[tuple, list[int]] = {}
+            for i, view in enumerate(views):
+                sizes.setdefault(_shape(view), []).append(i)
+            out: list = [None] * len(views)
+            for rows in sizes.values():
+                for i, emb in zip(
+                    rows, self.encode_images(self._stack([views[i] for i in rows])), strict=True
+                ):
+                    out[i] = emb
+            return out
         out = []
         for p in prepared:
             features = self.encode_images(self._stack(p.views))
@@ -496,14 +520,22 @@ class VLM(nn.Module):
         return current
 
 
-def build_tower(name: str, pretrained: bool, feature_layer: int | None = None):
+def build_tower(name: str, pretrained: bool, feature_layer: int | None = None, options: dict | None = None):
     """A tower with timm's pretrained weights, or else a fixed random init: layouts that do not store
     vision weights (Cobra's, ML-Mamba's) then rebuild the same tiny tower every time."""
     if pretrained:
-        return create_tower(name, pretrained=True, feature_layer=feature_layer)
+        return create_tower(name, pretrained=True, feature_layer=feature_layer, options=options)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        return create_tower(name, pretrained=False, feature_layer=feature_layer)
+        return create_tower(name, pretrained=False, feature_layer=feature_layer, options=options)
+
+
+def _shape(view) -> tuple:
+    return (
+        tuple(sorted((k, tuple(v.shape)) for k, v in view.items()))
+        if isinstance(view, dict)
+        else tuple(view.shape)
+    )
 
 
 def _params(kwargs: dict) -> SamplingParams:

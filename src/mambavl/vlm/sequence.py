@@ -107,3 +107,9 @@ def split_at_placeholder(prompt: str) -> tuple[str, str]:
         )
     before, after = prompt.split(IMAGE_PLACEHOLDER)
     return before, after
+
+
+def wrap_image_marker(before: str, after: str, wrap: tuple[str, str] | None) -> tuple[str, str]:
+    """The text either side of the image with the model's own markers around it (Nemotron's `<img>` and
+    `</img>`), so that the image's positions sit between them as the model was trained."""
+    return (before, after) if not wrap else (before + wrap[0], wrap[1] + after)
