@@ -474,6 +474,7 @@ def test_checkpointing_at_start():
         ("tiny-cobra-nemotron-h", "nemotron_h", "none"),  # Mamba-2, attention and MLP blocks
         ("tiny-cobra-falcon-h1", "falcon_h1", "mamba2+attention"),  # both side by side in every layer
         ("tiny-cobra-zamba2", "zamba2", "shared+mamba2"),  # a shared attention block feeding Mamba-2
+        ("tiny-nemotron-omni", "nemotron_h", "none"),  # Nemotron's own recipe: C-RADIO at each image's size
     ],
 )
 def test_the_cobra_recipe_trains_on_a_hybrid_lm(shapes, tmp_path, preset, family, kind):
@@ -489,7 +490,8 @@ def test_the_cobra_recipe_trains_on_a_hybrid_lm(shapes, tmp_path, preset, family
     vlm = mambavl.load(result.model_dir)
     assert vlm.lm.config.family == family and kind in vlm.lm.config.mixers
     pb = vlm.get_prompt_builder()
-    pb.add_turn("human", "How many objects are there?")
+    marker = "<image>\n" if vlm.config.image_placement == "placeholder" else ""
+    pb.add_turn("human", marker + "How many objects are there?")
     image = str(shapes["images"] / "train-00000.png")
     answers = vlm.generate([image, image], [pb.get_prompt()] * 2, max_new_tokens=6)
     assert answers[0] == answers[1] == vlm.generate(image, pb.get_prompt(), max_new_tokens=6)
