@@ -7,7 +7,7 @@ import torch
 
 import mambavl
 from mambavl.engine.scheduler import Engine, EngineConfig
-from mambavl.vlm.graphs import BUCKETS, GraphDecoder, bucket_for, graph_support
+from mambavl.vlm.graphs import BUCKETS, GraphDecoder, KVGraphDecoder, bucket_for, graph_support
 
 pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
@@ -56,11 +56,39 @@ def test_padding_slots_never_touch_live_rows():
             assert torch.equal(mine[name], theirs[name])
 
 
-def test_models_with_attention_decode_eagerly():
+def test_models_with_moe_decode_eagerly():
     vlm = mambavl.create("tiny-viper-jamba", device="cuda")
-    assert "attention" in graph_support(vlm.lm)
+    assert "mixture-of-experts" in graph_support(vlm.lm)
     assert vlm.graph_decoder(2) is None
     assert isinstance(vlm.generate(None, "Hello", max_new_tokens=4), str)
+
+
+@pytest.mark.parametrize("preset", ["tiny-cobra-nemotron-h", "tiny-cobra-falcon-h1", "tiny-cobra-zamba2"])
+def test_hybrid_graph_decoding_equals_eager(preset):
+    """Attention layers in CUDA graphs: 300 greedy steps cross the 64-, 128- and 256-position graphs and
+    one growth of the buffers, rows of different lengths side by side."""
+    vlm = mambavl.create(preset, device="cuda")
+    assert isinstance(vlm.graph_decoder(3), KVGraphDecoder)
+    prompts = ["What is in the picture?", "Count the shapes. " * 9, "Hi"]
+    kw = dict(max_new_tokens=300, min_length=300)
+    eager = vlm.generate([None] * 3, prompts, cuda_graphs=False, **kw)
+    assert vlm.generate([None] * 3, prompts, **kw) == eager
+
+
+def test_the_engine_on_hybrid_graphs_equals_generate():
+    from serving import collect, drive, texts
+
+    vlm = mambavl.create("tiny-cobra-nemotron-h", device="cuda")
+    engine = Engine(vlm, EngineConfig(slots=4, prefill_batch=2))
+    assert isinstance(engine.decoder, KVGraphDecoder)
+    jobs = []
+    for i in range(8):
+        prompt = f"question {i}: " + "what is it? " * (i % 4)
+        params = dict(max_new_tokens=5 + 40 * (i % 3), min_length=5 + 40 * (i % 3))
+        jobs.append((collect(engine, None, prompt, **params)[1], prompt, params))
+    drive(engine)
+    for events, prompt, params in jobs:
+        assert texts(events)[0] == vlm.generate(None, prompt, cuda_graphs=False, **params)
 
 
 @pytest.mark.parametrize("preset", ["tiny-cobra", "tiny-mlmamba"])

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from mambavl.bench.timing import sync, timed
-from mambavl.vlm.graphs import GraphDecoder, graph_support
+from mambavl.vlm.graphs import KVGraphDecoder, graph_decoder, graph_support
 from mambavl.vlm.model import VLM
 
 GIB = 2**30
@@ -115,9 +115,19 @@ def decode(vlm: VLM, batches: list[int], tokens: int = 256, graphs: bool = True)
     for batch in batches:
         tokens_in = _ids(vlm, batch, 1)[:, 0]
         if graphs:
-            decoder = GraphDecoder(vlm.lm, batch)
-            decoder.prepare(batch)
+            decoder = graph_decoder(vlm.lm, batch)
             decoder.load(vlm.lm.new_state(batch))
+            if isinstance(decoder, KVGraphDecoder):  # every cache-length graph the timed steps reach
+                longest = 8 + 3 * tokens + 1
+                decoder.reserve(longest)
+                length = 64
+                while True:
+                    decoder.prepare(batch, length)
+                    if length >= longest:
+                        break
+                    length *= 2
+            else:
+                decoder.prepare(batch)
 
             def step(tok, decoder=decoder):
                 return decoder.step(tok).argmax(-1)

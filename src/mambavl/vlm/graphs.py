@@ -7,13 +7,16 @@ the live ones always sit in the first rows (what the serving engine's continuous
 - `GraphDecoder` captures one step per batch-size bucket as a CUDA graph and replays it, so a token
   costs one graph launch instead of a dozen kernel launches per layer from Python. The graph of bucket k
   reads and writes the first k rows; rows past the live ones are padding that compute on their own rows
-  only (every op is row-wise), so they never touch a live sequence. Models with attention layers (a KV
-  cache that grows) or mixture-of-experts layers (data-dependent routing) cannot be captured:
-  `graph_support` says why.
+  only (every op is row-wise), so they never touch a live sequence. Mixture-of-experts layers
+  (data-dependent routing) cannot be captured: `graph_support` says why.
 - `KVSlotDecoder` steps every slot of a model with attention layers in one batched call, eagerly: each
   attention layer keeps its KV cache in per-slot buffers of one length (grown by doubling when a row needs
   more), each row's positions from 0 on with a mask of the real ones, and a row's new token goes to its
   own next position.
+- `KVGraphDecoder` is `KVSlotDecoder` with its steps captured as CUDA graphs, one per batch bucket and
+  cache-length bucket (a power of two ≥ 64): the graph of length L attends over the first L positions
+  of the buffers, so a step costs what the rows' caches need, not what the buffers hold. The decoder
+  counts each slot's cached positions on the host, so choosing a graph reads nothing back from the GPU.
 """
 
 from __future__ import annotations
@@ -27,14 +30,19 @@ BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256)
 
 
 def graph_support(lm: LanguageModel) -> str | None:
-    """None when the model's decode step can be captured, else the reason it cannot."""
+    """None when the model's decode step can be captured (attention layers with `KVGraphDecoder`), else
+    the reason it cannot."""
     if lm.device.type != "cuda":
         return "CUDA graphs need a CUDA device"
-    if not lm.config.fixed_state:
-        return "attention layers grow their KV cache every step"
     if not lm.config.static_shapes:
         return "mixture-of-experts layers route tokens with data-dependent shapes"
     return None
+
+
+def graph_decoder(lm: LanguageModel, capacity: int) -> GraphDecoder | KVGraphDecoder:
+    """The CUDA-graph decoder for the model: `GraphDecoder` for pure recurrent models, `KVGraphDecoder`
+    with attention layers. ValueError where graphs do not apply (`graph_support`)."""
+    return GraphDecoder(lm, capacity) if lm.config.fixed_state else KVGraphDecoder(lm, capacity)
 
 
 def bucket_for(batch: int) -> int:
@@ -163,9 +171,10 @@ class KVSlotDecoder(SlotDecoder):
 
 
 def slot_decoder(lm: LanguageModel, capacity: int, cuda_graphs: bool = True):
-    """The fastest decoder the model allows: CUDA graphs, else eager slots, else one state per row."""
+    """The fastest decoder the model allows: CUDA graphs, else eager slots (per-slot KV buffers for
+    models with attention layers)."""
     if cuda_graphs and graph_support(lm) is None:
-        return GraphDecoder(lm, capacity)
+        return graph_decoder(lm, capacity)
     if not lm.config.fixed_state:
         return KVSlotDecoder(lm, capacity)
     return SlotDecoder(lm, capacity)
@@ -225,4 +234,130 @@ class GraphDecoder(SlotDecoder):
         graph, logits = self.graphs[size]
         self.tokens[:batch].copy_(tokens)
         graph.replay()
+        return logits[:batch]
+
+
+def _length_bucket(need: int) -> int:
+    """The cache length a graph attends over for rows needing `need` positions: a power of two ≥ 64."""
+    return max(64, 1 << (need - 1).bit_length())
+
+
+class KVGraphDecoder(KVSlotDecoder):
+    """`KVSlotDecoder` whose steps replay CUDA graphs (see the module docstring). `capture=False` runs the
+    very steps the graphs would hold, eagerly: the same views of the same buffers, on any device."""
+
+    def __init__(self, lm: LanguageModel, capacity: int, length: int = 256, capture: bool = True):
+        if capture and (why := graph_support(lm)) is not None:
+            raise ValueError(f"cannot decode {lm.config.family} with CUDA graphs: {why}")
+        if not lm.config.static_shapes:
+            raise ValueError(f"{lm.config.family}'s mixture-of-experts routing cannot be captured")
+        if lm.config.fixed_state:
+            raise ValueError(f"{lm.config.family} has no attention layers: use GraphDecoder")
+        super().__init__(lm, bucket_for(capacity), length)
+        self.capture = capture
+        self.fills = [0] * self.capacity  # each slot's cached positions, as the device's `fill` holds them
+        self.tokens = torch.zeros(self.capacity, dtype=torch.long, device=lm.device)
+        self.pool = torch.cuda.graph_pool_handle() if capture else None
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph | None, torch.Tensor | None]] = {}
+        self._weights = GraphDecoder.key(lm)
+
+    def valid_for(self, lm: LanguageModel, batch: int) -> bool:
+        return lm is self.lm and GraphDecoder.key(lm) == self._weights and batch <= self.capacity
+
+    @property
+    def buffer_length(self) -> int:
+        return next(layer["k"].shape[2] for layer in self.state.layers if "k" in layer)
+
+    def reserve(self, length: int) -> None:
+        """Buffers with room for `length` positions a slot now (growing them later drops every graph)."""
+        self._room(length)
+
+    def _room(self, length: int) -> None:
+        before = self.buffer_length
+        super()._room(length)
+        if self.buffer_length != before:  # new buffers: graphs captured on the old ones are stale
+            self.graphs.clear()
+
+    def load(self, state: LMState, slots: list[int] | None = None) -> None:
+        slots = list(range(state.batch_size)) if slots is None else slots
+        super().load(state, slots)
+        cached = next(layer["k"].shape[2] for layer in state.layers if "k" in layer)
+        for slot in slots:
+            self.fills[slot] = cached
+
+    def move(self, source: int, target: int) -> None:
+        super().move(source, target)
+        self.fills[target] = self.fills[source]
+
+    def _kv_views(self, size: int, length: int) -> LMState:
+        """Rows 0..size-1 of every buffer, the attention ones cut to their first `length` positions."""
+        layers = []
+        for layer in self.state.layers:
+            view = {}
+            for name, t in layer.items():
+                if name in ("k", "v"):
+                    view[name] = t[:size, :, :length]
+                elif name == "valid":
+                    view[name] = t[:size, :length]
+                else:
+                    view[name] = t[:size]
+            layers.append(view)
+        return LMState(layers)
+
+    def prepare(self, batch: int, length: int) -> tuple[int, int]:
+        """Captures the graph of `batch`'s bucket attending over `length` cached positions if need be (the
+        rows it runs on are saved and put back). Returns its key (bucket size, length)."""
+        if batch > self.capacity:
+            raise ValueError(f"this decoder holds {self.capacity} rows, {batch} were asked for")
+        self._room(length)
+        key = (min(bucket_for(batch), self.capacity), length)
+        if key in self.graphs:
+            return key
+        if not self.capture:
+            self.graphs[key] = (None, None)
+            return key
+        size = key[0]
+        tokens, state = self.tokens[:size], self._kv_views(size, length)
+        saved = state.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._reset_padding(state, 0)
+                self._step(tokens, state)
+        torch.cuda.current_stream().wait_stream(side)
+        self._reset_padding(state, 0)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            logits = self._step(tokens, state)
+        self.graphs[key] = (graph, logits)
+        for mine, kept in zip(state.layers, saved.layers, strict=True):
+            for name, t in mine.items():
+                t.copy_(kept[name])
+        return key
+
+    @staticmethod
+    def _reset_padding(state: LMState, live: int) -> None:
+        """Rows past the live ones hold no sequence: their cache count starts again at 0, so that steps
+        run on them as padding never write past the graph's length."""
+        for layer in state.layers:
+            if "fill" in layer:
+                layer["fill"][live:].zero_()
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feeds tokens [B] to slots 0..B-1 and returns their next-token logits [B, vocab] (with capture, a
+        view into the graph's output: consume it before the next step)."""
+        batch = tokens.shape[0]
+        length = _length_bucket(max(self.fills[:batch], default=0) + 1)
+        size, length = self.prepare(batch, length)
+        state = self._kv_views(size, length)
+        self._reset_padding(state, batch)
+        self.tokens[:batch].copy_(tokens)
+        graph, logits = self.graphs[(size, length)]
+        if graph is None:
+            logits = self._step(self.tokens[:size], state)
+        else:
+            graph.replay()
+        for row in range(batch):
+            self.fills[row] += 1
         return logits[:batch]

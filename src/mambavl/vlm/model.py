@@ -17,7 +17,7 @@ from mambavl.projectors import create_projector
 from mambavl.vision import create_tower, load_image
 from mambavl.vision.anyres import anyres_views, merge_anyres
 from mambavl.vision.images import DEFAULT_MAX_PIXELS
-from mambavl.vlm.graphs import GraphDecoder, graph_support
+from mambavl.vlm.graphs import GraphDecoder, KVGraphDecoder, graph_decoder, graph_support
 from mambavl.vlm.prompts import ChatTemplateBuilder, PromptBuilder
 from mambavl.vlm.sampling import SamplingParams
 from mambavl.vlm.sequence import (
@@ -508,15 +508,15 @@ class VLM(nn.Module):
             failed = failures[0]
             raise (ValueError if failed.status == 400 else RuntimeError)(failed.message)
 
-    def graph_decoder(self, batch: int) -> GraphDecoder | None:
+    def graph_decoder(self, batch: int) -> GraphDecoder | KVGraphDecoder | None:
         """The CUDA-graph decoder for `batch` rows (kept between calls), or None where graphs do not apply
-        (CPU, attention or MoE layers: see `vlm.graphs.graph_support`)."""
+        (CPU, MoE layers: see `vlm.graphs.graph_support`)."""
         if graph_support(self.lm) is not None:
             return None
         current = getattr(self, "_graphs", None)
         if current is None or not current.valid_for(self.lm, batch):
             self._graphs = None  # free the old graphs' memory before capturing new ones
-            current = self._graphs = GraphDecoder(self.lm, max(batch, 8))
+            current = self._graphs = graph_decoder(self.lm, max(batch, 8))
         return current
 
 
