@@ -125,6 +125,27 @@ TINY_NEMOTRON_H = lm_config_from_json(
     ),
     "preset",
 )[0]
+# Nemotron-H 8B (nvidia/Nemotron-H-8B-Base-8K: 24 Mamba-2, 4 attention and 24 squared-ReLU MLP blocks), at
+# full size: the hybrid the decode benchmark measures, and the Cobra recipe's LM on a hybrid.
+NEMOTRON_H_8B = lm_config_from_json(
+    dict(
+        model_type="nemotron_h",
+        hidden_size=4096,
+        hybrid_override_pattern="M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M-",
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        intermediate_size=21504,
+        mamba_num_heads=128,
+        mamba_head_dim=64,
+        n_groups=8,
+        ssm_state_size=128,
+        chunk_size=128,
+        vocab_size=131072,
+        max_position_embeddings=8192,
+    ),
+    "preset",
+)[0]
 # Falcon-H1 (Mamba-2 and attention side by side in every layer, µP multipliers), tiny: the Cobra recipe on it.
 TINY_FALCON_H1 = lm_config_from_json(
     dict(
@@ -249,6 +270,18 @@ PRESETS: dict[str, VLMConfig] = {
         projector="fused-gelu-mlp",
         lm=TINY_NEMOTRON_H,
         tokenizer="bytes",
+    ),
+    "cobra-nemotron-h-8b": VLMConfig(  # Cobra's towers and projector on Nemotron-H 8B
+        name="cobra-nemotron-h-8b",
+        tower="dinosiglip-vit-so-384px",
+        projector="fused-gelu-mlp",
+        lm=NEMOTRON_H_8B,
+        tokenizer="nvidia/Nemotron-H-8B-Base-8K",
+        prompt_format="chat-template",  # a base LM: the finetune teaches it ChatML turns
+        chat_template=CHATML_TEMPLATE,
+        eos_token="</s>",  # the Nemotron base tokenizers' end of text
+        lm_hub_id="nvidia/Nemotron-H-8B-Base-8K",
+        max_length=8192,
     ),
     # NVIDIA's Nemotron Omni recipe, tiny: C-RADIO at each image's own size, pixel shuffle, the
     # RMSNorm-ReLU² projector, a Nemotron-H LM, <img> … </img> around the image at the prompt's <image>.
