@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from mambavl.bench.ours import decode_bytes
 from mambavl.bench.run import BenchConfig, rows, run
 from mambavl.cli import app
-from mambavl.presets import create
+from mambavl.vlm.model import create
 
 
 def test_bench_measures_and_writes_everything(tmp_path):

@@ -11,8 +11,9 @@ __version__ = "0.1.0"
 
 from mambavl.checkpoints.vlm import save_pretrained
 from mambavl.compat import available_model_names, available_models, convert, get_model_description, load
-from mambavl.presets import PRESETS, create
-from mambavl.vlm.model import VLM, VLMConfig
+from mambavl.presets import PRESETS
+from mambavl.vlm.config import VLMConfig
+from mambavl.vlm.model import VLM, create
 
 __all__ = [
     "PRESETS",

@@ -66,7 +66,8 @@ def print_table(table: Table) -> None:
 @app.command()
 def models() -> None:
     """List the named presets with their parts and parameter counts."""
-    from mambavl.presets import PRESETS, create
+    from mambavl.presets import PRESETS
+    from mambavl.vlm.model import create
 
     table = Table(title="mambavl presets")
     # names and counts are never cut; the parts fold onto more lines when the terminal is narrow

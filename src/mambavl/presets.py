@@ -5,12 +5,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from mambavl.lm.config import LMConfig
 from mambavl.lm.layouts import lm_config_from_json
 from mambavl.vision.anyres import grid_pinpoints
-from mambavl.vlm.model import VLM, VLMConfig
+from mambavl.vlm.config import VLMConfig
 from mambavl.vlm.prompts import CHATML_TEMPLATE
 
 
@@ -372,29 +370,3 @@ RELEASES: dict[str, Release] = {
 def is_tiny(preset: str) -> bool:
     """Tiny presets: toy sizes, no released weights; they run anywhere with random or trained weights."""
     return preset in PRESETS and preset.startswith("tiny-")
-
-
-def create(preset: str, device=None, dtype: torch.dtype | None = None) -> VLM:
-    """A VLM of a named preset with random weights (`device="meta"` builds it without memory)."""
-    if preset not in PRESETS:
-        raise KeyError(f"unknown preset {preset!r}; known: {sorted(PRESETS)}")
-    with torch.device(device or "cpu"):
-        vlm = VLM(PRESETS[preset])
-    if dtype is not None:
-        vlm = vlm.to(dtype)
-    return vlm.eval()
-
-
-def create_from_parts(config: VLMConfig, dtype: torch.dtype | None = None) -> VLM:
-    """A preset as the seeds start training it: pretrained vision tower(s) (timm), the pretrained LM
-    (`lm_hub_id`, HF cache first), a freshly initialised projector."""
-    from mambavl.lm.load import load_lm
-
-    if config.lm_hub_id is None:
-        raise ValueError(f"{config.name} names no pretrained LM (lm_hub_id): it trains from random weights")
-    vlm = VLM(config, pretrained_tower=True)
-    lm = load_lm(config.lm_hub_id, dtype=torch.float32)
-    if lm.config != config.lm:
-        raise ValueError(f"{config.lm_hub_id}'s config does not match {config.name}'s LM")
-    vlm.lm = lm
-    return vlm if dtype is None else vlm.to(dtype)

@@ -146,7 +146,7 @@ def run_equality(
     returns it."""
     from mambavl.bench.train import offline_preset, training_device
     from mambavl.data.shapes import write_shapes
-    from mambavl.presets import create
+    from mambavl.vlm.model import create
 
     dev = training_device(device, steps, batch, "--device cpu with TRITON_INTERPRET=1 runs it, slowly")
     size = create(preset, device="meta").vision.image_size

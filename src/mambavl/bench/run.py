@@ -71,7 +71,7 @@ def environment(device: torch.device) -> dict:
 
 def run(cfg: BenchConfig, console=None) -> dict:
     from mambavl.bench.peers import run_peers
-    from mambavl.presets import create
+    from mambavl.vlm.model import create
 
     say = console.print if console is not None else print
     device = torch.device(cfg.device)

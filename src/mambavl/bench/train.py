@@ -87,7 +87,7 @@ def training_device(device: str, steps: int, batch: int, cpu_hint: str) -> torch
 # ---- the work a step counts ------------------------------------------------------------------------------
 def model_sizes(preset: str) -> dict:
     """The parameters the MFU counts: the LM's (a tied head once), the towers', and patches per image."""
-    from mambavl.presets import create
+    from mambavl.vlm.model import create
 
     vlm = create(preset, device="meta")
     return {

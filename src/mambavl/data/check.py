@@ -48,7 +48,8 @@ def model_for_checking(model: str, stage: str = "finetune"):
     preset's tokenizer comes first, as it is the one thing the check may need from the hub: offline, that
     fails at once instead of after the model is built. Errors are CheckpointErrors (HubUnavailable)."""
     from mambavl.checkpoints.vlm import load
-    from mambavl.presets import PRESETS, create
+    from mambavl.presets import PRESETS
+    from mambavl.vlm.model import create
     from mambavl.vlm.tokenizer import load_tokenizer
 
     if model not in PRESETS:

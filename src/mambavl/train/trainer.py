@@ -86,7 +86,8 @@ def build_model(source: str, seed: int, resize: str | None = None, from_parts: b
     """A preset (random weights from `seed`, or with `from_parts` its pretrained tower and LM), or any
     model `mambavl.load` reads."""
     from mambavl.checkpoints.vlm import load
-    from mambavl.presets import PRESETS, create_from_parts
+    from mambavl.presets import PRESETS
+    from mambavl.vlm.model import create_from_parts
     from mambavl.vlm.tokenizer import load_tokenizer
 
     if source in PRESETS:

@@ -12,11 +12,13 @@ from functools import cached_property
 import torch
 from torch import nn
 
-from mambavl.lm import LanguageModel, LMConfig
+from mambavl.lm import LanguageModel
+from mambavl.presets import PRESETS, RELEASES
 from mambavl.projectors import create_projector
 from mambavl.vision import create_tower, load_image
 from mambavl.vision.anyres import anyres_views, merge_anyres
-from mambavl.vision.images import DEFAULT_MAX_PIXELS
+from mambavl.vlm.backbones import LLMBackbone, VisionBackbone
+from mambavl.vlm.config import VLMConfig
 from mambavl.vlm.graphs import GraphDecoder, KVGraphDecoder, graph_decoder, graph_support
 from mambavl.vlm.prompts import ChatTemplateBuilder, PromptBuilder
 from mambavl.vlm.sampling import SamplingParams
@@ -30,33 +32,6 @@ from mambavl.vlm.sequence import (
     wrap_image_marker,
 )
 from mambavl.vlm.tokenizer import TextTokenizer, hub_chat_template, load_tokenizer
-
-
-@dataclass(frozen=True)
-class VLMConfig:
-    name: str
-    tower: str  # a name in mambavl.vision.TOWER_SETS
-    projector: str  # a name in mambavl.projectors.PROJECTORS
-    lm: LMConfig
-    tokenizer: str  # a hub repo with tokenizer.json, or "bytes" (built in, offline)
-    prompt_format: str = "zephyr"  # a name in mambavl.vlm.prompts.PROMPT_FORMATS
-    projector_options: dict = field(default_factory=dict)
-    tower_options: dict = field(default_factory=dict)  # a RADIO tower's sizes, as its checkpoint says them
-    resize: str = "resize-naive"
-    max_length: int = 2048  # image + text positions the model was trained on
-    hub_id: str | None = None  # where the released weights live
-    hub_layout: str | None = None  # their layout: "cobra" (run dir per model) or "mlmamba" (repo root)
-    lm_hub_id: str | None = None  # the pretrained LM the seed started training from
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    # LLaVA-style models (Viper)
-    feature_layer: int | None = None  # tower block the features come from (None: the tower's default, -2)
-    image_placement: str = "first"  # "first" (Cobra, ML-Mamba) or "placeholder": at `<image>` in the prompt
-    anyres: tuple[tuple[int, int], ...] | None = None  # AnyRes grid pinpoints; None = one view
-    image_newline: bool = False  # LLaVA-NeXT spatial_unpad: a learned embedding after every grid row
-    image_wrap: tuple[str, str] | None = None  # text either side of the image (Nemotron: <img>, </img>)
-    eos_token: str = "<|endoftext|>"  # the token that ends an answer
-    system_prompt: str | None = None  # default system prompt of chat-template formats
-    chat_template: str | None = None  # jinja template; None = the tokenizer repo's own (chat-template format)
 
 
 @dataclass(frozen=True)
@@ -146,7 +121,6 @@ class VLM(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     # ---- the seeds' attribute names: scripts written for Cobra / ML-Mamba read these (`mambavl.compat`) ----
-    # (imports inside: mambavl.compat and mambavl.presets import this module)
     @property
     def model_id(self) -> str:
         return self.config.name
@@ -155,8 +129,6 @@ class VLM(nn.Module):
     def arch_specifier(self) -> str:
         """The released run config's ("no-align+fused-gelu-mlp") for the seeds' released models; the
         projector's name for every other model."""
-        from mambavl.presets import RELEASES
-
         release = RELEASES.get(self.config.name)
         return release.arch_specifier if release else self.config.projector
 
@@ -168,17 +140,14 @@ class VLM(nn.Module):
     @property
     def vision_backbone(self):
         """The vision tower as the seeds' `VisionBackbone` shows it (`identifier`, `image_transform`, ...)."""
-        from mambavl.compat import VisionBackbone
-
         return VisionBackbone(self)
 
     @property
     def llm_backbone(self):
         """The LM as the seeds' `LLMBackbone` shows it (`identifier`, `llm`, `tokenizer`, ...)."""
-        from mambavl.compat import LLMBackbone
-
         return LLMBackbone(self)
 
+    # (the checkpoint readers build VLMs: imported where they run)
     def save_pretrained(self, directory):
         """mambavl's own layout: config.json, model.safetensors (all weights), tokenizer.json."""
         from mambavl.checkpoints.vlm import save_pretrained
@@ -548,3 +517,30 @@ def _params(kwargs: dict) -> SamplingParams:
     except TypeError as e:
         known = sorted(SamplingParams.__dataclass_fields__)
         raise TypeError(f"{e}; generate takes {known} (and the seeds' cg / use_cache)") from None
+
+
+# ---- building a preset -----------------------------------------------------------------------------------
+def create(preset: str, device=None, dtype: torch.dtype | None = None) -> VLM:
+    """A VLM of a named preset with random weights (`device="meta"` builds it without memory)."""
+    if preset not in PRESETS:
+        raise KeyError(f"unknown preset {preset!r}; known: {sorted(PRESETS)}")
+    with torch.device(device or "cpu"):
+        vlm = VLM(PRESETS[preset])
+    if dtype is not None:
+        vlm = vlm.to(dtype)
+    return vlm.eval()
+
+
+def create_from_parts(config: VLMConfig, dtype: torch.dtype | None = None) -> VLM:
+    """A preset as the seeds start training it: pretrained vision tower(s) (timm), the pretrained LM
+    (`lm_hub_id`, HF cache first), a freshly initialised projector."""
+    from mambavl.lm.load import load_lm
+
+    if config.lm_hub_id is None:
+        raise ValueError(f"{config.name} names no pretrained LM (lm_hub_id): it trains from random weights")
+    vlm = VLM(config, pretrained_tower=True)
+    lm = load_lm(config.lm_hub_id, dtype=torch.float32)
+    if lm.config != config.lm:
+        raise ValueError(f"{config.lm_hub_id}'s config does not match {config.name}'s LM")
+    vlm.lm = lm
+    return vlm if dtype is None else vlm.to(dtype)
