@@ -57,7 +57,8 @@ class RadioConfig:
 
 def patch_grid(height: int, width: int, patch: int, merge: int, min_patches: int, max_patches: int):
     """The (rows, cols) patch grid an image of `height` × `width` pixels is resized to: about its own
-    grid, scaled into [min_patches, max_patches], each side rounded to a multiple of `merge`."""
+    grid, scaled into [min_patches, max_patches], each side rounded to a multiple of `merge` (as the
+    released processor rounds: a sliver of an image may pass max_patches by a row or column)."""
     # the released processor's rounding, kept exactly (Python's round: halves to even)
     rows, cols = round(height / patch + 0.5), round(width / patch + 0.5)
     scale = min(math.sqrt(max_patches / (rows * cols)), 1.0)
