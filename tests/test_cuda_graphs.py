@@ -56,17 +56,20 @@ def test_padding_slots_never_touch_live_rows():
             assert torch.equal(mine[name], theirs[name])
 
 
-def test_models_with_moe_decode_eagerly():
+def test_experts_past_the_static_size_decode_eagerly():
     vlm = mambavl.create("tiny-viper-jamba", device="cuda")
-    assert "mixture-of-experts" in graph_support(vlm.lm)
-    assert vlm.graph_decoder(2) is None
+    assert graph_support(vlm.lm, 256) is None
+    assert "mixture-of-experts" in graph_support(vlm.lm, 257)
+    assert vlm.graph_decoder(300) is None
     assert isinstance(vlm.generate(None, "Hello", max_new_tokens=4), str)
 
 
-@pytest.mark.parametrize("preset", ["tiny-cobra-nemotron-h", "tiny-cobra-falcon-h1", "tiny-cobra-zamba2"])
+@pytest.mark.parametrize(
+    "preset", ["tiny-cobra-nemotron-h", "tiny-cobra-falcon-h1", "tiny-cobra-zamba2", "tiny-viper-jamba"]
+)
 def test_hybrid_graph_decoding_equals_eager(preset):
-    """Attention layers in CUDA graphs: 300 greedy steps cross the 64-, 128- and 256-position graphs and
-    one growth of the buffers, rows of different lengths side by side."""
+    """Attention layers (and Jamba's experts) in CUDA graphs: 300 greedy steps cross the 64-, 128- and
+    256-position graphs and one growth of the buffers, rows of different lengths side by side."""
     vlm = mambavl.create(preset, device="cuda")
     assert isinstance(vlm.graph_decoder(3), KVGraphDecoder)
     prompts = ["What is in the picture?", "Count the shapes. " * 9, "Hi"]

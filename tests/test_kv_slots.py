@@ -31,10 +31,6 @@ def make_decoder(request, lm):
         decoder = slot_decoder(lm, capacity=4, cuda_graphs=False)
         assert isinstance(decoder, KVSlotDecoder)
         return decoder
-    if not lm.config.static_shapes:
-        with pytest.raises(ValueError, match="mixture-of-experts"):
-            KVGraphDecoder(lm, 4, capture=False)
-        pytest.skip("mixture-of-experts routing is not captured")
     return KVGraphDecoder(lm, 4, length=64, capture=False)
 
 
@@ -71,3 +67,33 @@ def test_batched_slots_equal_rows_decoded_alone(lm, make_decoder):
             assert mine.keys() == theirs.keys()
             for name in mine:
                 torch.testing.assert_close(mine[name], theirs[name], rtol=1e-5, atol=1e-6)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("tokens", [1, 3, 40, 256])
+def test_static_experts_equal_expert_by_expert(lm, tokens):
+    """A decode step's experts with routing-independent shapes (each token's own experts gathered, or
+    every expert weighted by the routing) give the sum that running each expert on its tokens gives."""
+    from mambavl.lm.ffn import STATIC_TOKENS, MoE
+
+    moes = [m for m in lm.modules() if isinstance(m, MoE)]
+    if not moes:
+        assert lm.config.static_shapes
+        return
+    torch.manual_seed(tokens)
+    assert tokens <= STATIC_TOKENS
+    for moe in moes:
+        x = torch.randn(tokens, lm.config.d_model)
+        weights, experts = moe.route(x)
+        torch.testing.assert_close(
+            moe._static(x, weights, experts), moe._by_expert(x, weights, experts), rtol=1e-5, atol=1e-6
+        )
+
+
+def test_experts_past_the_static_size_are_not_captured(lm):
+    from mambavl.lm.ffn import STATIC_TOKENS
+
+    if lm.config.static_shapes:
+        return
+    with pytest.raises(ValueError, match="more than"):
+        KVGraphDecoder(lm, STATIC_TOKENS + 1, capture=False)

@@ -12,6 +12,9 @@ from mambavl.lm.linear import Linear
 
 # the gated activations by `ffn_act` (act(gate) · up); any other (relu2) is a plain MLP
 GATES = {"silu_gated": F.silu, "gelu_gated": F.gelu}
+# Up to this many tokens a call (decode steps), experts run with shapes that do not depend on the routing,
+# so that a step can be captured in a CUDA graph; more (a prefill) run expert by expert.
+STATIC_TOKENS = 256
 
 
 class MLP(nn.Module):
@@ -96,12 +99,42 @@ class MoE(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         weights, experts = self.route(x)
+        if x.shape[0] <= STATIC_TOKENS:
+            out = self._static(x, weights, experts)
+        else:
+            out = self._by_expert(x, weights, experts)
+        if self.shared is not None:
+            out = out + self.shared(x)
+        return out.view(shape)
+
+    def _by_expert(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """Each expert runs once on exactly the tokens routed to it: no capacity limit, nothing dropped
+        (shapes depend on the routing: many tokens, as in a prefill)."""
         out = torch.zeros_like(x)
-        # Each expert runs once on exactly the tokens routed to it: no capacity limit, nothing dropped.
         for e in experts.unique().tolist():
             token, slot = torch.where(experts == e)
             y = self.expert(e, x[token]) * weights[token, slot, None]
             out.index_add_(0, token, y.to(out.dtype))
-        if self.shared is not None:
-            out = out + self.shared(x)
-        return out.view(shape)
+        return out
+
+    def _static(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """The same sum with shapes that do not depend on the routing (a decode step, captured in a CUDA
+        graph): each token's own experts' weights gathered when that reads fewer weights than all the
+        experts once (tokens × top_k < experts), else every expert on every token, weighted by the routing
+        (zero off the chosen ones)."""
+        up_all = self.gate_up_proj if self.gated else self.up_proj  # [E, (2)F, H]
+        if x.shape[0] * experts.shape[1] < self.cfg.n_experts:
+            hidden = torch.einsum("nh,nkfh->nkf", x, up_all[experts])
+            y = torch.einsum("nkf,nkhf->nkh", self._act(hidden), self.down_proj[experts])
+            return (y * weights[..., None].to(y.dtype)).sum(1)
+        dense = torch.zeros(x.shape[0], self.cfg.n_experts, dtype=weights.dtype, device=x.device)
+        dense.scatter_(1, experts, weights)
+        hidden = torch.einsum("nh,efh->nef", x, up_all)
+        y = torch.einsum("nef,ehf->neh", self._act(hidden), self.down_proj)
+        return torch.einsum("ne,neh->nh", dense.to(y.dtype), y)
+
+    def _act(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.gated:
+            gate, up = hidden.chunk(2, dim=-1)
+            return self.gate(gate) * up
+        return torch.square(F.relu(hidden))

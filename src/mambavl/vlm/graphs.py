@@ -7,8 +7,9 @@ the live ones always sit in the first rows (what the serving engine's continuous
 - `GraphDecoder` captures one step per batch-size bucket as a CUDA graph and replays it, so a token
   costs one graph launch instead of a dozen kernel launches per layer from Python. The graph of bucket k
   reads and writes the first k rows; rows past the live ones are padding that compute on their own rows
-  only (every op is row-wise), so they never touch a live sequence. Mixture-of-experts layers
-  (data-dependent routing) cannot be captured: `graph_support` says why.
+  only (every op is row-wise), so they never touch a live sequence. Mixture-of-experts layers run their
+  static-shape path on up to `lm.ffn.STATIC_TOKENS` rows; past that they cannot be captured
+  (`graph_support` says why).
 - `KVSlotDecoder` steps every slot of a model with attention layers in one batched call, eagerly: each
   attention layer keeps its KV cache in per-slot buffers of one length (grown by doubling when a row needs
   more), each row's positions from 0 on with a mask of the real ones, and a row's new token goes to its
@@ -23,19 +24,23 @@ from __future__ import annotations
 
 import torch
 
+from mambavl.lm.ffn import STATIC_TOKENS
 from mambavl.lm.model import LanguageModel
 from mambavl.lm.state import LMState
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256)
 
 
-def graph_support(lm: LanguageModel) -> str | None:
-    """None when the model's decode step can be captured (attention layers with `KVGraphDecoder`), else
-    the reason it cannot."""
+def graph_support(lm: LanguageModel, rows: int = 1) -> str | None:
+    """None when the model's decode step over `rows` slots can be captured (attention layers with
+    `KVGraphDecoder`), else the reason it cannot."""
     if lm.device.type != "cuda":
         return "CUDA graphs need a CUDA device"
-    if not lm.config.static_shapes:
-        return "mixture-of-experts layers route tokens with data-dependent shapes"
+    if not lm.config.static_shapes and rows > STATIC_TOKENS:
+        return (
+            f"mixture-of-experts layers route more than {STATIC_TOKENS} tokens a step with data-dependent "
+            "shapes"
+        )
     return None
 
 
@@ -173,7 +178,7 @@ class KVSlotDecoder(SlotDecoder):
 def slot_decoder(lm: LanguageModel, capacity: int, cuda_graphs: bool = True):
     """The fastest decoder the model allows: CUDA graphs, else eager slots (per-slot KV buffers for
     models with attention layers)."""
-    if cuda_graphs and graph_support(lm) is None:
+    if cuda_graphs and graph_support(lm, bucket_for(capacity)) is None:
         return graph_decoder(lm, capacity)
     if not lm.config.fixed_state:
         return KVSlotDecoder(lm, capacity)
@@ -184,7 +189,7 @@ class GraphDecoder(SlotDecoder):
     """Slots whose steps replay CUDA graphs (see the module docstring)."""
 
     def __init__(self, lm: LanguageModel, capacity: int):
-        why = graph_support(lm)
+        why = graph_support(lm, bucket_for(capacity))
         if why is not None:
             raise ValueError(f"cannot decode {lm.config.family} with CUDA graphs: {why}")
         super().__init__(lm, bucket_for(capacity))
@@ -247,10 +252,11 @@ class KVGraphDecoder(KVSlotDecoder):
     very steps the graphs would hold, eagerly: the same views of the same buffers, on any device."""
 
     def __init__(self, lm: LanguageModel, capacity: int, length: int = 256, capture: bool = True):
-        if capture and (why := graph_support(lm)) is not None:
+        rows = bucket_for(capacity)
+        if capture and (why := graph_support(lm, rows)) is not None:
             raise ValueError(f"cannot decode {lm.config.family} with CUDA graphs: {why}")
-        if not lm.config.static_shapes:
-            raise ValueError(f"{lm.config.family}'s mixture-of-experts routing cannot be captured")
+        if not lm.config.static_shapes and rows > STATIC_TOKENS:
+            raise ValueError(f"{lm.config.family}'s experts route more than {STATIC_TOKENS} rows dynamically")
         if lm.config.fixed_state:
             raise ValueError(f"{lm.config.family} has no attention layers: use GraphDecoder")
         super().__init__(lm, bucket_for(capacity), length)

@@ -479,8 +479,8 @@ class VLM(nn.Module):
 
     def graph_decoder(self, batch: int) -> GraphDecoder | KVGraphDecoder | None:
         """The CUDA-graph decoder for `batch` rows (kept between calls), or None where graphs do not apply
-        (CPU, MoE layers: see `vlm.graphs.graph_support`)."""
-        if graph_support(self.lm) is not None:
+        (CPU, or MoE layers over too many rows: see `vlm.graphs.graph_support`)."""
+        if graph_support(self.lm, max(batch, 8)) is not None:
             return None
         current = getattr(self, "_graphs", None)
         if current is None or not current.valid_for(self.lm, batch):
