@@ -78,22 +78,6 @@ def test_hybrid_graph_decoding_equals_eager(preset):
     assert vlm.generate([None] * 3, prompts, **kw) == eager
 
 
-def test_the_engine_on_hybrid_graphs_equals_generate():
-    from serving import collect, drive, texts
-
-    vlm = mambavl.create("tiny-cobra-nemotron-h", device="cuda")
-    engine = Engine(vlm, EngineConfig(slots=4, prefill_batch=2))
-    assert isinstance(engine.decoder, KVGraphDecoder)
-    jobs = []
-    for i in range(8):
-        prompt = f"question {i}: " + "what is it? " * (i % 4)
-        params = dict(max_new_tokens=5 + 40 * (i % 3), min_length=5 + 40 * (i % 3))
-        jobs.append((collect(engine, None, prompt, **params)[1], prompt, params))
-    drive(engine)
-    for events, prompt, params in jobs:
-        assert texts(events)[0] == vlm.generate(None, prompt, cuda_graphs=False, **params)
-
-
 @pytest.mark.parametrize("preset", ["tiny-cobra", "tiny-mlmamba"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_prefill_equals_torch(monkeypatch, preset, dtype):
@@ -125,18 +109,24 @@ def test_a_capture_keeps_the_live_slots():
             assert torch.equal(mine[name], theirs[name])
 
 
-def test_the_engine_on_graphs_equals_generate():
-    """Continuous batching through CUDA graphs (sequences joining and leaving between replays)."""
+@pytest.mark.parametrize(
+    ("preset", "decoder", "longest"),
+    [("tiny-cobra", GraphDecoder, 19), ("tiny-cobra-nemotron-h", KVGraphDecoder, 85)],
+)
+def test_the_engine_on_graphs_equals_generate(preset, decoder, longest):
+    """Continuous batching through CUDA graphs (sequences joining and leaving between replays); with
+    attention layers, rows pass from one cache-length graph to the next."""
     from serving import collect, drive, texts
 
-    vlm = mambavl.create("tiny-cobra", device="cuda")
+    vlm = mambavl.create(preset, device="cuda")
     engine = Engine(vlm, EngineConfig(slots=4, prefill_batch=2))
-    assert isinstance(engine.decoder, GraphDecoder)
+    assert isinstance(engine.decoder, decoder)
     engine._warm_up()
     jobs = []
+    step = (longest - 5) // 2
     for i in range(10):
         prompt = f"question {i}: " + "what is it? " * (i % 4)
-        params = dict(max_new_tokens=5 + 7 * (i % 3), min_length=5 + 7 * (i % 3))
+        params = dict(max_new_tokens=5 + step * (i % 3), min_length=5 + step * (i % 3))
         jobs.append((collect(engine, None, prompt, **params)[1], prompt, params))
     drive(engine)
     for events, prompt, params in jobs:

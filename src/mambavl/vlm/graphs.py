@@ -50,6 +50,26 @@ def graph_decoder(lm: LanguageModel, capacity: int) -> GraphDecoder | KVGraphDec
     return GraphDecoder(lm, capacity) if lm.config.fixed_state else KVGraphDecoder(lm, capacity)
 
 
+def capture(pool, step, state: LMState) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    """`step` captured as a CUDA graph (its output tensor beside it), after two runs on a side stream that
+    compile its kernels and warm the allocator. The runs advance the rows of `state` they use: those rows
+    are put back as they were, so live sequences survive a capture."""
+    saved = state.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = step()
+    for mine, kept in zip(state.layers, saved.layers, strict=True):
+        for name, t in mine.items():
+            t.copy_(kept[name])
+    return graph, out
+
+
 def bucket_for(batch: int) -> int:
     """The smallest bucket holding `batch` rows (batches past the largest bucket get their own size)."""
     return next((b for b in BUCKETS if b >= batch), batch)
@@ -215,20 +235,7 @@ class GraphDecoder(SlotDecoder):
         if size in self.graphs:
             return size
         tokens, state = self.tokens[:size], self._views(size)
-        saved = state.clone()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # compiles the kernels and warms the allocator outside the graph
-            for _ in range(2):
-                self._step(tokens, state)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            logits = self._step(tokens, state)
-        self.graphs[size] = (graph, logits)
-        for mine, kept in zip(state.layers, saved.layers, strict=True):
-            for name, t in mine.items():
-                t.copy_(kept[name])
+        self.graphs[size] = capture(self.pool, lambda: self._step(tokens, state), state)
         return size
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -322,24 +329,13 @@ class KVGraphDecoder(KVSlotDecoder):
         if not self.capture:
             self.graphs[key] = (None, None)
             return key
-        size = key[0]
-        tokens, state = self.tokens[:size], self._kv_views(size, length)
-        saved = state.clone()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self._reset_padding(state, 0)
-                self._step(tokens, state)
-        torch.cuda.current_stream().wait_stream(side)
-        self._reset_padding(state, 0)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            logits = self._step(tokens, state)
-        self.graphs[key] = (graph, logits)
-        for mine, kept in zip(state.layers, saved.layers, strict=True):
-            for name, t in mine.items():
-                t.copy_(kept[name])
+        tokens, state = self.tokens[: key[0]], self._kv_views(key[0], length)
+
+        def step():
+            self._reset_padding(state, 0)  # the rows' positions stay inside the length while warming up
+            return self._step(tokens, state)
+
+        self.graphs[key] = capture(self.pool, step, state)
         return key
 
     @staticmethod
