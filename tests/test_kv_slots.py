@@ -97,3 +97,21 @@ def test_experts_past_the_static_size_are_not_captured(lm):
         return
     with pytest.raises(ValueError, match="more than"):
         KVGraphDecoder(lm, STATIC_TOKENS + 1, capture=False)
+
+
+def test_the_engine_warms_every_cache_length_graph_up_front():
+    """Before serving, an attention model's engine prepares the graph of every slot bucket at every cache
+    length up to its warm length, on buffers already that long: no capture stalls the first requests."""
+    import mambavl
+    from mambavl.engine.scheduler import WARM_CACHE, Engine, EngineConfig
+
+    vlm = mambavl.create("tiny-cobra-nemotron-h")
+    decoder = KVGraphDecoder(vlm.lm, 6, capture=False)
+    engine = Engine(vlm, EngineConfig(slots=6), decoder=decoder)
+    engine._warm_up()
+    longest = min(vlm.config.max_length, WARM_CACHE)
+    lengths = [64 * 2**i for i in range(8) if 64 * 2**i <= longest]
+    assert set(decoder.graphs) == {
+        (size, length) for size in (1, 2, 4, 8) for length in lengths
+    }  # 6 → bucket 8
+    assert decoder.buffer_length == longest

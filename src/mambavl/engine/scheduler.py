@@ -37,11 +37,13 @@ from mambavl.engine.prefill import Prefilled, PrefillJob
 from mambavl.engine.prefix_cache import CacheStats, PrefixCache, Snapshot
 from mambavl.lm.state import LMState
 from mambavl.vision.images import ImageError
-from mambavl.vlm.graphs import BUCKETS, GraphDecoder, slot_decoder
+from mambavl.vlm.graphs import BUCKETS, GraphDecoder, KVGraphDecoder, length_bucket, slot_decoder
 from mambavl.vlm.model import VLM, PreparedImage, PromptIds
 from mambavl.vlm.sampling import SamplingParams, greedy_tokens, next_tokens, seeded_generator
 
 log = logging.getLogger(__name__)
+# the cache length up to which the engine captures its attention models' graphs before serving
+WARM_CACHE = 2048
 
 
 @dataclass(frozen=True)
@@ -352,14 +354,22 @@ class Engine:
 
     # ---- the engine thread ------------------------------------------------------------------------------
     def _warm_up(self) -> None:
-        """Captures every CUDA graph the slots can need before serving (a capture costs ~1 s)."""
-        if isinstance(self.decoder, GraphDecoder):
-            with torch.inference_mode():
-                for size in BUCKETS:
-                    if size > self.config.slots:
-                        break
+        """Captures every CUDA graph the slots can need before serving (a capture costs ~1 s); with
+        attention layers, for caches up to `WARM_CACHE` positions (longer ones are captured when a row
+        first needs them)."""
+        sizes = [size for size in BUCKETS if size < self.config.slots] + [self.config.slots]
+        with torch.inference_mode():
+            if isinstance(self.decoder, GraphDecoder):
+                for size in sizes:
                     self.decoder.prepare(size)
-                self.decoder.prepare(self.config.slots)
+            elif isinstance(self.decoder, KVGraphDecoder):
+                longest = length_bucket(min(self.vlm.config.max_length, WARM_CACHE))
+                self.decoder.reserve(longest)
+                for size in sizes:
+                    length = 64
+                    while length <= longest:
+                        self.decoder.prepare(size, length)
+                        length *= 2
 
     def _run(self) -> None:
         """The supervisor: runs the loop, and if it dies on a fault (a bug: every request's own work is

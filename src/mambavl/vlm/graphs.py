@@ -249,7 +249,7 @@ class GraphDecoder(SlotDecoder):
         return logits[:batch]
 
 
-def _length_bucket(need: int) -> int:
+def length_bucket(need: int) -> int:
     """The cache length a graph attends over for rows needing `need` positions: a power of two ≥ 64."""
     return max(64, 1 << (need - 1).bit_length())
 
@@ -350,7 +350,7 @@ class KVGraphDecoder(KVSlotDecoder):
         """Feeds tokens [B] to slots 0..B-1 and returns their next-token logits [B, vocab] (with capture, a
         view into the graph's output: consume it before the next step)."""
         batch = tokens.shape[0]
-        length = _length_bucket(max(self.fills[:batch], default=0) + 1)
+        length = length_bucket(max(self.fills[:batch], default=0) + 1)
         size, length = self.prepare(batch, length)
         state = self._kv_views(size, length)
         self._reset_padding(state, batch)
