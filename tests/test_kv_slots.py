@@ -115,3 +115,28 @@ def test_the_engine_warms_every_cache_length_graph_up_front():
         (size, length) for size in (1, 2, 4, 8) for length in lengths
     }  # 6 → bucket 8
     assert decoder.buffer_length == longest
+
+
+@torch.no_grad()
+def test_a_step_that_cannot_be_captured_decodes_eagerly(monkeypatch, lm):
+    """If a capture fails (an op the graph cannot hold), the decoder says so and steps eagerly: the same
+    logits as the eager slots."""
+    from mambavl.vlm import graphs
+
+    def fail(pool, step, state):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(graphs, "capture", fail)
+    decoder = KVGraphDecoder(lm, 2, capture=False)
+    decoder.capture = True  # as on a GPU: the next new graph is captured, and fails
+    eager = KVSlotDecoder(lm, 2)
+    state = lm.new_state(2)
+    lm(torch.randint(0, lm.config.vocab_size, (2, 9)), state=state)
+    decoder.load(state.clone())
+    eager.load(state.clone())
+    tokens = torch.tensor([3, 5])
+    with pytest.warns(RuntimeWarning, match="could not be captured"):
+        got = decoder.step(tokens)
+    torch.testing.assert_close(got, eager.step(tokens))
+    assert not decoder.capture
+    torch.testing.assert_close(decoder.step(tokens), eager.step(tokens))

@@ -22,6 +22,8 @@ the live ones always sit in the first rows (what the serving engine's continuous
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from mambavl.lm.ffn import STATIC_TOKENS
@@ -55,18 +57,20 @@ def capture(pool, step, state: LMState) -> tuple[torch.cuda.CUDAGraph, torch.Ten
     compile its kernels and warm the allocator. The runs advance the rows of `state` they use: those rows
     are put back as they were, so live sequences survive a capture."""
     saved = state.clone()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
-        out = step()
-    for mine, kept in zip(state.layers, saved.layers, strict=True):
-        for name, t in mine.items():
-            t.copy_(kept[name])
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            out = step()
+    finally:  # also when the capture fails: the live rows come back as they were
+        for mine, kept in zip(state.layers, saved.layers, strict=True):
+            for name, t in mine.items():
+                t.copy_(kept[name])
     return graph, out
 
 
@@ -335,7 +339,17 @@ class KVGraphDecoder(KVSlotDecoder):
             self._reset_padding(state, 0)  # the rows' positions stay inside the length while warming up
             return self._step(tokens, state)
 
-        self.graphs[key] = capture(self.pool, step, state)
+        try:
+            self.graphs[key] = capture(self.pool, step, state)
+        except RuntimeError as e:  # a step that cannot be captured decodes eagerly, the same steps
+            warnings.warn(
+                f"{self.lm.config.family}: a decode step could not be captured as a CUDA graph "
+                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); decoding eagerly",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            self.capture = False
+            self.graphs = {k: (None, None) for k in self.graphs} | {key: (None, None)}
         return key
 
     @staticmethod
