@@ -123,7 +123,7 @@ def test_a_step_that_cannot_be_captured_decodes_eagerly(monkeypatch, lm):
     logits as the eager slots."""
     from mambavl.vlm import graphs
 
-    def fail(pool, step, state):
+    def fail(pool, step, state, before=None):
         raise RuntimeError("operation not permitted when stream is capturing")
 
     monkeypatch.setattr(graphs, "capture", fail)

@@ -160,9 +160,9 @@ def test_selective_scan_triton_equals_reference(batch, dim, n, length, groups, d
 @pytest.mark.parametrize(
     "tiles",
     [
-        dict(prefill="steps"),  # the step-by-step kernel
-        dict(prefill="steps", steps_block_d=16, steps_warps=2),  # two warps, more channels than a group has
-        dict(prefill="tiles"),  # the tiled kernel (the default)
+        dict(prefill="steps", steps_warps=1),  # the step-by-step kernel on one warp
+        dict(prefill="steps", steps_block_d=16, steps_warps=2),  # two warps, more channels than a group
+        dict(prefill="tiles"),  # the tiled kernel
     ],
     ids=["steps", "steps-wide", "tiles"],
 )

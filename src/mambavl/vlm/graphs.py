@@ -52,16 +52,19 @@ def graph_decoder(lm: LanguageModel, capacity: int) -> GraphDecoder | KVGraphDec
     return GraphDecoder(lm, capacity) if lm.config.fixed_state else KVGraphDecoder(lm, capacity)
 
 
-def capture(pool, step, state: LMState) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+def capture(pool, step, state: LMState, before=None) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
     """`step` captured as a CUDA graph (its output tensor beside it), after two runs on a side stream that
-    compile its kernels and warm the allocator. The runs advance the rows of `state` they use: those rows
-    are put back as they were, so live sequences survive a capture."""
+    compile its kernels and warm the allocator (`before`, if given, runs ahead of each of them, outside the
+    graph). The runs advance the rows of `state` they use: those rows are put back as they were, so live
+    sequences survive a capture."""
     saved = state.clone()
     try:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):
+                if before is not None:
+                    before()
                 step()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
@@ -293,7 +296,8 @@ class KVGraphDecoder(KVSlotDecoder):
         before = self.buffer_length
         super()._room(length)
         if self.buffer_length != before:  # new buffers: graphs captured on the old ones are stale
-            self.graphs.clear()
+            self.graphs.clear()  # (their memory pool goes with them: new graphs take a new one)
+            self.pool = torch.cuda.graph_pool_handle() if self.capture else None
 
     def load(self, state: LMState, slots: list[int] | None = None) -> None:
         slots = list(range(state.batch_size)) if slots is None else slots
@@ -334,13 +338,10 @@ class KVGraphDecoder(KVSlotDecoder):
             self.graphs[key] = (None, None)
             return key
         tokens, state = self.tokens[: key[0]], self._kv_views(key[0], length)
-
-        def step():
-            self._reset_padding(state, 0)  # the rows' positions stay inside the length while warming up
-            return self._step(tokens, state)
-
-        try:
-            self.graphs[key] = capture(self.pool, step, state)
+        try:  # while warming up, the rows' positions are kept inside the length (not in the graph)
+            self.graphs[key] = capture(
+                self.pool, lambda: self._step(tokens, state), state, lambda: self._reset_padding(state, 0)
+            )
         except RuntimeError as e:  # a step that cannot be captured decodes eagerly, the same steps
             warnings.warn(
                 f"{self.lm.config.family}: a decode step could not be captured as a CUDA graph "

@@ -2,17 +2,18 @@
 the read-out through C, the skip D and the SiLU gate, in one pass over the inputs; and its backward.
 
 Forward without a gradient (prefill), two kernels (`ScanTiles.prefill`):
-- "tiles" (the default): one program per (sequence, block of BLOCK_D channels) walks the sequence in tiles
+- "tiles": one program per (sequence, block of BLOCK_D channels) walks the sequence in tiles
   of BLOCK_T steps; inside a tile the recurrence h_t = exp(Δ_t A)·h_{t-1} + Δ_t B_t u_t is a parallel
   associative scan over a [BLOCK_D, N, BLOCK_T] tile in registers, and the state at the tile's end carries
   to the next tile.
-- "steps": one program per (sequence, block of channels), each thread holding a few states n of one
-  channel and running the recurrence one step after another (a multiply and a fused multiply-add per
+- "steps" (the default): one program per (sequence, block of channels), each thread holding a few states
+  n of one channel and running the recurrence one step after another (a multiply and a fused multiply-add per
   state and step), y_t = Σ_n C_t h_t a sum over the threads of a channel. Inputs come in blocks of eight
   steps, loaded one block ahead and split inside the threads into the eight steps (`_steps8`); Δ's
   softplus, Δ·u, the skip and the gate are computed on the block in its load layout, each value once.
   Compiled for sm_90 it issues 2.8–3.6 times fewer instructions a state and step than "tiles" (Triton 3.8
-  and 3.6); it is not yet the default because it has not run on a GPU.
+  and 3.6); on an H100 at Mamba-1 2.8B's sizes and 16,384 steps it takes 2.04 ms a layer against the tiled
+  kernel's best of more than 2.66 (BENCHMARKS.md, ninth pass).
 Either way inputs are read once and y written once; the [B, L, D, N] states that the reference
 materialises never leave the chip. Positions past the end are identity steps (Δ = 0), so the carried state
 is exactly the state after the last real token.
@@ -58,10 +59,10 @@ class ScanTiles:
     """Launch parameters, from sweeps on an H100 at Mamba-1 2.8B shapes (`mambavl bench --kernels --train
     --sweep`, BENCHMARKS.md).
 
-    Inference (no gradient): with `prefill="tiles"` (the default), the tiled kernel on tiles of `block_t`
-    steps × `block_d` channels, `num_warps` warps; with "steps", the step-by-step kernel on `steps_block_d`
-    channels a program (fewer where a group of B/C has fewer) and `steps_warps` warps. Training: the
-    forward keeps the state every `chunk` steps (B·D·N·L/chunk fp32 values a layer), and both it and the
+    Inference (no gradient): with `prefill="steps"` (the default), the step-by-step kernel on
+    `steps_block_d` channels a program (fewer where a group of B/C has fewer) and `steps_warps` warps; with
+    "tiles", the tiled kernel on tiles of `block_t` steps × `block_d` channels, `num_warps` warps. Training:
+    the forward keeps the state every `chunk` steps (B·D·N·L/chunk fp32 values a layer), and both it and the
     backward run one program per sequence and `train_block_d` channels (fewer where a group of B/C has
     fewer), on `train_warps` warps, with [train_block_d, chunk] tiles; the backward walks the chunks last to
     first, and its programs add their share of dB and dC into `bwd_slots` copies (summed afterwards), so
@@ -69,16 +70,16 @@ class ScanTiles:
     (`time_major`: a copy where they come as the mixers' channel-contiguous views) with `train_time_major`,
     so that a thread's share of a tile is a run of consecutive steps, loaded as vectors and scanned serially
     before the exchange across threads; prefill does so with `prefill_time_major`. `train_maxnreg` caps the
-    training kernels' registers a thread (None: the compiler's choice; a cap below it trades spills for
-    more programs an SM).
+    training kernels' registers a thread (None: the compiler's choice; a cap below it trades spills for more
+    programs an SM).
     """
 
     block_t: int = 16
     block_d: int = 2
     num_warps: int = 1
-    prefill: str = "tiles"
+    prefill: str = "steps"
     steps_block_d: int = 8
-    steps_warps: int = 1
+    steps_warps: int = 2
     chunk: int = 128
     train_block_d: int = 4
     train_warps: int = 1
