@@ -12,8 +12,8 @@ Forward without a gradient (prefill), two kernels (`ScanTiles.prefill`):
   steps, loaded one block ahead and split inside the threads into the eight steps (`_steps8`); Δ's
   softplus, Δ·u, the skip and the gate are computed on the block in its load layout, each value once.
   Compiled for sm_90 it issues 2.8–3.6 times fewer instructions a state and step than "tiles" (Triton 3.8
-  and 3.6); on an H100 at Mamba-1 2.8B's sizes and 16,384 steps it takes 2.04 ms a layer against the tiled
-  kernel's best of more than 2.66 (BENCHMARKS.md, ninth pass).
+  and 3.6); on an H100 at Mamba-1 2.8B's sizes and 16,384 steps it takes 2.04 ms a layer, where the tiled
+  kernel took 2.98 ms (BENCHMARKS.md, fourth and ninth passes).
 Either way inputs are read once and y written once; the [B, L, D, N] states that the reference
 materialises never leave the chip. Positions past the end are identity steps (Δ = 0), so the carried state
 is exactly the state after the last real token.
