@@ -537,11 +537,10 @@ def _nemotron_config(directory: Path, raw: dict, preset: VLMConfig | None) -> VL
     )
     pre_path = directory / "preprocessor_config.json"
     pre = ConfigFields(read_json(pre_path) if pre_path.is_file() else {}, pre_path)
-    for ours, theirs in (("patch_size", "patch_size"),):
-        if pre.raw.get(theirs) is not None and pre.integer(theirs) != options[ours]:
-            raise CheckpointError(
-                f"{pre_path}: {theirs} {pre.raw[theirs]} differs from the tower's {options[ours]}"
-            )
+    if pre.raw.get("patch_size") is not None and pre.integer("patch_size") != options["patch_size"]:
+        raise CheckpointError(
+            f"{pre_path}: patch_size {pre.raw['patch_size']} differs from the tower's {options['patch_size']}"
+        )
     for theirs, ours in _NEMOTRON_IMAGE.items():
         if pre.raw.get(theirs) is not None:
             options[ours] = pre.integer(theirs, minimum=0)
