@@ -118,14 +118,7 @@ def decode(vlm: VLM, batches: list[int], tokens: int = 256, graphs: bool = True)
             decoder = graph_decoder(vlm.lm, batch)
             decoder.load(vlm.lm.new_state(batch))
             if isinstance(decoder, KVGraphDecoder):  # every cache-length graph the timed steps reach
-                longest = 8 + 3 * tokens + 1
-                decoder.reserve(longest)
-                length = 64
-                while True:
-                    decoder.prepare(batch, length)
-                    if length >= longest:
-                        break
-                    length *= 2
+                decoder.warm([batch], 8 + 3 * tokens + 1)
             else:
                 decoder.prepare(batch)
 

@@ -37,7 +37,7 @@ from mambavl.engine.prefill import Prefilled, PrefillJob
 from mambavl.engine.prefix_cache import CacheStats, PrefixCache, Snapshot
 from mambavl.lm.state import LMState
 from mambavl.vision.images import ImageError
-from mambavl.vlm.graphs import BUCKETS, GraphDecoder, KVGraphDecoder, length_bucket, slot_decoder
+from mambavl.vlm.graphs import BUCKETS, GraphDecoder, KVGraphDecoder, slot_decoder
 from mambavl.vlm.model import VLM, PreparedImage, PromptIds
 from mambavl.vlm.sampling import SamplingParams, greedy_tokens, next_tokens, seeded_generator
 
@@ -363,13 +363,7 @@ class Engine:
                 for size in sizes:
                     self.decoder.prepare(size)
             elif isinstance(self.decoder, KVGraphDecoder):
-                longest = length_bucket(min(self.vlm.config.max_length, WARM_CACHE))
-                self.decoder.reserve(longest)
-                for size in sizes:
-                    length = 64
-                    while length <= longest:
-                        self.decoder.prepare(size, length)
-                        length *= 2
+                self.decoder.warm(sizes, min(self.vlm.config.max_length, WARM_CACHE))
 
     def _run(self) -> None:
         """The supervisor: runs the loop, and if it dies on a fault (a bug: every request's own work is

@@ -273,7 +273,7 @@ class KVGraphDecoder(KVSlotDecoder):
             raise ValueError(f"{lm.config.family}'s experts route more than {STATIC_TOKENS} rows dynamically")
         if lm.config.fixed_state:
             raise ValueError(f"{lm.config.family} has no attention layers: use GraphDecoder")
-        super().__init__(lm, bucket_for(capacity), length)
+        super().__init__(lm, rows, length)
         self.capture = capture
         self.fills = [0] * self.capacity  # each slot's cached positions, as the device's `fill` holds them
         self.tokens = torch.zeros(self.capacity, dtype=torch.long, device=lm.device)
@@ -298,6 +298,17 @@ class KVGraphDecoder(KVSlotDecoder):
         if self.buffer_length != before:  # new buffers: graphs captured on the old ones are stale
             self.graphs.clear()  # (their memory pool goes with them: new graphs take a new one)
             self.pool = torch.cuda.graph_pool_handle() if self.capture else None
+
+    def warm(self, sizes: list[int], longest: int) -> None:
+        """Captures the graphs of these batch sizes for every cache length up to `longest` positions, on
+        buffers already that long (so that none of them is dropped by a growth)."""
+        longest = length_bucket(longest)
+        self.reserve(longest)
+        for size in sizes:
+            length = 64
+            while length <= longest:
+                self.prepare(size, length)
+                length *= 2
 
     def load(self, state: LMState, slots: list[int] | None = None) -> None:
         slots = list(range(state.batch_size)) if slots is None else slots
