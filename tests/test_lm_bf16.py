@@ -44,3 +44,21 @@ def test_bf16_long_sequence_close_to_fp32(tmp_path, name, max_err):
     ]
     step_err = (torch.cat(parts, 1).float() - out.float()).abs().max()
     assert step_err <= max_err * scale
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("heads,kv,T", [(6, 2, 37), (4, 4, 1), (8, 1, 129)])
+def test_half_prefill_attention_equals_fp32_within_bf16(heads, kv, T):
+    """The GPU's 16-bit prefill attention (grouped keys read in place) against the fp32 reference with the
+    keys repeated per head: equal within bf16 rounding, causal."""
+    from mambavl.lm.attention import causal_half
+
+    gen = torch.Generator().manual_seed(heads * 100 + T)
+    q, k, v = (torch.randn(2, h, T, 16, generator=gen) for h in (heads, kv, kv))
+    k_rep, v_rep = (x.repeat_interleave(heads // kv, dim=1) for x in (k, v))
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k_rep, v_rep, is_causal=T > 1)
+    out = causal_half(q.bfloat16(), k.bfloat16(), v.bfloat16(), None)
+    assert out.dtype == torch.bfloat16 and out.shape == ref.shape
+    torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
+    # causal: the first query sees only the first key
+    torch.testing.assert_close(out[:, :, 0].float(), v_rep[:, :, 0], atol=1e-2, rtol=1e-2)

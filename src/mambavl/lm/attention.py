@@ -21,6 +21,20 @@ def attention_state(batch: int, n_kv: int, head_dim: int, device=None) -> dict[s
     return {"k": empty, "v": empty.clone(), "valid": torch.zeros(batch, 0, dtype=torch.bool, device=device)}
 
 
+HALF = (torch.bfloat16, torch.float16)
+
+
+def causal_half(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:
+    """Causal attention of a whole prompt in its own 16-bit dtype: q [B, H, T, Dh], k, v [B, KV, T, Dh]
+    with H a multiple of KV (grouped heads read their shared keys, never copied). On a GPU this is flash
+    attention, with fp32 softmax statistics inside the kernel; a long prompt's hybrid prefill spent about a
+    third of its time in the fp32 path below. Returns [B, H, T, Dh] in q's dtype."""
+    T = q.shape[2]
+    return F.scaled_dot_product_attention(
+        q, k.to(q.dtype), v.to(q.dtype), is_causal=T > 1, scale=scale, enable_gqa=k.shape[1] != q.shape[1]
+    )
+
+
 class Attention(nn.Module):
     """`in_dim`: the width it reads (default d_model; Zamba2's shared blocks read 2·d_model)."""
 
@@ -88,6 +102,9 @@ class Attention(nn.Module):
             k = state["k"] = torch.cat([state["k"], k.float()], dim=2)
             v = state["v"] = torch.cat([state["v"], v.float()], dim=2)
             keys_valid = state["valid"] = torch.cat([state["valid"], new_valid], dim=1)
+        if past == 0 and q.is_cuda and q.dtype in HALF and bool(keys_valid.all()):
+            out = causal_half(q, k, v, self.scale)  # a fresh prefill on the GPU: flash attention
+            return self.o_proj(out.transpose(1, 2).reshape(batch, T, -1).to(hidden.dtype))
         # fp32 softmax(QKᵀ)V: the cache is fp32, and the reference must not depend on the weights' dtype.
         q, k, v = q.float(), k.float(), v.float()
         if self.n_kv != self.n_heads:
