@@ -140,3 +140,31 @@ def test_conversation_bench_resumes_later_turns_from_the_cache():
                 assert now["cached_tokens_mean"] >= before["prompt_tokens_mean"]
             else:
                 assert now["cached_tokens_mean"] == 0
+
+
+def test_serve_bench_measures_each_prefill_budget_and_the_gaps_between_tokens():
+    """`bench --serve --prefill-tokens 0,64` on the CPU: one row per (budget, client count), each with every
+    request answered in full, its TTFT and its gaps between streamed tokens (one per token after the first
+    text), and the offline peer measured once per client count."""
+    from mambavl.bench.serve import ServeBenchConfig, serve_bench
+    from serving import printable_tiny_cobra
+
+    vlm = printable_tiny_cobra()
+    cfg = ServeBenchConfig(clients=(1, 3), requests_per_client=1, max_tokens=5, slots=4, image_size=64,
+                           prefill_tokens=(0, 64))  # fmt: skip
+    rows = serve_bench(vlm, cfg, say=lambda _: None)["results"]
+    assert [(r["prefill_tokens"], r["clients"]) for r in rows] == [(None, 1), (None, 3), (64, 1), (64, 3)]
+    for row in rows:
+        assert row["failures"] == 0 and row["completion_tokens"] == 5 * row["clients"]
+        assert 0 < row["ttft_p50_s"] <= row["latency_p99_s"]
+        assert 0 < row["gap_p50_s"] <= row["gap_p99_s"] < row["latency_p99_s"]
+        assert row["peer_offline_tokens_per_s"] > 0
+    # the peer does not depend on the server's budget: measured once, reported in both rows
+    assert rows[0]["peer_offline_tokens_per_s"] == rows[2]["peer_offline_tokens_per_s"]
+
+
+def test_serve_bench_refuses_a_negative_budget():
+    from mambavl.bench.serve import ServeBenchConfig
+
+    with pytest.raises(ValueError, match="budgets are ≥ 0"):
+        ServeBenchConfig(prefill_tokens=(-1,))

@@ -520,13 +520,13 @@ def generate(
         raise typer.Exit(1) from e
 
 
-def _int_list(text: str, what: str) -> tuple[int, ...]:
+def _int_list(text: str, what: str, minimum: int = 1) -> tuple[int, ...]:
     try:
         values = tuple(int(v) for v in text.split(",") if v.strip())
     except ValueError:
         raise typer.BadParameter(f"{what} must be comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise typer.BadParameter(f"{what} must be positive integers, got {text!r}")
+    if not values or min(values) < minimum:
+        raise typer.BadParameter(f"{what} must be integers ≥ {minimum}, got {text!r}")
     return values
 
 
@@ -599,6 +599,11 @@ def bench(
         help="--serve: conversations of this many turns about one image per client (each turn sends the "
         "history), with the prefix-state cache on and then off.",
     ),
+    prefill_tokens: str = typer.Option(
+        "",
+        help="--serve: the engine's prefill budgets (positions per engine step; 0: each admitted batch at "
+        "once), comma-separated, measured one after another (default: the engine's).",
+    ),
 ) -> None:
     """Speed and memory of a preset against its peers in one run: time to first token, prefill tok/s by
     prompt length, decode tok/s by batch size, peak memory by prompt length; JSON, PNG and a table."""
@@ -609,7 +614,10 @@ def bench(
     from mambavl.presets import PRESETS
 
     if serve:
-        _bench_serve(model, Path(out), device, dtype, clients, requests_per_client, max_tokens, slots, turns)
+        budgets = _int_list(prefill_tokens, "--prefill-tokens", minimum=0) if prefill_tokens else ()
+        _bench_serve(
+            model, Path(out), device, dtype, clients, requests_per_client, max_tokens, slots, turns, budgets
+        )
         return
     if model not in PRESETS:
         console.print(f"[red]error:[/red] unknown preset {model!r}: choose one of {', '.join(PRESETS)}")
@@ -682,7 +690,9 @@ def bench(
     console.print(f"wrote {Path(out) / 'bench.json'} and {Path(out) / 'bench.png'}")
 
 
-def _bench_serve(model, out, device, dtype, clients, requests_per_client, max_tokens, slots, turns=1) -> None:
+def _bench_serve(
+    model, out, device, dtype, clients, requests_per_client, max_tokens, slots, turns=1, budgets=()
+) -> None:
     """`mambavl bench --serve`: a preset (full size, random weights) or a model directory, served in this
     process and loaded over HTTP at each client count, beside `VLM.generate` on the same requests."""
     from mambavl.bench.serve import ServeBenchConfig, serve_bench
@@ -697,6 +707,7 @@ def _bench_serve(model, out, device, dtype, clients, requests_per_client, max_to
             max_tokens=max_tokens,
             slots=slots,
             turns=turns,
+            prefill_tokens=tuple(budgets),
         )
         vlm = load_model(model, device, dtype, random_weights=model in PRESETS, log=console.print)
         serve_bench(vlm, cfg, out, say=console.print)

@@ -16,7 +16,7 @@ import json
 import statistics
 import time
 from base64 import b64encode
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import httpx
@@ -33,6 +33,7 @@ class Outcome:
     cached_tokens: int = 0  # prompt positions the server resumed from its prefix-state cache
     ttft: float = 0.0  # seconds to the first text (the first token may show none: then to the end)
     latency: float = 0.0  # seconds to the end of the stream
+    gaps: list[float] = field(default_factory=list)  # seconds between one streamed text and the next
 
     @property
     def ok(self) -> bool:
@@ -59,6 +60,7 @@ def chat_body(question: str, image=None, **options) -> dict:
 async def stream_one(client: httpx.AsyncClient, url: str, body: dict, headers: dict | None = None) -> Outcome:
     start = time.perf_counter()
     out = Outcome(status=0)
+    last = 0.0
     try:
         async with client.stream("POST", url + "/v1/chat/completions", json=body, headers=headers) as r:
             out.status = r.status_code
@@ -80,7 +82,10 @@ async def stream_one(client: httpx.AsyncClient, url: str, body: dict, headers: d
                 for choice in chunk["choices"]:
                     piece = choice["delta"].get("content")
                     if piece or choice.get("finish_reason"):  # the first text (or the end, if none)
-                        out.ttft = out.ttft or time.perf_counter() - start
+                        now = time.perf_counter() - start
+                        if out.ttft:
+                            out.gaps.append(now - last)
+                        out.ttft, last = out.ttft or now, now
                     out.text += piece or ""
                     if choice.get("finish_reason"):
                         out.finish_reason = choice["finish_reason"]
@@ -171,6 +176,7 @@ def summarize(outcomes: list[Outcome], wall: float, clients: int) -> dict:
     tokens = sum(o.tokens for o in good)
     latency = [o.latency for o in good]
     ttft = [o.ttft for o in good if o.ttft]
+    gaps = [g for o in good for g in o.gaps]
     return {
         "clients": clients,
         "requests": len(outcomes),
@@ -180,6 +186,9 @@ def summarize(outcomes: list[Outcome], wall: float, clients: int) -> dict:
         "latency_p99_s": percentile(latency, 99),
         "ttft_p50_s": percentile(ttft, 50),
         "ttft_p99_s": percentile(ttft, 99),
+        # between two streamed texts of one request: a decode step, or longer where prefills came between
+        "gap_p50_s": percentile(gaps, 50),
+        "gap_p99_s": percentile(gaps, 99),
         "completion_tokens": tokens,
         "tokens_per_s": tokens / wall if wall else 0.0,
         "requests_per_s": len(good) / wall if wall else 0.0,
@@ -207,10 +216,25 @@ class ServeBenchConfig:
     question: str = "Describe the image in detail."
     peer: bool = True  # the same requests through `VLM.generate` in one batch, no server
     turns: int = 1  # > 1: conversations of this many turns, the prefix-state cache on and then off
+    # the engine's prefill budgets to serve with, one after another (positions per engine step; 0: each
+    # admitted batch at once); empty: the engine's default
+    prefill_tokens: tuple[int, ...] = ()
 
     def __post_init__(self):
         if self.turns < 1:
             raise ValueError(f"turns={self.turns}: a conversation has at least one turn")
+        if any(t < 0 for t in self.prefill_tokens):
+            raise ValueError(f"prefill_tokens={self.prefill_tokens}: budgets are ≥ 0 (0: no budget)")
+
+    def engine_configs(self, **options) -> list:
+        """One engine configuration per prefill budget to measure."""
+        from mambavl.engine.scheduler import EngineConfig
+
+        if not self.prefill_tokens:
+            return [EngineConfig(slots=self.slots, **options)]
+        return [
+            EngineConfig(slots=self.slots, prefill_tokens=t or None, **options) for t in self.prefill_tokens
+        ]
 
 
 def synthetic_image(size: int, seed: int):
@@ -223,34 +247,35 @@ def synthetic_image(size: int, seed: int):
 
 def serve_bench(vlm, cfg: ServeBenchConfig, out: Path | None = None, say=print) -> dict:
     """The server at each client count, and the offline batch peer, on the same requests."""
-    from mambavl.serve import Engine, EngineConfig, ServeConfig
+    from mambavl.serve import Engine, ServeConfig
     from mambavl.serve.thread import ServerThread
 
     if cfg.turns > 1:
         return _write(_conversation_bench(vlm, cfg, say), vlm, cfg, out)
-    rows = []
-    with ServerThread(
-        Engine(vlm, EngineConfig(slots=cfg.slots)), ServeConfig(model_name=vlm.config.name)
-    ) as url:
-        for clients in cfg.clients:
-            n = clients * cfg.requests_per_client
-            images = [synthetic_image(cfg.image_size, i) for i in range(n)]
-            bodies = [
-                chat_body(
-                    f"{cfg.question} ({i})", im, max_tokens=cfg.max_tokens, ignore_eos=True, temperature=0
-                )
-                for i, im in enumerate(images)
-            ]
-            run_load(url, bodies[:clients], clients)  # warm-up: towers, graphs, allocator
-            before = engine_seconds(url)
-            outcomes, wall = run_load_apart(url, bodies, clients)
-            row = summarize(outcomes, wall, clients)
-            after = engine_seconds(url)
-            row |= {k: after[k] - before[k] for k in after}  # where the engine's time went
-            if cfg.peer:
-                row["peer_offline_tokens_per_s"] = _offline(vlm, images[:clients], cfg)
-            rows.append(row)
-            say(_line(row))
+    rows, offline = [], {}
+    for engine_config in cfg.engine_configs():
+        with ServerThread(Engine(vlm, engine_config), ServeConfig(model_name=vlm.config.name)) as url:
+            for clients in cfg.clients:
+                n = clients * cfg.requests_per_client
+                images = [synthetic_image(cfg.image_size, i) for i in range(n)]
+                bodies = [
+                    chat_body(
+                        f"{cfg.question} ({i})", im, max_tokens=cfg.max_tokens, ignore_eos=True, temperature=0
+                    )
+                    for i, im in enumerate(images)
+                ]
+                run_load(url, bodies[:clients], clients)  # warm-up: towers, graphs, allocator
+                before = engine_seconds(url)
+                outcomes, wall = run_load_apart(url, bodies, clients)
+                row = summarize(outcomes, wall, clients) | {"prefill_tokens": engine_config.prefill_tokens}
+                after = engine_seconds(url)
+                row |= {k: after[k] - before[k] for k in after}  # where the engine's time went
+                if cfg.peer:
+                    if clients not in offline:
+                        offline[clients] = _offline(vlm, images[:clients], cfg)
+                    row["peer_offline_tokens_per_s"] = offline[clients]
+                rows.append(row)
+                say(_line(row))
     return _write(rows, vlm, cfg, out)
 
 
@@ -273,14 +298,14 @@ FOLLOW_UPS = ("What colours stand out?", "Is there any text in it?", "Summarise 
 
 def _conversation_bench(vlm, cfg: ServeBenchConfig, say) -> list[dict]:
     """Conversations of `cfg.turns` turns per client count, with the prefix-state cache on, then off."""
-    from mambavl.serve import Engine, EngineConfig, ServeConfig
+    from mambavl.serve import Engine, ServeConfig
     from mambavl.serve.thread import ServerThread
 
     options = dict(max_tokens=cfg.max_tokens, ignore_eos=True, temperature=0)
     questions = [cfg.question] + [FOLLOW_UPS[t % len(FOLLOW_UPS)] for t in range(cfg.turns - 1)]
     rows = []
     for cache in (True, False):
-        engine = Engine(vlm, EngineConfig(slots=cfg.slots, prefix_cache_gb=4.0 if cache else 0.0))
+        engine = Engine(vlm, cfg.engine_configs(prefix_cache_gb=4.0 if cache else 0.0)[0])
         with ServerThread(engine, ServeConfig(model_name=vlm.config.name)) as url:
             warm = [({"image": synthetic_image(cfg.image_size, 10**6), "options": options}, questions[:2])]
             run_conversations(url, warm, 1)  # warm-up: towers, graphs, allocator
@@ -369,10 +394,14 @@ def _offline(vlm, images: list, cfg: ServeBenchConfig) -> float:
 
 
 def _line(row: dict) -> str:
+    budget = row.get("prefill_tokens", "default")
     text = (
-        f"{row['clients']:>3} clients: {row['requests']} requests, {row['failures']} failed, "
+        f"{row['clients']:>3} clients (prefill budget {budget}): {row['requests']} requests, "
+        f"{row['failures']} failed, "
         f"latency p50 {row['latency_p50_s'] * 1e3:.0f} ms p99 {row['latency_p99_s'] * 1e3:.0f} ms, "
-        f"TTFT p50 {row['ttft_p50_s'] * 1e3:.0f} ms, {row['tokens_per_s']:,.0f} tok/s"
+        f"TTFT p50 {row['ttft_p50_s'] * 1e3:.0f} ms p99 {row['ttft_p99_s'] * 1e3:.0f} ms, "
+        f"gap p50 {row['gap_p50_s'] * 1e3:.1f} ms p99 {row['gap_p99_s'] * 1e3:.1f} ms, "
+        f"{row['tokens_per_s']:,.0f} tok/s"
     )
     if row.get("decode_steps"):
         text += (
