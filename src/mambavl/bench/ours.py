@@ -63,10 +63,10 @@ def time_to_first_token(vlm: VLM, prompt_tokens: int = 800, repeat: int = 10) ->
     def encode():
         return vlm.encode_images(pixels)
 
-    def first_token():
+    def first_token(graphs: bool = True):
         embeds = torch.cat([encode(), vlm.lm.embedding(ids)], dim=1)
         lengths = torch.tensor([embeds.shape[1]], device=device)
-        last = vlm.prefill(embeds, lengths, vlm.lm.new_state(1))
+        last = vlm.prefill(embeds, lengths, vlm.lm.new_state(1), graphs)
         return int(vlm.lm.lm_head(last).argmax(-1)[0])
 
     positions = encode().shape[1] + prompt_tokens
@@ -74,6 +74,8 @@ def time_to_first_token(vlm: VLM, prompt_tokens: int = 800, repeat: int = 10) ->
         "prompt_tokens": prompt_tokens,
         "positions": positions,
         "ttft_s": timed(first_token, repeat=repeat, warmup=2, device=device),
+        # the prefill eager (no CUDA graph of the prompt), for comparison
+        "ttft_eager_s": timed(lambda: first_token(False), repeat=repeat, warmup=1, device=device),
         "vision_s": timed(encode, repeat=repeat, warmup=2, device=device),
         "preprocess_cpu_s": preprocess,
     }

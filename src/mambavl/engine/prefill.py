@@ -75,10 +75,12 @@ class PrefillJob:
         images: list[PreparedImage | None],
         prompts: list[PromptIds],
         cache: PrefixCache | None,
+        graphs: bool = True,
     ):
+        """`graphs`: one-row steps may replay CUDA graphs (`VLM.prefill`)."""
         if len(images) != len(prompts):
             raise ValueError("prefill needs one image (or None) per prompt")
-        self.vlm, self.cache = vlm, cache
+        self.vlm, self.cache, self.graphs = vlm, cache, graphs
         plans = []
         for image, tokens in zip(images, prompts, strict=True):
             items, image_at = prompt_items(vlm, image, tokens)
@@ -161,7 +163,7 @@ class PrefillJob:
             [row.pending[row.fed : row.fed + n] for row, n in pieces], batch_first=True
         )
         state = LMState.stack([row.state for row, _ in pieces])
-        hidden = vlm.prefill(embeds, lengths, state)
+        hidden = vlm.prefill(embeds, lengths, state, self.graphs)
         logits = vlm.lm.lm_head(hidden).float()
         for b, (row, n) in enumerate(pieces):
             row.state = state.select([b]) if len(pieces) > 1 else state

@@ -356,7 +356,7 @@ class Engine:
     def _warm_up(self) -> None:
         """Captures every CUDA graph the slots can need before serving (a capture costs ~1 s); with
         attention layers, for caches up to `WARM_CACHE` positions (longer ones are captured when a row
-        first needs them)."""
+        first needs them); and the graphs of one row's prefill (`vlm.prefill_graphs`)."""
         sizes = [size for size in BUCKETS if size < self.config.slots] + [self.config.slots]
         with torch.inference_mode():
             if isinstance(self.decoder, GraphDecoder):
@@ -364,6 +364,8 @@ class Engine:
                     self.decoder.prepare(size)
             elif isinstance(self.decoder, KVGraphDecoder):
                 self.decoder.warm(sizes, min(self.vlm.config.max_length, WARM_CACHE))
+            if self.config.cuda_graphs and (prefill := self.vlm.prefill_graphs()) is not None:
+                prefill.warm()
 
     def _run(self) -> None:
         """The supervisor: runs the loop, and if it dies on a fault (a bug: every request's own work is
@@ -502,7 +504,7 @@ class Engine:
         """Starts prefilling a batch (cache lookups, the towers, checks), isolating a request at fault."""
         try:
             images = [None if r.image is None else self.vlm.preprocess(r.image) for r in batch]
-            job = PrefillJob(self.vlm, images, [r.tokens for r in batch], self.cache)
+            job = PrefillJob(self.vlm, images, [r.tokens for r in batch], self.cache, self.config.cuda_graphs)
         except Exception as e:
             if len(batch) > 1:  # find the request at fault: open them one by one
                 for request in batch:

@@ -159,6 +159,7 @@ class LanguageModel(nn.Module):
         state: LMState | None = None,
         return_hidden: bool = False,
         lengths: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits [B, T, vocab] (or the final hidden states [B, T, d_model] with `return_hidden`).
 
@@ -168,7 +169,12 @@ class LanguageModel(nn.Module):
         its row's last real token, and attention never sees padding keys. So the state after the call is
         each row's state after its real tokens, whatever the padding holds, and from any starting state
         (prefill or continuous batching alike). Logits at padding positions are meaningless.
+
+        `mask` [B, T] bool (right padding) may stand for `lengths`: it is taken as given, unchecked, so the
+        call reads nothing back from the GPU and can be captured in a CUDA graph (`vlm.prefill_graphs`).
         """
+        if mask is not None and lengths is not None:
+            raise ValueError("pass lengths or mask, not both")
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids [B, T] or inputs_embeds [B, T, d_model]")
         if input_ids is not None:
@@ -186,7 +192,7 @@ class LanguageModel(nn.Module):
             hidden = hidden * self.config.embedding_multiplier
         if state is not None:
             self._check_state(state, hidden.shape[0])
-        valid = None if lengths is None else self._valid(lengths, hidden.shape[:2], hidden.device)
+        valid = mask if lengths is None else self._valid(lengths, hidden.shape[:2], hidden.device)
         dtype = self.dtype
         length = hidden.shape[1]
         if state is None and valid is None and self._pads(length):

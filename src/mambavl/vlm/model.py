@@ -20,6 +20,7 @@ from mambavl.vision.anyres import anyres_views, merge_anyres
 from mambavl.vlm.backbones import LLMBackbone, VisionBackbone
 from mambavl.vlm.config import VLMConfig
 from mambavl.vlm.graphs import GraphDecoder, KVGraphDecoder, graph_decoder, graph_support
+from mambavl.vlm.prefill_graphs import PREFILL_BUCKETS, PrefillGraphs, prefill_graph_support
 from mambavl.vlm.prompts import ChatTemplateBuilder, PromptBuilder
 from mambavl.vlm.sampling import SamplingParams
 from mambavl.vlm.sequence import (
@@ -424,10 +425,17 @@ class VLM(nn.Module):
         hidden = self.prefill(batch.embeds.to(self.device), batch.lengths.to(self.device), state)
         return state, self.lm.lm_head(hidden), batch, prompt_ids
 
-    def prefill(self, embeds: torch.Tensor, lengths: torch.Tensor, state) -> torch.Tensor:
+    def prefill(
+        self, embeds: torch.Tensor, lengths: torch.Tensor, state, graphs: bool = True
+    ) -> torch.Tensor:
         """Runs right-padded rows [B, L, D] (real lengths [B]) into `state`, a chunk of positions at a time
-        (`prefill_chunk`); returns each row's final hidden state [B, D] (at its last real position)."""
+        (`prefill_chunk`); returns each row's final hidden state [B, D] (at its last real position). One row
+        of up to `PREFILL_BUCKETS[-1]` positions replays a CUDA graph where the model allows it and `graphs`
+        is on (`vlm.prefill_graphs`): at that size an eager forward waits on its kernel launches."""
         B, L = embeds.shape[:2]
+        short = graphs and B == 1 and 1 <= L <= PREFILL_BUCKETS[-1] and not torch.is_grad_enabled()
+        if short and (graphs := self.prefill_graphs()) is not None:
+            return graphs(embeds, state, lengths).to(embeds.dtype)
         budget = self.prefill_chunk
         chunk = L if budget is None else max(budget // B, min(512, budget))
         last = embeds.new_zeros(B, self.config.lm.d_model)
@@ -476,6 +484,17 @@ class VLM(nn.Module):
         if failures:
             failed = failures[0]
             raise (ValueError if failed.status == 400 else RuntimeError)(failed.message)
+
+    def prefill_graphs(self) -> PrefillGraphs | None:
+        """The CUDA graphs of one row's prefill (kept between calls, captured as lengths first need them), or
+        None where they do not apply (CPU, attention or expert layers)."""
+        if prefill_graph_support(self.lm) is not None:
+            return None
+        current = getattr(self, "_prefill_graphs", None)
+        if current is None or not current.valid_for(self.lm):
+            self._prefill_graphs = None  # free the old graphs' memory before capturing new ones
+            current = self._prefill_graphs = PrefillGraphs(self.lm)
+        return current
 
     def graph_decoder(self, batch: int) -> GraphDecoder | KVGraphDecoder | None:
         """The CUDA-graph decoder for `batch` rows (kept between calls), or None where graphs do not apply

@@ -1,0 +1,98 @@
+"""One row's prefill from CUDA graphs (`vlm.prefill_graphs`): on the CPU, the graphs' very calls run eagerly
+(`capture=False`) against the plain forward; on a GPU, the captured graphs against eager prefill, and the
+engine's answers with them against answers without."""
+
+import pytest
+import torch
+
+import mambavl
+from mambavl.vlm.prefill_graphs import PrefillGraphs, prefill_graph_support
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _lm(preset: str, device: str = "cpu"):
+    torch.manual_seed(0)
+    return mambavl.create(preset, device=device).lm
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("preset", ["tiny-cobra", "tiny-mlmamba"])
+def test_graph_calls_equal_the_plain_forward_from_a_state(preset):
+    """From a state mid-sequence, rows of lengths inside, at and past bucket edges: the same hidden state at
+    the last position and the same state after, whatever the buffers held from longer calls before."""
+    lm = _lm(preset)
+    graphs = PrefillGraphs(lm, buckets=(4, 16, 64), capture=False)
+    gen = torch.Generator().manual_seed(1)
+    start = lm.new_state(1)
+    lm(torch.randint(0, lm.config.vocab_size, (1, 9), generator=gen), state=start)
+    for n in (64, 1, 3, 4, 5, 16, 17, 40):  # the longest first: later calls leave stale tails behind
+        embeds = torch.randn(1, n, lm.config.d_model, generator=gen)
+        want_state, got_state = start.clone(), start.clone()
+        want = lm(inputs_embeds=embeds, state=want_state, return_hidden=True)[:, -1]
+        got = graphs(embeds, got_state)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        for mine, theirs in zip(got_state.layers, want_state.layers, strict=True):
+            for name in mine:
+                torch.testing.assert_close(mine[name], theirs[name], rtol=1e-5, atol=1e-5)
+        assert got_state.seqlen == want_state.seqlen
+
+
+@torch.no_grad()
+def test_graph_calls_take_a_right_padded_row():
+    lm = _lm("tiny-cobra")
+    graphs = PrefillGraphs(lm, buckets=(16,), capture=False)
+    embeds = torch.randn(1, 12, lm.config.d_model)
+    want_state, got_state = lm.new_state(1), lm.new_state(1)
+    want = lm(inputs_embeds=embeds[:, :7], state=want_state, return_hidden=True)[:, -1]
+    got = graphs(embeds, got_state, torch.tensor([7]))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for mine, theirs in zip(got_state.layers, want_state.layers, strict=True):
+        for name in mine:
+            torch.testing.assert_close(mine[name], theirs[name], rtol=1e-5, atol=1e-5)
+
+
+def test_what_cannot_be_captured_says_why():
+    assert "CUDA" in prefill_graph_support(_lm("tiny-cobra"))
+    assert "KV caches" in prefill_graph_support(_lm("tiny-viper-jamba"))
+    with pytest.raises(ValueError, match="cannot prefill"):
+        PrefillGraphs(_lm("tiny-cobra"))
+    graphs = PrefillGraphs(_lm("tiny-cobra"), buckets=(8,), capture=False)
+    with pytest.raises(ValueError, match="1 to 8"):
+        graphs.bucket(9)
+    with pytest.raises(ValueError, match="one row"):
+        graphs(torch.zeros(2, 3, graphs.lm.config.d_model), graphs.lm.new_state(2))
+    assert mambavl.create("tiny-cobra").prefill_graphs() is None  # on the CPU: eager prefill
+
+
+@cuda
+@pytest.mark.usefixtures("exact_fp32")
+@pytest.mark.parametrize("preset", ["tiny-cobra", "tiny-mlmamba"])
+def test_captured_prefill_equals_eager_on_the_gpu(preset):
+    vlm = mambavl.create(preset, device="cuda")
+    lm = vlm.lm
+    graphs = vlm.prefill_graphs()
+    assert graphs is not None and vlm.prefill_graphs() is graphs
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    with torch.inference_mode():
+        for n in (2048, 1, 15, 16, 17, 300, 1500):
+            embeds = torch.randn(1, n, lm.config.d_model, device="cuda", generator=gen)
+            lengths = torch.tensor([n], device="cuda")
+            eager_state, graph_state = lm.new_state(1), lm.new_state(1)
+            want = vlm.prefill(embeds, lengths, eager_state, graphs=False)
+            got = vlm.prefill(embeds, lengths, graph_state)
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+            for mine, theirs in zip(graph_state.layers, eager_state.layers, strict=True):
+                for name in mine:
+                    torch.testing.assert_close(mine[name], theirs[name], rtol=1e-4, atol=1e-4)
+    assert set(graphs.graphs) == {16, 64, 256, 2048}
+
+
+@cuda
+@pytest.mark.usefixtures("exact_fp32")
+def test_generate_with_prefill_graphs_equals_without():
+    vlm = mambavl.create("tiny-cobra", device="cuda")
+    prompts = ["What is in the picture?", "Count the shapes."]
+    kw = dict(max_new_tokens=64, min_length=64)
+    eager = vlm.generate([None, None], prompts, cuda_graphs=False, **kw)
+    assert [vlm.generate(None, p, **kw) for p in prompts] == eager  # batch 1: graphed prefill
