@@ -96,3 +96,36 @@ def test_generate_with_prefill_graphs_equals_without():
     kw = dict(max_new_tokens=64, min_length=64)
     eager = vlm.generate([None, None], prompts, cuda_graphs=False, **kw)
     assert [vlm.generate(None, p, **kw) for p in prompts] == eager  # batch 1: graphed prefill
+
+
+@torch.no_grad()
+def test_a_failed_capture_prefills_eagerly_from_then_on(monkeypatch):
+    """A graph that cannot be captured costs a RuntimeWarning once; the prefill is the eager one."""
+    import warnings
+
+    import mambavl.vlm.model as model
+    from mambavl.vlm.prefill_graphs import GraphCaptureError
+
+    class Failing:
+        def __init__(self, lm):
+            pass
+
+        def valid_for(self, lm):
+            return True
+
+        def __call__(self, embeds, state, lengths=None):
+            raise GraphCaptureError("capturing the prefill of 16 positions failed: (simulated)")
+
+    monkeypatch.setattr(model, "prefill_graph_support", lambda lm: None)
+    monkeypatch.setattr(model, "PrefillGraphs", Failing)
+    vlm = mambavl.create("tiny-cobra")
+    embeds = torch.randn(1, 10, vlm.config.lm.d_model)
+    lengths = torch.tensor([10])
+    want = vlm.prefill(embeds, lengths, vlm.lm.new_state(1), graphs=False)
+    with pytest.warns(RuntimeWarning, match="prefill runs eagerly: capturing"):
+        got = vlm.prefill(embeds, lengths, vlm.lm.new_state(1))
+    torch.testing.assert_close(got, want)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.testing.assert_close(vlm.prefill(embeds, lengths, vlm.lm.new_state(1)), want)
+    assert vlm.prefill_graphs() is None

@@ -5,6 +5,7 @@ prefilled once, each new token is one O(1) step, and ragged batches are exact (s
 from __future__ import annotations
 
 import hashlib
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -20,7 +21,12 @@ from mambavl.vision.anyres import anyres_views, merge_anyres
 from mambavl.vlm.backbones import LLMBackbone, VisionBackbone
 from mambavl.vlm.config import VLMConfig
 from mambavl.vlm.graphs import GraphDecoder, KVGraphDecoder, graph_decoder, graph_support
-from mambavl.vlm.prefill_graphs import PREFILL_BUCKETS, PrefillGraphs, prefill_graph_support
+from mambavl.vlm.prefill_graphs import (
+    PREFILL_BUCKETS,
+    GraphCaptureError,
+    PrefillGraphs,
+    prefill_graph_support,
+)
 from mambavl.vlm.prompts import ChatTemplateBuilder, PromptBuilder
 from mambavl.vlm.sampling import SamplingParams
 from mambavl.vlm.sequence import (
@@ -435,7 +441,11 @@ class VLM(nn.Module):
         B, L = embeds.shape[:2]
         short = graphs and B == 1 and 1 <= L <= PREFILL_BUCKETS[-1] and not torch.is_grad_enabled()
         if short and (graphs := self.prefill_graphs()) is not None:
-            return graphs(embeds, state, lengths).to(embeds.dtype)
+            try:
+                return graphs(embeds, state, lengths).to(embeds.dtype)
+            except GraphCaptureError as e:  # the state is untouched: this model prefills eagerly from now on
+                warnings.warn(f"prefill runs eagerly: {e}", RuntimeWarning, stacklevel=2)
+                self._prefill_graphs = False
         budget = self.prefill_chunk
         chunk = L if budget is None else max(budget // B, min(512, budget))
         last = embeds.new_zeros(B, self.config.lm.d_model)
@@ -488,9 +498,9 @@ class VLM(nn.Module):
     def prefill_graphs(self) -> PrefillGraphs | None:
         """The CUDA graphs of one row's prefill (kept between calls, captured as lengths first need them), or
         None where they do not apply (CPU, attention or expert layers)."""
-        if prefill_graph_support(self.lm) is not None:
-            return None
         current = getattr(self, "_prefill_graphs", None)
+        if current is False or prefill_graph_support(self.lm) is not None:  # False: a capture failed
+            return None
         if current is None or not current.valid_for(self.lm):
             self._prefill_graphs = None  # free the old graphs' memory before capturing new ones
             current = self._prefill_graphs = PrefillGraphs(self.lm)

@@ -25,6 +25,10 @@ from mambavl.vlm.graphs import GraphDecoder, capture
 PREFILL_BUCKETS = (16, 64, 256, 1024, 2048)
 
 
+class GraphCaptureError(RuntimeError):
+    """A prefill graph could not be captured; the state handed in is untouched."""
+
+
 def prefill_graph_support(lm: LanguageModel) -> str | None:
     """None when one row's prefill can be captured, else the reason it cannot."""
     if not lm.config.fixed_state:
@@ -80,7 +84,12 @@ class PrefillGraphs:
         """Captures the graph of `length`'s bucket if needed; returns the bucket."""
         size = self.bucket(length)
         if self.captures and size not in self.graphs:
-            self.graphs[size] = capture(self.pool, lambda: self._run(size), self.state)
+            try:
+                self.graphs[size] = capture(self.pool, lambda: self._run(size), self.state)
+            except torch.OutOfMemoryError:
+                raise
+            except RuntimeError as e:
+                raise GraphCaptureError(f"capturing the prefill of {size} positions failed: {e}") from e
         return size
 
     def warm(self) -> None:
