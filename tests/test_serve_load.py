@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 import mambavl
-from mambavl.bench.serve import chat_body, rss_bytes, run_load, summarize
+from mambavl.bench.serve import chat_body, rss_bytes, run_conversations, run_load, summarize
 from mambavl.serve import EngineConfig
 from serving import LiveServer
 
@@ -77,20 +77,50 @@ async def garbage(url: str, k: int) -> int:
         return r.status_code
 
 
+def _conversations(demo_model_dir) -> list:
+    """Eight three-turn conversations about held-out images (each turn sends the history)."""
+    data = demo_model_dir.parent / "data"
+    rows = json.loads((data / "heldout.json").read_text())[-8:]
+    follow_ups = ["What colour are the objects?", "How many objects are there?"]
+    talks = []
+    for row in rows:
+        image = Image.open(data / "images" / row["image"]).convert("RGB")
+        question = row["conversations"][0]["value"].replace("<image>", "").strip()
+        talks.append(
+            ({"image": image, "options": {"max_tokens": 6, "temperature": 0}}, [question, *follow_ups])
+        )
+    return talks
+
+
 def test_64_streaming_clients_with_faults(demo_model_dir, bodies):
+    """64 single-request clients, 8 clients holding three-turn conversations (later turns resume from the
+    prefix-state cache while the others load the engine), 8 that hang up mid-stream and 8 that send
+    garbage: every good answer equals the same request (or conversation) served alone."""
     vlm = mambavl.load(demo_model_dir)
+    talks = _conversations(demo_model_dir)
     with LiveServer(vlm, EngineConfig(slots=16)) as url:
         alone, _ = run_load(url, bodies, 1)  # each request served alone, one after another
         assert all(o.ok for o in alone), [o.error for o in alone if not o.ok]
+        talks_alone, _ = run_conversations(url, talks, 1)
+        assert all(len(t) == 3 and all(o.ok for o in t) for t in talks_alone)
         rss_before = rss_bytes()
 
         async def mixed():
             long = chat_body("What colour are the objects?", None, max_tokens=2000, ignore_eos=True)
             leavers = [leave_early(url, long, 3 + k) for k in range(8)]
             bad = [garbage(url, k) for k in range(8)]
-            return await asyncio.gather(asyncio.to_thread(run_load, url, bodies, CLIENTS), *leavers, *bad)
+            return await asyncio.gather(
+                asyncio.to_thread(run_load, url, bodies, CLIENTS),
+                asyncio.to_thread(run_conversations, url, talks, len(talks)),
+                *leavers,
+                *bad,
+            )
 
-        (outcomes, wall), *rest = asyncio.run(mixed())
+        (outcomes, wall), (talks_mixed, _), *rest = asyncio.run(mixed())
+        assert [[o.text for o in t] for t in talks_mixed] == [[o.text for o in t] for t in talks_alone]
+        # turns 2 and 3 resumed at least the whole previous prompt (the first turns were served before)
+        for t in talks_mixed:
+            assert t[1].cached_tokens >= t[0].prompt_tokens and t[2].cached_tokens >= t[1].prompt_tokens
         statuses = rest[8:]
         assert sorted(statuses) == [400] * 6 + [413] * 2
         failures = [o for o in outcomes if not o.ok]
