@@ -77,7 +77,7 @@ class PrefillGraphs:
         positions = torch.arange(size, device=self.length.device)
         mask = positions[None, :] < self.length[:, None]
         hidden = self.lm(inputs_embeds=self.embeds[:, :size], state=self.state, mask=mask, return_hidden=True)
-        last = (self.length - 1).clamp(min=0)[:, None, None].expand(-1, 1, hidden.shape[-1])
+        last = (self.length - 1).clamp(0, size - 1)[:, None, None].expand(-1, 1, hidden.shape[-1])
         return hidden.gather(1, last)[:, 0]
 
     def prepare(self, length: int) -> int:
@@ -106,12 +106,13 @@ class PrefillGraphs:
         if embeds.dim() != 3 or embeds.shape[0] != 1 or state.batch_size != 1:
             raise ValueError("prefill graphs take one row: embeds [1, L, D] and a state of one sequence")
         n = embeds.shape[1]
-        size = self.prepare(n)
+        size = self.bucket(n)
         self.embeds[:, :n].copy_(embeds)
         if lengths is None:
             self.length.fill_(n)
         else:
             self.length.copy_(lengths)
+        self.prepare(n)  # a capture's warm-up runs read these inputs (and leave the buffers as they were)
         for mine, theirs in zip(self.state.layers, state.layers, strict=True):
             for name, t in mine.items():
                 t.copy_(theirs[name])
