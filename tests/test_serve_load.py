@@ -189,6 +189,11 @@ def test_serve_bench_measures_each_prefill_budget_and_the_gaps_between_tokens():
         assert 0 < row["ttft_p50_s"] <= row["latency_p99_s"]
         assert 0 < row["gap_p50_s"] <= row["gap_p99_s"] < row["latency_p99_s"]
         assert row["peer_offline_tokens_per_s"] > 0
+        # the engine thread's time by phase: each phase that had work took some, and together no more
+        # than the load's wall time
+        phases = {k: v for k, v in row.items() if k.startswith("engine_")}
+        assert all(phases[f"engine_{p}_s"] > 0 for p in ("open", "prefill", "start", "step", "advance"))
+        assert sum(v for k, v in phases.items() if k != "engine_wait_s") <= row["wall_s"]
     # the peer does not depend on the server's budget: measured once, reported in both rows
     assert rows[0]["peer_offline_tokens_per_s"] == rows[2]["peer_offline_tokens_per_s"]
 

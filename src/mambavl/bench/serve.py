@@ -358,8 +358,11 @@ def _turn_line(row: dict) -> str:
 
 def engine_seconds(url: str) -> dict:
     """Running totals from the server's /metrics: the engine's time in prefill work and in decode steps,
-    decode steps taken and the sequences they carried."""
+    decode steps taken and the sequences they carried, and the engine thread's time by phase
+    (`engine_<phase>_s`, see `mambavl.engine.scheduler.PHASES`)."""
     from prometheus_client.parser import text_string_to_metric_families
+
+    from mambavl.engine.scheduler import PHASES
 
     wanted = {
         "mambavl_prefill_work_seconds_sum": "prefill_s",
@@ -367,11 +370,13 @@ def engine_seconds(url: str) -> dict:
         "mambavl_decode_step_seconds_count": "decode_steps",
         "mambavl_decode_batch_size_sum": "decoded_rows",
     }
-    totals = dict.fromkeys(wanted.values(), 0.0)
+    totals = dict.fromkeys(wanted.values(), 0.0) | {f"engine_{phase}_s": 0.0 for phase in PHASES}
     for family in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=30).text):
         for sample in family.samples:
             if sample.name in wanted:
                 totals[wanted[sample.name]] += sample.value
+            elif sample.name == "mambavl_engine_seconds_total":
+                totals[f"engine_{sample.labels['phase']}_s"] += sample.value
     return totals
 
 
@@ -408,6 +413,9 @@ def _line(row: dict) -> str:
             f"; engine: prefill {row['prefill_s']:.2f} s, {row['decode_steps']:.0f} steps in "
             f"{row['decode_s']:.2f} s, {row['decoded_rows'] / row['decode_steps']:.1f} rows a step"
         )
+    phases = [(k[len("engine_") : -2], v) for k, v in row.items() if k.startswith("engine_") and v > 0]
+    if phases:
+        text += "; engine thread: " + ", ".join(f"{name} {seconds:.2f} s" for name, seconds in phases)
     if "peer_offline_tokens_per_s" in row:
         text += f" (offline batch: {row['peer_offline_tokens_per_s']:,.0f} tok/s)"
     return text

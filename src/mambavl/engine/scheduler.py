@@ -46,6 +46,11 @@ log = logging.getLogger(__name__)
 WARM_CACHE = 2048
 
 
+# Where the engine thread's time goes (`Engine.phase_seconds`): opening prefill batches (cache lookups,
+# towers), their LM positions, loading them into slots, decode steps, the host work after each step, waiting.
+PHASES = ("open", "prefill", "start", "step", "advance", "wait")
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     slots: int = 64  # sequences decoded together; each holds one fixed-size recurrent state
@@ -203,6 +208,8 @@ class Engine:
         self._stopping = False
         self.error: BaseException | None = None  # the last fault of the engine loop, if any ever came
         self.restarts = 0  # times the supervisor restarted the engine loop after a fault
+        # the engine thread's time by phase, in seconds (see `PHASES`); also mambavl_engine_seconds
+        self.phase_seconds: dict[str, float] = dict.fromkeys(PHASES, 0.0)
         vlm.positions_per_view  # noqa: B018 (measured once here, before any worker thread asks for it)
 
     # ---- the callers' side -----------------------------------------------------------------------------
@@ -386,8 +393,10 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._cond:
+                idle = time.perf_counter()
                 while not (self._stopping or self._waiting or self._rows or self._jobs):
                     self._cond.wait()
+                self._spent("wait", idle)
                 if self._stopping:
                     return
             self._drop_ended()
@@ -479,7 +488,9 @@ class Engine:
         started = time.monotonic()
         batch = [r for r in batch if self._ready(r)]
         if batch:
+            opened = time.perf_counter()
             self._open(batch)
+            self._spent("open", opened)
         worked = self._prefill_step() or bool(batch)  # the step runs whether or not anything is measured
         if worked and self.metrics is not None:
             self.metrics.prefill_work_seconds.observe(time.monotonic() - started)
@@ -523,6 +534,15 @@ class Engine:
         that is done take their slots. Whether there was any job to work on."""
         budget = self.config.prefill_tokens
         worked = bool(self._jobs)
+        began, started_before = time.perf_counter(), self.phase_seconds["start"]
+        try:
+            self._prefill_jobs(budget)
+        finally:  # the slots' loading is its own phase
+            self._spent("prefill", began, self.phase_seconds["start"] - started_before)
+        return worked
+
+    def _prefill_jobs(self, budget: int | None) -> None:
+        """`_prefill_step`'s work: `budget` positions (None: no limit) over the open jobs, oldest first."""
         for entry in list(self._jobs):
             if budget is not None and budget <= 0:
                 break
@@ -543,8 +563,9 @@ class Engine:
                 if self.metrics is not None:
                     self.metrics.prefill_seconds.observe(time.monotonic() - entry.opened)
                 self._cache_metrics()
+                began = time.perf_counter()
                 self._start(entry.requests, out, [row.items for row in entry.job.rows])
-        return worked
+                self._spent("start", began)
 
     def _start(self, batch: list[Request], out: Prefilled, items: list[list]) -> None:
         """Prefilled requests take their slots and choose their first tokens."""
@@ -608,15 +629,17 @@ class Engine:
             self._retire()
 
     def _step(self) -> None:
-        started = time.monotonic()
+        started = time.perf_counter()
         tokens = torch.tensor([s.token for s in self._rows], device=self.vlm.device)
         logits = self.decoder.step(tokens)
         chosen = self._choose(logits, self._rows)
         if self.metrics is not None:
-            self.metrics.step_seconds.observe(time.monotonic() - started)
+            self.metrics.step_seconds.observe(time.perf_counter() - started)
             self.metrics.batch_size.observe(len(self._rows))
+        advancing = self._spent("step", started)
         self._advance(list(self._rows), chosen, logits)
         self._retire()
+        self._spent("advance", advancing)
 
     def _choose(self, logits: torch.Tensor, seqs: list[_Sequence]) -> list[int | None]:
         """The next token of every row: plain greedy rows in one argmax, the others one by one (None
@@ -739,6 +762,15 @@ class Engine:
         m.prefix_cache_bytes.labels(tier="host").set(now.bytes_host)
         m.prefix_cache_entries.set(now.entries)
         self._cache_seen = replace(now)
+
+    def _spent(self, phase: str, since: float, less: float = 0.0) -> float:
+        """Adds the time since `since` (perf_counter), less `less` seconds, to `phase`; returns now."""
+        now = time.perf_counter()
+        seconds = max(0.0, now - since - less)
+        self.phase_seconds[phase] += seconds
+        if self.metrics is not None:
+            self.metrics.engine_seconds.labels(phase=phase).inc(seconds)
+        return now
 
     def _count(self, outcome: str) -> None:
         if self.metrics is not None:

@@ -75,6 +75,15 @@ class Metrics:
             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1),
             registry=r,
         )
+        self.engine_seconds = Counter(
+            "mambavl_engine_seconds",
+            "The engine thread's time by phase: open (cache lookups, towers, projector), prefill (LM "
+            "positions, snapshots), start (prefilled states into slots, first tokens), step (decode steps, "
+            "sampling), advance (detokenizing, stop strings, streaming out), wait (nothing to do); host "
+            "time, including the waits for the GPU that reading results makes",
+            ["phase"],
+            registry=r,
+        )
         self.batch_size = Histogram(
             "mambavl_decode_batch_size",
             "Live sequences per decode step",
