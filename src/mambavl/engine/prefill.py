@@ -166,7 +166,8 @@ class PrefillJob:
         hidden = vlm.prefill(embeds, lengths, state, self.graphs)
         logits = vlm.lm.lm_head(hidden).float()
         for b, (row, n) in enumerate(pieces):
-            row.state = state.select([b]) if len(pieces) > 1 else state
+            # a view of the batch's row (its next step stacks a copy; a snapshot clones it)
+            row.state = state.map(lambda t, b=b: t[b : b + 1]) if len(pieces) > 1 else state
             row.logits = logits[b]
             row.fed += n
             row.positions += n

@@ -22,7 +22,7 @@ from mambavl.vlm.backbones import LLMBackbone, VisionBackbone
 from mambavl.vlm.config import VLMConfig
 from mambavl.vlm.graphs import GraphDecoder, KVGraphDecoder, graph_decoder, graph_support
 from mambavl.vlm.prefill_graphs import (
-    PREFILL_BUCKETS,
+    PREFILL_POSITIONS,
     GraphCaptureError,
     PrefillGraphs,
     prefill_graph_support,
@@ -435,12 +435,13 @@ class VLM(nn.Module):
         self, embeds: torch.Tensor, lengths: torch.Tensor, state, graphs: bool = True
     ) -> torch.Tensor:
         """Runs right-padded rows [B, L, D] (real lengths [B]) into `state`, a chunk of positions at a time
-        (`prefill_chunk`); returns each row's final hidden state [B, D] (at its last real position). One row
-        of up to `PREFILL_BUCKETS[-1]` positions replays a CUDA graph where the model allows it and `graphs`
-        is on (`vlm.prefill_graphs`): at that size an eager forward waits on its kernel launches."""
+        (`prefill_chunk`); returns each row's final hidden state [B, D] (at its last real position). A small
+        call (one row of up to 2,048 positions, or a few rows of up to 4,096 padded positions in all) replays
+        a CUDA graph where the model allows it and `graphs` is on (`vlm.prefill_graphs`): at that size an
+        eager forward waits on its kernel launches."""
         B, L = embeds.shape[:2]
-        short = graphs and B == 1 and 1 <= L <= PREFILL_BUCKETS[-1] and not torch.is_grad_enabled()
-        if short and (graphs := self.prefill_graphs()) is not None:
+        small = graphs and not torch.is_grad_enabled() and B * L <= PREFILL_POSITIONS
+        if small and (graphs := self.prefill_graphs()) is not None and graphs.bucket(B, L) is not None:
             try:
                 return graphs(embeds, state, lengths).to(embeds.dtype)
             except GraphCaptureError as e:  # the state is untouched: this model prefills eagerly from now on
@@ -496,8 +497,8 @@ class VLM(nn.Module):
             raise (ValueError if failed.status == 400 else RuntimeError)(failed.message)
 
     def prefill_graphs(self) -> PrefillGraphs | None:
-        """The CUDA graphs of one row's prefill (kept between calls, captured as lengths first need them), or
-        None where they do not apply (CPU, attention or expert layers)."""
+        """The CUDA graphs of small prefills (kept between calls, each captured when a call first needs it),
+        or None where they do not apply (CPU, attention or expert layers)."""
         current = getattr(self, "_prefill_graphs", None)
         if current is False or prefill_graph_support(self.lm) is not None:  # False: a capture failed
             return None
