@@ -177,3 +177,26 @@ def test_a_failed_capture_prefills_eagerly_from_then_on(monkeypatch):
         warnings.simplefilter("error")
         torch.testing.assert_close(vlm.prefill(embeds, lengths, vlm.lm.new_state(1)), want)
     assert vlm.prefill_graphs() is None
+
+
+def test_warming_graphs_that_fail_turns_them_off(monkeypatch):
+    import mambavl.vlm.model as model
+    from mambavl.vlm.prefill_graphs import GraphCaptureError
+
+    class Failing:
+        def __init__(self, lm):
+            pass
+
+        def valid_for(self, lm):
+            return True
+
+        def warm(self):
+            raise GraphCaptureError("capturing the prefill of 4 × 16 positions failed: (simulated)")
+
+    monkeypatch.setattr(model, "prefill_graph_support", lambda lm: None)
+    monkeypatch.setattr(model, "PrefillGraphs", Failing)
+    vlm = mambavl.create("tiny-cobra")
+    with pytest.warns(RuntimeWarning, match="prefill runs eagerly"):
+        vlm.warm_prefill_graphs()
+    assert vlm.prefill_graphs() is None
+    vlm.warm_prefill_graphs()  # nothing left to warm: no warning

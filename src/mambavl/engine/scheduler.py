@@ -371,8 +371,8 @@ class Engine:
                     self.decoder.prepare(size)
             elif isinstance(self.decoder, KVGraphDecoder):
                 self.decoder.warm(sizes, min(self.vlm.config.max_length, WARM_CACHE))
-            if self.config.cuda_graphs and (prefill := self.vlm.prefill_graphs()) is not None:
-                prefill.warm()
+            if self.config.cuda_graphs:
+                self.vlm.warm_prefill_graphs()
 
     def _run(self) -> None:
         """The supervisor: runs the loop, and if it dies on a fault (a bug: every request's own work is

@@ -507,6 +507,18 @@ class VLM(nn.Module):
             current = self._prefill_graphs = PrefillGraphs(self.lm)
         return current
 
+    def warm_prefill_graphs(self) -> None:
+        """Captures every prefill graph now (e.g. before serving); a capture that fails warns once and the
+        model prefills eagerly from then on."""
+        if (graphs := self.prefill_graphs()) is None:
+            return
+        try:
+            with torch.inference_mode():
+                graphs.warm()
+        except GraphCaptureError as e:
+            warnings.warn(f"prefill runs eagerly: {e}", RuntimeWarning, stacklevel=2)
+            self._prefill_graphs = False
+
     def graph_decoder(self, batch: int) -> GraphDecoder | KVGraphDecoder | None:
         """The CUDA-graph decoder for `batch` rows (kept between calls), or None where graphs do not apply
         (CPU, or MoE layers over too many rows: see `vlm.graphs.graph_support`)."""
