@@ -197,6 +197,6 @@ def test_warming_graphs_that_fail_turns_them_off(monkeypatch):
     monkeypatch.setattr(model, "PrefillGraphs", Failing)
     vlm = mambavl.create("tiny-cobra")
     with pytest.warns(RuntimeWarning, match="prefill runs eagerly"):
-        vlm.warm_prefill_graphs()
+        vlm.warm_graphs()
     assert vlm.prefill_graphs() is None
-    vlm.warm_prefill_graphs()  # nothing left to warm: no warning
+    vlm.warm_graphs()  # nothing left to warm: no warning

@@ -151,7 +151,7 @@ def rows(result: dict) -> list[tuple[str, ...]]:
     pre_s = " / ".join(f"{int(k) // 1024}k {_fmt(v.get('s'), '.3f')} s" for k, v in pre.items())
     ttft = f"TTFT {1e3 * ours_r['ttft']['ttft_s']:.1f} ms"
     if "ttft_eager_s" in ours_r["ttft"]:
-        ttft += f" (eager prefill {1e3 * ours_r['ttft']['ttft_eager_s']:.1f})"
+        ttft += f" (eager {1e3 * ours_r['ttft']['ttft_eager_s']:.1f})"
     out.append(("mambavl", *decode, f"{ttft}; {pre_s}"))
     for peer in result.get("peers", []):
         if peer.get("error"):

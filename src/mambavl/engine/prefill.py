@@ -77,7 +77,7 @@ class PrefillJob:
         cache: PrefixCache | None,
         graphs: bool = True,
     ):
-        """`graphs`: one-row steps may replay CUDA graphs (`VLM.prefill`)."""
+        """`graphs`: small steps and the towers may replay CUDA graphs (`VLM.prefill`, `encode_images`)."""
         if len(images) != len(prompts):
             raise ValueError("prefill needs one image (or None) per prompt")
         self.vlm, self.cache, self.graphs = vlm, cache, graphs
@@ -92,7 +92,7 @@ class PrefillJob:
         encode = [
             j for j, (_, at, hit) in enumerate(plans) if at is not None and (hit is None or hit[0] <= at)
         ]
-        encoded = vlm.image_embeddings([images[j] for j in encode]) if encode else []
+        encoded = vlm.image_embeddings([images[j] for j in encode], graphs) if encode else []
         embeddings = dict(zip(encode, encoded, strict=True))
         self.rows = [
             self._row(items, image_at, hit, embeddings.get(j), list(tokens.ids))

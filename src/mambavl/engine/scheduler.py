@@ -363,7 +363,7 @@ class Engine:
     def _warm_up(self) -> None:
         """Captures every CUDA graph the slots can need before serving (a capture costs ~1 s); with
         attention layers, for caches up to `WARM_CACHE` positions (longer ones are captured when a row
-        first needs them); and the graphs of one row's prefill (`vlm.prefill_graphs`)."""
+        first needs them); and the graphs of small prefills and of the towers (`VLM.warm_graphs`)."""
         sizes = [size for size in BUCKETS if size < self.config.slots] + [self.config.slots]
         with torch.inference_mode():
             if isinstance(self.decoder, GraphDecoder):
@@ -372,7 +372,7 @@ class Engine:
             elif isinstance(self.decoder, KVGraphDecoder):
                 self.decoder.warm(sizes, min(self.vlm.config.max_length, WARM_CACHE))
             if self.config.cuda_graphs:
-                self.vlm.warm_prefill_graphs()
+                self.vlm.warm_graphs()
 
     def _run(self) -> None:
         """The supervisor: runs the loop, and if it dies on a fault (a bug: every request's own work is

@@ -52,12 +52,12 @@ def graph_decoder(lm: LanguageModel, capacity: int) -> GraphDecoder | KVGraphDec
     return GraphDecoder(lm, capacity) if lm.config.fixed_state else KVGraphDecoder(lm, capacity)
 
 
-def capture(pool, step, state: LMState, before=None) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+def capture(pool, step, state: LMState | None, before=None) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
     """`step` captured as a CUDA graph (its output tensor beside it), after two runs on a side stream that
     compile its kernels and warm the allocator (`before`, if given, runs ahead of each of them, outside the
     graph). The runs advance the rows of `state` they use: those rows are put back as they were, so live
-    sequences survive a capture."""
-    saved = state.clone()
+    sequences survive a capture (None: `step` keeps no state)."""
+    saved = state.clone() if state is not None else None
     try:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -71,9 +71,10 @@ def capture(pool, step, state: LMState, before=None) -> tuple[torch.cuda.CUDAGra
         with torch.cuda.graph(graph, pool=pool):
             out = step()
     finally:  # also when the capture fails: the live rows come back as they were
-        for mine, kept in zip(state.layers, saved.layers, strict=True):
-            for name, t in mine.items():
-                t.copy_(kept[name])
+        if state is not None:
+            for mine, kept in zip(state.layers, saved.layers, strict=True):
+                for name, t in mine.items():
+                    t.copy_(kept[name])
     return graph, out
 
 

@@ -39,6 +39,8 @@ from mambavl.vlm.sequence import (
     wrap_image_marker,
 )
 from mambavl.vlm.tokenizer import TextTokenizer, hub_chat_template, load_tokenizer
+from mambavl.vlm.tower_graphs import TowerGraphs
+from mambavl.vlm.tower_graphs import batch_of as _batch_of
 
 
 @dataclass(frozen=True)
@@ -199,9 +201,34 @@ class VLM(nn.Module):
     def vision_dtype(self) -> torch.dtype:
         return next(self.vision.parameters()).dtype
 
-    def encode_images(self, pixel_values) -> torch.Tensor:
-        """[B, P, d_model]: the projected image embeddings of single-view images."""
+    def encode_images(self, pixel_values, graphs: bool = True) -> torch.Tensor:
+        """[B, P, d_model]: the projected image embeddings of single-view images. Under inference mode on a
+        GPU, batches of up to 16 images replay CUDA graphs where `graphs` is on (`vlm.tower_graphs`)."""
+        towers = self.tower_graphs() if graphs and torch.is_inference_mode_enabled() else None
+        if towers is not None and towers.bucket(_batch_of(pixel_values)) is not None:
+            try:
+                return towers(pixel_values)
+            except GraphCaptureError as e:  # nothing was written: the towers run eagerly from now on
+                warnings.warn(f"the vision towers run eagerly: {e}", RuntimeWarning, stacklevel=2)
+                self._tower_graphs = False
+        return self._encode(pixel_values)
+
+    def _encode(self, pixel_values) -> torch.Tensor:
         return self.projector(self.vision(pixel_values)).to(self.dtype)
+
+    def tower_graphs(self) -> TowerGraphs | None:
+        """The CUDA graphs of the towers and projector over small batches (kept between calls, each captured
+        when a batch first needs it), or None where they do not apply (CPU, a tower that reads each image
+        at its own size, a capture that failed)."""
+        current = getattr(self, "_tower_graphs", None)
+        if current is False or self.device.type != "cuda" or getattr(self.vision, "dynamic", False):
+            return None
+        first = next(self.vision.parameters()), next(self.projector.parameters())
+        key = (self.device, *((p.dtype, p.data_ptr()) for p in first))
+        if current is None or current.key != key:
+            self._tower_graphs = None  # free the old graphs' memory before capturing new ones
+            current = self._tower_graphs = TowerGraphs(self._encode, key)
+        return current
 
     def preprocess(self, image) -> PreparedImage:
         """The CPU part of reading an image (decoding, AnyRes tiling, resizing, normalising), done apart
@@ -258,9 +285,9 @@ class VLM(nn.Module):
             raise ValueError(f"{name} is empty and has no image: there is nothing to continue from")
         return PromptIds(ids)
 
-    def image_embeddings(self, images: list) -> list[torch.Tensor]:
+    def image_embeddings(self, images: list, graphs: bool = True) -> list[torch.Tensor]:
         """Each image's embedding sequence [N_i, d_model]; with AnyRes, N_i depends on the image's shape.
-        Images: anything `load_image` reads, or `preprocess`'s output."""
+        Images: anything `load_image` reads, or `preprocess`'s output. `graphs`: as `encode_images`."""
         prepared = [self.preprocess(im) for im in images]
         if self.config.anyres is None:  # one view an image; views of one size go through the tower together
             views = [p.views[0] for p in prepared]
@@ -270,13 +297,13 @@ class VLM(nn.Module):
             out: list = [None] * len(views)
             for rows in sizes.values():
                 for i, emb in zip(
-                    rows, self.encode_images(self._stack([views[i] for i in rows])), strict=True
+                    rows, self.encode_images(self._stack([views[i] for i in rows]), graphs), strict=True
                 ):
                     out[i] = emb
             return out
         out = []
         for p in prepared:
-            features = self.encode_images(self._stack(p.views))
+            features = self.encode_images(self._stack(p.views), graphs)
             if self.image_newline is not None:
                 out.append(merge_anyres(features, p.grid, p.size, self.image_newline.to(features.dtype)))
             else:
@@ -507,17 +534,23 @@ class VLM(nn.Module):
             current = self._prefill_graphs = PrefillGraphs(self.lm)
         return current
 
-    def warm_prefill_graphs(self) -> None:
-        """Captures every prefill graph now (e.g. before serving); a capture that fails warns once and the
-        model prefills eagerly from then on."""
-        if (graphs := self.prefill_graphs()) is None:
-            return
-        try:
+    def warm_graphs(self) -> None:
+        """Captures every prefill graph and the towers' graph of every batch size now (e.g. before serving);
+        a capture that fails warns once and that part runs eagerly from then on."""
+        if (graphs := self.prefill_graphs()) is not None:
+            try:
+                with torch.inference_mode():
+                    graphs.warm()
+            except GraphCaptureError as e:
+                warnings.warn(f"prefill runs eagerly: {e}", RuntimeWarning, stacklevel=2)
+                self._prefill_graphs = False
+        if (towers := self.tower_graphs()) is not None:
+            from PIL import Image
+
+            view = self.preprocess(Image.new("RGB", (self.vision.image_size,) * 2)).views[0]
             with torch.inference_mode():
-                graphs.warm()
-        except GraphCaptureError as e:
-            warnings.warn(f"prefill runs eagerly: {e}", RuntimeWarning, stacklevel=2)
-            self._prefill_graphs = False
+                for rows in towers.rows:
+                    self.encode_images(self._stack([view] * rows))
 
     def graph_decoder(self, batch: int) -> GraphDecoder | KVGraphDecoder | None:
         """The CUDA-graph decoder for `batch` rows (kept between calls), or None where graphs do not apply
