@@ -468,9 +468,10 @@ class VLM(nn.Module):
         eager forward waits on its kernel launches."""
         B, L = embeds.shape[:2]
         small = graphs and not torch.is_grad_enabled() and B * L <= PREFILL_POSITIONS
-        if small and (graphs := self.prefill_graphs()) is not None and graphs.bucket(B, L) is not None:
+        captured = self.prefill_graphs() if small else None
+        if captured is not None and captured.bucket(B, L) is not None:
             try:
-                return graphs(embeds, state, lengths).to(embeds.dtype)
+                return captured(embeds, state, lengths).to(embeds.dtype)
             except GraphCaptureError as e:  # the state is untouched: this model prefills eagerly from now on
                 warnings.warn(f"prefill runs eagerly: {e}", RuntimeWarning, stacklevel=2)
                 self._prefill_graphs = False
