@@ -7,7 +7,7 @@ import torch
 
 import mambavl
 from mambavl.lm.state import LMState
-from mambavl.vlm.prefill_graphs import PrefillGraphs, prefill_graph_support
+from mambavl.vlm.prefill_graphs import GraphCaptureError, PrefillGraphs, prefill_graph_support
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -144,29 +144,38 @@ def test_captured_prefill_equals_eager_on_the_gpu(preset):
     assert set(graphs.graphs) == want
 
 
+class FailingGraphs:
+    """Stands for `PrefillGraphs` where every capture fails."""
+
+    def __init__(self, lm):
+        pass
+
+    def valid_for(self, lm):
+        return True
+
+    def bucket(self, rows, length):
+        return (1, 16)
+
+    def _fail(self, *args, **kwargs):
+        raise GraphCaptureError("capturing the prefill of 1 × 16 positions failed: (simulated)")
+
+    __call__ = warm = _fail
+
+
+@pytest.fixture
+def failing_graphs(monkeypatch):
+    import mambavl.vlm.model as model
+
+    monkeypatch.setattr(model, "prefill_graph_support", lambda lm: None)
+    monkeypatch.setattr(model, "PrefillGraphs", FailingGraphs)
+
+
 @torch.no_grad()
-def test_a_failed_capture_prefills_eagerly_from_then_on(monkeypatch):
+@pytest.mark.usefixtures("failing_graphs")
+def test_a_failed_capture_prefills_eagerly_from_then_on():
     """A graph that cannot be captured costs a RuntimeWarning once; the prefill is the eager one."""
     import warnings
 
-    import mambavl.vlm.model as model
-    from mambavl.vlm.prefill_graphs import GraphCaptureError
-
-    class Failing:
-        def __init__(self, lm):
-            pass
-
-        def valid_for(self, lm):
-            return True
-
-        def bucket(self, rows, length):
-            return (1, 16)
-
-        def __call__(self, embeds, state, lengths=None):
-            raise GraphCaptureError("capturing the prefill of 16 positions failed: (simulated)")
-
-    monkeypatch.setattr(model, "prefill_graph_support", lambda lm: None)
-    monkeypatch.setattr(model, "PrefillGraphs", Failing)
     vlm = mambavl.create("tiny-cobra")
     embeds = torch.randn(1, 10, vlm.config.lm.d_model)
     lengths = torch.tensor([10])
@@ -180,22 +189,8 @@ def test_a_failed_capture_prefills_eagerly_from_then_on(monkeypatch):
     assert vlm.prefill_graphs() is None
 
 
-def test_warming_graphs_that_fail_turns_them_off(monkeypatch):
-    import mambavl.vlm.model as model
-    from mambavl.vlm.prefill_graphs import GraphCaptureError
-
-    class Failing:
-        def __init__(self, lm):
-            pass
-
-        def valid_for(self, lm):
-            return True
-
-        def warm(self):
-            raise GraphCaptureError("capturing the prefill of 4 × 16 positions failed: (simulated)")
-
-    monkeypatch.setattr(model, "prefill_graph_support", lambda lm: None)
-    monkeypatch.setattr(model, "PrefillGraphs", Failing)
+@pytest.mark.usefixtures("failing_graphs")
+def test_warming_graphs_that_fail_turns_them_off():
     vlm = mambavl.create("tiny-cobra")
     with pytest.warns(RuntimeWarning, match="prefill runs eagerly"):
         vlm.warm_graphs()
