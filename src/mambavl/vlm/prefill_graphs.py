@@ -24,7 +24,7 @@ from mambavl.lm.model import LanguageModel
 from mambavl.lm.state import LMState
 from mambavl.vlm.graphs import GraphDecoder, capture
 
-PREFILL_BUCKETS = (16, 64, 256, 512, 1024, 1536, 2048)  # lengths
+PREFILL_BUCKETS = (16, 64, 256, 512, 768, 1024, 1536, 2048)  # lengths (768: an image of 729 positions)
 ROW_BUCKETS = (1, 2, 4, 8, 16)
 PREFILL_POSITIONS = 4096  # padded positions (rows × length) of the largest graph of several rows
 
