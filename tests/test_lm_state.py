@@ -153,3 +153,30 @@ def test_ragged_chunk_continues_a_nonzero_state(lm):
 def test_bad_lengths_are_refused(lm):
     with pytest.raises(ValueError, match=r"lengths must be \[2\] integers in \[0, 4\]"):
         lm(torch.zeros(2, 4, dtype=torch.long), lengths=torch.tensor([5, 1]))
+
+
+@torch.no_grad()
+def test_clone_is_an_exact_independent_copy(lm):
+    """Every tensor of the state (conv and SSM states, KV caches and their masks, views of a batch's rows)
+    copied exactly into storage of its own."""
+    state = lm.new_state(3)
+    lm(torch.randint(0, 60, (3, 11)), state=state)
+    row = state.map(lambda t: t[1:2])  # views, as a prefill job's rows hold them
+    for source in (state, row, lm.new_state(2)):
+        copy = source.clone()
+        assert copy.seqlen == source.seqlen
+        for mine, theirs in zip(copy.layers, source.layers, strict=True):
+            assert mine.keys() == theirs.keys()
+            for name in mine:
+                assert mine[name].dtype == theirs[name].dtype and torch.equal(mine[name], theirs[name])
+                if mine[name].numel():
+                    storage = mine[name].untyped_storage().data_ptr()
+                    assert storage != theirs[name].untyped_storage().data_ptr()
+    snapshot = row.clone()
+    kept = row.map(torch.clone)  # per-tensor copies, the plain way
+    lm(torch.randint(0, 60, (3, 4)), state=state)  # advances the batch, and so the row's views, in place
+    for mine, theirs in zip(snapshot.layers, kept.layers, strict=True):
+        for name in mine:
+            assert torch.equal(mine[name], theirs[name])
+    ssm = next(i for i, layer in enumerate(row.layers) if "ssm" in layer)
+    assert not torch.equal(row.layers[ssm]["ssm"], kept.layers[ssm]["ssm"])  # the views did move
