@@ -34,11 +34,12 @@ class LMState:
         """An independent copy: a snapshot to resume from later (e.g. after a shared prefix). The copies go
         as one multi-tensor copy (a few kernel launches on a GPU, not one per tensor: a 64-layer state has
         128 tensors), contiguous whatever the source's strides."""
-        copies = self.map(lambda t: torch.empty(t.shape, dtype=t.dtype, device=t.device))
         sources = [t for layer in self.layers for t in layer.values()]
-        targets = [t for layer in copies.layers for t in layer.values()]
+        if torch.is_grad_enabled() and any(t.requires_grad for t in sources):
+            return self.map(torch.clone)  # a state in an autograd graph: copies that keep their history
+        copies = self.map(lambda t: torch.empty(t.shape, dtype=t.dtype, device=t.device))
         if sources:
-            torch._foreach_copy_(targets, sources)
+            torch._foreach_copy_([t for layer in copies.layers for t in layer.values()], sources)
         return copies
 
     def select(self, index: torch.Tensor | list[int] | slice) -> LMState:
