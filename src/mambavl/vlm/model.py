@@ -223,8 +223,8 @@ class VLM(nn.Module):
         current = getattr(self, "_tower_graphs", None)
         if current is False or self.device.type != "cuda" or getattr(self.vision, "dynamic", False):
             return None
-        first = next(self.vision.parameters()), next(self.projector.parameters())
-        key = (self.device, *((p.dtype, p.data_ptr()) for p in first))
+        first = [next(module.parameters(), None) for module in (self.vision, self.projector)]
+        key = (self.device, *((p.dtype, p.data_ptr()) for p in first if p is not None))
         if current is None or current.key != key:
             self._tower_graphs = None  # free the old graphs' memory before capturing new ones
             current = self._tower_graphs = TowerGraphs(self._encode, key)
