@@ -196,3 +196,14 @@ def test_warming_graphs_that_fail_turns_them_off():
         vlm.warm_graphs()
     assert vlm.prefill_graphs() is None
     vlm.warm_graphs()  # nothing left to warm: no warning
+
+
+def test_state_slots_stay_within_their_memory_budget(monkeypatch):
+    """Graphs of several rows hold that many states: models with large states (Mamba-2) get fewer rows."""
+    import mambavl.vlm.prefill_graphs as module
+
+    lm = _lm("tiny-mlmamba")
+    monkeypatch.setattr(module, "STATE_BYTES", 3 * lm.new_state(1).nbytes)
+    graphs = PrefillGraphs(lm, rows=(1, 2, 4, 8), capture=False)
+    assert graphs.rows == (1, 2) and graphs.state.batch_size == 2
+    assert graphs.bucket(3, 16) is None and graphs.bucket(2, 16) == (2, 16)

@@ -27,6 +27,7 @@ from mambavl.vlm.graphs import GraphDecoder, capture
 PREFILL_BUCKETS = (16, 64, 256, 512, 768, 1024, 1536, 2048)  # lengths (768: an image of 729 positions)
 ROW_BUCKETS = (1, 2, 4, 8, 16)
 PREFILL_POSITIONS = 4096  # padded positions (rows × length) of the largest graph of several rows
+STATE_BYTES = 2**30  # the graphs' state slots hold at most this much (Mamba-2 states are large: fewer rows)
 
 
 class GraphCaptureError(RuntimeError):
@@ -66,7 +67,9 @@ class PrefillGraphs:
                 f"prefill buckets must be positive lengths and row counts, got {buckets}, {rows}"
             )
         self.lm, self.captures = lm, capture
-        self.buckets, self.rows = tuple(sorted(set(buckets))), tuple(sorted(set(rows)))
+        row_bytes = lm.new_state(1).nbytes
+        self.buckets = tuple(sorted(set(buckets)))
+        self.rows = tuple(r for r in sorted(set(rows)) if r == 1 or r * row_bytes <= STATE_BYTES)
         self.positions = max(positions, self.longest)
         # plain tensors (not inference tensors): usable under no_grad and inference_mode alike
         with torch.inference_mode(False), torch.no_grad():
