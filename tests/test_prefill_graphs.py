@@ -4,6 +4,8 @@ engine's answers with them against answers without."""
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import mambavl
 from mambavl.lm.state import LMState
@@ -207,3 +209,43 @@ def test_state_slots_stay_within_their_memory_budget(monkeypatch):
     graphs = PrefillGraphs(lm, rows=(1, 2, 4, 8), capture=False)
     assert graphs.rows == (1, 2) and graphs.state.batch_size == 2
     assert graphs.bucket(3, 16) is None and graphs.bucket(2, 16) == (2, 16)
+
+
+@pytest.fixture(scope="module")
+def shared_graphs():
+    """One set of graph calls for every example: each runs after whatever the previous one left behind."""
+    lm = _lm("tiny-mlmamba")
+    return lm, PrefillGraphs(lm, buckets=(8, 32, 64), rows=(1, 2, 4, 8), positions=256, capture=False)
+
+
+@torch.no_grad()
+@settings(max_examples=25, deadline=None, derandomize=True)
+@given(
+    lengths=st.lists(st.integers(1, 40), min_size=1, max_size=5),
+    padded=st.integers(0, 8),
+    seed=st.integers(0, 2**16),
+)
+def test_any_batch_the_graphs_take_equals_its_rows_alone(shared_graphs, lengths, padded, seed):
+    """Property: for any rows of any real lengths (right-padded by any amount), from any states, after any
+    earlier call, the graphs' call gives each row's hidden state and state as that row alone would."""
+    lm, graphs = shared_graphs
+    gen = torch.Generator().manual_seed(seed)
+    width = max(lengths) + padded
+    if graphs.bucket(len(lengths), width) is None:
+        return  # a call the graphs do not take runs eagerly (VLM.prefill)
+    starts = []
+    for _ in lengths:
+        s = lm.new_state(1)
+        prefix = int(torch.randint(1, 6, (1,), generator=gen))
+        lm(torch.randint(0, lm.config.vocab_size, (1, prefix), generator=gen), state=s)
+        starts.append(s)
+    embeds = torch.randn(len(lengths), width, lm.config.d_model, generator=gen)
+    state = LMState.stack([s.clone() for s in starts])
+    got = graphs(embeds, state, torch.tensor(lengths))
+    for b, n in enumerate(lengths):
+        alone = starts[b].clone()
+        want = lm(inputs_embeds=embeds[b : b + 1, :n], state=alone, return_hidden=True)[:, -1]
+        torch.testing.assert_close(got[b : b + 1], want, rtol=1e-5, atol=1e-5)
+        for mine, theirs in zip(state.select([b]).layers, alone.layers, strict=True):
+            for name in mine:
+                torch.testing.assert_close(mine[name], theirs[name], rtol=1e-5, atol=1e-5)
