@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 
 import mambavl
 from mambavl.lm.state import LMState
-from mambavl.vlm.prefill_graphs import GraphCaptureError, PrefillGraphs, prefill_graph_support
+from mambavl.vlm.graphs import GraphCaptureError
+from mambavl.vlm.prefill_graphs import PrefillGraphs, prefill_graph_support
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import mambavl
-from mambavl.vlm.prefill_graphs import GraphCaptureError
+from mambavl.vlm.graphs import GraphCaptureError
 from mambavl.vlm.tower_graphs import TowerGraphs, batch_of
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

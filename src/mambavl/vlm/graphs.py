@@ -52,11 +52,18 @@ def graph_decoder(lm: LanguageModel, capacity: int) -> GraphDecoder | KVGraphDec
     return GraphDecoder(lm, capacity) if lm.config.fixed_state else KVGraphDecoder(lm, capacity)
 
 
-def capture(pool, step, state: LMState | None, before=None) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+class GraphCaptureError(RuntimeError):
+    """A step could not be captured as a CUDA graph; the state handed to `capture` is as it was."""
+
+
+def capture(
+    pool, step, state: LMState | None, before=None, what: str = "a step"
+) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
     """`step` captured as a CUDA graph (its output tensor beside it), after two runs on a side stream that
     compile its kernels and warm the allocator (`before`, if given, runs ahead of each of them, outside the
     graph). The runs advance the rows of `state` they use: those rows are put back as they were, so live
-    sequences survive a capture (None: `step` keeps no state)."""
+    sequences survive a capture (None: `step` keeps no state). A failure raises GraphCaptureError naming
+    `what` (running out of GPU memory stays torch.OutOfMemoryError)."""
     saved = state.clone() if state is not None else None
     try:
         side = torch.cuda.Stream()
@@ -70,6 +77,10 @@ def capture(pool, step, state: LMState | None, before=None) -> tuple[torch.cuda.
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=pool):
             out = step()
+    except torch.OutOfMemoryError:
+        raise
+    except RuntimeError as e:
+        raise GraphCaptureError(f"capturing {what} failed: {e}") from e
     finally:  # also when the capture fails: the live rows come back as they were
         if state is not None:
             for mine, kept in zip(state.layers, saved.layers, strict=True):

@@ -20,13 +20,14 @@ from mambavl.vision import create_tower, load_image
 from mambavl.vision.anyres import anyres_views, merge_anyres
 from mambavl.vlm.backbones import LLMBackbone, VisionBackbone
 from mambavl.vlm.config import VLMConfig
-from mambavl.vlm.graphs import GraphDecoder, KVGraphDecoder, graph_decoder, graph_support
-from mambavl.vlm.prefill_graphs import (
-    PREFILL_POSITIONS,
+from mambavl.vlm.graphs import (
     GraphCaptureError,
-    PrefillGraphs,
-    prefill_graph_support,
+    GraphDecoder,
+    KVGraphDecoder,
+    graph_decoder,
+    graph_support,
 )
+from mambavl.vlm.prefill_graphs import PREFILL_POSITIONS, PrefillGraphs, prefill_graph_support
 from mambavl.vlm.prompts import ChatTemplateBuilder, PromptBuilder
 from mambavl.vlm.sampling import SamplingParams
 from mambavl.vlm.sequence import (
@@ -209,8 +210,7 @@ class VLM(nn.Module):
             try:
                 return towers(pixel_values)
             except GraphCaptureError as e:  # nothing was written: the towers run eagerly from now on
-                warnings.warn(f"the vision towers run eagerly: {e}", RuntimeWarning, stacklevel=2)
-                self._tower_graphs = False
+                self._graphs_failed("_tower_graphs", "the vision towers run eagerly", e)
         return self._encode(pixel_values)
 
     def _encode(self, pixel_values) -> torch.Tensor:
@@ -473,8 +473,7 @@ class VLM(nn.Module):
             try:
                 return captured(embeds, state, lengths).to(embeds.dtype)
             except GraphCaptureError as e:  # the state is untouched: this model prefills eagerly from now on
-                warnings.warn(f"prefill runs eagerly: {e}", RuntimeWarning, stacklevel=2)
-                self._prefill_graphs = False
+                self._graphs_failed("_prefill_graphs", "prefill runs eagerly", e)
         budget = self.prefill_chunk
         chunk = L if budget is None else max(budget // B, min(512, budget))
         last = embeds.new_zeros(B, self.config.lm.d_model)
@@ -535,6 +534,11 @@ class VLM(nn.Module):
             current = self._prefill_graphs = PrefillGraphs(self.lm)
         return current
 
+    def _graphs_failed(self, attribute: str, outcome: str, error: GraphCaptureError) -> None:
+        """A capture failed: warns once, and that part of the model runs eagerly from now on."""
+        warnings.warn(f"{outcome}: {error}", RuntimeWarning, stacklevel=3)
+        setattr(self, attribute, False)
+
     def warm_graphs(self) -> None:
         """Captures every prefill graph and the towers' graph of every batch size now (e.g. before serving);
         a capture that fails warns once and that part runs eagerly from then on."""
@@ -543,8 +547,7 @@ class VLM(nn.Module):
                 with torch.inference_mode():
                     graphs.warm()
             except GraphCaptureError as e:
-                warnings.warn(f"prefill runs eagerly: {e}", RuntimeWarning, stacklevel=2)
-                self._prefill_graphs = False
+                self._graphs_failed("_prefill_graphs", "prefill runs eagerly", e)
         if (towers := self.tower_graphs()) is not None:
             from PIL import Image
 

@@ -30,10 +30,6 @@ PREFILL_POSITIONS = 4096  # padded positions (rows × length) of the largest gra
 STATE_BYTES = 2**30  # the graphs' state slots hold at most this much (Mamba-2 states are large: fewer rows)
 
 
-class GraphCaptureError(RuntimeError):
-    """A prefill graph could not be captured; the state handed in is untouched."""
-
-
 def prefill_graph_support(lm: LanguageModel) -> str | None:
     """None when small prefills can be captured, else the reason they cannot."""
     if not lm.config.fixed_state:
@@ -120,14 +116,8 @@ class PrefillGraphs:
         if shape is None:
             raise ValueError(f"no prefill graph takes {rows} rows of {length} positions")
         if self.captures and shape not in self.graphs:
-            try:
-                self.graphs[shape] = capture(self.pool, lambda: self._run(*shape), self.state)
-            except torch.OutOfMemoryError:
-                raise
-            except RuntimeError as e:
-                raise GraphCaptureError(
-                    f"capturing the prefill of {shape[0]} × {shape[1]} failed: {e}"
-                ) from e
+            what = f"the prefill of {shape[0]} × {shape[1]} positions"
+            self.graphs[shape] = capture(self.pool, lambda: self._run(*shape), self.state, what=what)
         return shape
 
     def warm(self) -> None:

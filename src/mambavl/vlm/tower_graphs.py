@@ -16,7 +16,6 @@ from collections.abc import Callable
 import torch
 
 from mambavl.vlm.graphs import capture
-from mambavl.vlm.prefill_graphs import GraphCaptureError
 
 TOWER_ROWS = (1, 2, 4, 8, 16)
 
@@ -72,21 +71,15 @@ class TowerGraphs:
         if size is None:
             raise ValueError(f"no tower graph takes {batch} images (at most {self.rows[-1]})")
         signature = self._signature(size, pixels)
-        if signature not in self.graphs:
-            self.graphs[signature] = (None, self._inputs(size, pixels), None)
-        graph, inputs, out = self.graphs[signature]
+        graph, inputs, out = self.graphs.get(signature) or (None, self._inputs(size, pixels), None)
         for k, t in _tensors(pixels).items():
             _tensors(inputs)[k][:batch].copy_(t)
         if not self.captures:
+            self.graphs[signature] = (None, inputs, None)
             return self.encode(inputs)[:batch]
-        if graph is None:
-            try:
-                graph, out = capture(self.pool, lambda: self.encode(inputs), None)
-            except torch.OutOfMemoryError:
-                raise
-            except RuntimeError as e:
-                del self.graphs[signature]
-                raise GraphCaptureError(f"capturing the towers for {size} images failed: {e}") from e
+        if graph is None:  # GraphCaptureError leaves nothing behind
+            what = f"the towers for {size} images"
+            graph, out = capture(self.pool, lambda: self.encode(inputs), None, what=what)
             self.graphs[signature] = (graph, inputs, out)
         graph.replay()
         return out[:batch].clone()
