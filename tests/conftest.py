@@ -66,6 +66,30 @@ def no_network(monkeypatch):
 
 
 @pytest.fixture
+def network_closed():
+    """A check that `no_network` holds where it is called: a name lookup and a connection to a public
+    address both fail at once with the guard's error, while loopback stays open. Files whose tests reach
+    for the hub call it, so a guard that stopped applying there fails the run instead of going quiet."""
+    import socket
+
+    def check() -> None:
+        with pytest.raises(AssertionError, match="tests never use the network"):
+            socket.getaddrinfo("huggingface.co", 443)
+        with (
+            socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock,
+            pytest.raises(AssertionError, match="tests never use the network"),
+        ):
+            sock.connect(("198.51.100.7", 443))  # a documentation address: never reached either way
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as server:
+            server.bind(("127.0.0.1", 0))
+            server.listen(1)
+            with socket.create_connection(server.getsockname(), timeout=5):
+                pass
+
+    return check
+
+
+@pytest.fixture
 def exact_fp32():
     """fp32 matmuls and convolutions without TF32 on GPUs (TF32 differs from the CPU reference by ~1e-3)."""
     old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32

@@ -27,6 +27,10 @@ def _no_network(no_network):
     """Every test here exercises code that would reach the hub: none may get past the machine."""
 
 
+def test_no_test_here_can_reach_the_network(network_closed):
+    network_closed()
+
+
 class Connections:
     """Stands in for `socket.create_connection`: records where it was asked to connect, and answers as
     told: refused (an OSError), accepted, or never (a stalled lookup, until the test ends)."""
