@@ -252,18 +252,15 @@ def serve_bench(vlm, cfg: ServeBenchConfig, out: Path | None = None, say=print) 
 
     if cfg.turns > 1:
         return _write(_conversation_bench(vlm, cfg, say), vlm, cfg, out)
-    rows, offline = [], {}
+    rows, offline, loads = [], {}, {}
+    for clients in cfg.clients:  # the same requests for every budget, encoded once
+        images = [synthetic_image(cfg.image_size, i) for i in range(clients * cfg.requests_per_client)]
+        options = dict(max_tokens=cfg.max_tokens, ignore_eos=True, temperature=0)
+        loads[clients] = images, [chat_body(f"{cfg.question} ({i})", im, **options) for i, im in enumerate(images)]
     for engine_config in cfg.engine_configs():
         with ServerThread(Engine(vlm, engine_config), ServeConfig(model_name=vlm.config.name)) as url:
             for clients in cfg.clients:
-                n = clients * cfg.requests_per_client
-                images = [synthetic_image(cfg.image_size, i) for i in range(n)]
-                bodies = [
-                    chat_body(
-                        f"{cfg.question} ({i})", im, max_tokens=cfg.max_tokens, ignore_eos=True, temperature=0
-                    )
-                    for i, im in enumerate(images)
-                ]
+                images, bodies = loads[clients]
                 run_load(url, bodies[:clients], clients)  # warm-up: towers, graphs, allocator
                 before = engine_seconds(url)
                 outcomes, wall = run_load_apart(url, bodies, clients)
