@@ -256,7 +256,8 @@ def serve_bench(vlm, cfg: ServeBenchConfig, out: Path | None = None, say=print) 
     for clients in cfg.clients:  # the same requests for every budget, encoded once
         images = [synthetic_image(cfg.image_size, i) for i in range(clients * cfg.requests_per_client)]
         options = dict(max_tokens=cfg.max_tokens, ignore_eos=True, temperature=0)
-        loads[clients] = images, [chat_body(f"{cfg.question} ({i})", im, **options) for i, im in enumerate(images)]
+        bodies = [chat_body(f"{cfg.question} ({i})", im, **options) for i, im in enumerate(images)]
+        loads[clients] = images, bodies
     for engine_config in cfg.engine_configs():
         with ServerThread(Engine(vlm, engine_config), ServeConfig(model_name=vlm.config.name)) as url:
             for clients in cfg.clients:
