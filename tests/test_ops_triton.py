@@ -162,9 +162,10 @@ def test_selective_scan_triton_equals_reference(batch, dim, n, length, groups, d
     [
         dict(prefill="steps", steps_warps=1),  # the step-by-step kernel on one warp
         dict(prefill="steps", steps_block_d=16, steps_warps=2),  # two warps, more channels than a group
+        dict(prefill="steps", steps_segments=3),  # three segments of 16 steps (the last one 13 long)
         dict(prefill="tiles"),  # the tiled kernel
     ],
-    ids=["steps", "steps-wide", "tiles"],
+    ids=["steps", "steps-wide", "steps-segments", "tiles"],
 )
 @pytest.mark.parametrize("channels_last", [True, False])
 def test_selective_scan_prefill_kernels(tiles, channels_last):
@@ -195,12 +196,14 @@ def test_selective_scan_prefill_kernels(tiles, channels_last):
     torch.testing.assert_close(h, ref_h, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("segments", [1, 2, 4], ids=["whole", "2-segments", "4-segments"])
 @pytest.mark.parametrize("shape", [(2, 37, 5, 45, None), (1, 16, 32, 9, None), (2, 12, 16, 17, 4)])
 @pytest.mark.parametrize("softplus", [True, False])
-def test_selective_scan_step_kernel_fp32(shape, softplus):
+def test_selective_scan_step_kernel_fp32(shape, softplus, segments):
     """The step-by-step prefill kernel in fp32 at odd sizes (37 channels, 5 states; 32 states; groups of
     three channels), lengths off its blocks of eight steps, from an initial state, Δ through softplus or
-    as given: to 1e-4."""
+    as given, whole or in segments run side by side (9 steps in 4 segments leaves two of them empty): to
+    1e-4."""
     from mambavl.ops.triton.scan import ScanTiles, selective_scan
 
     kw = _scan_inputs(*shape, torch.float32)
@@ -208,7 +211,7 @@ def test_selective_scan_step_kernel_fp32(shape, softplus):
         kw["delta"] = kw["delta"].abs()
     args = dict(delta_softplus=softplus, return_last_state=True)
     ref_y, ref_h = ops.selective_scan(**kw, **args, backend="torch")
-    y, h = selective_scan(**kw, **args, tiles=ScanTiles(prefill="steps"))
+    y, h = selective_scan(**kw, **args, tiles=ScanTiles(prefill="steps", steps_segments=segments))
     torch.testing.assert_close(y, ref_y, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(h, ref_h, rtol=1e-4, atol=1e-4)
 
@@ -222,6 +225,8 @@ def test_selective_scan_tiles_are_checked():
         ScanTiles(steps_block_d=12)
     with pytest.raises(ValueError, match="warp"):
         ScanTiles(steps_warps=0)
+    with pytest.raises(ValueError, match="steps_segments"):
+        ScanTiles(steps_segments=-1)
 
 
 def test_selective_scan_triton_continues_a_sequence():

@@ -437,7 +437,7 @@ def time_optimizer(lm, say=print, repeat: int = 5) -> dict:
 def sweep_prefill_scan(lm, length: int = 16384, say=print, budget_s: float = 90.0) -> list[dict]:
     """Time of the Mamba-1 scan without a gradient (prefill: one sequence of `length` steps, the mixer's
     layout) under every candidate inference launch, fastest first: the step-by-step kernel (channels a
-    program, warps) and the tiled one (inputs made time-contiguous or not, steps a tile, channels, warps)."""
+    program, warps, segments of the sequence run side by side) and the tiled one (inputs made time-contiguous or not, steps a tile, channels, warps)."""
     import dataclasses
     import itertools
     import time
@@ -448,8 +448,8 @@ def sweep_prefill_scan(lm, length: int = 16384, say=print, budget_s: float = 90.
         k: v.detach() for k, v in _scan_inputs_as_mixed(1, lm.d_inner, lm.d_state, length, lm.dt_rank).items()
     }
     steps = [
-        dict(prefill="steps", steps_block_d=d, steps_warps=w)
-        for d, w in itertools.product((4, 8, 16, 32), (1, 2))
+        dict(prefill="steps", steps_block_d=d, steps_warps=w, steps_segments=k)
+        for k, (d, w) in itertools.product((1, 2, 4, 8), ((8, 2), (4, 1), (8, 1), (16, 2), (16, 4)))
     ]
     tiled_grid = [(False, 16, 2, 1), *itertools.product((True,), (16, 32, 64), (1, 2, 4, 8), (1, 2, 4))]
     tiled = [

@@ -80,6 +80,9 @@ class ScanTiles:
     prefill: str = "steps"
     steps_block_d: int = 8
     steps_warps: int = 2
+    steps_segments: int = 0
+    steps_programs_per_sm: int = 10
+    steps_min_segment: int = 256
     chunk: int = 128
     train_block_d: int = 4
     train_warps: int = 1
@@ -97,6 +100,11 @@ class ScanTiles:
                 raise ValueError(f"ScanTiles.{name} must be a power of two, got {value}")
         if min(self.bwd_slots, self.num_warps, self.train_warps, self.steps_warps) < 1:
             raise ValueError("ScanTiles: bwd_slots and every warp count must be at least 1")
+        if self.steps_segments < 0 or self.steps_programs_per_sm < 1 or self.steps_min_segment < 8:
+            raise ValueError(
+                "ScanTiles: steps_segments must be ≥ 0 (0: automatic), steps_programs_per_sm ≥ 1 and "
+                "steps_min_segment ≥ 8"
+            )
         if self.train_maxnreg is not None and not 24 <= self.train_maxnreg <= 255:
             raise ValueError(f"ScanTiles.train_maxnreg must be None or 24..255, got {self.train_maxnreg}")
 
@@ -161,9 +169,15 @@ def _step(h, a2, dt, du, bv, cv):
 
 
 @triton.jit
+def _advance(h, a2, dt, du, bv):
+    """One step of the recurrence for [channels, N] states h, without the read-out."""
+    return tl.exp2(dt * a2) * h + du * bv
+
+
+@triton.jit
 def _selective_scan_steps_kernel(
-    u, delta, A, B, C, D, z, bias, h0, y, h_last,
-    dim, length, N, channels_per_group,
+    u, delta, A, B, C, D, z, bias, h0, y, h_last, seg_h, seg_dt,
+    dim, length, N, channels_per_group, segment,
     u_b, u_d, u_t,
     dl_b, dl_d, dl_t,
     a_d, a_n,
@@ -174,8 +188,13 @@ def _selective_scan_steps_kernel(
     y_b, y_d, y_t,
     hl_b, hl_d, hl_n,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    HAS_H0: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_H0: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, SEGMENTS: tl.constexpr,
+    SUMMARY: tl.constexpr,
 ):  # fmt: skip
+    # Segments (SEGMENTS > 1): program k of a channel block walks steps [k·segment, (k+1)·segment). With
+    # SUMMARY it starts from zeros and keeps only its end state and its Σ Δ (seg_h [B, K, D, N], seg_dt
+    # [B, K, D]); then each program starts from the initial state carried through the segments before its
+    # own (h ← exp(A·ΣΔ)·h + h_end: the product of their decays and their inputs), and writes y.
     # Blocks of eight steps: Δ, u, z and y as [BLOCK_D, 8], B and C (fp32) as [1, BLOCK_N, 8], shared by the
     # program's channels (BLOCK_D divides channels_per_group: one group a program); the states [BLOCK_D,
     # BLOCK_N] stay in registers from the first step to the last.
@@ -191,10 +210,22 @@ def _selective_scan_steps_kernel(
         skip = tl.load(D + d, mask=md, other=0.0).to(tl.float32)
     if HAS_BIAS:
         dt_bias = tl.load(bias + d, mask=md, other=0.0).to(tl.float32)
-    if HAS_H0:
+    k = tl.program_id(2)
+    h = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
+    if HAS_H0 and not SUMMARY:
         h = tl.load(h0 + b * h0_b + d[:, None] * h0_d + n[None, :] * h0_n, mask=mdn, other=0.0).to(tl.float32)
-    else:
-        h = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
+    if SEGMENTS > 1:
+        seg_h += (b * SEGMENTS * dim + d[:, None]) * N + n[None, :]
+        seg_dt += b * SEGMENTS * dim + d
+        if not SUMMARY:
+            for j in range(0, k):
+                sdt = tl.load(seg_dt + j * dim, mask=md, other=0.0)
+                h_end = tl.load(seg_h + j * dim * N, mask=mdn, other=0.0)
+                h = tl.exp2(sdt[:, None] * a2) * h + h_end
+    first_t = k * segment
+    length = tl.minimum(length, first_t + segment)
+    if SUMMARY:
+        dt_sum = tl.zeros([BLOCK_D], dtype=tl.float32)
     u += b * u_b + d[:, None] * u_d
     delta += b * dl_b + d[:, None] * dl_d
     z += b * z_b + d[:, None] * z_d
@@ -204,26 +235,31 @@ def _selective_scan_steps_kernel(
     C += b * c_b + g * c_g + n[None, :, None] * c_n
 
     # each block's inputs are loaded one block ahead, so that their latency overlaps the block before
-    m2 = md[:, None] & (t < length)[None, :]
-    mbc = mn[None, :, None] & (t < length)[None, None, :]
+    t0 = first_t + t
+    m2 = md[:, None] & (t0 < length)[None, :]
+    mbc = mn[None, :, None] & (t0 < length)[None, None, :]
     # past the end, Δ's input is -inf under softplus, so Δ = 0 there with no select: identity steps
     pad: tl.constexpr = float("-inf") if SOFTPLUS else 0.0
-    raw_next = tl.load(delta + t[None, :] * dl_t, mask=m2, other=pad)
-    uv_next = tl.load(u + t[None, :] * u_t, mask=m2, other=0.0)
-    bv_next = tl.load(B + t[None, None, :] * b_t, mask=mbc, other=0.0)
-    cv_next = tl.load(C + t[None, None, :] * c_t, mask=mbc, other=0.0)
-    for start in range(0, length, 8):
+    raw_next = tl.load(delta + t0[None, :] * dl_t, mask=m2, other=pad)
+    uv_next = tl.load(u + t0[None, :] * u_t, mask=m2, other=0.0)
+    bv_next = tl.load(B + t0[None, None, :] * b_t, mask=mbc, other=0.0)
+    if not SUMMARY:
+        cv_next = tl.load(C + t0[None, None, :] * c_t, mask=mbc, other=0.0)
+    for start in range(first_t, length, 8):
         tt = start + t
         m2 = md[:, None] & (tt < length)[None, :]
-        raw, uv, bv, cv = raw_next.to(tl.float32), uv_next.to(tl.float32), bv_next, cv_next
+        raw, uv, bv = raw_next.to(tl.float32), uv_next.to(tl.float32), bv_next
+        if not SUMMARY:
+            cv = cv_next
         nt = tt + 8
         m2_next = md[:, None] & (nt < length)[None, :]
         mbc = mn[None, :, None] & (nt < length)[None, None, :]
         raw_next = tl.load(delta + nt[None, :] * dl_t, mask=m2_next, other=pad)
         uv_next = tl.load(u + nt[None, :] * u_t, mask=m2_next, other=0.0)
         bv_next = tl.load(B + nt[None, None, :] * b_t, mask=mbc, other=0.0)
-        cv_next = tl.load(C + nt[None, None, :] * c_t, mask=mbc, other=0.0)
-        if HAS_Z:
+        if not SUMMARY:
+            cv_next = tl.load(C + nt[None, None, :] * c_t, mask=mbc, other=0.0)
+        if HAS_Z and not SUMMARY:
             zv = tl.load(z + tt[None, :] * z_t, mask=m2, other=0.0).to(tl.float32)
         if HAS_BIAS:
             raw += dt_bias[:, None]
@@ -231,6 +267,8 @@ def _selective_scan_steps_kernel(
         if not SOFTPLUS:
             dt = tl.where(m2, dt, 0.0)  # past the end: identity steps
         du = dt * uv
+        if SUMMARY:
+            dt_sum += tl.sum(dt, 1)
         # Δ and Δu split into steps together: one exchange between threads for both (apart, Triton 3.6
         # moves the exchange before the softplus, which every thread of a channel then computes again)
         p0, p1, p2, p3, p4, p5, p6, p7 = _steps8(tl.permute(tl.join(dt, du), (0, 2, 1)), BLOCK_D, 2)
@@ -243,22 +281,36 @@ def _selective_scan_steps_kernel(
         d6, e6 = _pair(p6)
         d7, e7 = _pair(p7)
         b0, b1, b2, b3, b4, b5, b6, b7 = _steps8(bv, 1, BLOCK_N)
-        c0, c1, c2, c3, c4, c5, c6, c7 = _steps8(cv, 1, BLOCK_N)
-        h, y0 = _step(h, a2, d0, e0, b0, c0)
-        h, y1 = _step(h, a2, d1, e1, b1, c1)
-        h, y2 = _step(h, a2, d2, e2, b2, c2)
-        h, y3 = _step(h, a2, d3, e3, b3, c3)
-        h, y4 = _step(h, a2, d4, e4, b4, c4)
-        h, y5 = _step(h, a2, d5, e5, b5, c5)
-        h, y6 = _step(h, a2, d6, e6, b6, c6)
-        h, y7 = _step(h, a2, d7, e7, b7, c7)
-        out = _join8(y0, y1, y2, y3, y4, y5, y6, y7, BLOCK_D)
-        if HAS_D:
-            out += uv * skip[:, None]
-        if HAS_Z:
-            out *= zv * tl.sigmoid(zv)
-        tl.store(y + tt[None, :] * y_t, out.to(y.dtype.element_ty), mask=m2)
-    tl.store(h_last + b * hl_b + d[:, None] * hl_d + n[None, :] * hl_n, h, mask=mdn)
+        if SUMMARY:  # the states alone: no read-out
+            h = _advance(h, a2, d0, e0, b0)
+            h = _advance(h, a2, d1, e1, b1)
+            h = _advance(h, a2, d2, e2, b2)
+            h = _advance(h, a2, d3, e3, b3)
+            h = _advance(h, a2, d4, e4, b4)
+            h = _advance(h, a2, d5, e5, b5)
+            h = _advance(h, a2, d6, e6, b6)
+            h = _advance(h, a2, d7, e7, b7)
+        else:
+            c0, c1, c2, c3, c4, c5, c6, c7 = _steps8(cv, 1, BLOCK_N)
+            h, y0 = _step(h, a2, d0, e0, b0, c0)
+            h, y1 = _step(h, a2, d1, e1, b1, c1)
+            h, y2 = _step(h, a2, d2, e2, b2, c2)
+            h, y3 = _step(h, a2, d3, e3, b3, c3)
+            h, y4 = _step(h, a2, d4, e4, b4, c4)
+            h, y5 = _step(h, a2, d5, e5, b5, c5)
+            h, y6 = _step(h, a2, d6, e6, b6, c6)
+            h, y7 = _step(h, a2, d7, e7, b7, c7)
+            out = _join8(y0, y1, y2, y3, y4, y5, y6, y7, BLOCK_D)
+            if HAS_D:
+                out += uv * skip[:, None]
+            if HAS_Z:
+                out *= zv * tl.sigmoid(zv)
+            tl.store(y + tt[None, :] * y_t, out.to(y.dtype.element_ty), mask=m2)
+    if SUMMARY:
+        tl.store(seg_h + k * dim * N, h, mask=mdn)
+        tl.store(seg_dt + k * dim, dt_sum, mask=md)
+    elif k == SEGMENTS - 1:
+        tl.store(h_last + b * hl_b + d[:, None] * hl_d + n[None, :] * hl_n, h, mask=mdn)
 
 
 @triton.jit
@@ -603,6 +655,21 @@ def kernel_inputs(B, C, D, delta_bias, dtype=None):
     return B, C, D, delta_bias
 
 
+def steps_segments(tiles: ScanTiles, programs: int, length: int, device: torch.device) -> int:
+    """Segments the step-by-step prefill splits each sequence into (`ScanTiles.steps_segments`; 0: as many
+    as bring the programs to `steps_programs_per_sm` a multiprocessor, at most 16, each segment at least
+    `steps_min_segment` steps)."""
+    if tiles.steps_segments:
+        return tiles.steps_segments
+    if device.type != "cuda":
+        return 1
+    target = tiles.steps_programs_per_sm * torch.cuda.get_device_properties(device).multi_processor_count
+    segments = 1
+    while segments < 16 and programs * segments * 2 <= target and length >= 2 * segments * tiles.steps_min_segment:
+        segments *= 2
+    return segments
+
+
 def _block_in_group(block_d: int, per_group: int) -> int:
     """Channels a program takes: `block_d`, halved until it divides a group of B/C (a program's channels
     stay inside one group)."""
@@ -645,20 +712,33 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
             **common, CHUNK=tiles.chunk, BLOCK_D=block_d, **tiles.train_launch(),
         )  # fmt: skip
         return y, h_last, states.permute(0, 2, 3, 1)
-    args = (
+    inputs = (
         u, delta, A, Bg, Cg,
         D if D is not None else dummy, zt, delta_bias if delta_bias is not None else dummy, h0, y, h_last,
-        dim, length, N, dim // groups,
+    )  # fmt: skip
+    strides = (
         *u.stride(), *delta.stride(), *A.stride(), *Bg.stride(), *Cg.stride(), *zt.stride(),
         *h0.stride(), *y.stride(), *h_last.stride(),
     )  # fmt: skip
     block_n = max(triton.next_power_of_2(N), 2)
     if tiles.prefill == "steps":
         block_d = _block_in_group(tiles.steps_block_d, dim // groups)
-        _selective_scan_steps_kernel[(batch, dim // block_d)](
-            *args, **common, BLOCK_D=block_d, BLOCK_N=block_n, num_warps=tiles.steps_warps
+        segments = steps_segments(tiles, batch * (dim // block_d), length, u.device)
+        segment = -(-triton.cdiv(length, segments) // 8) * 8  # whole blocks of eight steps
+        seg_h = seg_dt = dummy
+        if segments > 1:
+            seg_h = torch.empty(batch, segments, dim, N, device=u.device, dtype=torch.float32)
+            seg_dt = torch.empty(batch, segments, dim, device=u.device, dtype=torch.float32)
+        launch = dict(
+            **common, BLOCK_D=block_d, BLOCK_N=block_n, SEGMENTS=segments, num_warps=tiles.steps_warps
         )
+        grid = (batch, dim // block_d, segments)
+        args = (*inputs, seg_h, seg_dt, dim, length, N, dim // groups, segment, *strides)
+        if segments > 1:
+            _selective_scan_steps_kernel[grid](*args, **launch, SUMMARY=True)
+        _selective_scan_steps_kernel[grid](*args, **launch, SUMMARY=False)
         return y, h_last, None
+    args = (*inputs, dim, length, N, dim // groups, *strides)
     grid = (batch, triton.cdiv(dim, tiles.block_d))
     _selective_scan_kernel[grid](
         *args, **common, BLOCK_T=tiles.block_t, BLOCK_D=tiles.block_d, BLOCK_N=block_n,
