@@ -437,7 +437,8 @@ def time_optimizer(lm, say=print, repeat: int = 5) -> dict:
 def sweep_prefill_scan(lm, length: int = 16384, say=print, budget_s: float = 90.0) -> list[dict]:
     """Time of the Mamba-1 scan without a gradient (prefill: one sequence of `length` steps, the mixer's
     layout) under every candidate inference launch, fastest first: the step-by-step kernel (channels a
-    program, warps, segments of the sequence run side by side) and the tiled one (inputs made time-contiguous or not, steps a tile, channels, warps)."""
+    program, warps, segments of the sequence run side by side) and the tiled one (inputs made
+    time-contiguous or not, steps a tile, channels, warps)."""
     import dataclasses
     import itertools
     import time

@@ -665,7 +665,9 @@ def steps_segments(tiles: ScanTiles, programs: int, length: int, device: torch.d
         return 1
     target = tiles.steps_programs_per_sm * torch.cuda.get_device_properties(device).multi_processor_count
     segments = 1
-    while segments < 16 and programs * segments * 2 <= target and length >= 2 * segments * tiles.steps_min_segment:
+    while segments < 16 and programs * segments * 2 <= target:
+        if length < 2 * segments * tiles.steps_min_segment:
+            break
         segments *= 2
     return segments
 
