@@ -153,14 +153,26 @@ def run_conversations(
     return outcomes, time.perf_counter() - start
 
 
-def run_load_apart(url: str, bodies: list[dict], clients: int) -> tuple[list[Outcome], float]:
-    """`run_load` in a process of its own, as real clients are: the clients' JSON and SSE parsing then
+def _apart(fn, *args):
+    """`fn(*args)` in a process of its own, as real clients are: the clients' JSON and SSE parsing then
     does not compete with the server for this process's interpreter lock."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(run_load, url, bodies, clients).result()
+        return pool.submit(fn, *args).result()
+
+
+def run_load_apart(url: str, bodies: list[dict], clients: int) -> tuple[list[Outcome], float]:
+    """`run_load` from a process of its own."""
+    return _apart(run_load, url, bodies, clients)
+
+
+def run_conversations_apart(
+    url: str, talks: list[tuple[dict, list[str]]], clients: int
+) -> tuple[list[list[Outcome]], float]:
+    """`run_conversations` from a process of its own."""
+    return _apart(run_conversations, url, talks, clients)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -316,7 +328,7 @@ def _conversation_bench(vlm, cfg: ServeBenchConfig, say) -> list[dict]:
                     )
                     for i in range(n)  # images of their own at each client count: no hit from an earlier one
                 ]
-                outcomes, wall = run_conversations(url, talks, clients)
+                outcomes, wall = run_conversations_apart(url, talks, clients)
                 row = _turn_summary(outcomes, wall, clients) | {"prefix_cache": cache}
                 rows.append(row)
                 say(_turn_line(row))
