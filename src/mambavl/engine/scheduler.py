@@ -140,6 +140,14 @@ class Request:
 
 
 @dataclass(eq=False)
+class _Launched:
+    """A decode step queued on the device: its logits (rows in `rows` order) and the rows it fed."""
+
+    logits: torch.Tensor
+    rows: list
+
+
+@dataclass(eq=False)
 class _Job:
     """Requests admitted together and being prefilled."""
 
@@ -201,6 +209,7 @@ class Engine:
         self._tok = vlm.tokenizer
         self._eos = self._tok.eos_token_id
         self._rows: list[_Sequence] = []  # row i decodes in slot i; live rows are always the first ones
+        self._inflight: _Launched | None = None  # the decode step queued ahead of the host's work
         self._waiting: deque[Request] = deque()
         self._jobs: list[_Job] = []  # admitted requests being prefilled, oldest first
         self._cond = threading.Condition()
@@ -421,6 +430,7 @@ class Engine:
             self._waiting.clear()
             self._jobs.clear()
             self._rows.clear()
+            self._inflight = None
         for request in dict.fromkeys(pending):
             self._fail(request, message, status)
 
@@ -611,7 +621,7 @@ class Engine:
             return
         logits = out.logits[torch.as_tensor(rows, device=out.logits.device)]
         chosen = self._choose(logits, new)
-        self._advance(new, chosen, logits)
+        self._advance(new, chosen, self._answer_states(new, chosen, logits))
         self._retire()
 
     def _generator(self, request: Request, index: int) -> torch.Generator | None:
@@ -626,20 +636,68 @@ class Engine:
                 self._fail(request, f"decoding failed: {type(e).__name__}: {e}", 500)
             for s in self._rows:
                 s.finished = True
+            self._inflight = None
             self._retire()
 
+    def _launch(self) -> _Launched:
+        """Queues one decode step of every live row (each feeds its `token`) on the device."""
+        rows = list(self._rows)
+        tokens = torch.tensor([s.token for s in rows], device=self.vlm.device)
+        return _Launched(self.decoder.step(tokens), rows)
+
     def _step(self) -> None:
+        """Takes the step in flight (or runs one), chooses every row's next token, queues the next step at
+        once, and then, while the device runs it, does this step's host work (detokenizing, stop strings,
+        events). A row that this step ends is fed once more by the queued step, to no effect: its slot is
+        freed, and the state its answer ends at was copied for the prefix cache before that step."""
         started = time.perf_counter()
-        tokens = torch.tensor([s.token for s in self._rows], device=self.vlm.device)
-        logits = self.decoder.step(tokens)
-        chosen = self._choose(logits, self._rows)
+        launched, self._inflight = self._inflight or self._launch(), None
+        at = {id(s): j for j, s in enumerate(launched.rows)}
+        seqs = [s for s in self._rows if id(s) in at]  # rows that joined since wait for the next step
+        logits, index = launched.logits, [at[id(s)] for s in seqs]
+        if index != list(range(len(launched.rows))):  # rows left since it was queued
+            logits = logits[torch.tensor(index, dtype=torch.long, device=logits.device)]
+        chosen = self._choose(logits, seqs) if seqs else []
         if self.metrics is not None:
             self.metrics.step_seconds.observe(time.perf_counter() - started)
-            self.metrics.batch_size.observe(len(self._rows))
+            self.metrics.batch_size.observe(len(seqs))
+        answers = self._answer_states(seqs, chosen, logits)
+        for s, token in zip(seqs, chosen, strict=True):
+            if token is not None:
+                s.token = token
+        going_on = any(not s.finished and i not in answers for i, s in enumerate(seqs))
+        if going_on or len(seqs) < len(self._rows):
+            self._inflight = self._launch()  # every row that goes on is fed its token now
         advancing = self._spent("step", started)
-        self._advance(list(self._rows), chosen, logits)
+        self._advance(seqs, chosen, answers)
         self._retire()
         self._spent("advance", advancing)
+
+    def _answer_states(self, seqs: list[_Sequence], chosen: list[int | None], logits: torch.Tensor) -> dict:
+        """Rows whose chosen token ends them (the end of text, or max_new_tokens), by index: with the prefix
+        cache on, (their state now, their logits), copied before the next step is queued; None without."""
+        ends = {
+            i
+            for i, (s, token) in enumerate(zip(seqs, chosen, strict=True))
+            if token is not None
+            and not s.finished
+            and (token == self._eos or len(s.ids) + 1 >= s.params.max_new_tokens)
+        }
+        if self.cache is None or not ends:
+            return dict.fromkeys(ends)
+        order = sorted(ends)
+        try:
+            states = self.decoder.read([self._rows.index(seqs[i]) for i in order])
+            kept = logits[torch.as_tensor(order, device=logits.device)].float()
+        except Exception:  # the cache is an optimisation: a failure to keep a snapshot is logged, not fatal
+            log.exception("could not keep the finished answers' states")
+            return dict.fromkeys(ends)
+        if len(order) == 1:
+            return {order[0]: (states, kept[0])}
+        # each its own copy: a snapshot must not keep the others' memory alive after they are evicted
+        return {
+            i: (states.map(lambda t, k=k: t[k : k + 1]).clone(), kept[k].clone()) for k, i in enumerate(order)
+        }
 
     def _choose(self, logits: torch.Tensor, seqs: list[_Sequence]) -> list[int | None]:
         """The next token of every row: plain greedy rows in one argmax, the others one by one (None
@@ -673,8 +731,9 @@ class Engine:
             self._end(s.request, "sampling", e)
             return None
 
-    def _advance(self, seqs: list[_Sequence], chosen: list[int | None], logits: torch.Tensor) -> None:
-        """Appends each row's chosen token (`logits`: the rows' logits it was chosen from)."""
+    def _advance(self, seqs: list[_Sequence], chosen: list[int | None], answers: dict) -> None:
+        """Appends each row's chosen token; `answers`: the states the rows' answers end at, by index, as
+        `_answer_states` copied them (an answer that a stop string ends has none: no snapshot is kept)."""
         for i, (s, token) in enumerate(zip(seqs, chosen, strict=True)):
             if s.finished or token is None:
                 continue
@@ -683,10 +742,10 @@ class Engine:
             except Exception as e:
                 self._end(s.request, "detokenizing", e)
                 continue
-            if ended:
-                self._keep_answer(s, logits[i])
+            if ended and answers.get(i) is not None:
+                self._keep_answer(s, *answers[i])
 
-    def _keep_answer(self, s: _Sequence, logits: torch.Tensor) -> None:
+    def _keep_answer(self, s: _Sequence, state: LMState, logits: torch.Tensor) -> None:
         """Keeps the state at the end of a finished answer in the prefix cache: the prompt and the tokens
         fed so far (the last one chosen is not fed unless it is the end of text, which is never fed).
         A conversation's next turn starts there."""
@@ -694,9 +753,7 @@ class Engine:
             return
         fed = s.ids if s.ended_by_eos else s.ids[:-1]
         try:
-            state = self.decoder.read([self._rows.index(s)])
-            snapshot = Snapshot(state, logits.float().clone(), s.positions + len(fed))
-            self.cache.insert([*s.items, *fed], snapshot)
+            self.cache.insert([*s.items, *fed], Snapshot(state, logits, s.positions + len(fed)))
         except Exception:  # the cache is an optimisation: a failure to keep a snapshot is logged, not fatal
             log.exception("could not keep a finished answer's state")
         self._cache_metrics()
