@@ -257,3 +257,14 @@ def test_causal_conv1d_fn_triton_equals_reference(width, length, dtype, bias, ac
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=2e-2)
     assert tri.dtype == ref.dtype == dtype
     torch.testing.assert_close(tri.float(), ref.float(), **tol)
+
+
+def test_step_scan_launch_rule():
+    """Segments are asked for explicitly, or chosen for long single sequences on a GPU only; a program's
+    channels stay inside one group of B/C."""
+    from mambavl.ops.triton.scan import ScanTiles, steps_launch
+
+    cpu = torch.device("cpu")
+    assert steps_launch(ScanTiles(), 1, 5120, 5120, 16384, cpu) == (8, 1)
+    assert steps_launch(ScanTiles(steps_segments=4), 1, 5120, 5120, 100, cpu) == (8, 4)
+    assert steps_launch(ScanTiles(steps_segments=2), 2, 24, 4, 100, cpu) == (4, 2)  # groups of 4 channels

@@ -81,8 +81,9 @@ class ScanTiles:
     steps_block_d: int = 8
     steps_warps: int = 2
     steps_segments: int = 0
-    steps_programs_per_sm: int = 10
-    steps_min_segment: int = 256
+    steps_long: int = 8192
+    steps_long_block_d: int = 16
+    steps_long_segments: int = 8
     chunk: int = 128
     train_block_d: int = 4
     train_warps: int = 1
@@ -94,16 +95,16 @@ class ScanTiles:
     def __post_init__(self):
         if self.prefill not in ("steps", "tiles"):
             raise ValueError(f"ScanTiles.prefill must be 'steps' or 'tiles', got {self.prefill!r}")
-        for name in ("block_t", "chunk", "block_d", "train_block_d", "steps_block_d"):
+        for name in ("block_t", "chunk", "block_d", "train_block_d", "steps_block_d", "steps_long_block_d"):
             value = getattr(self, name)
             if value < 1 or value & (value - 1):
                 raise ValueError(f"ScanTiles.{name} must be a power of two, got {value}")
         if min(self.bwd_slots, self.num_warps, self.train_warps, self.steps_warps) < 1:
             raise ValueError("ScanTiles: bwd_slots and every warp count must be at least 1")
-        if self.steps_segments < 0 or self.steps_programs_per_sm < 1 or self.steps_min_segment < 8:
+        if self.steps_segments < 0 or self.steps_long_segments < 1 or self.steps_long < 8:
             raise ValueError(
-                "ScanTiles: steps_segments must be ≥ 0 (0: automatic), steps_programs_per_sm ≥ 1 and "
-                "steps_min_segment ≥ 8"
+                "ScanTiles: steps_segments must be ≥ 0 (0: automatic), steps_long_segments ≥ 1 and "
+                "steps_long ≥ 8"
             )
         if self.train_maxnreg is not None and not 24 <= self.train_maxnreg <= 255:
             raise ValueError(f"ScanTiles.train_maxnreg must be None or 24..255, got {self.train_maxnreg}")
@@ -655,21 +656,21 @@ def kernel_inputs(B, C, D, delta_bias, dtype=None):
     return B, C, D, delta_bias
 
 
-def steps_segments(tiles: ScanTiles, programs: int, length: int, device: torch.device) -> int:
-    """Segments the step-by-step prefill splits each sequence into (`ScanTiles.steps_segments`; 0: as many
-    as bring the programs to `steps_programs_per_sm` a multiprocessor, at most 16, each segment at least
-    `steps_min_segment` steps)."""
+def steps_launch(
+    tiles: ScanTiles, batch: int, dim: int, per_group: int, length: int, device
+) -> tuple[int, int]:
+    """(channels a program, segments of each sequence) for the step-by-step prefill. `steps_segments` > 0
+    sets the segments (with `steps_block_d` channels); 0 (the default) picks them: on a GPU, a sequence of
+    at least `steps_long` steps with too few programs to fill the device (batch · channels under 64 per
+    multiprocessor) runs in `steps_long_segments` segments of `steps_long_block_d` channels a program, else
+    whole, `steps_block_d` channels a program (BENCHMARKS.md, the prefill scan's sweep)."""
     if tiles.steps_segments:
-        return tiles.steps_segments
-    if device.type != "cuda":
-        return 1
-    target = tiles.steps_programs_per_sm * torch.cuda.get_device_properties(device).multi_processor_count
-    segments = 1
-    while segments < 16 and programs * segments * 2 <= target:
-        if length < 2 * segments * tiles.steps_min_segment:
-            break
-        segments *= 2
-    return segments
+        return _block_in_group(tiles.steps_block_d, per_group), tiles.steps_segments
+    if device.type == "cuda" and length >= tiles.steps_long:
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        if batch * dim < 64 * sms:
+            return _block_in_group(tiles.steps_long_block_d, per_group), tiles.steps_long_segments
+    return _block_in_group(tiles.steps_block_d, per_group), 1
 
 
 def _block_in_group(block_d: int, per_group: int) -> int:
@@ -724,8 +725,7 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
     )  # fmt: skip
     block_n = max(triton.next_power_of_2(N), 2)
     if tiles.prefill == "steps":
-        block_d = _block_in_group(tiles.steps_block_d, dim // groups)
-        segments = steps_segments(tiles, batch * (dim // block_d), length, u.device)
+        block_d, segments = steps_launch(tiles, batch, dim, dim // groups, length, u.device)
         segment = -(-triton.cdiv(length, segments) // 8) * 8  # whole blocks of eight steps
         seg_h = seg_dt = dummy
         if segments > 1:
