@@ -145,6 +145,30 @@ def test_a_bad_request_fails_alone(demo):
         assert texts(events)[0] == vlm.generate(*questions[i], max_new_tokens=4)
 
 
+def test_the_next_step_is_queued_before_the_host_work(demo):
+    """While rows go on, every engine step leaves the next decode step queued (the host's work on this one
+    runs beside it); a row that joins meanwhile starts at the step after, a row that ends is skipped, the
+    last step queues nothing, and every answer equals `generate` alone."""
+    vlm, questions = demo
+    engine = Engine(vlm, EngineConfig(slots=2, prefill_batch=1))
+    params = [dict(max_new_tokens=9, min_length=9), dict(max_new_tokens=2, min_length=2)]
+    params.append(dict(max_new_tokens=5, min_length=5))
+    jobs = [collect(engine, *questions[i], **params[i]) for i in range(3)]
+    queued = []
+    with torch.inference_mode():
+        for _ in range(200):
+            engine._drop_ended()
+            engine._admit()
+            if not engine._rows and not engine._waiting and not engine._jobs:
+                break
+            if engine._rows:
+                engine._step_or_fail()
+                queued.append(engine._inflight is not None)
+    assert all(queued[:-1]) and not queued[-1] and engine._inflight is None
+    for i, (_, events) in enumerate(jobs):
+        assert texts(events)[0] == vlm.generate(*questions[i], **params[i])
+
+
 def test_cancel_frees_the_slot_at_once(demo):
     vlm, questions = demo
     engine = Engine(vlm, EngineConfig(slots=1))
