@@ -604,6 +604,9 @@ def bench(
         help="--serve: the engine's prefill budgets (positions per engine step; 0: each admitted batch at "
         "once), comma-separated, measured one after another (default: the engine's).",
     ),
+    prefill_batch: int = typer.Option(
+        0, min=0, help="--serve: waiting requests the engine prefills together (0: the engine's default)."
+    ),
 ) -> None:
     """Speed and memory of a preset against its peers in one run: time to first token, prefill tok/s by
     prompt length, decode tok/s by batch size, peak memory by prompt length; JSON, PNG and a table."""
@@ -616,8 +619,9 @@ def bench(
     if serve:
         budgets = _int_list(prefill_tokens, "--prefill-tokens", minimum=0) if prefill_tokens else ()
         _bench_serve(
-            model, Path(out), device, dtype, clients, requests_per_client, max_tokens, slots, turns, budgets
-        )
+            model, Path(out), device, dtype, clients, requests_per_client, max_tokens, slots, turns, budgets,
+            prefill_batch or None,
+        )  # fmt: skip
         return
     if model not in PRESETS:
         console.print(f"[red]error:[/red] unknown preset {model!r}: choose one of {', '.join(PRESETS)}")
@@ -691,8 +695,9 @@ def bench(
 
 
 def _bench_serve(
-    model, out, device, dtype, clients, requests_per_client, max_tokens, slots, turns=1, budgets=()
-) -> None:
+    model, out, device, dtype, clients, requests_per_client, max_tokens, slots, turns=1, budgets=(),
+    prefill_batch=None,
+) -> None:  # fmt: skip
     """`mambavl bench --serve`: a preset (full size, random weights) or a model directory, served in this
     process and loaded over HTTP at each client count, beside `VLM.generate` on the same requests."""
     from mambavl.bench.serve import ServeBenchConfig, serve_bench
@@ -708,6 +713,7 @@ def _bench_serve(
             slots=slots,
             turns=turns,
             prefill_tokens=tuple(budgets),
+            prefill_batch=prefill_batch,
         )
         vlm = load_model(model, device, dtype, random_weights=model in PRESETS, log=console.print)
         serve_bench(vlm, cfg, out, say=console.print)

@@ -231,17 +231,22 @@ class ServeBenchConfig:
     # the engine's prefill budgets to serve with, one after another (positions per engine step; 0: each
     # admitted batch at once); empty: the engine's default
     prefill_tokens: tuple[int, ...] = ()
+    prefill_batch: int | None = None  # waiting requests the engine prefills together (None: its default)
 
     def __post_init__(self):
         if self.turns < 1:
             raise ValueError(f"turns={self.turns}: a conversation has at least one turn")
         if any(t < 0 for t in self.prefill_tokens):
             raise ValueError(f"prefill_tokens={self.prefill_tokens}: budgets are ≥ 0 (0: no budget)")
+        if self.prefill_batch is not None and self.prefill_batch < 1:
+            raise ValueError(f"prefill_batch={self.prefill_batch}: at least one request a batch")
 
     def engine_configs(self, **options) -> list:
         """One engine configuration per prefill budget to measure."""
         from mambavl.engine.scheduler import EngineConfig
 
+        if self.prefill_batch is not None:
+            options = {"prefill_batch": self.prefill_batch} | options
         if not self.prefill_tokens:
             return [EngineConfig(slots=self.slots, **options)]
         return [
@@ -277,7 +282,10 @@ def serve_bench(vlm, cfg: ServeBenchConfig, out: Path | None = None, say=print) 
                 run_load(url, bodies[:clients], clients)  # warm-up: towers, graphs, allocator
                 before = engine_seconds(url)
                 outcomes, wall = run_load_apart(url, bodies, clients)
-                row = summarize(outcomes, wall, clients) | {"prefill_tokens": engine_config.prefill_tokens}
+                row = summarize(outcomes, wall, clients) | {
+                    "prefill_tokens": engine_config.prefill_tokens,
+                    "prefill_batch": engine_config.prefill_batch,
+                }
                 after = engine_seconds(url)
                 row |= {k: after[k] - before[k] for k in after}  # where the engine's time went
                 if cfg.peer:
@@ -409,9 +417,9 @@ def _offline(vlm, images: list, cfg: ServeBenchConfig) -> float:
 
 
 def _line(row: dict) -> str:
-    budget = row.get("prefill_tokens", "default")
+    budget, batch = row.get("prefill_tokens", "default"), row.get("prefill_batch", "default")
     text = (
-        f"{row['clients']:>3} clients (prefill budget {budget}): {row['requests']} requests, "
+        f"{row['clients']:>3} clients (prefill budget {budget}, batch {batch}): {row['requests']} requests, "
         f"{row['failures']} failed, "
         f"latency p50 {row['latency_p50_s'] * 1e3:.0f} ms p99 {row['latency_p99_s'] * 1e3:.0f} ms, "
         f"TTFT p50 {row['ttft_p50_s'] * 1e3:.0f} ms p99 {row['ttft_p99_s'] * 1e3:.0f} ms, "
