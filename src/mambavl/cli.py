@@ -888,10 +888,11 @@ def serve(
         0.0, min=0.0, help="GiB of host memory for snapshots evicted from the device's share (0: none)."
     ),
     no_prefix_cache: bool = typer.Option(False, "--no-prefix-cache", help="Turn the prefix-state cache off."),
-    prefill_tokens: int = typer.Option(
-        2048,
-        min=1,
-        help="Prompt positions prefilled per engine step beside one decode step of the live streams.",
+    prefill_tokens: int | None = typer.Option(
+        None,
+        min=0,
+        help="Prompt positions prefilled per engine step beside one decode step of the live streams (0: "
+        "each admitted batch at once, the streams waiting meanwhile; default: the engine's).",
     ),
     random_weights: bool = typer.Option(
         False, "--random-weights", help="A preset at full size with random weights (nothing downloaded)."
@@ -937,12 +938,13 @@ def serve(
                 max_connections=max_connections,
             ),
         )
+        budget = {} if prefill_tokens is None else {"prefill_tokens": prefill_tokens or None}
         engine_config = EngineConfig(
+            **budget,
             slots=slots,
             max_queue=max_queue,
             timeout=timeout or None,
             cuda_graphs=cuda_graphs,
-            prefill_tokens=prefill_tokens,
             prefix_cache_gb=0.0 if no_prefix_cache else prefix_cache_gb,
             prefix_cache_host_gb=0.0 if no_prefix_cache else prefix_cache_host_gb,
         )
