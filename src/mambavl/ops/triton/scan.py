@@ -13,7 +13,10 @@ Forward without a gradient (prefill), two kernels (`ScanTiles.prefill`):
   softplus, Δ·u, the skip and the gate are computed on the block in its load layout, each value once.
   Compiled for sm_90 it issues 2.8–3.6 times fewer instructions a state and step than "tiles" (Triton 3.8
   and 3.6); on an H100 at Mamba-1 2.8B's sizes and 16,384 steps it takes 2.04 ms a layer, where the tiled
-  kernel took 2.98 ms (BENCHMARKS.md, fourth and ninth passes).
+  kernel took 2.98 ms (BENCHMARKS.md, fourth and ninth passes). A single long sequence has too few
+  programs to fill the GPU, so it may run in segments side by side (`steps_launch`): a first pass keeps each
+  segment's end state from zeros and its Σ Δ, and the second runs every segment from the initial state carried
+  through the segments before it (h ← exp(A·ΣΔ)·h + h_end), writing y.
 Either way inputs are read once and y written once; the [B, L, D, N] states that the reference
 materialises never leave the chip. Positions past the end are identity steps (Δ = 0), so the carried state
 is exactly the state after the last real token.
@@ -61,7 +64,9 @@ class ScanTiles:
 
     Inference (no gradient): with `prefill="steps"` (the default), the step-by-step kernel on
     `steps_block_d` channels a program (fewer where a group of B/C has fewer) and `steps_warps` warps; with
-    "tiles", the tiled kernel on tiles of `block_t` steps × `block_d` channels, `num_warps` warps. Training:
+    "tiles", the tiled kernel on tiles of `block_t` steps × `block_d` channels, `num_warps` warps; the
+    step-by-step kernel's segments are `steps_segments` (0: `steps_launch` picks them, with the `steps_long*`
+    fields). Training:
     the forward keeps the state every `chunk` steps (B·D·N·L/chunk fp32 values a layer), and both it and the
     backward run one program per sequence and `train_block_d` channels (fewer where a group of B/C has
     fewer), on `train_warps` warps, with [train_block_d, chunk] tiles; the backward walks the chunks last to
