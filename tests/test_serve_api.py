@@ -624,6 +624,33 @@ def test_serve_on_a_busy_port_fails_at_once_and_never_says_serving(demo_model_di
     assert "serving" not in result.output
 
 
+def test_serve_hands_its_prefill_options_to_the_engine(monkeypatch, demo_model_dir):
+    """`--prefill-tokens` (0: no budget) and `--prefill-batch` reach the engine's config; left out, the
+    engine's defaults stand; a batch of 0 is refused before anything loads."""
+    import mambavl.serve
+
+    seen = []
+
+    def engine(vlm, config):
+        seen.append(config)
+        raise ValueError("the engine's config was read")
+
+    monkeypatch.setattr(mambavl.serve, "Engine", engine)
+    default = EngineConfig()
+    cases = (
+        ([], (default.prefill_tokens, default.prefill_batch)),
+        (["--prefill-tokens", "0", "--prefill-batch", "4"], (None, 4)),
+        (["--prefill-tokens", "512"], (512, default.prefill_batch)),
+    )
+    for args, want in cases:
+        base = ["serve", "--model", str(demo_model_dir), "--port", str(free_port()), *args]
+        result = CliRunner().invoke(app, base)
+        assert result.exit_code == 1 and "the engine's config was read" in result.output
+        assert (seen[-1].prefill_tokens, seen[-1].prefill_batch) == want
+    refused = CliRunner().invoke(app, ["serve", "--model", str(demo_model_dir), "--prefill-batch", "0"])
+    assert refused.exit_code == 2 and len(seen) == len(cases)
+
+
 def test_a_conversation_prepares_its_image_once(vlm, image):
     """Every turn of a chat sends its image again: the server prepares it once, by its bytes, and later
     turns (and other requests with the same bytes) reuse it with the same answers; other bytes are another

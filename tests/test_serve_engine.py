@@ -472,6 +472,43 @@ def test_streams_go_on_while_a_long_prompt_is_prefilled(demo):
     assert texts(late_events)[0] == vlm.generate(None, long_prompt, max_new_tokens=5)
 
 
+def test_a_request_takes_its_slot_as_soon_as_its_own_prompt_is_in(demo):
+    """Under a prefill budget the requests of one prefill job start one by one, as each prompt is in: the
+    short first one streams while the job's longer prompts are still being prefilled (and the job is not
+    counted against the slots twice), and every answer equals a quiet engine's."""
+    vlm, questions = demo
+    engine = Engine(vlm, EngineConfig(slots=4, prefill_batch=3, prefill_tokens=16))
+    image, prompt = questions[0]
+    builder = vlm.get_prompt_builder()
+    builder.add_turn("human", "Describe every detail of the picture, please. " * 3)
+    long_prompt = builder.get_prompt()
+    asks = [(None, prompt, 12), (image, long_prompt, 4), (None, long_prompt, 4)]
+    jobs = [collect(engine, im, p, max_new_tokens=k, min_length=k) for im, p, k in asks]
+    first, last = jobs[0][1], jobs[2][1]
+    with torch.inference_mode():
+        engine._admit()
+        assert len(engine._jobs) == 1 and len(engine._jobs[0].requests) == 3
+        while not any(isinstance(e, Started) for e in first):
+            engine._admit()
+            if engine._rows:
+                engine._step_or_fail()
+        assert engine._jobs and len(engine._jobs[0].waiting) == 2 and len(engine._rows) == 1
+        assert engine.stats()["prefilling"] == 2
+        streamed = 0
+        while not any(isinstance(e, Started) for e in last):
+            before = len(first)
+            engine._admit()
+            if engine._rows:
+                engine._step_or_fail()
+            streamed += len(first) > before
+    assert streamed >= 3  # the first answer went on while the job's other prompts were prefilled
+    drive(engine)
+    for (_, events), (im, p, k) in zip(jobs, asks, strict=True):
+        assert isinstance(events[0], Started) and isinstance(events[-1], Finished)
+        assert texts(events)[0] == vlm.generate(im, p, max_new_tokens=k, min_length=k)
+    assert not engine._jobs and not engine._rows
+
+
 def test_every_surface_decodes_through_the_engine(demo, monkeypatch):
     """`generate` (batched too), `stream` and the chat session take their tokens from the one engine, and
     the stream's pieces join into generate's answer."""

@@ -894,6 +894,11 @@ def serve(
         help="Prompt positions prefilled per engine step beside one decode step of the live streams (0: "
         "each admitted batch at once, the streams waiting meanwhile; default: the engine's).",
     ),
+    prefill_batch: int | None = typer.Option(
+        None,
+        min=1,
+        help="Waiting requests prefilled together, their images in one tower batch (default: the engine's).",
+    ),
     random_weights: bool = typer.Option(
         False, "--random-weights", help="A preset at full size with random weights (nothing downloaded)."
     ),
@@ -938,9 +943,11 @@ def serve(
                 max_connections=max_connections,
             ),
         )
-        budget = {} if prefill_tokens is None else {"prefill_tokens": prefill_tokens or None}
+        prefill = {} if prefill_tokens is None else {"prefill_tokens": prefill_tokens or None}
+        if prefill_batch is not None:
+            prefill["prefill_batch"] = prefill_batch
         engine_config = EngineConfig(
-            **budget,
+            **prefill,
             slots=slots,
             max_queue=max_queue,
             timeout=timeout or None,

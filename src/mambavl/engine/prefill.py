@@ -98,6 +98,7 @@ class PrefillJob:
             self._row(items, image_at, hit, embeddings.get(j), list(tokens.ids))
             for j, ((items, image_at, hit), tokens) in enumerate(zip(plans, prompts, strict=True))
         ]
+        self._taken: set[int] = set()  # rows `take_finished` has handed out
 
     def _row(self, items, image_at, hit, image: torch.Tensor | None, prompt_ids) -> PrefillRow:
         vlm = self.vlm
@@ -177,16 +178,24 @@ class PrefillJob:
                 self.cache.insert(row.items[: reached[0]], snapshot)
         return int(lengths.sum())
 
-    def result(self) -> Prefilled:
-        """Every row's outcome (all rows must be done)."""
-        if not self.done:
+    def take_finished(self) -> list[int]:
+        """The rows that are done and were not handed out before, by index: a scheduler starts each row
+        as soon as its prompt is in, not when the whole job is."""
+        rows = [j for j, row in enumerate(self.rows) if row.done and j not in self._taken]
+        self._taken.update(rows)
+        return rows
+
+    def result(self, rows: list[int] | None = None) -> Prefilled:
+        """The outcome of `rows` (by index, in that order; None: every row), which must be done."""
+        picked = self.rows if rows is None else [self.rows[j] for j in rows]
+        if not all(r.done for r in picked):
             raise RuntimeError("the prefill job has rows left: call step() until done")
         return Prefilled(
-            states=[r.state for r in self.rows],
-            logits=torch.stack([r.logits for r in self.rows]),
-            positions=[r.positions for r in self.rows],
-            cached=[r.cached for r in self.rows],
-            prompt_ids=[r.prompt_ids for r in self.rows],
+            states=[r.state for r in picked],
+            logits=torch.stack([r.logits for r in picked]),
+            positions=[r.positions for r in picked],
+            cached=[r.cached for r in picked],
+            prompt_ids=[r.prompt_ids for r in picked],
         )
 
 

@@ -149,11 +149,18 @@ class _Launched:
 
 @dataclass(eq=False)
 class _Job:
-    """Requests admitted together and being prefilled."""
+    """Requests admitted together and being prefilled (request j is the job's row j); each takes its slots
+    as soon as its own prompt is in."""
 
     job: PrefillJob
     requests: list[Request]
     opened: float
+    started: set[int] = field(default_factory=set)  # rows whose requests have taken their slots
+
+    @property
+    def waiting(self) -> list[Request]:
+        """The requests still being prefilled."""
+        return [r for j, r in enumerate(self.requests) if j not in self.started]
 
 
 @dataclass(eq=False)
@@ -364,7 +371,7 @@ class Engine:
             return {
                 "slots": self.config.slots,
                 "active": len(self._rows),
-                "prefilling": sum(len(job.requests) for job in self._jobs),
+                "prefilling": sum(len(job.waiting) for job in self._jobs),
                 "queued": len(self._waiting),
             }
 
@@ -425,7 +432,7 @@ class Engine:
 
     def _fail_all(self, message: str, status: int) -> None:
         with self._cond:
-            pending = list(self._waiting) + [r for job in self._jobs for r in job.requests]
+            pending = list(self._waiting) + [r for job in self._jobs for r in job.waiting]
             pending += [s.request for s in self._rows]
             self._waiting.clear()
             self._jobs.clear()
@@ -488,7 +495,7 @@ class Engine:
 
     def _admit(self) -> None:
         """Moves waiting requests that slots are free for into a prefill job, then prefills one step."""
-        free = self.config.slots - len(self._rows) - sum(r.n for job in self._jobs for r in job.requests)
+        free = self.config.slots - len(self._rows) - sum(r.n for job in self._jobs for r in job.waiting)
         batch: list[Request] = []
         with self._cond:  # first come, first served: a big `n` at the head waits for enough slots
             while self._waiting and len(batch) < self.config.prefill_batch and self._waiting[0].n <= free:
@@ -552,30 +559,34 @@ class Engine:
         return worked
 
     def _prefill_jobs(self, budget: int | None) -> None:
-        """`_prefill_step`'s work: `budget` positions (None: no limit) over the open jobs, oldest first."""
+        """`_prefill_step`'s work: `budget` positions (None: no limit) over the open jobs, oldest first. A
+        request whose prompt is in takes its slots at once, while the rest of its job goes on."""
         for entry in list(self._jobs):
             if budget is not None and budget <= 0:
                 break
-            try:
-                while not entry.job.done and (budget is None or budget > 0):
+            while not entry.job.done and (budget is None or budget > 0):
+                try:
                     used = entry.job.step(budget)  # a step stops at each snapshot boundary
-                    if budget is not None:
-                        budget -= used
-                done = entry.job.done
-                out = entry.job.result() if done else None
-            except Exception as e:  # shared by the batch: each of its requests fails, the others go on
-                self._jobs.remove(entry)
-                for request in entry.requests:
-                    self._end(request, "prefill", e)
-                continue
-            if done:
+                    rows = entry.job.take_finished()
+                    out = entry.job.result(rows) if rows else None
+                except Exception as e:  # shared by the rows in it: each fails, the other requests go on
+                    self._jobs.remove(entry)
+                    for request in entry.waiting:
+                        self._end(request, "prefill", e)
+                    break
+                if budget is not None:
+                    budget -= used
+                if rows:
+                    entry.started.update(rows)
+                    began = time.perf_counter()
+                    items = [entry.job.rows[j].items for j in rows]
+                    self._start([entry.requests[j] for j in rows], out, items)
+                    self._spent("start", began)
+            if entry.job.done and entry in self._jobs:
                 self._jobs.remove(entry)
                 if self.metrics is not None:
                     self.metrics.prefill_seconds.observe(time.monotonic() - entry.opened)
                 self._cache_metrics()
-                began = time.perf_counter()
-                self._start(entry.requests, out, [row.items for row in entry.job.rows])
-                self._spent("start", began)
 
     def _start(self, batch: list[Request], out: Prefilled, items: list[list]) -> None:
         """Prefilled requests take their slots and choose their first tokens."""
