@@ -564,9 +564,9 @@ class Engine:
         for entry in list(self._jobs):
             if budget is not None and budget <= 0:
                 break
-            while not entry.job.done and (budget is None or budget > 0):
+            while True:  # rows can be done before any step (the whole prompt cached): they start too
                 try:
-                    used = entry.job.step(budget)  # a step stops at each snapshot boundary
+                    used = 0 if entry.job.done else entry.job.step(budget)  # it stops at each snapshot
                     rows = entry.job.take_finished()
                     out = entry.job.result(rows) if rows else None
                 except Exception as e:  # shared by the rows in it: each fails, the other requests go on
@@ -582,6 +582,8 @@ class Engine:
                     items = [entry.job.rows[j].items for j in rows]
                     self._start([entry.requests[j] for j in rows], out, items)
                     self._spent("start", began)
+                if entry.job.done or (budget is not None and budget <= 0):
+                    break
             if entry.job.done and entry in self._jobs:
                 self._jobs.remove(entry)
                 if self.metrics is not None:
