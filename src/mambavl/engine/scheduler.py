@@ -57,9 +57,11 @@ class EngineConfig:
     max_queue: int = 1024  # requests waiting for a slot before new ones are refused
     prefill_batch: int = 16  # waiting requests prefilled together in one batch
     # Prompt positions prefilled per engine step, beside one decode step of the live sequences: a long
-    # prompt or a batch of images is prefilled over several steps while the streams go on (None: each
-    # admitted batch at once, the streams waiting meanwhile).
-    prefill_tokens: int | None = 2048
+    # prompt or a batch of images is prefilled over several steps while the streams go on. None (the
+    # default): each admitted batch at once, the streams waiting meanwhile; under a burst of image
+    # requests that gives more tokens/s and earlier first tokens, a budget smaller pauses in the streams
+    # (BENCHMARKS.md, the server tables).
+    prefill_tokens: int | None = None
     timeout: float | None = 600.0  # seconds from submission to the last token (None: no limit)
     cuda_graphs: bool = True  # decode through CUDA graphs where the model allows it
     # The interpreter's thread switch interval while the engine runs (Python's default is 5 ms): after
