@@ -98,7 +98,6 @@ class PrefillJob:
             self._row(items, image_at, hit, embeddings.get(j), list(tokens.ids))
             for j, ((items, image_at, hit), tokens) in enumerate(zip(plans, prompts, strict=True))
         ]
-        self._taken: set[int] = set()  # rows `take_finished` has handed out
 
     def _row(self, items, image_at, hit, image: torch.Tensor | None, prompt_ids) -> PrefillRow:
         vlm = self.vlm
@@ -177,13 +176,6 @@ class PrefillJob:
                 snapshot = Snapshot(row.state.clone(), row.logits.clone(), row.positions)
                 self.cache.insert(row.items[: reached[0]], snapshot)
         return int(lengths.sum())
-
-    def take_finished(self) -> list[int]:
-        """The rows that are done and were not handed out before, by index: a scheduler starts each row
-        as soon as its prompt is in, not when the whole job is."""
-        rows = [j for j, row in enumerate(self.rows) if row.done and j not in self._taken]
-        self._taken.update(rows)
-        return rows
 
     def result(self, rows: list[int] | None = None) -> Prefilled:
         """The outcome of `rows` (by index, in that order; None: every row), which must be done."""

@@ -164,6 +164,10 @@ class _Job:
         """The requests still being prefilled."""
         return [r for j, r in enumerate(self.requests) if j not in self.started]
 
+    def finished(self) -> list[int]:
+        """The rows whose prompts are in but whose requests have not taken their slots yet."""
+        return [j for j, row in enumerate(self.job.rows) if row.done and j not in self.started]
+
 
 @dataclass(eq=False)
 class _Sequence:
@@ -569,7 +573,7 @@ class Engine:
             while True:  # rows can be done before any step (the whole prompt cached): they start too
                 try:
                     used = 0 if entry.job.done else entry.job.step(budget)  # it stops at each snapshot
-                    rows = entry.job.take_finished()
+                    rows = entry.finished()
                     out = entry.job.result(rows) if rows else None
                 except Exception as e:  # shared by the rows in it: each fails, the other requests go on
                     self._jobs.remove(entry)
