@@ -189,6 +189,8 @@ def test_serve_bench_measures_each_prefill_budget_and_the_gaps_between_tokens():
         assert 0 < row["ttft_p50_s"] <= row["latency_p99_s"]
         assert 0 < row["gap_p50_s"] <= row["gap_p99_s"] < row["latency_p99_s"]
         assert row["peer_offline_tokens_per_s"] > 0
+        # every measured request is new to the server (the warm-up sends others): all of it is prefilled
+        assert row["cached_tokens"] == 0 and row["prompt_tokens"] > 0
         # the engine thread's time by phase: each phase that had work took some, and together no more
         # than the load's wall time
         phases = {k: v for k, v in row.items() if k.startswith("engine_")}
@@ -203,3 +205,27 @@ def test_serve_bench_refuses_a_negative_budget():
 
     with pytest.raises(ValueError, match="budgets are ≥ 0"):
         ServeBenchConfig(prefill_tokens=(-1,))
+
+
+def test_serve_bench_profiles_the_engine_thread(tmp_path):
+    """`bench --serve --profile` on the CPU: the last load runs once more under the profiler, which sees the
+    engine's own thread: its phases and the prefill's parts show as ranges with their counts, each no
+    longer than the load's wall, and the tables are written."""
+    from mambavl.bench.serve import ServeBenchConfig, serve_bench
+    from serving import printable_tiny_cobra
+
+    vlm = printable_tiny_cobra()
+    cfg = ServeBenchConfig(clients=(2,), requests_per_client=2, max_tokens=4, slots=4, image_size=64,
+                           peer=False, profile=True)  # fmt: skip
+    (row,) = serve_bench(vlm, cfg, tmp_path, say=lambda _: None)["results"]
+    profiled = row["profile"]
+    assert profiled["requests"] == 4 and profiled["failures"] == 0
+    ranges = profiled["ranges"]
+    engine = ("engine.open", "engine.prefill", "engine.start", "engine.step", "engine.advance")
+    prefill = ("prefill.lookup", "prefill.towers", "prefill.rows", "prefill.lm", "prefill.snapshot")
+    for name in engine + prefill:
+        assert ranges[name]["count"] >= 1, name
+        assert 0 < ranges[name]["thread_s"] <= profiled["wall_s"], name
+    # each request is opened once (alone or in a batch) and takes 4 tokens: at least 3 decode steps
+    assert ranges["engine.step"]["count"] >= 3
+    assert "engine.open" in (tmp_path / "serve_profile.txt").read_text()

@@ -63,9 +63,21 @@ def test_no_tower_graphs_on_the_cpu_or_for_towers_of_any_size():
     assert mambavl.create("tiny-nemotron-omni").tower_graphs() is None
 
 
+def test_the_connectors_scan_orders_are_made_where_the_features_are():
+    """ML-Mamba's connector makes its permutations on the features' device: a copy from the host could
+    not be captured in the towers' CUDA graph (they ran eagerly until it was removed)."""
+    from mambavl.projectors.msc import scan_orders
+
+    for directions in (2, 4):
+        orders = scan_orders(16, directions, torch.device("meta"))
+        assert orders[0] is None and all(o.device.type == "meta" for o in orders[1:])
+    rev, cols = scan_orders(16, 4)[1:3]
+    assert rev.tolist() == list(range(15, -1, -1)) and cols[:4].tolist() == [0, 4, 8, 12]
+
+
 @cuda
 @pytest.mark.usefixtures("exact_fp32")
-@pytest.mark.parametrize("preset", ["tiny-cobra", "tiny-viper-mamba"])
+@pytest.mark.parametrize("preset", ["tiny-cobra", "tiny-viper-mamba", "tiny-mlmamba"])
 def test_captured_towers_equal_eager_on_the_gpu(preset):
     vlm = mambavl.create(preset, device="cuda")
     graphs = vlm.tower_graphs()

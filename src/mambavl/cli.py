@@ -552,7 +552,9 @@ def bench(
     dtype: str = typer.Option("bfloat16", help="bfloat16, float16 or float32."),
     device: str = typer.Option("cuda", help="Device (the targets are for a CUDA GPU)."),
     profile: bool = typer.Option(
-        True, help="Also profile one prefill and a few decode steps by kernel (--train: one more step)."
+        True,
+        help="Also profile one prefill and a few decode steps by kernel (--train: one more step; --serve: "
+        "the last load once more, the engine thread's phases and the GPU's kernels).",
     ),
     train: bool = typer.Option(False, "--train", help="Measure a finetune step (tokens/s, MFU) instead."),
     steps: int = typer.Option(5, help="--train: steps (the first is warm-up)."),
@@ -620,7 +622,7 @@ def bench(
         budgets = _int_list(prefill_tokens, "--prefill-tokens", minimum=0) if prefill_tokens else ()
         _bench_serve(
             model, Path(out), device, dtype, clients, requests_per_client, max_tokens, slots, turns, budgets,
-            prefill_batch or None,
+            prefill_batch or None, profile,
         )  # fmt: skip
         return
     if model not in PRESETS:
@@ -696,7 +698,7 @@ def bench(
 
 def _bench_serve(
     model, out, device, dtype, clients, requests_per_client, max_tokens, slots, turns=1, budgets=(),
-    prefill_batch=None,
+    prefill_batch=None, profile=False,
 ) -> None:  # fmt: skip
     """`mambavl bench --serve`: a preset (full size, random weights) or a model directory, served in this
     process and loaded over HTTP at each client count, beside `VLM.generate` on the same requests."""
@@ -714,6 +716,7 @@ def _bench_serve(
             turns=turns,
             prefill_tokens=tuple(budgets),
             prefill_batch=prefill_batch,
+            profile=profile,
         )
         vlm = load_model(model, device, dtype, random_weights=model in PRESETS, log=console.print)
         serve_bench(vlm, cfg, out, say=console.print)

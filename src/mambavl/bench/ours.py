@@ -171,7 +171,8 @@ CATEGORIES = (
 )
 
 
-def _category(kernel: str) -> str:
+def kernel_category(kernel: str) -> str:
+    """The category (`CATEGORIES`) a CUDA kernel's name falls in, or "other"."""
     name = kernel.lower()
     return next((cat for cat, keys in CATEGORIES if any(k in name for k in keys)), "other")
 
@@ -210,7 +211,7 @@ def profile(vlm: VLM, prefill_tokens: int = 16384, decode_steps: int = 16) -> di
             us = getattr(event, "device_time", 0.0) or 0.0
             if event.device_type.name != "CUDA" or us <= 0:
                 continue
-            by_cat[_category(event.name)] += us
+            by_cat[kernel_category(event.name)] += us
             top[event.name] += us
         total = sum(by_cat.values()) or 1.0
         out[name] = {

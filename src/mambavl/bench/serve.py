@@ -202,6 +202,9 @@ def summarize(outcomes: list[Outcome], wall: float, clients: int) -> dict:
         "gap_p50_s": percentile(gaps, 50),
         "gap_p99_s": percentile(gaps, 99),
         "completion_tokens": tokens,
+        # prompt positions resumed from the prefix-state cache rather than prefilled (of all the prompts')
+        "cached_tokens": sum(o.cached_tokens for o in good),
+        "prompt_tokens": sum(o.prompt_tokens for o in good),
         "tokens_per_s": tokens / wall if wall else 0.0,
         "requests_per_s": len(good) / wall if wall else 0.0,
     }
@@ -232,6 +235,8 @@ class ServeBenchConfig:
     # admitted batch at once); empty: the engine's default
     prefill_tokens: tuple[int, ...] = ()
     prefill_batch: int | None = None  # waiting requests the engine prefills together (None: its default)
+    # after the measured runs, the largest load once more under the PyTorch profiler (`serve_profile.txt`)
+    profile: bool = False
 
     def __post_init__(self):
         if self.turns < 1:
@@ -271,15 +276,15 @@ def serve_bench(vlm, cfg: ServeBenchConfig, out: Path | None = None, say=print) 
         return _write(_conversation_bench(vlm, cfg, say), vlm, cfg, out)
     rows, offline, loads = [], {}, {}
     for clients in cfg.clients:  # the same requests for every budget, encoded once
-        images = [synthetic_image(cfg.image_size, i) for i in range(clients * cfg.requests_per_client)]
-        options = dict(max_tokens=cfg.max_tokens, ignore_eos=True, temperature=0)
-        bodies = [chat_body(f"{cfg.question} ({i})", im, **options) for i, im in enumerate(images)]
-        loads[clients] = images, bodies
+        loads[clients] = _requests(cfg, clients * cfg.requests_per_client, clients * 10**6)
+    first = True
     for engine_config in cfg.engine_configs():
         with ServerThread(Engine(vlm, engine_config), ServeConfig(model_name=vlm.config.name)) as url:
             for clients in cfg.clients:
                 images, bodies = loads[clients]
-                run_load(url, bodies[:clients], clients)  # warm-up: towers, graphs, allocator
+                # warm-up (towers, graphs, allocator) with requests of their own: none of the measured
+                # ones may find its image or prompt in the prefix-state cache
+                run_load(url, _requests(cfg, clients, clients * 10**6 + 500_000)[1], clients)
                 before = engine_seconds(url)
                 outcomes, wall = run_load_apart(url, bodies, clients)
                 row = summarize(outcomes, wall, clients) | {
@@ -294,7 +299,86 @@ def serve_bench(vlm, cfg: ServeBenchConfig, out: Path | None = None, say=print) 
                     row["peer_offline_tokens_per_s"] = offline[clients]
                 rows.append(row)
                 say(_line(row))
+            if cfg.profile and first:  # the last load measured, with the first engine configuration
+                clients = cfg.clients[-1]
+                fresh = _requests(cfg, clients * cfg.requests_per_client, clients * 10**6 + 700_000)
+                rows[-1]["profile"] = profile_load(url, fresh[1], clients, out)
+                say(_profile_line(rows[-1]["profile"]))
+            first = False
     return _write(rows, vlm, cfg, out)
+
+
+def profile_load(url: str, bodies: list[dict], clients: int, out: Path | None = None) -> dict:
+    """Sends the load once more while the PyTorch profiler records this process (the server: its engine
+    thread's phases and ops, every thread's) and the GPU. Returns where the engine thread's time went
+    (`engine.*` and `prefill.*` ranges: seconds on the thread, and kernel seconds they launched), the
+    GPU's kernel seconds by category against the wall, and the busiest operators; with `out`, the
+    profiler's tables in `serve_profile.txt`."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from mambavl.bench.ours import kernel_category
+
+    cuda = torch.cuda.is_available()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    try:  # the engine runs in a thread of its own, which a profiler sees only when asked to
+        from torch._C._profiler import _ExperimentalConfig
+
+        options = {"experimental_config": _ExperimentalConfig(profile_all_threads=True)}
+    except (ImportError, TypeError):
+        options = {}
+    with profile(activities=activities, **options) as prof:
+        outcomes, wall = run_load_apart(url, bodies, clients)
+        if cuda:
+            torch.cuda.synchronize()
+    averages = prof.key_averages()
+    ranges = {
+        e.key: {"count": e.count, "thread_s": e.cpu_time_total / 1e6, "kernel_s": e.device_time_total / 1e6}
+        for e in averages
+        if e.key.startswith(("engine.", "prefill."))
+    }
+    kernels: dict[str, float] = {}
+    for event in prof.events():
+        seconds = (getattr(event, "device_time", 0.0) or 0.0) / 1e6
+        if event.device_type.name == "CUDA" and seconds > 0:
+            category = kernel_category(event.name)
+            kernels[category] = kernels.get(category, 0.0) + seconds
+    busiest = sorted(averages, key=lambda e: -e.self_cpu_time_total)[:15]
+    result = {
+        "clients": clients,
+        "requests": len(outcomes),
+        "failures": sum(not o.ok for o in outcomes),
+        "wall_s": wall,
+        "ranges": dict(sorted(ranges.items())),
+        "kernel_s": sum(kernels.values()),
+        "kernel_s_by_category": dict(sorted(kernels.items(), key=lambda kv: -kv[1])),
+        "self_cpu_s_by_op": {e.key: e.self_cpu_time_total / 1e6 for e in busiest},
+    }
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        tables = [averages.table(sort_by="self_cpu_time_total", row_limit=40)]
+        if cuda:
+            tables.append(averages.table(sort_by="self_device_time_total", row_limit=40))
+        (out / "serve_profile.txt").write_text("\n\n".join(tables))
+    return result
+
+
+def _profile_line(profiled: dict) -> str:
+    ranges = ", ".join(
+        f"{name} {r['thread_s']:.2f} s ({r['kernel_s']:.2f} s kernels, {r['count']}×)"
+        for name, r in profiled["ranges"].items()
+    )
+    return (
+        f"profile, {profiled['clients']} clients: wall {profiled['wall_s']:.2f} s, GPU kernels "
+        f"{profiled['kernel_s']:.2f} s; {ranges}"
+    )
+
+
+def _requests(cfg: ServeBenchConfig, n: int, seed: int) -> tuple[list, list[dict]]:
+    """`n` requests of images and questions numbered from `seed`: (images, request bodies)."""
+    images = [synthetic_image(cfg.image_size, seed + i) for i in range(n)]
+    options = dict(max_tokens=cfg.max_tokens, ignore_eos=True, temperature=0)
+    return images, [chat_body(f"{cfg.question} ({seed + i})", im, **options) for i, im in enumerate(images)]
 
 
 def _write(rows: list[dict], vlm, cfg: ServeBenchConfig, out: Path | None) -> dict:
@@ -426,6 +510,8 @@ def _line(row: dict) -> str:
         f"gap p50 {row['gap_p50_s'] * 1e3:.1f} ms p99 {row['gap_p99_s'] * 1e3:.1f} ms, "
         f"{row['tokens_per_s']:,.0f} tok/s"
     )
+    if row.get("cached_tokens"):
+        text += f", {row['cached_tokens'] / row['prompt_tokens']:.0%} of the prompts' positions cached"
     if row.get("decode_steps"):
         text += (
             f"; engine: prefill {row['prefill_s']:.2f} s, {row['decode_steps']:.0f} steps in "

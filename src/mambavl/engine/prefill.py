@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from torch.profiler import record_function
 
 from mambavl.engine.prefix_cache import Item, PrefixCache, Snapshot
 from mambavl.lm.state import LMState
@@ -82,22 +83,25 @@ class PrefillJob:
             raise ValueError("prefill needs one image (or None) per prompt")
         self.vlm, self.cache, self.graphs = vlm, cache, graphs
         plans = []
-        for image, tokens in zip(images, prompts, strict=True):
-            items, image_at = prompt_items(vlm, image, tokens)
-            if not items:
-                raise ValueError("a prompt is empty and has no image: there is nothing to continue from")
-            hit = cache.lookup(items, vlm.device) if cache is not None else None
-            plans.append((items, image_at, hit))
+        with record_function("prefill.lookup"):
+            for image, tokens in zip(images, prompts, strict=True):
+                items, image_at = prompt_items(vlm, image, tokens)
+                if not items:
+                    raise ValueError("a prompt is empty and has no image: there is nothing to continue from")
+                hit = cache.lookup(items, vlm.device) if cache is not None else None
+                plans.append((items, image_at, hit))
         # the towers run for images the cache does not cover (a hit of n items holds the image if n > at)
         encode = [
             j for j, (_, at, hit) in enumerate(plans) if at is not None and (hit is None or hit[0] <= at)
         ]
-        encoded = vlm.image_embeddings([images[j] for j in encode], graphs) if encode else []
+        with record_function("prefill.towers"):
+            encoded = vlm.image_embeddings([images[j] for j in encode], graphs) if encode else []
         embeddings = dict(zip(encode, encoded, strict=True))
-        self.rows = [
-            self._row(items, image_at, hit, embeddings.get(j), list(tokens.ids))
-            for j, ((items, image_at, hit), tokens) in enumerate(zip(plans, prompts, strict=True))
-        ]
+        with record_function("prefill.rows"):
+            self.rows = [
+                self._row(items, image_at, hit, embeddings.get(j), list(tokens.ids))
+                for j, ((items, image_at, hit), tokens) in enumerate(zip(plans, prompts, strict=True))
+            ]
 
     def _row(self, items, image_at, hit, image: torch.Tensor | None, prompt_ids) -> PrefillRow:
         vlm = self.vlm
@@ -163,8 +167,9 @@ class PrefillJob:
             [row.pending[row.fed : row.fed + n] for row, n in pieces], batch_first=True
         )
         state = LMState.stack([row.state for row, _ in pieces])
-        hidden = vlm.prefill(embeds, lengths, state, self.graphs)
-        logits = vlm.lm.lm_head(hidden).float()
+        with record_function("prefill.lm"):
+            hidden = vlm.prefill(embeds, lengths, state, self.graphs)
+            logits = vlm.lm.lm_head(hidden).float()
         for b, (row, n) in enumerate(pieces):
             # a view of the batch's row (its next step stacks a copy; a snapshot clones it)
             row.state = state.map(lambda t, b=b: t[b : b + 1]) if len(pieces) > 1 else state
@@ -173,8 +178,9 @@ class PrefillJob:
             row.positions += n
             reached = [items for offset, items in row.boundaries if offset == row.fed]
             if reached and self.cache is not None:
-                snapshot = Snapshot(row.state.clone(), row.logits.clone(), row.positions)
-                self.cache.insert(row.items[: reached[0]], snapshot)
+                with record_function("prefill.snapshot"):
+                    snapshot = Snapshot(row.state.clone(), row.logits.clone(), row.positions)
+                    self.cache.insert(row.items[: reached[0]], snapshot)
         return int(lengths.sum())
 
     def result(self, rows: list[int] | None = None) -> Prefilled:

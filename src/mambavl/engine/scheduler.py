@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 
 import torch
+from torch.profiler import record_function
 
 from mambavl.engine.prefill import Prefilled, PrefillJob
 from mambavl.engine.prefix_cache import CacheStats, PrefixCache, Snapshot
@@ -512,7 +513,8 @@ class Engine:
         batch = [r for r in batch if self._ready(r)]
         if batch:
             opened = time.perf_counter()
-            self._open(batch)
+            with record_function("engine.open"):  # the phases show in a profile (`bench --serve`) too
+                self._open(batch)
             self._spent("open", opened)
         worked = self._prefill_step() or bool(batch)  # the step runs whether or not anything is measured
         if worked and self.metrics is not None:
@@ -559,7 +561,8 @@ class Engine:
         worked = bool(self._jobs)
         began, started_before = time.perf_counter(), self.phase_seconds["start"]
         try:
-            self._prefill_jobs(budget)
+            with record_function("engine.prefill"):
+                self._prefill_jobs(budget)
         finally:  # the slots' loading is its own phase
             self._spent("prefill", began, self.phase_seconds["start"] - started_before)
         return worked
@@ -586,7 +589,8 @@ class Engine:
                     entry.started.update(rows)
                     began = time.perf_counter()
                     items = [entry.job.rows[j].items for j in rows]
-                    self._start([entry.requests[j] for j in rows], out, items)
+                    with record_function("engine.start"):
+                        self._start([entry.requests[j] for j in rows], out, items)
                     self._spent("start", began)
                 if entry.job.done or (budget is not None and budget <= 0):
                     break
@@ -664,6 +668,7 @@ class Engine:
         tokens = torch.tensor([s.token for s in rows], device=self.vlm.device)
         return _Launched(self.decoder.step(tokens), rows)
 
+    @record_function("engine.step")
     def _step(self) -> None:
         """Takes the step in flight (or runs one), chooses every row's next token, queues the next step at
         once, and then, while the device runs it, does this step's host work (detokenizing, stop strings,
@@ -688,8 +693,9 @@ class Engine:
         if going_on or len(seqs) < len(self._rows):
             self._inflight = self._launch()  # every row that goes on is fed its token now
         advancing = self._spent("step", started)
-        self._advance(seqs, chosen, answers)
-        self._retire()
+        with record_function("engine.advance"):
+            self._advance(seqs, chosen, answers)
+            self._retire()
         self._spent("advance", advancing)
 
     def _answer_states(self, seqs: list[_Sequence], chosen: list[int | None], logits: torch.Tensor) -> dict:

@@ -30,16 +30,16 @@ from mambavl.projectors.mlp import FusedMLPProjector
 SUFFIXES = ("", "_b", "_c", "_d")
 
 
-def scan_orders(n_tokens: int, directions: int) -> list[torch.Tensor | None]:
+def scan_orders(n_tokens: int, directions: int, device=None) -> list[torch.Tensor | None]:
     """Token permutations for each direction: row-major, its reverse, then column-major and its reverse
-    (None: the identity)."""
-    rev = torch.arange(n_tokens - 1, -1, -1)
+    (None: the identity), made on `device` (no copy from the host: the towers' CUDA graphs capture them)."""
+    rev = torch.arange(n_tokens - 1, -1, -1, device=device)
     if directions == 2:
         return [None, rev]
     side = math.isqrt(n_tokens)
     if side * side != n_tokens:
         raise ValueError(f"a 4-direction cross-scan needs a square patch grid, got {n_tokens} tokens")
-    cols = torch.arange(n_tokens).view(side, side).t().flatten()
+    cols = torch.arange(n_tokens, device=device).view(side, side).t().flatten()
     return [None, rev, cols, cols.flip(0)]
 
 
@@ -81,11 +81,11 @@ class BiMamba2Mixer(Mamba2Mixer):
             raise ValueError("the bidirectional connector reads whole images: it takes no state or padding")
         parts = self.in_proj(hidden).split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
         total = 0
-        for suffix, order in zip(SUFFIXES, scan_orders(hidden.shape[1], self.directions), strict=False):
+        orders = scan_orders(hidden.shape[1], self.directions, hidden.device)
+        for suffix, order in zip(SUFFIXES, orders, strict=False):
             if order is None:
                 total = total + self._direction(*parts, suffix)
                 continue
-            order = order.to(hidden.device)
             y = self._direction(*(t[:, order] for t in parts), suffix)
             total = total + torch.empty_like(y).index_copy_(1, order, y)  # back to row-major positions
         return self.out_proj(total / self.directions)

@@ -183,10 +183,12 @@ class VLM(nn.Module):
 
     # ---- inputs --------------------------------------------------------------------------------------------
     def _stack(self, tensors: list) -> torch.Tensor | dict[str, torch.Tensor]:
-        move = dict(device=self.device, dtype=self.vision_dtype)
         if isinstance(tensors[0], dict):
-            return {k: torch.stack([t[k] for t in tensors]).to(**move) for k in tensors[0]}
-        return torch.stack(tensors).to(**move)
+            return {k: self._stack([t[k] for t in tensors]) for k in tensors[0]}
+        if all(t.is_pinned() and t.dtype == self.vision_dtype for t in tensors):  # `preprocess`'s views
+            # queued copies, one a view, stacked on the device: the engine's thread does not wait for them
+            return torch.stack([t.to(self.device, non_blocking=True) for t in tensors])
+        return torch.stack(tensors).to(device=self.device, dtype=self.vision_dtype)
 
     def pixel_values(self, images: list) -> torch.Tensor | dict[str, torch.Tensor]:
         """Images (PIL, paths or bytes) -> the tower's batched input, on the model's device and dtype."""
@@ -237,12 +239,24 @@ class VLM(nn.Module):
             return image
         img = load_image(image, self.config.max_pixels)
         if self.config.anyres is None:
-            prepared = PreparedImage([self.image_transform(img)], img.size)
+            prepared = PreparedImage([self._view(img)], img.size)
         else:
             views, grid = anyres_views(img, list(self.config.anyres), self.vision.image_size)
-            prepared = PreparedImage([self.image_transform(v) for v in views], img.size, grid)
+            prepared = PreparedImage([self._view(v) for v in views], img.size, grid)
         prepared.digest  # noqa: B018 (computed here, in the caller's thread)
         return prepared
+
+    def _view(self, image) -> torch.Tensor | dict[str, torch.Tensor]:
+        """One transformed view, in the tower's dtype (the cast the tower's input takes anyway) and, for a
+        model on a GPU, in pinned memory: the engine's thread then only queues its copy."""
+        view = self.image_transform(image)
+        pin = self.device.type == "cuda"
+
+        def ready(t: torch.Tensor) -> torch.Tensor:
+            t = t.to(self.vision_dtype)
+            return t.pin_memory() if pin else t
+
+        return {k: ready(t) for k, t in view.items()} if isinstance(view, dict) else ready(view)
 
     @cached_property
     def positions_per_view(self) -> int:
