@@ -188,3 +188,36 @@ def test_chunked_prefill_equals_whole_prefill(preset):
     h_chunked = vlm.prefill(batch.embeds, batch.lengths, state_chunked)
     assert chunked == whole
     torch.testing.assert_close(h_chunked, h_whole, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("preset", ["tiny-cobra", "tiny-mlmamba", "tiny-viper-jamba"])
+@pytest.mark.parametrize("chunk", [None, 7])
+def test_prefill_with_lengths_on_the_host_equals_a_tensor_of_them(preset, chunk):
+    """Lengths given as a host list (the engine's way: the host never waits for the device) give the same
+    hidden states and states as a tensor of them, ragged rows, a row of nothing and chunks included."""
+    torch.manual_seed(0)
+    vlm = mambavl.create(preset)
+    vlm.prefill_chunk = chunk
+    embeds = torch.randn(4, 23, vlm.config.lm.d_model)
+    lengths = [23, 5, 0, 16]
+    got_state, want_state = vlm.lm.new_state(4), vlm.lm.new_state(4)
+    got = vlm.prefill(embeds, lengths, got_state)
+    want = vlm.prefill(embeds, torch.tensor(lengths), want_state)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    for mine, theirs in zip(got_state.layers, want_state.layers, strict=True):
+        for name, t in mine.items():
+            torch.testing.assert_close(t, theirs[name], rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"lengths must be \[4\] integers in \[0, 23\]"):
+        vlm.prefill(embeds, [23, 5, 0, 24], vlm.lm.new_state(4))
+
+
+def test_embedding_a_host_list_equals_a_tensor_and_is_checked():
+    from mambavl.runtime import to_device
+
+    vlm = mambavl.create("tiny-cobra")
+    ids = [3, 0, vlm.config.lm.vocab_size - 1, 7]
+    assert to_device(ids, vlm.device).tolist() == ids and to_device(ids, vlm.device).dtype == torch.long
+    torch.testing.assert_close(vlm.lm.embed(ids), vlm.lm.embed(torch.tensor(ids)), rtol=0, atol=0)
+    assert vlm.lm.embed([]).shape == (0, vlm.config.lm.d_model)
+    with pytest.raises(ValueError, match="use this model's tokenizer"):
+        vlm.lm.embed([1, vlm.config.lm.vocab_size])

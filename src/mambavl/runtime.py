@@ -20,6 +20,15 @@ def pick_device(device: str = "auto") -> torch.device:
     return chosen
 
 
+def to_device(values: list, device: torch.device, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """A host list as a tensor on `device`, without waiting for the device: on a GPU the copy goes from
+    pinned memory, queued behind the work already there (a plain copy would wait for all of it)."""
+    host = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """auto: bf16 on GPUs, fp32 on CPUs (where bf16 matmuls are slow)."""
     if dtype == "auto":

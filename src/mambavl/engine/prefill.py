@@ -52,7 +52,7 @@ class PrefillRow:
 
     items: list[Item]
     prompt_ids: list[int]
-    state: LMState
+    state: LMState | None  # None: zeros (nothing fed yet; a step makes the zeros of all such rows at once)
     logits: torch.Tensor | None  # next-token logits after what the state holds (None: nothing yet)
     positions: int  # positions the state holds
     cached: int  # of which resumed from the cache
@@ -98,23 +98,27 @@ class PrefillJob:
             encoded = vlm.image_embeddings([images[j] for j in encode], graphs) if encode else []
         embeddings = dict(zip(encode, encoded, strict=True))
         with record_function("prefill.rows"):
-            self.rows = [
-                self._row(items, image_at, hit, embeddings.get(j), list(tokens.ids))
-                for j, ((items, image_at, hit), tokens) in enumerate(zip(plans, prompts, strict=True))
+            parts = [
+                self._parts(items, at, hit, embeddings.get(j)) for j, (items, at, hit) in enumerate(plans)
             ]
+            # every row's token ids embedded at once: one copy to the device, not waited for
+            runs = [value for pieces, _ in parts for kind, value in pieces if kind == "ids"]
+            flat = [i for run in runs for i in run]
+            embedded = iter(vlm.lm.embed(flat).split([len(run) for run in runs]))
+            self.rows = []
+            for (items, _, hit), (pieces, boundaries), tokens in zip(plans, parts, prompts, strict=True):
+                feed = [next(embedded) if kind == "ids" else value for kind, value in pieces]
+                self.rows.append(self._row(items, hit, feed, boundaries, list(tokens.ids)))
 
-    def _row(self, items, image_at, hit, image: torch.Tensor | None, prompt_ids) -> PrefillRow:
-        vlm = self.vlm
-        if hit is None:
-            start, state, logits, positions = 0, vlm.lm.new_state(1), None, 0
-        else:
-            start, snap = hit
-            state, logits, positions = snap.state.clone(), snap.logits.clone(), snap.positions
+    def _parts(self, items, image_at, hit, image: torch.Tensor | None) -> tuple[list[tuple], list]:
+        """What a row still feeds, in order: ("ids", [token ids]) and ("image", embeddings) parts, and
+        its snapshot boundaries (offset into what it feeds, items covered there)."""
+        start = 0 if hit is None else hit[0]
         parts, run, boundaries, offset = [], [], [], 0
         for i in range(start, len(items)):
             if i == image_at:
                 parts.append(("ids", run))
-                parts.append(("image", image.to(vlm.device)))
+                parts.append(("image", image.to(self.vlm.lm.dtype)))
                 offset += len(run) + image.shape[0]
                 run = []
                 if self.cache is not None and i + 1 < len(items):
@@ -122,7 +126,16 @@ class PrefillJob:
             else:
                 run.append(items[i])
         parts.append(("ids", run))
-        pending = torch.cat([self._embed(kind, value) for kind, value in parts])
+        return parts, boundaries
+
+    def _row(self, items, hit, embeddings: list[torch.Tensor], boundaries, prompt_ids) -> PrefillRow:
+        vlm = self.vlm
+        if hit is None:
+            state, logits, positions = None, None, 0
+        else:
+            snap = hit[1]
+            state, logits, positions = snap.state.clone(), snap.logits.clone(), snap.positions
+        pending = torch.cat(embeddings)
         boundaries.append((pending.shape[0], len(items)))
         total = positions + pending.shape[0]
         if total > vlm.config.max_length:
@@ -130,15 +143,7 @@ class PrefillJob:
                 f"the input is {total} positions (image + prompt) but {vlm.config.name} takes at most "
                 f"{vlm.config.max_length}; shorten the prompt"
             )
-        row = PrefillRow(items, prompt_ids, state, logits, positions, positions, pending, boundaries)
-        return row
-
-    def _embed(self, kind: str, value) -> torch.Tensor:
-        lm = self.vlm.lm
-        if kind == "image":
-            return value.to(lm.dtype)
-        ids = torch.tensor([value], dtype=torch.long, device=self.vlm.device)
-        return lm.embed(ids)[0] if value else lm.embedding.weight.new_zeros(0, lm.config.d_model)
+        return PrefillRow(items, prompt_ids, state, logits, positions, positions, pending, boundaries)
 
     @property
     def done(self) -> bool:
@@ -162,11 +167,14 @@ class PrefillJob:
         if not pieces:
             return 0
         vlm = self.vlm
-        lengths = torch.tensor([n for _, n in pieces], device=vlm.device)
+        lengths = [n for _, n in pieces]  # on the host: the prefill never waits for the device
         embeds = torch.nn.utils.rnn.pad_sequence(
             [row.pending[row.fed : row.fed + n] for row, n in pieces], batch_first=True
         )
-        state = LMState.stack([row.state for row, _ in pieces])
+        if all(row.state is None for row, _ in pieces):
+            state = vlm.lm.new_state(len(pieces))
+        else:
+            state = LMState.stack([vlm.lm.new_state(1) if r.state is None else r.state for r, _ in pieces])
         with record_function("prefill.lm"):
             hidden = vlm.prefill(embeds, lengths, state, self.graphs)
             logits = vlm.lm.lm_head(hidden).float()
@@ -181,7 +189,7 @@ class PrefillJob:
                 with record_function("prefill.snapshot"):
                     snapshot = Snapshot(row.state.clone(), row.logits.clone(), row.positions)
                     self.cache.insert(row.items[: reached[0]], snapshot)
-        return int(lengths.sum())
+        return sum(lengths)
 
     def result(self, rows: list[int] | None = None) -> Prefilled:
         """The outcome of `rows` (by index, in that order; None: every row), which must be done."""

@@ -37,6 +37,7 @@ from torch.profiler import record_function
 from mambavl.engine.prefill import Prefilled, PrefillJob
 from mambavl.engine.prefix_cache import CacheStats, PrefixCache, Snapshot
 from mambavl.lm.state import LMState
+from mambavl.runtime import to_device
 from mambavl.vision.images import ImageError
 from mambavl.vlm.graphs import BUCKETS, GraphDecoder, KVGraphDecoder, slot_decoder
 from mambavl.vlm.model import VLM, PreparedImage, PromptIds
@@ -642,7 +643,7 @@ class Engine:
                 self._end(request, "loading the prefilled state", e)
             self._retire()
             return
-        logits = out.logits[torch.as_tensor(rows, device=out.logits.device)]
+        logits = out.logits[to_device(rows, out.logits.device)]
         chosen = self._choose(logits, new)
         self._advance(new, chosen, self._answer_states(new, chosen, logits))
         self._retire()

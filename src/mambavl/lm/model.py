@@ -24,6 +24,7 @@ from mambavl.lm.norm import RMSNorm
 from mambavl.lm.parallel import ParallelMixer
 from mambavl.lm.shared import SharedBlock
 from mambavl.lm.state import LMState
+from mambavl.runtime import to_device
 
 MIXER_CLASSES = {
     "mamba1": Mamba1Mixer,
@@ -143,12 +144,19 @@ class LanguageModel(nn.Module):
         device = self.device if device is None else device
         return LMState([layer.new_state(batch_size, device) for layer in self.layers])
 
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def embed(self, input_ids: torch.Tensor | list[int]) -> torch.Tensor:
+        """The embeddings of token ids, checked against the vocabulary. A host list of ids is checked on
+        the host and copied without waiting for the device (`runtime.to_device`): [T] -> [T, d_model]."""
         vocab = self.config.vocab_size
-        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab):
+        if isinstance(input_ids, torch.Tensor):
+            bounds = (int(input_ids.min()), int(input_ids.max())) if input_ids.numel() else None
+        else:
+            bounds = (min(input_ids), max(input_ids)) if input_ids else None
+            input_ids = to_device(input_ids, self.embedding.weight.device)
+        if bounds is not None and (bounds[0] < 0 or bounds[1] >= vocab):
             raise ValueError(
-                f"input_ids hold values in [{int(input_ids.min())}, {int(input_ids.max())}] but the "
-                f"vocabulary has {vocab} entries: use this model's tokenizer"
+                f"input_ids hold values in [{bounds[0]}, {bounds[1]}] but the vocabulary has {vocab} "
+                "entries: use this model's tokenizer"
             )
         return self.embedding(input_ids)
 

@@ -29,6 +29,7 @@ import torch
 from mambavl.lm.ffn import STATIC_TOKENS
 from mambavl.lm.model import LanguageModel
 from mambavl.lm.state import LMState
+from mambavl.runtime import to_device
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256)
 
@@ -117,7 +118,7 @@ class SlotDecoder:
     def load(self, state: LMState, slots: list[int] | None = None) -> None:
         """Copies the rows of `state` into the given slots (default: rows 0..B-1)."""
         slots = list(range(state.batch_size)) if slots is None else slots
-        index = torch.as_tensor(slots, device=self.lm.device)
+        index = to_device(slots, self.lm.device)  # queued behind the prefill that made `state`
         for mine, theirs in zip(self.state.layers, state.layers, strict=True):
             for name, t in mine.items():
                 t.index_copy_(0, index, theirs[name].to(t.dtype))
@@ -176,7 +177,7 @@ class KVSlotDecoder(SlotDecoder):
 
     def load(self, state: LMState, slots: list[int] | None = None) -> None:
         slots = list(range(state.batch_size)) if slots is None else slots
-        index = torch.as_tensor(slots, device=self.lm.device)
+        index = to_device(slots, self.lm.device)  # queued behind the prefill that made `state`
         for mine, theirs in zip(self.state.layers, state.layers, strict=True):
             for name, t in mine.items():  # Mamba states (Falcon-H1's layers hold both kinds)
                 if name not in KV_KEYS:
