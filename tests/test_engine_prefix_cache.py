@@ -314,3 +314,34 @@ def test_prefill_in_small_steps_equals_at_once(vlm):
     for b in range(3):
         _assert_same_state(out.states[b], whole.states[b])
     assert len(cache) == 5  # after each image and at each prompt's end
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("preset", ["tiny-cobra", "tiny-mlmamba"])
+def test_a_prefill_job_never_waits_for_the_device(preset):
+    """A burst's prefill (towers, rows, LM steps, snapshots) only queues work: the engine's thread goes on
+    to the next while the GPU runs it. PyTorch raises on any operation that would wait for the GPU."""
+    from mambavl.bench.serve import synthetic_image
+    from mambavl.engine.prefill import PrefillJob
+
+    vlm = mambavl.create(preset, device="cuda", dtype=torch.bfloat16)
+    engine = Engine(vlm, EngineConfig(slots=8))
+
+    def run(seed: int) -> PrefillJob:
+        images = [vlm.preprocess(synthetic_image(64, seed + i)) for i in range(4)]
+        prompts = [engine.encode(f"Describe it. ({seed + i})" * (1 + i), im) for i, im in enumerate(images)]
+        job = PrefillJob(vlm, images, prompts, engine.cache, graphs=True)
+        while not job.done:
+            job.step()
+        return job
+
+    with torch.inference_mode():
+        for seed in (0, 100):  # graphs captured and pinned memory allocated outside the check
+            run(seed)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            job = run(200)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        assert all(row.done for row in job.rows)

@@ -178,9 +178,15 @@ class PrefillJob:
         with record_function("prefill.lm"):
             hidden = vlm.prefill(embeds, lengths, state, self.graphs)
             logits = vlm.lm.lm_head(hidden).float()
+        # each row's state: views of the batch's row (its next step stacks a copy; a snapshot clones it),
+        # one split a tensor for all the rows rather than a slice a tensor a row
+        rows = state.map(lambda t: t.split(1)) if len(pieces) > 1 else None
         for b, (row, n) in enumerate(pieces):
-            # a view of the batch's row (its next step stacks a copy; a snapshot clones it)
-            row.state = state.map(lambda t, b=b: t[b : b + 1]) if len(pieces) > 1 else state
+            if rows is None:
+                row.state = state
+            else:
+                layers = [{k: views[b] for k, views in layer.items()} for layer in rows.layers]
+                row.state = LMState(layers, state.seqlen)
             row.logits = logits[b]
             row.fed += n
             row.positions += n
