@@ -42,6 +42,7 @@ from mambavl.vision.images import ImageError
 from mambavl.vlm.graphs import BUCKETS, GraphDecoder, KVGraphDecoder, slot_decoder
 from mambavl.vlm.model import VLM, PreparedImage, PromptIds
 from mambavl.vlm.sampling import SamplingParams, greedy_tokens, next_tokens, seeded_generator
+from mambavl.vlm.tokenizer import StreamDecoder
 
 log = logging.getLogger(__name__)
 # the cache length up to which the engine captures its attention models' graphs before serving
@@ -183,6 +184,8 @@ class _Sequence:
     items: list = field(default_factory=list)  # the prompt as prefix-cache items
     positions: int = 0  # the prompt's positions (image + tokens)
     ended_by_eos: bool = False
+    decoder: StreamDecoder | None = None  # the answer's text, a token at a time
+    text: str = ""  # the answer's text so far, as `decoder` gave it (unstripped)
     sent: str = ""  # text already emitted
     token: int = 0  # the last token chosen: the next step's input
     finished: bool = False
@@ -624,6 +627,7 @@ class Engine:
                 continue
             for seq in seqs:
                 seq.items, seq.positions = items[j], out.positions[j]
+                seq.decoder = self._tok.stream()
             self._emit(request, Started(out.positions[j], out.cached[j]))
             if self.metrics is not None:
                 self.metrics.prompt_tokens.inc(out.positions[j] - out.cached[j])
@@ -794,12 +798,15 @@ class Engine:
         s.token = token
         if self.metrics is not None:
             self.metrics.generation_tokens.inc()
-        text = _shown(self._tok.decode(s.ids))
-        hit = [text.find(stop) for stop in s.params.stop if stop in text]
+        # only the new text is decoded, and only where it can complete a stop string searched for
+        before = len(_shown(s.text))
+        s.text += s.decoder.step(token)
+        text = _shown(s.text)
+        hit = [i for stop in s.params.stop if (i := text.find(stop, max(0, before - len(stop) + 1))) >= 0]
         if hit:
             self._finish(s, "stop", text[: min(hit)])
-        elif len(s.ids) >= s.params.max_new_tokens:
-            self._finish(s, "length", text)
+        elif len(s.ids) >= s.params.max_new_tokens:  # the whole answer once, an unfinished character too
+            self._finish(s, "length", _shown(self._tok.decode(s.ids)))
         else:
             self._send(s, text[: _safe_length(text, s.params.stop)])
             return False

@@ -45,6 +45,24 @@ class TextTokenizer:
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    def stream(self, skip_special_tokens: bool = True) -> StreamDecoder:
+        """An incremental decoder of one growing sequence of ids (see `StreamDecoder`)."""
+        return StreamDecoder(self.tokenizer, decoders.DecodeStream(skip_special_tokens=skip_special_tokens))
+
+
+@dataclass
+class StreamDecoder:
+    """The text each new id adds to a sequence, from a short window of the latest ids (`tokenizers`'
+    `DecodeStream`): constant work per token, where decoding the whole answer again grows with its
+    length. An id that ends inside a character (a byte-level piece of a longer UTF-8 sequence) adds
+    nothing until the character is complete."""
+
+    tokenizer: Tokenizer
+    decoder: decoders.DecodeStream
+
+    def step(self, token_id: int) -> str:
+        return self.decoder.step(self.tokenizer, token_id) or ""
+
 
 def byte_tokenizer() -> TextTokenizer:
     """262 ids: `<|endoftext|>` = 0 (as in GPT-NeoX), the 256 byte symbols, then the chat markers."""
