@@ -327,3 +327,16 @@ def test_a_short_fuzz(client):
 @pytest.mark.slow
 def test_fuzzed_requests_never_get_a_5xx_nor_stop_the_server(client):
     fuzz(client, REQUESTS)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.characters(codec="utf-8"), max_size=40))
+def test_an_event_is_one_line_to_any_line_reader(text):
+    """Whatever an answer holds, its event is one `data:` line and a blank one, also to readers that break
+    lines where `str.splitlines` does (U+0085, U+2028, U+2029 among them); its JSON gives the text back."""
+    from mambavl.serve.api import sse
+
+    event = sse({"choices": [{"delta": {"content": text}}]})
+    for lines in (event.splitlines(), event.split("\n")[:-1]):
+        assert len(lines) == 2 and lines[0].startswith("data: ") and lines[1] == ""
+        assert json.loads(lines[0].removeprefix("data: "))["choices"][0]["delta"]["content"] == text

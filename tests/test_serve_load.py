@@ -229,3 +229,22 @@ def test_serve_bench_profiles_the_engine_thread(tmp_path):
     # each request is opened once (alone or in a batch) and takes 4 tokens: at least 3 decode steps
     assert ranges["engine.step"]["count"] >= 3
     assert "engine.open" in (tmp_path / "serve_profile.txt").read_text()
+
+
+def test_serve_bench_samples_at_a_temperature():
+    """`bench --serve --temperature 1`: every request samples (unseeded rows batched in the engine) and is
+    answered in full, beside an offline batch that samples too; temperatures the API refuses are refused
+    before anything runs."""
+    import pytest
+
+    from mambavl.bench.serve import ServeBenchConfig, serve_bench
+    from serving import printable_tiny_cobra
+
+    vlm = printable_tiny_cobra()
+    cfg = ServeBenchConfig(clients=(3,), requests_per_client=2, max_tokens=6, slots=4, image_size=64,
+                           temperature=1.0, profile=False)  # fmt: skip
+    (row,) = serve_bench(vlm, cfg, say=lambda _: None)["results"]
+    assert row["failures"] == 0 and row["completion_tokens"] == 6 * 6
+    assert row["peer_offline_tokens_per_s"] > 0
+    with pytest.raises(ValueError, match=r"temperature=2\.5"):
+        ServeBenchConfig(temperature=2.5)

@@ -609,6 +609,14 @@ def bench(
     prefill_batch: int = typer.Option(
         0, min=0, help="--serve: waiting requests the engine prefills together (0: the engine's default)."
     ),
+    serve_temperature: float = typer.Option(
+        0.0,
+        "--temperature",
+        min=0.0,
+        max=2.0,
+        help="--serve: 0 answers greedily; > 0 samples every request at this temperature (the offline "
+        "batch too).",
+    ),
 ) -> None:
     """Speed and memory of a preset against its peers in one run: time to first token, prefill tok/s by
     prompt length, decode tok/s by batch size, peak memory by prompt length; JSON, PNG and a table."""
@@ -622,7 +630,7 @@ def bench(
         budgets = _int_list(prefill_tokens, "--prefill-tokens", minimum=0) if prefill_tokens else ()
         _bench_serve(
             model, Path(out), device, dtype, clients, requests_per_client, max_tokens, slots, turns, budgets,
-            prefill_batch or None, profile,
+            prefill_batch or None, profile, serve_temperature,
         )  # fmt: skip
         return
     if model not in PRESETS:
@@ -698,7 +706,7 @@ def bench(
 
 def _bench_serve(
     model, out, device, dtype, clients, requests_per_client, max_tokens, slots, turns=1, budgets=(),
-    prefill_batch=None, profile=False,
+    prefill_batch=None, profile=False, temperature=0.0,
 ) -> None:  # fmt: skip
     """`mambavl bench --serve`: a preset (full size, random weights) or a model directory, served in this
     process and loaded over HTTP at each client count, beside `VLM.generate` on the same requests."""
@@ -717,6 +725,7 @@ def _bench_serve(
             prefill_tokens=tuple(budgets),
             prefill_batch=prefill_batch,
             profile=profile,
+            temperature=temperature,
         )
         vlm = load_model(model, device, dtype, random_weights=model in PRESETS, log=console.print)
         serve_bench(vlm, cfg, out, say=console.print)

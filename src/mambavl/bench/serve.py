@@ -229,6 +229,7 @@ class ServeBenchConfig:
     slots: int = 64
     image_size: int = 384
     question: str = "Describe the image in detail."
+    temperature: float = 0.0  # 0: greedy; > 0: every request samples at it (unseeded), and so does the peer
     peer: bool = True  # the same requests through `VLM.generate` in one batch, no server
     turns: int = 1  # > 1: conversations of this many turns, the prefix-state cache on and then off
     # the engine's prefill budgets to serve with, one after another (positions per engine step; 0: each
@@ -239,6 +240,8 @@ class ServeBenchConfig:
     profile: bool = False
 
     def __post_init__(self):
+        if not 0 <= self.temperature <= 2:
+            raise ValueError(f"temperature={self.temperature}: 0 (greedy) up to 2, as the API takes it")
         if self.turns < 1:
             raise ValueError(f"turns={self.turns}: a conversation has at least one turn")
         if any(t < 0 for t in self.prefill_tokens):
@@ -385,7 +388,7 @@ def _profile_line(profiled: dict) -> str:
 def _requests(cfg: ServeBenchConfig, n: int, seed: int) -> tuple[list, list[dict]]:
     """`n` requests of images and questions numbered from `seed`: (images, request bodies)."""
     images = [synthetic_image(cfg.image_size, seed + i) for i in range(n)]
-    options = dict(max_tokens=cfg.max_tokens, ignore_eos=True, temperature=0)
+    options = dict(max_tokens=cfg.max_tokens, ignore_eos=True, temperature=cfg.temperature)
     return images, [chat_body(f"{cfg.question} ({seed + i})", im, **options) for i, im in enumerate(images)]
 
 
@@ -411,7 +414,7 @@ def _conversation_bench(vlm, cfg: ServeBenchConfig, say) -> list[dict]:
     from mambavl.serve import Engine, ServeConfig
     from mambavl.serve.thread import ServerThread
 
-    options = dict(max_tokens=cfg.max_tokens, ignore_eos=True, temperature=0)
+    options = dict(max_tokens=cfg.max_tokens, ignore_eos=True, temperature=cfg.temperature)
     questions = [cfg.question] + [FOLLOW_UPS[t % len(FOLLOW_UPS)] for t in range(cfg.turns - 1)]
     rows = []
     for cache in (True, False):
@@ -498,6 +501,8 @@ def _offline(vlm, images: list, cfg: ServeBenchConfig) -> float:
     builder.add_turn("human", cfg.question)
     prompts = [builder.get_prompt()] * len(images)
     kwargs = dict(max_new_tokens=cfg.max_tokens, min_length=cfg.max_tokens)
+    if cfg.temperature > 0:
+        kwargs |= dict(do_sample=True, temperature=cfg.temperature)
     vlm.generate(images, prompts, max_new_tokens=2)  # warm-up
     if vlm.device.type == "cuda":
         torch.cuda.synchronize()

@@ -746,10 +746,41 @@ class Engine:
             picks = greedy_tokens(rows).tolist()
             for i, token in zip(greedy, picks, strict=True):
                 chosen[i] = token
+        # rows that sample from the shared generator (no seed of their own), or pick an argmax after
+        # penalties, in one call per set of sampling options: a few kernels for all, not for each
+        groups: dict[tuple, list[int]] = {}
+        for i, s in enumerate(seqs):
+            if chosen[i] is None and not s.finished and (s.generator is None or not s.params.do_sample):
+                groups.setdefault(_sampling_key(s), []).append(i)
+        for rows in groups.values():
+            for i, token in zip(
+                rows, self._sample_rows([seqs[i] for i in rows], logits, rows, vocab), strict=True
+            ):
+                chosen[i] = token
+        # seeded rows each from their own generator; and a group that failed, row by row, so that only the
+        # request at fault fails
         for i, s in enumerate(seqs):
             if chosen[i] is None and not s.finished:
                 chosen[i] = self._sample(s, logits[i : i + 1], vocab)
         return chosen
+
+    def _sample_rows(
+        self, group: list[_Sequence], logits: torch.Tensor, rows: list[int], vocab: int
+    ) -> list[int | None]:
+        """The next tokens of rows that share their sampling options (`_sampling_key`), in one batch."""
+        if len(group) == 1:
+            return [None]  # the row-by-row path takes it
+        p = group[0].params
+        history = [s.prompt_ids + s.ids if p.repetition_penalty != 1.0 else [] for s in group]
+        try:
+            ids = next_tokens(
+                logits[to_device(rows, logits.device)], p, history, len(group[0].ids), self._eos, vocab,
+                None, [s.ids for s in group],
+            )  # fmt: skip
+            return ids.tolist()
+        except Exception:  # one of them is at fault: row by row, each fails alone
+            log.exception("sampling %d rows together failed; sampling them one by one", len(group))
+            return [None] * len(group)
 
     def _sample(self, s: _Sequence, logits: torch.Tensor, vocab: int) -> int | None:
         try:
@@ -870,6 +901,15 @@ class Engine:
         if self.metrics is not None:
             self.metrics.slots_used.set(len(self._rows))
             self.metrics.queue_length.set(len(self._waiting))
+
+
+def _sampling_key(s: _Sequence) -> tuple:
+    """What `next_tokens` reads of a row's options at this step: rows with equal keys sample together."""
+    p = s.params
+    return (
+        p.do_sample, p.temperature, p.top_k, p.top_p, p.repetition_penalty, p.presence_penalty,
+        p.frequency_penalty, len(s.ids) < p.min_length,
+    )  # fmt: skip
 
 
 def _shown(text: str) -> str:

@@ -427,8 +427,14 @@ FAVICON = (
 NO_BUFFERING = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
+# Characters that JSON leaves raw but that line readers built on `str.splitlines` (httpx's `aiter_lines`,
+# among others) take for line breaks: escaped, so that an answer holding one cannot cut an event in two.
+_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def sse(payload: dict) -> str:
-    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+    """One server-sent event: the payload as JSON on a single line, whatever its text holds."""
+    return f"data: {json.dumps(payload, ensure_ascii=False).translate(_LINE_BREAKS)}\n\n"
 
 
 class Reply:
