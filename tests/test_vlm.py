@@ -135,6 +135,26 @@ def test_sampling_controls():
         SamplingParams(stop=("",))
 
 
+@pytest.mark.parametrize(
+    ("penalty", "want"),
+    [
+        (dict(frequency_penalty=0.3), 1),  # 5 - 2 × 0.3 = 4.4 < 4.5
+        (dict(frequency_penalty=0.2), 0),  # 5 - 2 × 0.2 = 4.6 > 4.5
+        (dict(presence_penalty=0.6), 1),  # once, however often: 4.4
+        (dict(presence_penalty=0.4), 0),
+        (dict(repetition_penalty=1.2), 1),  # 5 / 1.2 < 4.5
+        (dict(repetition_penalty=1.05), 0),  # 5 / 1.05 > 4.5
+    ],
+)
+def test_penalties_take_their_exact_sizes(penalty, want):
+    """OpenAI's presence and frequency penalties and the seeds' repetition penalty, exactly, on the ids
+    seen (twice id 0; ids beyond the vocabulary, or negative, are ignored), row by row in a batch."""
+    logits = torch.tensor([[5.0, 4.5, 0.0, 9.0], [5.0, 4.5, 0.0, 9.0]])
+    seen = [[0, 0, 7, -1], []]
+    got = next_tokens(logits, SamplingParams(**penalty), seen, 0, eos_id=2, vocab_size=3, generated=seen)
+    assert got.tolist() == [want, 0]
+
+
 def test_unknown_preset():
     with pytest.raises(KeyError, match="unknown preset 'cobra'"):
         mambavl.create("cobra")

@@ -8,9 +8,12 @@ are never chosen, and a row left with nothing to sample from falls back to its a
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
+
+from mambavl.runtime import to_device
 
 # The seeds torch.Generator.manual_seed takes: any 64-bit integer, signed or not. Torch reads a negative
 # seed modulo 2**64, and so do we, so that `seed + i` of a request's choices always stays in range.
@@ -103,15 +106,21 @@ def next_tokens(
     # which the sampler below handles; NaN never survives.
     logits = logits[:, :vocab_size].double()
     logits = logits.masked_fill(logits.isnan(), _NEG_INF)
+    # The penalised ids are counted and filtered on the host and copied over without waiting: a penalty
+    # costs no read-back from the device.
+    width = logits.shape[-1]
     if params.presence_penalty or params.frequency_penalty:
         for b, seen in enumerate(history if generated is None else generated):
-            ids, counts = _ids_in(seen, logits).unique(return_counts=True)
-            if len(ids):
-                logits[b, ids] -= params.presence_penalty + params.frequency_penalty * counts.double()
+            counts = Counter(i for i in seen if 0 <= i < width)
+            if counts:
+                ids = to_device(list(counts), logits.device)
+                times = to_device(list(counts.values()), logits.device, torch.float64)
+                logits[b, ids] -= params.presence_penalty + params.frequency_penalty * times
     if params.repetition_penalty != 1.0:
         for b, seen in enumerate(history):
-            idx = _ids_in(sorted(set(seen)), logits)
-            if len(idx):
+            present = sorted({i for i in seen if 0 <= i < width})
+            if present:
+                idx = to_device(present, logits.device)
                 row = logits[b, idx]
                 logits[b, idx] = torch.where(
                     row < 0, row * params.repetition_penalty, row / params.repetition_penalty
@@ -121,12 +130,6 @@ def next_tokens(
     if not params.do_sample:
         return logits.argmax(-1)
     return _sample(logits, params, generator)
-
-
-def _ids_in(ids: list[int], logits: torch.Tensor) -> torch.Tensor:
-    """`ids` as a tensor, without those outside the logits' width (a tokenizer larger than the LM's head)."""
-    t = torch.tensor(ids, dtype=torch.long, device=logits.device)
-    return t[(t >= 0) & (t < logits.shape[-1])]
 
 
 def _sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
