@@ -12,23 +12,14 @@ with each real input swapped in one at a time. Where the two timings differ, thi
 from __future__ import annotations
 
 import argparse
-import statistics
 
 import torch
 
+from mambavl.bench.timing import event_seconds
 
-def median_ms(fn, calls: int = 7) -> float:
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(calls):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+
+def median_ms(fn) -> float:
+    return event_seconds(fn, repeat=7, warmup=1) * 1e3
 
 
 def main() -> None:

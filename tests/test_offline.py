@@ -19,6 +19,11 @@ from mambavl.checkpoints import files
 from mambavl.checkpoints.files import CheckpointError, HubUnavailable, hub_files, hub_unreachable
 from mambavl.cli import app
 
+# Every test here runs under conftest's `no_network` (autouse; named here so that it is plain): a name
+# lookup or a connection beyond loopback fails the test at once. The hub and the image URLs below are
+# replaced by local fakes; `test_no_test_here_can_reach_the_network` checks that the guard holds here.
+pytestmark = pytest.mark.usefixtures("no_network")
+
 PROXY_VARIABLES = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
 
 

@@ -24,6 +24,11 @@ from mambavl.presets import PRESETS, RELEASES
 from serving import printable_tiny_cobra
 from test_vlm_checkpoints import write_cobra, write_mlmamba
 
+# Every test here runs under conftest's `no_network` (autouse; named here so that it is plain): a name
+# lookup or a connection beyond loopback fails the test at once. The hub and the image URLs below are
+# replaced by local fakes; `test_no_test_here_can_reach_the_network` checks that the guard holds here.
+pytestmark = pytest.mark.usefixtures("no_network")
+
 # Cobra's README, "Usage" (github.com/h-zhao1997/cobra)
 COBRA_README = """
 import requests

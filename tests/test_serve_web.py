@@ -27,27 +27,28 @@ WAIT_MS = 30_000  # the longest any step may take (a turn of the tiny model take
 QUESTION, FOLLOW_UP = "What is in the image?", "And its colour?"
 
 
-def missing(reason: str):
-    """Called only when this machine has no Chromium (a system package, which `pip install` cannot
-    provide) or no playwright. CI installs both and sets MAMBAVL_REQUIRE_BROWSER=1, so there a missing
-    browser fails the run. Elsewhere (a newcomer's machine without the system browser) the page tests
-    are skipped with the reason, and the server they drive is still covered by the HTTP tests in
-    test_serve_api.py and test_serve_load.py."""
-    if os.environ.get("MAMBAVL_REQUIRE_BROWSER") == "1":  # CI: a missing browser is a failure
-        pytest.fail(f"{reason}; MAMBAVL_REQUIRE_BROWSER=1 says the browser tests must run")
-    else:  # a machine without the system browser, outside CI: say why the page is not tested here
-        pytest.skip(reason)
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+# Why this machine cannot run the page tests (None: it can). Chromium is a system package that
+# `pip install` cannot provide; playwright comes with the test extra.
+MISSING = (
+    "playwright is not installed: pip install -e '.[test]'"
+    if sync_playwright is None
+    else "no Chromium on PATH: install the system's (Debian: apt-get install chromium)"
+    if CHROMIUM is None
+    else None
+)
+REQUIRED = os.environ.get("MAMBAVL_REQUIRE_BROWSER") == "1"  # CI sets it: there they must run
+
+# Skipped only on a machine without the browser that does not require it (a newcomer's, outside CI); the
+# server the page drives is covered there by the HTTP tests of test_serve_api.py and test_serve_load.py.
+pytestmark = pytest.mark.skipif(MISSING is not None and not REQUIRED, reason=f"{MISSING}")
 
 
 @pytest.fixture(scope="module")
 def browser():
-    if sync_playwright is None:
-        missing("playwright is not installed: pip install -e '.[test]'")
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if chromium is None:
-        missing("no Chromium on PATH: install the system's (Debian: apt-get install chromium)")
+    assert MISSING is None, f"{MISSING}; MAMBAVL_REQUIRE_BROWSER=1 says the browser tests must run"
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         yield browser
         browser.close()
 

@@ -280,8 +280,7 @@ def serve_bench(vlm, cfg: ServeBenchConfig, out: Path | None = None, say=print) 
     rows, offline, loads = [], {}, {}
     for clients in cfg.clients:  # the same requests for every budget, encoded once
         loads[clients] = _requests(cfg, clients * cfg.requests_per_client, clients * 10**6)
-    first = True
-    for engine_config in cfg.engine_configs():
+    for k, engine_config in enumerate(cfg.engine_configs()):
         with ServerThread(Engine(vlm, engine_config), ServeConfig(model_name=vlm.config.name)) as url:
             for clients in cfg.clients:
                 images, bodies = loads[clients]
@@ -302,12 +301,11 @@ def serve_bench(vlm, cfg: ServeBenchConfig, out: Path | None = None, say=print) 
                     row["peer_offline_tokens_per_s"] = offline[clients]
                 rows.append(row)
                 say(_line(row))
-            if cfg.profile and first:  # the last load measured, with the first engine configuration
+            if cfg.profile and k == 0:  # the last load measured, with the first engine configuration
                 clients = cfg.clients[-1]
                 fresh = _requests(cfg, clients * cfg.requests_per_client, clients * 10**6 + 700_000)
                 rows[-1]["profile"] = profile_load(url, fresh[1], clients, out)
                 say(_profile_line(rows[-1]["profile"]))
-            first = False
     return _write(rows, vlm, cfg, out)
 
 

@@ -19,6 +19,22 @@ def sync(device: torch.device | None = None) -> None:
         torch.cuda.synchronize()
 
 
+def event_seconds(fn: Callable[[], object], repeat: int = 10, warmup: int = 3) -> float:
+    """Median seconds of `fn()` between CUDA events (GPU time of the calls, without the host's waits)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeat):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
 def timed(
     fn: Callable[[], object], repeat: int = 3, warmup: int = 1, device: torch.device | None = None
 ) -> float:

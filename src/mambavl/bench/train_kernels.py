@@ -16,27 +16,13 @@ from __future__ import annotations
 
 import importlib
 import json
-import statistics
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
 
-
-def _time(fn: Callable[[], object], repeat: int = 10, warmup: int = 3) -> float:
-    """Median seconds of fn() between CUDA events."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeat):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times)
+from mambavl.bench.timing import event_seconds
 
 
 def _measure(make: Callable[[], tuple[Callable, dict]]) -> dict:
@@ -55,11 +41,11 @@ def _measure(make: Callable[[], tuple[Callable, dict]]) -> dict:
         torch.autograd.grad(outs, leaves, grad_outputs=[torch.ones_like(o) for o in outs])
 
     try:
-        fwd = _time(forward)
+        fwd = event_seconds(forward)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        both = _time(forward_backward)
+        both = event_seconds(forward_backward)
         peak = (torch.cuda.max_memory_allocated() - base) / 2**20
     except torch.cuda.OutOfMemoryError:
         return {"error": "out of memory"}
@@ -395,7 +381,7 @@ def sweep_scan(
             torch.autograd.grad(y, leaves, torch.ones_like(y))
 
         try:
-            ms = _time(step, repeat=5, warmup=1) * 1e3
+            ms = event_seconds(step, repeat=5, warmup=1) * 1e3
         except Exception as e:  # a launch that cannot run here (registers, shared memory)
             say(f"sweep {tiles}: {type(e).__name__}")
             continue
@@ -427,7 +413,7 @@ def time_optimizer(lm, say=print, repeat: int = 5) -> dict:
     for kernels, name in (("torch", "torch_fused_adamw"), ("triton", "triton_adamw")):
         cfg = SimpleNamespace(weight_decay=0.1, learning_rate=1e-5, adamw_kernels=kernels)  # what it reads
         opt = optimizer(model, cfg)
-        result[f"{name}_ms"] = _time(lambda o=opt: clip_and_step(o, params, 1.0), repeat, 2) * 1e3
+        result[f"{name}_ms"] = event_seconds(lambda o=opt: clip_and_step(o, params, 1.0), repeat, 2) * 1e3
         say(f"optimizer step with clipping, {name}: {result[f'{name}_ms']:.2f} ms")
         del opt
         torch.cuda.empty_cache()
@@ -465,7 +451,8 @@ def sweep_prefill_scan(lm, length: int = 16384, say=print, budget_s: float = 90.
         tiles = dataclasses.replace(DEFAULT_TILES, **launch)
         try:
             with torch.no_grad():
-                ms = _time(lambda t=tiles: selective_scan(**inputs, delta_softplus=True, tiles=t), 5, 1) * 1e3
+                scan = partial(selective_scan, **inputs, delta_softplus=True, tiles=tiles)
+                ms = event_seconds(scan, 5, 1) * 1e3
         except Exception as e:
             say(f"prefill sweep {launch}: {type(e).__name__}")
             continue
@@ -515,7 +502,7 @@ def sweep_conv(lm, batch: int, length: int, say=print) -> list[dict]:
                         torch.autograd.grad(y, leaves, torch.ones_like(y))
 
                     try:
-                        ms = _time(step, repeat=5, warmup=1) * 1e3
+                        ms = event_seconds(step, repeat=5, warmup=1) * 1e3
                     except Exception as e:
                         say(f"conv sweep {layout} {tile} {per_sm}: {type(e).__name__}")
                         continue

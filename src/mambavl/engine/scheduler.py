@@ -746,51 +746,40 @@ class Engine:
             picks = greedy_tokens(rows).tolist()
             for i, token in zip(greedy, picks, strict=True):
                 chosen[i] = token
-        # rows that sample from the shared generator (no seed of their own), or pick an argmax after
-        # penalties, in one call per set of sampling options: a few kernels for all, not for each
+        # the other rows in one call per set of sampling options (a few kernels for all, not for each);
+        # a row that samples with a seed of its own, alone, from its generator
         groups: dict[tuple, list[int]] = {}
         for i, s in enumerate(seqs):
-            if chosen[i] is None and not s.finished and (s.generator is None or not s.params.do_sample):
-                groups.setdefault(_sampling_key(s), []).append(i)
-        for rows in groups.values():
-            for i, token in zip(
-                rows, self._sample_rows([seqs[i] for i in rows], logits, rows, vocab), strict=True
-            ):
-                chosen[i] = token
-        # seeded rows each from their own generator; and a group that failed, row by row, so that only the
-        # request at fault fails
-        for i, s in enumerate(seqs):
             if chosen[i] is None and not s.finished:
-                chosen[i] = self._sample(s, logits[i : i + 1], vocab)
+                own = s.generator is not None and s.params.do_sample
+                groups.setdefault((_sampling_key(s), id(s) if own else None), []).append(i)
+        for rows in groups.values():
+            tokens = self._sample([seqs[i] for i in rows], logits, rows, vocab)
+            for i, token in zip(rows, tokens, strict=True):
+                chosen[i] = token
         return chosen
 
-    def _sample_rows(
+    def _sample(
         self, group: list[_Sequence], logits: torch.Tensor, rows: list[int], vocab: int
     ) -> list[int | None]:
-        """The next tokens of rows that share their sampling options (`_sampling_key`), in one batch."""
-        if len(group) == 1:
-            return [None]  # the row-by-row path takes it
+        """The next tokens of rows that share their sampling options (`_sampling_key`), in one call; one
+        row with a seed samples from its own generator. If the call fails, a group samples again row by
+        row, and a row that fails alone fails its request (None)."""
         p = group[0].params
         history = [s.prompt_ids + s.ids if p.repetition_penalty != 1.0 else [] for s in group]
+        generator = group[0].generator if len(group) == 1 else None
         try:
             ids = next_tokens(
                 logits[to_device(rows, logits.device)], p, history, len(group[0].ids), self._eos, vocab,
-                None, [s.ids for s in group],
+                generator, [s.ids for s in group],
             )  # fmt: skip
             return ids.tolist()
-        except Exception:  # one of them is at fault: row by row, each fails alone
-            log.exception("sampling %d rows together failed; sampling them one by one", len(group))
-            return [None] * len(group)
-
-    def _sample(self, s: _Sequence, logits: torch.Tensor, vocab: int) -> int | None:
-        try:
-            ids = next_tokens(
-                logits, s.params, [s.prompt_ids + s.ids], len(s.ids), self._eos, vocab, s.generator, [s.ids]
-            )
-            return int(ids[0])
         except Exception as e:
-            self._end(s.request, "sampling", e)
-            return None
+            if len(group) == 1:
+                self._end(group[0].request, "sampling", e)
+                return [None]
+            log.exception("sampling %d rows together failed; sampling them one by one", len(group))
+            return [self._sample([s], logits, [i], vocab)[0] for s, i in zip(group, rows, strict=True)]
 
     def _advance(self, seqs: list[_Sequence], chosen: list[int | None], answers: dict) -> None:
         """Appends each row's chosen token; `answers`: the states the rows' answers end at, by index, as

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from mambavl.ops.dispatch import interpreting, triton_available
+from mambavl.runtime import to_device
 
 
 def _kernels():
@@ -121,8 +122,7 @@ class TritonAdamW(torch.optim.AdamW):
                  1.0 - beta1, beta2, group["eps"]]
             )  # fmt: skip
         device = params[0].device
-        host = torch.tensor(rows, dtype=torch.float32)
-        hyper = (host.pin_memory() if device.type == "cuda" else host).to(device, non_blocking=True)
+        hyper = to_device(rows, device, torch.float32)
         _kernels().adamw_update(
             params, grads, exp_avgs, exp_avg_sqs, hyper, self._blocks_for(params), self.grad_scale
         )

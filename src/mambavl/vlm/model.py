@@ -480,19 +480,18 @@ class VLM(nn.Module):
         (`prefill_chunk`); returns each row's final hidden state [B, D] (at its last real position). A small
         call (one row of up to 2,048 positions, or a few rows of up to 4,096 padded positions in all) replays
         a CUDA graph where the model allows it and `graphs` is on (`vlm.prefill_graphs`): at that size an
-        eager forward waits on its kernel launches. Lengths given as a host list never make the host wait
-        for the device (a tensor of them is read back once a chunk)."""
+        eager forward waits on its kernel launches. The lengths are read on the host once (given as a host
+        list, never): the chunks' masks and the rows' ends come from there, and nothing else is read back
+        from the device."""
         B, L = embeds.shape[:2]
-        host = None if isinstance(lengths, torch.Tensor) else [int(n) for n in lengths]
-        if host is not None:
-            if len(host) != B or (host and (min(host) < 0 or max(host) > L)):
-                raise ValueError(f"lengths must be [{B}] integers in [0, {L}], got {host}")
-            lengths = to_device(host, embeds.device)
+        host = [int(n) for n in (lengths.tolist() if isinstance(lengths, torch.Tensor) else lengths)]
+        if len(host) != B or (host and (min(host) < 0 or max(host) > L)):
+            raise ValueError(f"lengths must be [{B}] integers in [0, {L}], got {host}")
         small = graphs and not torch.is_grad_enabled() and B * L <= PREFILL_POSITIONS
         captured = self.prefill_graphs() if small else None
         if captured is not None and captured.bucket(B, L) is not None:
             try:
-                return captured(embeds, state, lengths).to(embeds.dtype)
+                return captured(embeds, state, to_device(host, embeds.device)).to(embeds.dtype)
             except GraphCaptureError as e:  # the state is untouched: this model prefills eagerly from now on
                 self._graphs_failed("_prefill_graphs", "prefill runs eagerly", e)
         budget = self.prefill_chunk
@@ -501,24 +500,16 @@ class VLM(nn.Module):
         for start in range(0, L, chunk):
             piece = embeds[:, start : start + chunk]
             end = start + piece.shape[1]
-            if host is not None:  # the chunk's real positions, and the rows that end in it, known here
-                counts = [min(max(m - start, 0), piece.shape[1]) for m in host]
-                mask = None  # every row real to the chunk's end: the layers' unpadded path
-                if min(counts) < piece.shape[1]:
-                    positions = torch.arange(piece.shape[1], device=embeds.device)
-                    mask = positions[None, :] < to_device(counts, embeds.device)[:, None]
-                hidden = self.lm(inputs_embeds=piece, state=state, mask=mask, return_hidden=True)
-                ends = [(b, m - start - 1) for b, m in enumerate(host) if start < m <= end]
-                if ends:
-                    rows, at = (to_device(list(column), embeds.device) for column in zip(*ends, strict=True))
-                    last[rows] = hidden[rows, at].to(last.dtype)
-                continue
-            n = (lengths - start).clamp(0, piece.shape[1])
-            hidden = self.lm(inputs_embeds=piece, state=state, lengths=n, return_hidden=True)
-            ends = (lengths > start) & (lengths <= end)
-            if bool(ends.any()):
-                rows = ends.nonzero()[:, 0]
-                last[rows] = hidden[rows, lengths[rows] - start - 1].to(last.dtype)
+            counts = [min(max(m - start, 0), piece.shape[1]) for m in host]
+            mask = None  # every row real to the chunk's end: the layers' unpadded path
+            if counts and min(counts) < piece.shape[1]:
+                positions = torch.arange(piece.shape[1], device=embeds.device)
+                mask = positions[None, :] < to_device(counts, embeds.device)[:, None]
+            hidden = self.lm(inputs_embeds=piece, state=state, mask=mask, return_hidden=True)
+            ends = [(b, m - start - 1) for b, m in enumerate(host) if start < m <= end]
+            if ends:  # the rows that end in this chunk, at their last real position
+                rows, at = (to_device(list(column), embeds.device) for column in zip(*ends, strict=True))
+                last[rows] = hidden[rows, at].to(last.dtype)
         return last
 
     def _engine_steps(self, images: list, prompts: list[str], params: SamplingParams, texts: list[str]):

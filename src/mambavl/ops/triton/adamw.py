@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from mambavl.runtime import to_device
+
 BLOCK = 4096  # elements a program
 WARPS = 8
 HYPER = 6  # per tensor: 1 − lr·wd, lr / (1 − β1^t), √(1 − β2^t), 1 − β1, β2, ε
@@ -141,8 +143,7 @@ def addresses(base: torch.Tensor, *columns: list[torch.Tensor], device) -> torch
     elements (copied from pinned host memory, without waiting)."""
     origin = base.data_ptr()
     rows = [[(t.data_ptr() - origin) // 4 for t in row] for row in zip(*columns, strict=True)]
-    host = torch.tensor(rows, dtype=torch.int64).pin_memory() if device.type == "cuda" else torch.tensor(rows)
-    return host.to(device, non_blocking=True)
+    return to_device(rows, device)
 
 
 def check_tensors(*tensors: torch.Tensor) -> str | None:
