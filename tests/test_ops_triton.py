@@ -164,12 +164,14 @@ def test_selective_scan_triton_equals_reference(batch, dim, n, length, groups, d
         dict(prefill="steps", steps_block_d=16, steps_warps=2),  # two warps, more channels than a group
         dict(prefill="steps", steps_segments=3),  # three segments of 16 steps (the last one 13 long)
         dict(prefill="tiles"),  # the tiled kernel
+        dict(prefill="lanes"),  # one thread a channel
+        dict(prefill="lanes", lanes_warps=2, lanes_segments=3),  # 2 warps (past 24 channels), 3 segments
     ],
-    ids=["steps", "steps-wide", "steps-segments", "tiles"],
+    ids=["steps", "steps-wide", "steps-segments", "tiles", "lanes", "lanes-segments"],
 )
 @pytest.mark.parametrize("channels_last", [True, False])
 def test_selective_scan_prefill_kernels(tiles, channels_last):
-    """Both prefill kernels equal the reference at the mixer's layouts: u, Δ and z channel-contiguous views
+    """Every prefill kernel equals the reference at the mixer's layouts: u, Δ and z channel-contiguous views
     and B, C slices of x_proj's output (or all time-contiguous), bf16, three groups of 8 channels, a length
     off the kernel's blocks of eight steps, from an initial state."""
     from mambavl.ops.triton.scan import ScanTiles, selective_scan
@@ -196,14 +198,15 @@ def test_selective_scan_prefill_kernels(tiles, channels_last):
     torch.testing.assert_close(h, ref_h, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("kernel", ["steps", "lanes"])
 @pytest.mark.parametrize("segments", [1, 2, 4], ids=["whole", "2-segments", "4-segments"])
 @pytest.mark.parametrize("shape", [(2, 37, 5, 45, None), (1, 16, 32, 9, None), (2, 12, 16, 17, 4)])
 @pytest.mark.parametrize("softplus", [True, False])
-def test_selective_scan_step_kernel_fp32(shape, softplus, segments):
-    """The step-by-step prefill kernel in fp32 at odd sizes (37 channels, 5 states; 32 states; groups of
-    three channels), lengths off its blocks of eight steps, from an initial state, Δ through softplus or
-    as given, whole or in segments run side by side (9 steps in 4 segments leaves two of them empty): to
-    1e-4."""
+def test_selective_scan_step_kernel_fp32(shape, softplus, segments, kernel):
+    """The step-by-step and the one-thread-a-channel prefill kernels in fp32 at odd sizes (37 channels, 5
+    states; 32 states; groups of three channels), lengths off blocks of eight steps, from an initial state,
+    Δ through softplus or as given, whole or in segments run side by side (9 steps in 4 segments leaves
+    two of them empty): to 1e-4."""
     from mambavl.ops.triton.scan import ScanTiles, selective_scan
 
     kw = _scan_inputs(*shape, torch.float32)
@@ -211,7 +214,24 @@ def test_selective_scan_step_kernel_fp32(shape, softplus, segments):
         kw["delta"] = kw["delta"].abs()
     args = dict(delta_softplus=softplus, return_last_state=True)
     ref_y, ref_h = ops.selective_scan(**kw, **args, backend="torch")
-    y, h = selective_scan(**kw, **args, tiles=ScanTiles(prefill="steps", steps_segments=segments))
+    tiles = dict(prefill=kernel, steps_segments=segments, lanes_segments=segments)
+    y, h = selective_scan(**kw, **args, tiles=ScanTiles(**tiles))
+    torch.testing.assert_close(y, ref_y, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(h, ref_h, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("segments", [1, 3])
+@pytest.mark.parametrize("shape", [(1, 128, 16, 21, 2), (2, 192, 4, 11, None)], ids=["groups", "odd-blocks"])
+def test_selective_scan_lanes_pairs(shape, segments):
+    """Two channels a thread (`lanes_pair`), where a program's 64 channels lie in one group of B/C (two
+    groups of 64; three programs over 192 channels), whole or in segments: fp32, to 1e-4."""
+    from mambavl.ops.triton.scan import ScanTiles, selective_scan
+
+    kw = _scan_inputs(*shape, torch.float32)
+    args = dict(delta_softplus=True, return_last_state=True)
+    ref_y, ref_h = ops.selective_scan(**kw, **args, backend="torch")
+    tiles = ScanTiles(prefill="lanes", lanes_pair=True, lanes_segments=segments)
+    y, h = selective_scan(**kw, **args, tiles=tiles)
     torch.testing.assert_close(y, ref_y, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(h, ref_h, rtol=1e-4, atol=1e-4)
 
@@ -227,6 +247,8 @@ def test_selective_scan_tiles_are_checked():
         ScanTiles(steps_warps=0)
     with pytest.raises(ValueError, match="steps_segments"):
         ScanTiles(steps_segments=-1)
+    with pytest.raises(ValueError, match="lanes_segments"):
+        ScanTiles(lanes_segments=-1)
 
 
 def test_selective_scan_triton_continues_a_sequence():
@@ -257,6 +279,23 @@ def test_causal_conv1d_fn_triton_equals_reference(width, length, dtype, bias, ac
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=2e-2)
     assert tri.dtype == ref.dtype == dtype
     torch.testing.assert_close(tri.float(), ref.float(), **tol)
+
+
+def test_lanes_scan_launch_rule(monkeypatch):
+    """The one-thread-a-channel prefill runs whole on the CPU or when asked; on a GPU it splits a sequence
+    until the launch fills the multiprocessors, but never into segments shorter than the minimum."""
+    from types import SimpleNamespace
+
+    from mambavl.ops.triton.scan import ScanTiles, lanes_launch
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert lanes_launch(ScanTiles(), 1, 5120, 16384, cpu) == 1
+    assert lanes_launch(ScanTiles(lanes_segments=5), 1, 5120, 10, cpu) == 5
+    props = SimpleNamespace(multi_processor_count=132)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    assert lanes_launch(ScanTiles(), 1, 5120, 16384, gpu) == 7  # 160 warps → 8 · 132 wanted
+    assert lanes_launch(ScanTiles(), 1, 5120, 1000, gpu) == 3  # segments of at least 256 steps
+    assert lanes_launch(ScanTiles(), 64, 5120, 16384, gpu) == 1  # a batch fills the GPU alone
 
 
 def test_step_scan_launch_rule():

@@ -57,6 +57,10 @@ from mambavl.ops.triton.layout import channels_last, empty_like_layout, empty_ti
 LOG2E = tl.constexpr(1.4426950408889634)
 
 
+# the prefill (no gradient) kernels `ScanTiles.prefill` chooses from
+PREFILL_KERNELS = ("steps", "tiles", "lanes")
+
+
 @dataclass(frozen=True)
 class ScanTiles:
     """Launch parameters, from sweeps on an H100 at Mamba-1 2.8B shapes (`mambavl bench --kernels --train
@@ -96,10 +100,21 @@ class ScanTiles:
     train_time_major: bool = True
     prefill_time_major: bool = False
     train_maxnreg: int | None = None
+    lanes_warps: int = 1
+    lanes_pair: bool = False
+    lanes_segments: int = 0
+    lanes_fill: int = 8
+    lanes_min_segment: int = 256
 
     def __post_init__(self):
-        if self.prefill not in ("steps", "tiles"):
-            raise ValueError(f"ScanTiles.prefill must be 'steps' or 'tiles', got {self.prefill!r}")
+        if self.prefill not in PREFILL_KERNELS:
+            choices = ", ".join(PREFILL_KERNELS)
+            raise ValueError(f"ScanTiles.prefill must be one of {choices}, got {self.prefill!r}")
+        if self.lanes_segments < 0 or min(self.lanes_warps, self.lanes_fill, self.lanes_min_segment) < 1:
+            raise ValueError(
+                "ScanTiles: lanes_segments must be ≥ 0 (0: automatic), lanes_warps, lanes_fill and "
+                "lanes_min_segment ≥ 1"
+            )
         for name in ("block_t", "chunk", "block_d", "train_block_d", "steps_block_d", "steps_long_block_d"):
             value = getattr(self, name)
             if value < 1 or value & (value - 1):
@@ -317,6 +332,157 @@ def _selective_scan_steps_kernel(
         tl.store(seg_dt + k * dim, dt_sum, mask=md)
     elif k == SEGMENTS - 1:
         tl.store(h_last + b * hl_b + d[:, None] * hl_d + n[None, :] * hl_n, h, mask=mdn)
+
+
+@triton.jit
+def _lanes_row(p, N: tl.constexpr, PAIR: tl.constexpr, VEC: tl.constexpr):
+    """The N values p[0..N) as a tuple of tensors shaped like p: every thread keeps all of them (with
+    PAIR, each as [BLOCK_D, 1], for a thread's two channels). With VEC (a GPU, N a multiple of 4, p 16-byte
+    aligned) four at a time in one 16-byte load a thread, which Triton would otherwise issue one by one."""
+    r = ()
+    if VEC:
+        for q in tl.static_range(N // 4):
+            v = tl.inline_asm_elementwise(
+                "ld.global.nc.v4.f32 {$0, $1, $2, $3}, [$4];",
+                "=r,=r,=r,=r,l",
+                [p + 4 * q],
+                dtype=(tl.float32, tl.float32, tl.float32, tl.float32),
+                is_pure=True,
+                pack=1,
+            )
+            for i in tl.static_range(4):
+                if PAIR:
+                    r = r + (v[i][:, None],)
+                else:
+                    r = r + (v[i],)
+    else:
+        for i in tl.static_range(N):
+            if PAIR:
+                r = r + (tl.load(p + i)[:, None],)
+            else:
+                r = r + (tl.load(p + i),)
+    return r
+
+
+@triton.jit
+def _selective_scan_lanes_kernel(
+    u, delta, A, B, C, D, z, bias, h0, y, h_last, seg_h, seg_dt,
+    dim, length, channels_per_group, segment, segments,
+    u_b, u_d, u_t,
+    dl_b, dl_d, dl_t,
+    a_d, a_n,
+    b_b, b_g, b_t,
+    c_b, c_g, c_t,
+    z_b, z_d, z_t,
+    h0_b, h0_d, h0_n,
+    y_b, y_d, y_t,
+    hl_b, hl_d, hl_n,
+    N: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SOFTPLUS: tl.constexpr, HAS_H0: tl.constexpr, BLOCK_D: tl.constexpr, PAIR: tl.constexpr,
+    VEC: tl.constexpr, SPLIT: tl.constexpr, SUMMARY: tl.constexpr,
+):  # fmt: skip
+    # One thread a channel (BLOCK_D = 32 · warps), or with PAIR two (channels c and c + BLOCK_D, as
+    # [BLOCK_D, 2] tensors whose pair stays in the thread; the program's channels then lie in one group of
+    # B/C, which the two share): a channel's N states are N registers (a tuple), so y = Σ_n C h is a sum
+    # inside the thread. B and C of a step are N values every thread loads (an n-contiguous row of one or
+    # two cache lines, shared by the program). Each step's inputs are loaded one step ahead. Segments
+    # (SPLIT: `segments` > 1) as in the step-by-step kernel: with SUMMARY each keeps its end state from
+    # zeros and its Σ Δ; then each runs from the initial state carried through the segments before it.
+    b = tl.program_id(0).to(tl.int64)  # batch offsets can pass 2^31 elements on long sequences
+    first = tl.program_id(1) * BLOCK_D * (2 if PAIR else 1)
+    d = first + tl.arange(0, BLOCK_D)
+    if PAIR:
+        d = tl.join(d, d + BLOCK_D)
+    md = d < dim
+    dd = tl.minimum(d, dim - 1)  # loads stay in bounds unmasked; only the stores are masked
+    k = tl.program_id(2)
+    a2 = ()
+    h = ()
+    for i in tl.static_range(N):
+        a2 = a2 + (tl.load(A + dd * a_d + i * a_n).to(tl.float32) * LOG2E,)
+        if HAS_H0 and not SUMMARY:
+            h = h + (tl.load(h0 + b * h0_b + dd * h0_d + i * h0_n).to(tl.float32),)
+        else:
+            h = h + (tl.zeros(d.shape, dtype=tl.float32),)
+    if HAS_D:
+        skip = tl.load(D + dd).to(tl.float32)
+    if HAS_BIAS:
+        dt_bias = tl.load(bias + dd).to(tl.float32)
+    if SPLIT:
+        seg_h += (b * segments * dim + dd) * N
+        seg_dt += b * segments * dim + dd
+        if not SUMMARY:  # the initial state carried through the segments before this one
+            for j in range(0, k):
+                sdt = tl.load(seg_dt + j * dim)
+                hc = ()
+                for i in tl.static_range(N):
+                    hc = hc + (tl.exp2(sdt * a2[i]) * h[i] + tl.load(seg_h + j * dim * N + i),)
+                h = hc
+    first_t = k * segment
+    end = tl.minimum(length, first_t + segment)
+    if SUMMARY:
+        dt_sum = tl.zeros(d.shape, dtype=tl.float32)
+    if PAIR:  # one row of B and C for the program's group
+        rows = first // channels_per_group + 0 * tl.arange(0, BLOCK_D)
+    else:
+        rows = dd // channels_per_group
+    u += b * u_b + dd * u_d
+    delta += b * dl_b + dd * dl_d
+    z += b * z_b + dd * z_d
+    y += b * y_b + dd * y_d
+    B += b * b_b + rows * b_g
+    C += b * c_b + rows * c_g
+    last = tl.maximum(end - 1, 0)
+    t1 = tl.minimum(first_t, last)
+    raw_next = tl.load(delta + t1 * dl_t)
+    uv_next = tl.load(u + t1 * u_t)
+    bv_next = _lanes_row(B + t1 * b_t, N, PAIR, VEC)
+    if not SUMMARY:
+        cv_next = _lanes_row(C + t1 * c_t, N, PAIR, VEC)
+        if HAS_Z:
+            zv_next = tl.load(z + t1 * z_t)
+    for t in range(first_t, end):
+        raw, uv, bv = raw_next.to(tl.float32), uv_next.to(tl.float32), bv_next
+        t1 = tl.minimum(t + 1, last)
+        raw_next = tl.load(delta + t1 * dl_t)
+        uv_next = tl.load(u + t1 * u_t)
+        bv_next = _lanes_row(B + t1 * b_t, N, PAIR, VEC)
+        if not SUMMARY:
+            cv = cv_next
+            cv_next = _lanes_row(C + t1 * c_t, N, PAIR, VEC)
+            if HAS_Z:
+                zv = zv_next.to(tl.float32)
+                zv_next = tl.load(z + t1 * z_t)
+        if HAS_BIAS:
+            raw += dt_bias
+        dt = _timestep(raw, SOFTPLUS)
+        du = dt * uv
+        if SUMMARY:
+            dt_sum += dt
+            hn = ()
+            for i in tl.static_range(N):
+                hn = hn + (tl.exp2(dt * a2[i]) * h[i] + du * bv[i],)
+            h = hn
+        else:
+            out = tl.zeros(d.shape, dtype=tl.float32)
+            if HAS_D:
+                out = uv * skip
+            hn = ()
+            for i in tl.static_range(N):
+                hi = tl.exp2(dt * a2[i]) * h[i] + du * bv[i]
+                out += hi * cv[i]
+                hn = hn + (hi,)
+            h = hn
+            if HAS_Z:
+                out *= zv * tl.sigmoid(zv)
+            tl.store(y + t * y_t, out.to(y.dtype.element_ty), mask=md)
+    if SUMMARY:
+        for i in tl.static_range(N):
+            tl.store(seg_h + k * dim * N + i, h[i], mask=md)
+        tl.store(seg_dt + k * dim, dt_sum, mask=md)
+    elif k == segments - 1:
+        for i in tl.static_range(N):
+            tl.store(h_last + b * hl_b + dd * hl_d + i * hl_n, h[i], mask=md)
 
 
 @triton.jit
@@ -678,6 +844,31 @@ def steps_launch(
     return _block_in_group(tiles.steps_block_d, per_group), 1
 
 
+def lanes_launch(tiles: ScanTiles, batch: int, dim: int, length: int, device) -> int:
+    """Segments of each sequence for the one-thread-a-channel prefill. `lanes_segments` > 0 sets them; 0
+    (the default) picks them: on a GPU, as many as bring the launch to `lanes_fill` warps a multiprocessor
+    (a sequence of few channels alone leaves most of the GPU idle), but none shorter than
+    `lanes_min_segment` steps (each segment's summary pass runs its steps once more); else one."""
+    if tiles.lanes_segments:
+        return tiles.lanes_segments
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    warps = batch * triton.cdiv(dim, 32)
+    wanted = triton.cdiv(tiles.lanes_fill * sms, warps)
+    return max(1, min(wanted, length // tiles.lanes_min_segment))
+
+
+def lanes_inputs(M: torch.Tensor) -> torch.Tensor:
+    """B or C ([B, N, L] or [B, G, N, L]) for the one-thread-a-channel prefill: fp32 with each step's N values
+    contiguous and 16-byte aligned (every thread of a program loads the same row, four values at a time)."""
+    aligned = M.data_ptr() % 16 == 0 and all(stride % 4 == 0 for stride in M.stride()[:-2])
+    if M.dtype == torch.float32 and M.stride(-2) == 1 and M.stride(-1) == M.shape[-2] and aligned:
+        return M
+    rows = M.new_empty((*M.shape[:-2], M.shape[-1], M.shape[-2]), dtype=torch.float32)
+    return rows.copy_(M.transpose(-1, -2)).transpose(-1, -2)
+
+
 def _block_in_group(block_d: int, per_group: int) -> int:
     """Channels a program takes: `block_d`, halved until it divides a group of B/C (a program's channels
     stay inside one group)."""
@@ -728,6 +919,38 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
         *u.stride(), *delta.stride(), *A.stride(), *Bg.stride(), *Cg.stride(), *zt.stride(),
         *h0.stride(), *y.stride(), *h_last.stride(),
     )  # fmt: skip
+    if tiles.prefill == "lanes":
+        if Bg.stride(2) != 1 or Cg.stride(2) != 1:
+            raise ValueError("the lanes prefill kernel takes B and C with n-contiguous rows (lanes_inputs)")
+        segments = lanes_launch(tiles, batch, dim, length, u.device)
+        segment = -(-triton.cdiv(length, segments) // 8) * 8  # whole blocks of eight steps
+        seg_h = seg_dt = dummy
+        if segments > 1:
+            seg_h = torch.empty(batch, segments, dim, N, device=u.device, dtype=torch.float32)
+            seg_dt = torch.empty(batch, segments, dim, device=u.device, dtype=torch.float32)
+        block_d = 32 * tiles.lanes_warps
+        # two channels a thread where the program's channels lie in one group of B/C (they share its rows)
+        pair = tiles.lanes_pair and (dim // groups) % (2 * block_d) == 0
+        grid = (batch, triton.cdiv(dim, block_d * (2 if pair else 1)), segments)
+        args = (
+            *inputs, seg_h, seg_dt, dim, length, dim // groups, segment, segments,
+            *u.stride(), *delta.stride(), *A.stride(), Bg.stride(0), Bg.stride(1), Bg.stride(3),
+            Cg.stride(0), Cg.stride(1), Cg.stride(3), *zt.stride(), *h0.stride(), *y.stride(),
+            *h_last.stride(),
+        )  # fmt: skip
+        launch = dict(
+            **common,
+            N=N,
+            BLOCK_D=block_d,
+            PAIR=pair,
+            VEC=u.is_cuda and N % 4 == 0,
+            SPLIT=segments > 1,
+            num_warps=tiles.lanes_warps,
+        )
+        if segments > 1:
+            _selective_scan_lanes_kernel[grid](*args, **launch, SUMMARY=True)
+        _selective_scan_lanes_kernel[grid](*args, **launch, SUMMARY=False)
+        return y, h_last, None
     block_n = max(triton.next_power_of_2(N), 2)
     if tiles.prefill == "steps":
         block_d, segments = steps_launch(tiles, batch, dim, dim // groups, length, u.device)
@@ -867,8 +1090,13 @@ def selective_scan(
     None, which is what `ops.selective_scan` runs)."""
     tiles = tiles or DEFAULT_TILES
     grad = needs_grad(u, delta, A, B, C, D, z, delta_bias, initial_state)
-    fp32 = torch.float32 if not grad and tiles.prefill == "steps" else None
-    B, C, D, delta_bias = kernel_inputs(B, C, D, delta_bias, fp32)
+    if not grad and tiles.prefill == "lanes":
+        B, C = lanes_inputs(B), lanes_inputs(C)
+        D = D.contiguous() if D is not None else None
+        delta_bias = delta_bias.contiguous() if delta_bias is not None else None
+    else:
+        fp32 = torch.float32 if not grad and tiles.prefill == "steps" else None
+        B, C, D, delta_bias = kernel_inputs(B, C, D, delta_bias, fp32)
     if grad:
         y, h_last = _SelectiveScanFn.apply(
             u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, tiles

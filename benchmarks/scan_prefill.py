@@ -1,0 +1,77 @@
+"""The Mamba-1 prefill scan's kernels side by side (needs a GPU): the step-by-step kernel (`steps`, the
+kernel's default before) against the one-thread-a-channel kernel (`lanes`) at several warp counts and
+segment counts, on the inputs laid out as the mixer hands them over (bf16 u, Δ and z channel-contiguous
+views, B and C slices of x_proj's output, an initial state, the last state returned), at a preset's sizes
+(cobra+3b by default) and several (batch, length) shapes: one long sequence (a 16k prefill), a server's
+prefill batch, one image and prompt (time to first token). Each candidate's y and last state are compared
+with the `steps` kernel's, and its time is the median of CUDA-event timings.
+
+    python benchmarks/scan_prefill.py [--preset cobra+3b] [--shapes 1x16384,16x768,1x1529] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from mambavl.bench.timing import event_seconds
+
+
+def candidates() -> list[tuple[str, dict]]:
+    out = [("steps", dict(prefill="steps"))]
+    for warps, pair in ((1, False), (2, False), (4, False), (1, True)):
+        name = f"lanes w{warps}" + (" pair" if pair else "")
+        out.append((name, dict(prefill="lanes", lanes_warps=warps, lanes_pair=pair)))
+        if warps == 1:
+            for segments in (1, 4, 8, 16):
+                tiles = dict(prefill="lanes", lanes_warps=1, lanes_pair=pair, lanes_segments=segments)
+                out.append((f"{name} s{segments}", tiles))
+    return out
+
+
+def main() -> None:
+    from mambavl.bench.train_kernels import _scan_inputs_as_mixed
+    from mambavl.ops.triton.scan import ScanTiles, selective_scan
+    from mambavl.presets import PRESETS
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="cobra+3b")
+    parser.add_argument("--shapes", default="1x16384,16x768,1x1529")
+    parser.add_argument("--out", default="")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("this benchmark times CUDA kernels: it needs a GPU")
+    lm = PRESETS[args.preset].lm
+    rows = []
+    print(f"{torch.cuda.get_device_name()}; {args.preset}: d_inner {lm.d_inner}, d_state {lm.d_state}")
+    for shape in args.shapes.split(","):
+        batch, length = (int(x) for x in shape.split("x"))
+        torch.manual_seed(0)
+        kw = _scan_inputs_as_mixed(batch, lm.d_inner, lm.d_state, length, lm.dt_rank)
+        kw = {k: v.detach() for k, v in kw.items()}
+        kw["initial_state"] = torch.randn(batch, lm.d_inner, lm.d_state, device="cuda") * 0.1
+        with torch.no_grad():
+            base_y, base_h = None, None
+            for name, tiles in candidates():
+                t = ScanTiles(**tiles)
+
+                def call(t=t, kw=kw):
+                    return selective_scan(**kw, delta_softplus=True, return_last_state=True, tiles=t)
+
+                y, h = call()
+                if base_y is None:
+                    base_y, base_h = y.float(), h
+                dy = (y.float() - base_y).abs().max().item()
+                dh = (h - base_h).abs().max().item()
+                ms = event_seconds(call, repeat=9, warmup=2) * 1e3
+                rows.append(dict(shape=shape, kernel=name, ms=ms, max_dy=dy, max_dh=dh))
+                print(f"{shape:>9} {name:<14} {ms:8.3f} ms   |Δy| {dy:.2e} |Δh| {dh:.2e}", flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(dict(device=torch.cuda.get_device_name(), preset=args.preset, rows=rows), f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
