@@ -947,8 +947,8 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
             SPLIT=segments > 1,
             num_warps=tiles.lanes_warps,
         )
-        if segments > 1:
-            _selective_scan_lanes_kernel[grid](*args, **launch, SUMMARY=True)
+        if segments > 1:  # the last segment's summary would serve no segment after it
+            _selective_scan_lanes_kernel[(*grid[:2], segments - 1)](*args, **launch, SUMMARY=True)
         _selective_scan_lanes_kernel[grid](*args, **launch, SUMMARY=False)
         return y, h_last, None
     block_n = max(triton.next_power_of_2(N), 2)
