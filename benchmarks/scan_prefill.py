@@ -20,14 +20,15 @@ from mambavl.bench.timing import event_seconds
 
 
 def candidates() -> list[tuple[str, dict]]:
+    """The step-by-step kernel, then the lanes kernel: one and two warps a program, two channels a thread,
+    and fixed segment counts beside the automatic choice."""
     out = [("steps", dict(prefill="steps"))]
-    for warps, pair in ((1, False), (2, False), (4, False), (1, True)):
-        name = f"lanes w{warps}" + (" pair" if pair else "")
-        out.append((name, dict(prefill="lanes", lanes_warps=warps, lanes_pair=pair)))
-        if warps == 1:
-            for segments in (1, 4, 8, 16):
-                tiles = dict(prefill="lanes", lanes_warps=1, lanes_pair=pair, lanes_segments=segments)
-                out.append((f"{name} s{segments}", tiles))
+    shapes = (("lanes", {}), ("lanes w2", dict(lanes_warps=2)), ("lanes pair", dict(lanes_pair=True)))
+    for name, tiles in shapes:
+        out.append((name, dict(prefill="lanes", **tiles)))
+    for segments in (4, 8, 16):
+        out.append((f"lanes s{segments}", dict(prefill="lanes", lanes_segments=segments)))
+    out.append(("lanes pair s8", dict(prefill="lanes", lanes_pair=True, lanes_segments=8)))
     return out
 
 
