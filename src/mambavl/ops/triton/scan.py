@@ -1,7 +1,7 @@
 """The Mamba-1 selective scan (prefill and training), fused: Δ (bias, softplus), the discretisation, the scan,
 the read-out through C, the skip D and the SiLU gate, in one pass over the inputs; and its backward.
 
-Forward without a gradient (prefill), two kernels (`ScanTiles.prefill`):
+Forward without a gradient (prefill), three kernels (`ScanTiles.prefill`):
 - "tiles": one program per (sequence, block of BLOCK_D channels) walks the sequence in tiles
   of BLOCK_T steps; inside a tile the recurrence h_t = exp(Δ_t A)·h_{t-1} + Δ_t B_t u_t is a parallel
   associative scan over a [BLOCK_D, N, BLOCK_T] tile in registers, and the state at the tile's end carries
@@ -17,9 +17,15 @@ Forward without a gradient (prefill), two kernels (`ScanTiles.prefill`):
   programs to fill the GPU, so it may run in segments side by side (`steps_launch`): a first pass keeps each
   segment's end state from zeros and its Σ Δ, and the second runs every segment from the initial state carried
   through the segments before it (h ← exp(A·ΣΔ)·h + h_end), writing y.
-Either way inputs are read once and y written once; the [B, L, D, N] states that the reference
-materialises never leave the chip. Positions past the end are identity steps (Δ = 0), so the carried state
-is exactly the state after the last real token.
+- "lanes": one thread a channel (or two, `lanes_pair`), its N states N separate registers, so that the
+  read-out y = Σ_n C h is a sum inside the thread and no values cross threads at all; B and C of a step are a
+  row of N fp32 values that every thread of the program loads, four at a time (`lanes_inputs` lays them
+  out), and each step's inputs are loaded one step ahead. Compiled for sm_90 its loop issues 168
+  instructions a step for 16 states (10.5 a state and step; 19 MUFU), where "steps" issues about 20 a
+  state and step. Segments as above (`lanes_launch` picks them to fill the multiprocessors).
+Every kernel reads its inputs once and writes y once; the [B, L, D, N] states that the reference
+materialises never leave the chip. In "tiles" and "steps", positions past the end are identity steps
+(Δ = 0), so the carried state is exactly the state after the last real token; "lanes" stops at the end.
 
 Forward for training: the backward's tile, [channels, CHUNK steps], with the state index n as the loop
 inside a chunk (the scan runs over time alone and y = Σ_n C·h is a running sum); it stores the fp32 state

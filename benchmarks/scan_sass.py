@@ -1,0 +1,97 @@
+"""Instructions a state and step in the Mamba-1 prefill scan's loops, compiled for a Hopper GPU without
+one: Triton compiles each kernel for sm_90 on the host, its bundled `cuobjdump` disassembles the cubin, and
+the loop bodies (the backward branches' spans) are counted by opcode. Per state and step = the loop's
+instructions / (states a thread holds × steps a loop turn).
+
+    python benchmarks/scan_sass.py [--n 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import subprocess
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+POINTERS = ("u", "delta", "A", "B", "C", "D", "z", "bias", "h0", "y", "h_last", "seg_h", "seg_dt")
+BF16 = ("u", "delta", "z", "y")
+
+
+def compile_sm90(fn, constants: dict, num_warps: int):
+    names = fn.arg_names
+    signature = {}
+    for name in names:
+        if name in constants:
+            signature[name] = "constexpr"
+        elif name in POINTERS:
+            signature[name] = "*bf16" if name in BF16 else "*fp32"
+        else:
+            signature[name] = "i32"
+    source = ASTSource(
+        fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in constants.items()}
+    )
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps))
+
+
+def loops(kernel) -> list[collections.Counter]:
+    """Opcode counts of each loop body (a span closed by a branch backwards), in address order."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True).stdout
+    code = []
+    for line in sass.splitlines():
+        m = re.match(r"\s+/\*([0-9a-f]{4})\*/\s+(.*?)\s*;", line)
+        if m:
+            code.append((int(m.group(1), 16), m.group(2)))
+    out = []
+    for at, text in code:
+        m = re.search(r"BRA\s+(?:`\(\.L_x_\d+\)\s*)?(0x[0-9a-f]+)", text)
+        if m and int(m.group(1), 16) < at:
+            start = int(m.group(1), 16)
+            body = [t for a, t in code if start <= a <= at]
+            out.append(
+                collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0].split(".")[0] for t in body)
+            )
+    return out
+
+
+def main() -> None:
+    from mambavl.ops.triton import scan
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=16, help="d_state")
+    args = parser.parse_args()
+    n = args.n
+    flags = dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, HAS_H0=True)
+    cases = [
+        # name, kernel, constants, warps, states a thread, steps a loop turn
+        ("steps (16 channels, 2 warps)", scan._selective_scan_steps_kernel,
+         dict(flags, BLOCK_D=16, BLOCK_N=n, SEGMENTS=8, SUMMARY=False), 2, 16 * n // 64, 8),
+        ("steps summary", scan._selective_scan_steps_kernel,
+         dict(flags, BLOCK_D=16, BLOCK_N=n, SEGMENTS=8, SUMMARY=True), 2, 16 * n // 64, 8),
+        ("lanes (1 warp)", scan._selective_scan_lanes_kernel,
+         dict(flags, N=n, BLOCK_D=32, PAIR=False, VEC=n % 4 == 0, SPLIT=True, SUMMARY=False), 1, n, 1),
+        ("lanes summary", scan._selective_scan_lanes_kernel,
+         dict(flags, N=n, BLOCK_D=32, PAIR=False, VEC=n % 4 == 0, SPLIT=True, SUMMARY=True), 1, n, 1),
+        ("lanes pair", scan._selective_scan_lanes_kernel,
+         dict(flags, N=n, BLOCK_D=32, PAIR=True, VEC=n % 4 == 0, SPLIT=True, SUMMARY=False), 1, 2 * n, 1),
+    ]  # fmt: skip
+    print(f"triton {triton.__version__}, sm_90, d_state {n}")
+    for name, fn, constants, warps, states, steps in cases:
+        body = max(loops(compile_sm90(fn, constants, warps)), key=lambda c: sum(c.values()))
+        total = sum(body.values())
+        top = ", ".join(f"{op} {count}" for op, count in body.most_common(6))
+        per = total / (states * steps)
+        print(f"{name:<30} loop {total:4d}  per state and step {per:5.2f}  MUFU {body['MUFU']:3d}  ({top})")
+
+
+if __name__ == "__main__":
+    main()
