@@ -71,6 +71,7 @@ def main() -> None:
     args = parser.parse_args()
     n = args.n
     flags = dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, HAS_H0=True)
+    lanes = dict(flags, N=n, BLOCK_D=32, VEC=n % 4 == 0, WIDE=False, SPLIT=True)
     cases = [
         # name, kernel, constants, warps, states a thread, steps a loop turn
         ("steps (16 channels, 2 warps)", scan._selective_scan_steps_kernel,
@@ -78,11 +79,11 @@ def main() -> None:
         ("steps summary", scan._selective_scan_steps_kernel,
          dict(flags, BLOCK_D=16, BLOCK_N=n, SEGMENTS=8, SUMMARY=True), 2, 16 * n // 64, 8),
         ("lanes (1 warp)", scan._selective_scan_lanes_kernel,
-         dict(flags, N=n, BLOCK_D=32, PAIR=False, VEC=n % 4 == 0, SPLIT=True, SUMMARY=False), 1, n, 1),
+         dict(lanes, PAIR=False, SUMMARY=False), 1, n, 1),
         ("lanes summary", scan._selective_scan_lanes_kernel,
-         dict(flags, N=n, BLOCK_D=32, PAIR=False, VEC=n % 4 == 0, SPLIT=True, SUMMARY=True), 1, n, 1),
+         dict(lanes, PAIR=False, SUMMARY=True), 1, n, 1),
         ("lanes pair", scan._selective_scan_lanes_kernel,
-         dict(flags, N=n, BLOCK_D=32, PAIR=True, VEC=n % 4 == 0, SPLIT=True, SUMMARY=False), 1, 2 * n, 1),
+         dict(lanes, PAIR=True, SUMMARY=False), 1, 2 * n, 1),
     ]  # fmt: skip
     print(f"triton {triton.__version__}, sm_90, d_state {n}")
     for name, fn, constants, warps, states, steps in cases:

@@ -385,7 +385,7 @@ def _selective_scan_lanes_kernel(
     hl_b, hl_d, hl_n,
     N: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr, HAS_H0: tl.constexpr, BLOCK_D: tl.constexpr, PAIR: tl.constexpr,
-    VEC: tl.constexpr, SPLIT: tl.constexpr, SUMMARY: tl.constexpr,
+    VEC: tl.constexpr, WIDE: tl.constexpr, SPLIT: tl.constexpr, SUMMARY: tl.constexpr,
 ):  # fmt: skip
     # One thread a channel (BLOCK_D = 32 · warps), or with PAIR two (channels c and c + BLOCK_D, as
     # [BLOCK_D, 2] tensors whose pair stays in the thread; the program's channels then lie in one group of
@@ -435,11 +435,13 @@ def _selective_scan_lanes_kernel(
     u += b * u_b + dd * u_d
     delta += b * dl_b + dd * dl_d
     z += b * z_b + dd * z_d
-    y += b * y_b + dd * y_d
+    y += b * y_b + dd * y_d + first_t.to(tl.int64) * y_t  # then a step at a time
     B += b * b_b + rows * b_g
     C += b * c_b + rows * c_g
     last = tl.maximum(end - 1, 0)
     t1 = tl.minimum(first_t, last)
+    if WIDE:  # offsets past 2^31 elements (a long sequence of many channels)
+        t1 = t1.to(tl.int64)
     raw_next = tl.load(delta + t1 * dl_t)
     uv_next = tl.load(u + t1 * u_t)
     bv_next = _lanes_row(B + t1 * b_t, N, PAIR, VEC)
@@ -450,6 +452,8 @@ def _selective_scan_lanes_kernel(
     for t in range(first_t, end):
         raw, uv, bv = raw_next.to(tl.float32), uv_next.to(tl.float32), bv_next
         t1 = tl.minimum(t + 1, last)
+        if WIDE:
+            t1 = t1.to(tl.int64)
         raw_next = tl.load(delta + t1 * dl_t)
         uv_next = tl.load(u + t1 * u_t)
         bv_next = _lanes_row(B + t1 * b_t, N, PAIR, VEC)
@@ -481,7 +485,8 @@ def _selective_scan_lanes_kernel(
             h = hn
             if HAS_Z:
                 out *= zv * tl.sigmoid(zv)
-            tl.store(y + t * y_t, out.to(y.dtype.element_ty), mask=md)
+            tl.store(y, out.to(y.dtype.element_ty), mask=md)
+            y += y_t
     if SUMMARY:
         for i in tl.static_range(N):
             tl.store(seg_h + k * dim * N + i, h[i], mask=md)
@@ -944,12 +949,15 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
             Cg.stride(0), Cg.stride(1), Cg.stride(3), *zt.stride(), *h0.stride(), *y.stride(),
             *h_last.stride(),
         )  # fmt: skip
+        # 32-bit step offsets unless a step's stride times the length can pass 2^31 elements
+        steps = (u.stride(-1), delta.stride(-1), zt.stride(-1), Bg.stride(-1), Cg.stride(-1))
         launch = dict(
             **common,
             N=N,
             BLOCK_D=block_d,
             PAIR=pair,
             VEC=u.is_cuda and N % 4 == 0,
+            WIDE=length * max(steps) >= 2**31,
             SPLIT=segments > 1,
             num_warps=tiles.lanes_warps,
         )
