@@ -7,6 +7,7 @@ prefill batch, one image and prompt (time to first token). Each candidate's y an
 with the `steps` kernel's, and its time is the median of CUDA-event timings.
 
     python benchmarks/scan_prefill.py [--preset cobra+3b] [--shapes 1x16384,16x768,1x1529] [--out FILE]
+        [--kernels steps,lanes,...]
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ def main() -> None:
     parser.add_argument("--preset", default="cobra+3b")
     parser.add_argument("--shapes", default="1x16384,16x768,1x1529")
     parser.add_argument("--out", default="")
+    parser.add_argument("--kernels", default="", help="candidates to time, by name, comma-separated")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("this benchmark times CUDA kernels: it needs a GPU")
@@ -55,7 +57,8 @@ def main() -> None:
         kw["initial_state"] = torch.randn(batch, lm.d_inner, lm.d_state, device="cuda") * 0.1
         with torch.no_grad():
             base_y, base_h = None, None
-            for name, tiles in candidates():
+            chosen = [c for c in candidates() if not args.kernels or c[0] in args.kernels.split(",")]
+            for name, tiles in chosen:
                 t = ScanTiles(**tiles)
 
                 def call(t=t, kw=kw):
