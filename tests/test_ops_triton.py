@@ -298,6 +298,26 @@ def test_lanes_scan_launch_rule(monkeypatch):
     assert lanes_launch(ScanTiles(), 64, 5120, 16384, gpu) == 1  # a batch fills the GPU alone
 
 
+def test_prefill_kernel_rule(monkeypatch):
+    """ "auto" takes the lanes kernel on a GPU where a batch's rows alone give 12 warps a multiprocessor (a
+    warp per 32 channels), else the step-by-step kernel; a named kernel is taken as named."""
+    from types import SimpleNamespace
+
+    from mambavl.ops.triton.scan import ScanTiles, prefill_kernel
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert ScanTiles().prefill == "auto"
+    assert prefill_kernel(ScanTiles(), 64, 5120, cpu) == "steps"
+    assert prefill_kernel(ScanTiles(prefill="lanes"), 1, 5120, cpu) == "lanes"
+    monkeypatch.setattr(
+        torch.cuda, "get_device_properties", lambda device: SimpleNamespace(multi_processor_count=132)
+    )
+    assert prefill_kernel(ScanTiles(), 16, 5120, gpu) == "lanes"  # 2,560 warps ≥ 12 · 132
+    assert prefill_kernel(ScanTiles(), 8, 5120, gpu) == "steps"  # 1,280 warps
+    assert prefill_kernel(ScanTiles(), 1, 5120, gpu) == "steps"  # one long sequence: segments of "steps"
+    assert prefill_kernel(ScanTiles(prefill="tiles"), 64, 5120, gpu) == "tiles"
+
+
 def test_step_scan_launch_rule():
     """Segments are asked for explicitly, or chosen for long single sequences on a GPU only; a program's
     channels stay inside one group of B/C."""

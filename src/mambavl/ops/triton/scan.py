@@ -51,7 +51,7 @@ chunk); the host sums them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -64,7 +64,7 @@ LOG2E = tl.constexpr(1.4426950408889634)
 
 
 # the prefill (no gradient) kernels `ScanTiles.prefill` chooses from
-PREFILL_KERNELS = ("steps", "tiles", "lanes")
+PREFILL_KERNELS = ("auto", "steps", "tiles", "lanes")
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,13 @@ class ScanTiles:
     """Launch parameters, from sweeps on an H100 at Mamba-1 2.8B shapes (`mambavl bench --kernels --train
     --sweep`, BENCHMARKS.md).
 
-    Inference (no gradient): with `prefill="steps"` (the default), the step-by-step kernel on
+    Inference (no gradient): with `prefill="auto"` (the default), "lanes" where a batch alone gives the GPU
+    `lanes_auto_fill` warps a multiprocessor or more (one warp per 32 channels of a row), else "steps"
+    (`prefill_kernel`; BENCHMARKS.md, fourteenth pass: on an H100 at cobra+3b's sizes "lanes" took 0.82× the
+    step-by-step kernel's time at 16 rows, 0.68× at 32, about the same at 8, and twice it on one long
+    sequence). With "lanes", one thread a channel (two with `lanes_pair`) on `lanes_warps` warps, in
+    `lanes_segments` segments (0: `lanes_launch` picks them, with `lanes_fill` and `lanes_min_segment`).
+    With `prefill="steps"`, the step-by-step kernel on
     `steps_block_d` channels a program (fewer where a group of B/C has fewer) and `steps_warps` warps; with
     "tiles", the tiled kernel on tiles of `block_t` steps × `block_d` channels, `num_warps` warps; the
     step-by-step kernel's segments are `steps_segments` (0: `steps_launch` picks them, with the `steps_long*`
@@ -92,7 +98,7 @@ class ScanTiles:
     block_t: int = 16
     block_d: int = 2
     num_warps: int = 1
-    prefill: str = "steps"
+    prefill: str = "auto"
     steps_block_d: int = 8
     steps_warps: int = 2
     steps_segments: int = 0
@@ -111,15 +117,17 @@ class ScanTiles:
     lanes_segments: int = 0
     lanes_fill: int = 8
     lanes_min_segment: int = 256
+    lanes_auto_fill: int = 12
 
     def __post_init__(self):
         if self.prefill not in PREFILL_KERNELS:
             choices = ", ".join(PREFILL_KERNELS)
             raise ValueError(f"ScanTiles.prefill must be one of {choices}, got {self.prefill!r}")
-        if self.lanes_segments < 0 or min(self.lanes_warps, self.lanes_fill, self.lanes_min_segment) < 1:
+        lanes = (self.lanes_warps, self.lanes_fill, self.lanes_min_segment, self.lanes_auto_fill)
+        if self.lanes_segments < 0 or min(lanes) < 1:
             raise ValueError(
-                "ScanTiles: lanes_segments must be ≥ 0 (0: automatic), lanes_warps, lanes_fill and "
-                "lanes_min_segment ≥ 1"
+                "ScanTiles: lanes_segments must be ≥ 0 (0: automatic), lanes_warps, lanes_fill, "
+                "lanes_min_segment and lanes_auto_fill ≥ 1"
             )
         for name in ("block_t", "chunk", "block_d", "train_block_d", "steps_block_d", "steps_long_block_d"):
             value = getattr(self, name)
@@ -855,6 +863,17 @@ def steps_launch(
     return _block_in_group(tiles.steps_block_d, per_group), 1
 
 
+def prefill_kernel(tiles: ScanTiles, batch: int, dim: int, device) -> str:
+    """The prefill kernel `tiles.prefill` names, "auto" resolved: "lanes" on a GPU where the batch's rows
+    alone give `lanes_auto_fill` warps a multiprocessor (a warp per 32 channels a row), else "steps"."""
+    if tiles.prefill != "auto":
+        return tiles.prefill
+    if device.type != "cuda":
+        return "steps"
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return "lanes" if batch * triton.cdiv(dim, 32) >= tiles.lanes_auto_fill * sms else "steps"
+
+
 def lanes_launch(tiles: ScanTiles, batch: int, dim: int, length: int, device) -> int:
     """Segments of each sequence for the one-thread-a-channel prefill. `lanes_segments` > 0 sets them; 0
     (the default) picks them: on a GPU, as many as bring the launch to `lanes_fill` warps a multiprocessor
@@ -930,7 +949,8 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
         *u.stride(), *delta.stride(), *A.stride(), *Bg.stride(), *Cg.stride(), *zt.stride(),
         *h0.stride(), *y.stride(), *h_last.stride(),
     )  # fmt: skip
-    if tiles.prefill == "lanes":
+    kernel = prefill_kernel(tiles, batch, dim, u.device)
+    if kernel == "lanes":
         if Bg.stride(2) != 1 or Cg.stride(2) != 1:
             raise ValueError("the lanes prefill kernel takes B and C with n-contiguous rows (lanes_inputs)")
         segments = lanes_launch(tiles, batch, dim, length, u.device)
@@ -966,7 +986,7 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
         _selective_scan_lanes_kernel[grid](*args, **launch, SUMMARY=False)
         return y, h_last, None
     block_n = max(triton.next_power_of_2(N), 2)
-    if tiles.prefill == "steps":
+    if kernel == "steps":
         block_d, segments = steps_launch(tiles, batch, dim, dim // groups, length, u.device)
         segment = -(-triton.cdiv(length, segments) // 8) * 8  # whole blocks of eight steps
         seg_h = seg_dt = dummy
@@ -1104,12 +1124,14 @@ def selective_scan(
     None, which is what `ops.selective_scan` runs)."""
     tiles = tiles or DEFAULT_TILES
     grad = needs_grad(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    if not grad and tiles.prefill == "auto":
+        tiles = replace(tiles, prefill=prefill_kernel(tiles, u.shape[0], u.shape[1], u.device))
     if not grad and tiles.prefill == "lanes":
         B, C = lanes_inputs(B), lanes_inputs(C)
         D = D.contiguous() if D is not None else None
         delta_bias = delta_bias.contiguous() if delta_bias is not None else None
     else:
-        fp32 = torch.float32 if not grad and tiles.prefill == "steps" else None
+        fp32 = torch.float32 if not grad and tiles.prefill == "steps" else None  # "auto" is resolved
         B, C, D, delta_bias = kernel_inputs(B, C, D, delta_bias, fp32)
     if grad:
         y, h_last = _SelectiveScanFn.apply(
