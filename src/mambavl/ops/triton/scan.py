@@ -6,7 +6,8 @@ Forward without a gradient (prefill), three kernels (`ScanTiles.prefill`):
   of BLOCK_T steps; inside a tile the recurrence h_t = exp(Δ_t A)·h_{t-1} + Δ_t B_t u_t is a parallel
   associative scan over a [BLOCK_D, N, BLOCK_T] tile in registers, and the state at the tile's end carries
   to the next tile.
-- "steps" (the default): one program per (sequence, block of channels), each thread holding a few states
+- "steps" (the default for anything smaller than a GPU-filling batch, see `prefill_kernel`): one program per
+  (sequence, block of channels), each thread holding a few states
   n of one channel and running the recurrence one step after another (a multiply and a fused multiply-add per
   state and step), y_t = Σ_n C_t h_t a sum over the threads of a channel. Inputs come in blocks of eight
   steps, loaded one block ahead and split inside the threads into the eight steps (`_steps8`); Δ's
@@ -22,7 +23,9 @@ Forward without a gradient (prefill), three kernels (`ScanTiles.prefill`):
   row of N fp32 values that every thread of the program loads, four at a time (`lanes_inputs` lays them
   out), and each step's inputs are loaded one step ahead. Compiled for sm_90 its loop issues 168
   instructions a step for 16 states (10.5 a state and step; 19 MUFU), where "steps" issues about 20 a
-  state and step. Segments as above (`lanes_launch` picks them to fill the multiprocessors).
+  state and step. Segments as above (`lanes_launch` picks them to fill the multiprocessors). With a quarter
+  of the threads, it gives a single sequence too few warps to hide its loads: the default ("auto") takes it
+  only for a batch that fills the GPU by itself (BENCHMARKS.md, fourteenth pass).
 Every kernel reads its inputs once and writes y once; the [B, L, D, N] states that the reference
 materialises never leave the chip. In "tiles" and "steps", positions past the end are identity steps
 (Δ = 0), so the carried state is exactly the state after the last real token; "lanes" stops at the end.
