@@ -1001,8 +1001,8 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
         )
         grid = (batch, dim // block_d, segments)
         args = (*inputs, seg_h, seg_dt, dim, length, N, dim // groups, segment, *strides)
-        if segments > 1:
-            _selective_scan_steps_kernel[grid](*args, **launch, SUMMARY=True)
+        if segments > 1:  # the last segment's summary would serve no segment after it
+            _selective_scan_steps_kernel[(*grid[:2], segments - 1)](*args, **launch, SUMMARY=True)
         _selective_scan_steps_kernel[grid](*args, **launch, SUMMARY=False)
         return y, h_last, None
     args = (*inputs, dim, length, N, dim // groups, *strides)
