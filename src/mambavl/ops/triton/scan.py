@@ -54,7 +54,7 @@ chunk); the host sums them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -835,15 +835,18 @@ def _grouped(M: torch.Tensor) -> torch.Tensor:
     return M[:, None] if M.dim() == 3 else M
 
 
-def kernel_inputs(B, C, D, delta_bias, dtype=None):
+def kernel_inputs(B, C, D, delta_bias, dtype=None, rows=False):
     """B and C with time-contiguous rows (a copy of L·N values where they come as slices of x_proj's
     output: every channel's program reads them, in a few wide loads), in `dtype` when given (the prefill
-    kernel takes them in fp32: its threads then use them as loaded); D and the Δ bias with stride 1 (the
-    kernels index them so)."""
-    B, C = (
-        M if M.stride(-1) == 1 and dtype in (None, M.dtype) else M.new_empty(M.shape, dtype=dtype).copy_(M)
-        for M in (B, C)
-    )
+    kernel takes them in fp32: its threads then use them as loaded), or with `rows` as the lanes kernel
+    takes them (`lanes_inputs`); D and the Δ bias with stride 1 (the kernels index them so)."""
+
+    def time_rows(M: torch.Tensor) -> torch.Tensor:
+        if M.stride(-1) == 1 and dtype in (None, M.dtype):
+            return M
+        return M.new_empty(M.shape, dtype=dtype).copy_(M)
+
+    B, C = (lanes_inputs(B), lanes_inputs(C)) if rows else (time_rows(B), time_rows(C))
     D = D.contiguous() if D is not None else None
     delta_bias = delta_bias.contiguous() if delta_bias is not None else None
     return B, C, D, delta_bias
@@ -910,10 +913,12 @@ def _block_in_group(block_d: int, per_group: int) -> int:
     return block_d
 
 
-def _forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, tiles, save_states):
+def _forward(
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, tiles, save_states, kernel=None
+):  # fmt: skip
     """y [B, D, L] (u's dtype), the last state [B, D, N] fp32, and with `save_states` the fp32 state at
     the start of every chunk, [B, D, N, n_chunks] (stored chunk-major, so each program's writes are
-    contiguous); else None."""
+    contiguous); else None. `kernel`: the prefill kernel (`prefill_kernel`'s, when not given)."""
     batch, dim, length = u.shape
     N = A.shape[-1]
     Bg, Cg = _grouped(B), _grouped(C)
@@ -952,7 +957,7 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
         *u.stride(), *delta.stride(), *A.stride(), *Bg.stride(), *Cg.stride(), *zt.stride(),
         *h0.stride(), *y.stride(), *h_last.stride(),
     )  # fmt: skip
-    kernel = prefill_kernel(tiles, batch, dim, u.device)
+    kernel = kernel or prefill_kernel(tiles, batch, dim, u.device)
     if kernel == "lanes":
         if Bg.stride(2) != 1 or Cg.stride(2) != 1:
             raise ValueError("the lanes prefill kernel takes B and C with n-contiguous rows (lanes_inputs)")
@@ -1127,21 +1132,15 @@ def selective_scan(
     None, which is what `ops.selective_scan` runs)."""
     tiles = tiles or DEFAULT_TILES
     grad = needs_grad(u, delta, A, B, C, D, z, delta_bias, initial_state)
-    if not grad and tiles.prefill == "auto":
-        tiles = replace(tiles, prefill=prefill_kernel(tiles, u.shape[0], u.shape[1], u.device))
-    if not grad and tiles.prefill == "lanes":
-        B, C = lanes_inputs(B), lanes_inputs(C)
-        D = D.contiguous() if D is not None else None
-        delta_bias = delta_bias.contiguous() if delta_bias is not None else None
-    else:
-        fp32 = torch.float32 if not grad and tiles.prefill == "steps" else None  # "auto" is resolved
-        B, C, D, delta_bias = kernel_inputs(B, C, D, delta_bias, fp32)
+    kernel = None if grad else prefill_kernel(tiles, u.shape[0], u.shape[1], u.device)
+    fp32 = torch.float32 if kernel == "steps" else None
+    B, C, D, delta_bias = kernel_inputs(B, C, D, delta_bias, fp32, rows=kernel == "lanes")
     if grad:
         y, h_last = _SelectiveScanFn.apply(
             u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, tiles
         )
     else:
         y, h_last, _ = _forward(
-            u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, tiles, save_states=False
+            u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, tiles, False, kernel
         )
     return (y, h_last) if return_last_state else y
