@@ -30,6 +30,16 @@ def candidates() -> list[tuple[str, dict]]:
     for segments in (4, 8, 16):
         out.append((f"lanes s{segments}", dict(prefill="lanes", lanes_segments=segments)))
     out.append(("lanes pair s8", dict(prefill="lanes", lanes_pair=True, lanes_segments=8)))
+    # prefetching a sequence's later steps into L2 (steps ahead), and the step-by-step kernel's segments
+    for ahead in (8, 16, 32, 64):
+        out.append((f"lanes p{ahead}", dict(prefill="lanes", lanes_prefetch=ahead)))
+        out.append((f"steps p{ahead}", dict(prefill="steps", steps_prefetch=ahead)))
+    for segments in (2, 4, 8):
+        out.append((f"steps s{segments}", dict(prefill="steps", steps_segments=segments)))
+        ahead = dict(prefill="steps", steps_segments=segments, steps_prefetch=32)
+        out.append((f"steps s{segments} p32", ahead))
+    for block_d in (4, 16):
+        out.append((f"steps d{block_d}", dict(prefill="steps", steps_block_d=block_d)))
     return out
 
 

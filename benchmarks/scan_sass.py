@@ -70,7 +70,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=16, help="d_state")
     args = parser.parse_args()
     n = args.n
-    flags = dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, HAS_H0=True)
+    flags = dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, HAS_H0=True, PREFETCH=0)
     lanes = dict(flags, N=n, BLOCK_D=32, VEC=n % 4 == 0, WIDE=False, SPLIT=True)
     cases = [
         # name, kernel, constants, warps, states a thread, steps a loop turn
@@ -84,6 +84,10 @@ def main() -> None:
          dict(lanes, PAIR=False, SUMMARY=True), 1, n, 1),
         ("lanes pair", scan._selective_scan_lanes_kernel,
          dict(lanes, PAIR=True, SUMMARY=False), 1, 2 * n, 1),
+        ("lanes, prefetch 16 steps", scan._selective_scan_lanes_kernel,
+         dict(lanes, PAIR=False, SUMMARY=False, PREFETCH=16), 1, n, 1),
+        ("steps, prefetch 32 steps", scan._selective_scan_steps_kernel,
+         dict(flags, BLOCK_D=16, BLOCK_N=n, SEGMENTS=8, SUMMARY=False, PREFETCH=32), 2, 16 * n // 64, 8),
     ]  # fmt: skip
     print(f"triton {triton.__version__}, sm_90, d_state {n}")
     for name, fn, constants, warps, states, steps in cases:

@@ -166,8 +166,11 @@ def test_selective_scan_triton_equals_reference(batch, dim, n, length, groups, d
         dict(prefill="tiles"),  # the tiled kernel
         dict(prefill="lanes"),  # one thread a channel
         dict(prefill="lanes", lanes_warps=2, lanes_segments=3),  # 2 warps (past 24 channels), 3 segments
+        # prefetching later steps into L2 (a GPU only: a hint that must not change a value), past the end
+        dict(prefill="steps", steps_segments=3, steps_prefetch=16),
+        dict(prefill="lanes", lanes_segments=3, lanes_prefetch=5),
     ],
-    ids=["steps", "steps-wide", "steps-segments", "tiles", "lanes", "lanes-segments"],
+    ids=["steps", "steps-wide", "steps-segments", "tiles", "lanes", "lanes-segments", "steps-pf", "lanes-pf"],
 )
 @pytest.mark.parametrize("channels_last", [True, False])
 def test_selective_scan_prefill_kernels(tiles, channels_last):

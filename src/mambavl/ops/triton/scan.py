@@ -85,7 +85,8 @@ class ScanTiles:
     `steps_block_d` channels a program (fewer where a group of B/C has fewer) and `steps_warps` warps; with
     "tiles", the tiled kernel on tiles of `block_t` steps × `block_d` channels, `num_warps` warps; the
     step-by-step kernel's segments are `steps_segments` (0: `steps_launch` picks them, with the `steps_long*`
-    fields). Training:
+    fields). `lanes_prefetch` and `steps_prefetch` (0: off) have each step ask the L2 cache for the inputs of
+    the step that many steps later (on a GPU; a hint, which changes no value). Training:
     the forward keeps the state every `chunk` steps (B·D·N·L/chunk fp32 values a layer), and both it and the
     backward run one program per sequence and `train_block_d` channels (fewer where a group of B/C has
     fewer), on `train_warps` warps, with [train_block_d, chunk] tiles; the backward walks the chunks last to
@@ -121,6 +122,8 @@ class ScanTiles:
     lanes_fill: int = 8
     lanes_min_segment: int = 256
     lanes_auto_fill: int = 12
+    lanes_prefetch: int = 0
+    steps_prefetch: int = 0
 
     def __post_init__(self):
         if self.prefill not in PREFILL_KERNELS:
@@ -132,6 +135,8 @@ class ScanTiles:
                 "ScanTiles: lanes_segments must be ≥ 0 (0: automatic), lanes_warps, lanes_fill, "
                 "lanes_min_segment and lanes_auto_fill ≥ 1"
             )
+        if self.lanes_prefetch < 0 or self.steps_prefetch < 0:
+            raise ValueError("ScanTiles: lanes_prefetch and steps_prefetch are step counts ≥ 0 (0: off)")
         for name in ("block_t", "chunk", "block_d", "train_block_d", "steps_block_d", "steps_long_block_d"):
             value = getattr(self, name)
             if value < 1 or value & (value - 1):
@@ -227,7 +232,7 @@ def _selective_scan_steps_kernel(
     hl_b, hl_d, hl_n,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_H0: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, SEGMENTS: tl.constexpr,
-    SUMMARY: tl.constexpr,
+    SUMMARY: tl.constexpr, PREFETCH: tl.constexpr,
 ):  # fmt: skip
     # Segments (SEGMENTS > 1): program k of a channel block walks steps [k·segment, (k+1)·segment). With
     # SUMMARY it starts from zeros and keeps only its end state and its Σ Δ (seg_h [B, K, D, N], seg_dt
@@ -297,6 +302,15 @@ def _selective_scan_steps_kernel(
         bv_next = tl.load(B + nt[None, None, :] * b_t, mask=mbc, other=0.0)
         if not SUMMARY:
             cv_next = tl.load(C + nt[None, None, :] * c_t, mask=mbc, other=0.0)
+        if PREFETCH > 0:  # the lines of the block PREFETCH steps ahead into L2
+            tp = tl.minimum(tt + PREFETCH, length - 1)
+            _prefetch(delta + tp[None, :] * dl_t)
+            _prefetch(u + tp[None, :] * u_t)
+            _prefetch(B + tp[None, None, :] * b_t)
+            if not SUMMARY:
+                _prefetch(C + tp[None, None, :] * c_t)
+                if HAS_Z:
+                    _prefetch(z + tp[None, :] * z_t)
         if HAS_Z and not SUMMARY:
             zv = tl.load(z + tt[None, :] * z_t, mask=m2, other=0.0).to(tl.float32)
         if HAS_BIAS:
@@ -382,6 +396,14 @@ def _lanes_row(p, N: tl.constexpr, PAIR: tl.constexpr, VEC: tl.constexpr):
 
 
 @triton.jit
+def _prefetch(p):
+    """Asks the L2 cache for the lines `p` points to, ahead of the loads that read them (no result; a GPU
+    only): a sequence's steps lie far apart in memory, and a load one step ahead cannot hide a trip to
+    memory when a multiprocessor has few warps."""
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1];", "=r,l", [p], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
 def _selective_scan_lanes_kernel(
     u, delta, A, B, C, D, z, bias, h0, y, h_last, seg_h, seg_dt,
     dim, length, channels_per_group, segment, segments,
@@ -397,6 +419,7 @@ def _selective_scan_lanes_kernel(
     N: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr, HAS_H0: tl.constexpr, BLOCK_D: tl.constexpr, PAIR: tl.constexpr,
     VEC: tl.constexpr, WIDE: tl.constexpr, SPLIT: tl.constexpr, SUMMARY: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):  # fmt: skip
     # One thread a channel (BLOCK_D = 32 · warps), or with PAIR two (channels c and c + BLOCK_D, as
     # [BLOCK_D, 2] tensors whose pair stays in the thread; the program's channels then lie in one group of
@@ -465,6 +488,17 @@ def _selective_scan_lanes_kernel(
         t1 = tl.minimum(t + 1, last)
         if WIDE:
             t1 = t1.to(tl.int64)
+        if PREFETCH > 0:  # the lines of step t + PREFETCH into L2
+            tp = tl.minimum(t + PREFETCH, last)
+            if WIDE:
+                tp = tp.to(tl.int64)
+            _prefetch(delta + tp * dl_t)
+            _prefetch(u + tp * u_t)
+            _prefetch(B + tp * b_t)
+            if not SUMMARY:
+                _prefetch(C + tp * c_t)
+                if HAS_Z:
+                    _prefetch(z + tp * z_t)
         raw_next = tl.load(delta + t1 * dl_t)
         uv_next = tl.load(u + t1 * u_t)
         bv_next = _lanes_row(B + t1 * b_t, N, PAIR, VEC)
@@ -485,15 +519,27 @@ def _selective_scan_lanes_kernel(
                 hn = hn + (tl.exp2(dt * a2[i]) * h[i] + du * bv[i],)
             h = hn
         else:
-            out = tl.zeros(d.shape, dtype=tl.float32)
+            # the read-out in four partial sums: four short chains of multiply-adds, not one of N
+            o0 = tl.zeros(d.shape, dtype=tl.float32)
             if HAS_D:
-                out = uv * skip
+                o0 = uv * skip
+            o1 = tl.zeros(d.shape, dtype=tl.float32)
+            o2 = tl.zeros(d.shape, dtype=tl.float32)
+            o3 = tl.zeros(d.shape, dtype=tl.float32)
             hn = ()
             for i in tl.static_range(N):
                 hi = tl.exp2(dt * a2[i]) * h[i] + du * bv[i]
-                out += hi * cv[i]
+                if i % 4 == 0:
+                    o0 += hi * cv[i]
+                elif i % 4 == 1:
+                    o1 += hi * cv[i]
+                elif i % 4 == 2:
+                    o2 += hi * cv[i]
+                else:
+                    o3 += hi * cv[i]
                 hn = hn + (hi,)
             h = hn
+            out = (o0 + o1) + (o2 + o3)
             if HAS_Z:
                 out *= zv * tl.sigmoid(zv)
             tl.store(y, out.to(y.dtype.element_ty), mask=md)
@@ -987,6 +1033,7 @@ def _forward(
             VEC=u.is_cuda and N % 4 == 0,
             WIDE=length * max(steps) >= 2**31,
             SPLIT=segments > 1,
+            PREFETCH=tiles.lanes_prefetch if u.is_cuda else 0,
             num_warps=tiles.lanes_warps,
         )
         if segments > 1:  # the last segment's summary would serve no segment after it
@@ -1002,8 +1049,9 @@ def _forward(
             seg_h = torch.empty(batch, segments, dim, N, device=u.device, dtype=torch.float32)
             seg_dt = torch.empty(batch, segments, dim, device=u.device, dtype=torch.float32)
         launch = dict(
-            **common, BLOCK_D=block_d, BLOCK_N=block_n, SEGMENTS=segments, num_warps=tiles.steps_warps
-        )
+            **common, BLOCK_D=block_d, BLOCK_N=block_n, SEGMENTS=segments, num_warps=tiles.steps_warps,
+            PREFETCH=tiles.steps_prefetch if u.is_cuda else 0,
+        )  # fmt: skip
         grid = (batch, dim // block_d, segments)
         args = (*inputs, seg_h, seg_dt, dim, length, N, dim // groups, segment, *strides)
         if segments > 1:  # the last segment's summary would serve no segment after it
