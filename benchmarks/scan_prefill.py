@@ -34,6 +34,8 @@ def candidates() -> list[tuple[str, dict]]:
     for ahead in (8, 16, 32, 64):
         out.append((f"lanes p{ahead}", dict(prefill="lanes", lanes_prefetch=ahead)))
         out.append((f"steps p{ahead}", dict(prefill="steps", steps_prefetch=ahead)))
+    for ahead in (0, 32):  # two steps a turn of the lanes kernel's loop
+        out.append((f"lanes u2 p{ahead}", dict(prefill="lanes", lanes_unroll=2, lanes_prefetch=ahead)))
     for segments in (2, 4, 8):
         out.append((f"steps s{segments}", dict(prefill="steps", steps_segments=segments)))
         ahead = dict(prefill="steps", steps_segments=segments, steps_prefetch=32)

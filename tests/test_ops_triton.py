@@ -169,8 +169,19 @@ def test_selective_scan_triton_equals_reference(batch, dim, n, length, groups, d
         # prefetching later steps into L2 (a GPU only: a hint that must not change a value), past the end
         dict(prefill="steps", steps_segments=3, steps_prefetch=16),
         dict(prefill="lanes", lanes_segments=3, lanes_prefetch=5),
+        dict(prefill="lanes", lanes_unroll=2),  # two steps a loop turn over 29 steps (one left over)
     ],
-    ids=["steps", "steps-wide", "steps-segments", "tiles", "lanes", "lanes-segments", "steps-pf", "lanes-pf"],
+    ids=[
+        "steps",
+        "steps-wide",
+        "steps-segments",
+        "tiles",
+        "lanes",
+        "lanes-segments",
+        "steps-pf",
+        "lanes-pf",
+        "lanes-unroll",
+    ],
 )
 @pytest.mark.parametrize("channels_last", [True, False])
 def test_selective_scan_prefill_kernels(tiles, channels_last):

@@ -86,7 +86,8 @@ class ScanTiles:
     "tiles", the tiled kernel on tiles of `block_t` steps × `block_d` channels, `num_warps` warps; the
     step-by-step kernel's segments are `steps_segments` (0: `steps_launch` picks them, with the `steps_long*`
     fields). `lanes_prefetch` and `steps_prefetch` (0: off) have each step ask the L2 cache for the inputs of
-    the step that many steps later (on a GPU; a hint, which changes no value). Training:
+    the step that many steps later (on a GPU; a hint, which changes no value); `lanes_unroll` steps make one
+    turn of the lanes kernel's loop. Training:
     the forward keeps the state every `chunk` steps (B·D·N·L/chunk fp32 values a layer), and both it and the
     backward run one program per sequence and `train_block_d` channels (fewer where a group of B/C has
     fewer), on `train_warps` warps, with [train_block_d, chunk] tiles; the backward walks the chunks last to
@@ -123,6 +124,7 @@ class ScanTiles:
     lanes_min_segment: int = 256
     lanes_auto_fill: int = 12
     lanes_prefetch: int = 0
+    lanes_unroll: int = 1
     steps_prefetch: int = 0
 
     def __post_init__(self):
@@ -137,6 +139,8 @@ class ScanTiles:
             )
         if self.lanes_prefetch < 0 or self.steps_prefetch < 0:
             raise ValueError("ScanTiles: lanes_prefetch and steps_prefetch are step counts ≥ 0 (0: off)")
+        if self.lanes_unroll < 1:
+            raise ValueError("ScanTiles: lanes_unroll is the steps a loop turn of the lanes kernel, ≥ 1")
         for name in ("block_t", "chunk", "block_d", "train_block_d", "steps_block_d", "steps_long_block_d"):
             value = getattr(self, name)
             if value < 1 or value & (value - 1):
@@ -419,7 +423,7 @@ def _selective_scan_lanes_kernel(
     N: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr, HAS_H0: tl.constexpr, BLOCK_D: tl.constexpr, PAIR: tl.constexpr,
     VEC: tl.constexpr, WIDE: tl.constexpr, SPLIT: tl.constexpr, SUMMARY: tl.constexpr,
-    PREFETCH: tl.constexpr,
+    PREFETCH: tl.constexpr, UNROLL: tl.constexpr,
 ):  # fmt: skip
     # One thread a channel (BLOCK_D = 32 · warps), or with PAIR two (channels c and c + BLOCK_D, as
     # [BLOCK_D, 2] tensors whose pair stays in the thread; the program's channels then lie in one group of
@@ -483,7 +487,8 @@ def _selective_scan_lanes_kernel(
         cv_next = _lanes_row(C + t1 * c_t, N, PAIR, VEC)
         if HAS_Z:
             zv_next = tl.load(z + t1 * z_t)
-    for t in range(first_t, end):
+    # UNROLL > 1: that many steps a loop turn, so that one step's read-out overlaps the next one's updates
+    for t in tl.range(first_t, end, loop_unroll_factor=UNROLL):
         raw, uv, bv = raw_next.to(tl.float32), uv_next.to(tl.float32), bv_next
         t1 = tl.minimum(t + 1, last)
         if WIDE:
@@ -1034,6 +1039,7 @@ def _forward(
             WIDE=length * max(steps) >= 2**31,
             SPLIT=segments > 1,
             PREFETCH=tiles.lanes_prefetch if u.is_cuda else 0,
+            UNROLL=tiles.lanes_unroll,
             num_warps=tiles.lanes_warps,
         )
         if segments > 1:  # the last segment's summary would serve no segment after it
