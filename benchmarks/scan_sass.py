@@ -70,8 +70,8 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=16, help="d_state")
     args = parser.parse_args()
     n = args.n
-    flags = dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, HAS_H0=True, PREFETCH=0)
-    lanes = dict(flags, N=n, BLOCK_D=32, VEC=n % 4 == 0, WIDE=False, SPLIT=True, UNROLL=1)
+    flags = dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, HAS_H0=True, PREFETCH=0, FAST=True)
+    lanes = dict(flags, N=n, BLOCK_D=32, VEC=n % 4 == 0, WIDE=False, SPLIT=True, UNROLL=1, DEPTH=1)
     cases = [
         # name, kernel, constants, warps, states a thread, steps a loop turn
         ("steps (16 channels, 2 warps)", scan._selective_scan_steps_kernel,
@@ -88,6 +88,10 @@ def main() -> None:
          dict(lanes, PAIR=False, SUMMARY=False, PREFETCH=16), 1, n, 1),
         ("lanes, 2 steps a turn", scan._selective_scan_lanes_kernel,
          dict(lanes, PAIR=False, SUMMARY=False, UNROLL=2), 1, n, 2),
+        ("lanes, loads 2 steps ahead", scan._selective_scan_lanes_kernel,
+         dict(lanes, PAIR=False, SUMMARY=False, DEPTH=2), 1, n, 1),
+        ("lanes, 2 ahead, 2 steps a turn", scan._selective_scan_lanes_kernel,
+         dict(lanes, PAIR=False, SUMMARY=False, DEPTH=2, UNROLL=2), 1, n, 2),
         ("steps, prefetch 32 steps", scan._selective_scan_steps_kernel,
          dict(flags, BLOCK_D=16, BLOCK_N=n, SEGMENTS=8, SUMMARY=False, PREFETCH=32), 2, 16 * n // 64, 8),
     ]  # fmt: skip

@@ -9,7 +9,10 @@ import torch
 from mambavl import ops
 from mambavl.ops.dispatch import backend_for
 
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
+tl = pytest.importorskip("triton.language")
+from mambavl.ops.triton.scan import _timestep_fast  # noqa: E402
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -248,6 +251,26 @@ def test_selective_scan_lanes_pairs(shape, segments):
     y, h = selective_scan(**kw, **args, tiles=tiles)
     torch.testing.assert_close(y, ref_y, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(h, ref_h, rtol=1e-4, atol=1e-4)
+
+
+@triton.jit
+def _softplus_kernel(x, y, n, FAST: tl.constexpr, BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    v = tl.load(x + i, mask=i < n, other=0.0)
+    tl.store(y + i, _timestep_fast(v, True, FAST), mask=i < n)
+
+
+def test_prefill_softplus_is_accurate_everywhere():
+    """The prefill kernels' Δ (`_timestep_fast`: log1p(e^x) as e·ln(u)/(u − 1), with the approximate log2 and
+    reciprocal on a GPU) equals torch's softplus to 1e-5 relative from -80 to 40 (x·log2(e) rounds to
+    |x|·2^-24 there), where log(1 + e^x) in fp32 loses most digits below -10 and all below -17; the
+    identity above 20, and 0 at -inf (padding)."""
+    x = torch.cat([torch.linspace(-80, 40, 2001), torch.tensor([20.0, 20.5, -float("inf")])]).to(DEVICE)
+    y = torch.empty_like(x)
+    _softplus_kernel[(triton.cdiv(x.numel(), 256),)](x, y, x.numel(), FAST=x.is_cuda, BLOCK=256)
+    ref = torch.nn.functional.softplus(x.double()).float()
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=0.0)
+    assert y[-1].item() == 0.0
 
 
 def test_selective_scan_tiles_are_checked():

@@ -64,6 +64,7 @@ from mambavl.ops.dispatch import needs_grad
 from mambavl.ops.triton.layout import channels_last, empty_like_layout, empty_time_major, time_major
 
 LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 
 
 # the prefill (no gradient) kernels `ScanTiles.prefill` chooses from
@@ -125,6 +126,7 @@ class ScanTiles:
     lanes_auto_fill: int = 12
     lanes_prefetch: int = 0
     lanes_unroll: int = 1
+    lanes_depth: int = 1
     steps_prefetch: int = 0
 
     def __post_init__(self):
@@ -139,6 +141,8 @@ class ScanTiles:
             )
         if self.lanes_prefetch < 0 or self.steps_prefetch < 0:
             raise ValueError("ScanTiles: lanes_prefetch and steps_prefetch are step counts ≥ 0 (0: off)")
+        if self.lanes_depth not in (1, 2):
+            raise ValueError("ScanTiles: lanes_depth (steps a load runs ahead of its use) must be 1 or 2")
         if self.lanes_unroll < 1:
             raise ValueError("ScanTiles: lanes_unroll is the steps a loop turn of the lanes kernel, ≥ 1")
         for name in ("block_t", "chunk", "block_d", "train_block_d", "steps_block_d", "steps_long_block_d"):
@@ -176,6 +180,32 @@ def _timestep(raw, SOFTPLUS: tl.constexpr):
     """Δ from its (biased) input: softplus, the identity above 20 as in the reference, or as it is."""
     if SOFTPLUS:
         raw = tl.where(raw <= 20.0, tl.log(1.0 + tl.exp(raw)), raw)
+    return raw
+
+
+@triton.jit
+def _approx(x, op: tl.constexpr):
+    """The multi-function unit's approximate `op` ("lg2" or "rcp") of fp32 x: one instruction, where the
+    library's log and division take a few dozen (relative error about 2^-22)."""
+    return tl.inline_asm_elementwise(
+        op + ".approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1
+    )
+
+
+@triton.jit
+def _timestep_fast(raw, SOFTPLUS: tl.constexpr, FAST: tl.constexpr):
+    """`_timestep` for the prefill kernels: softplus as log1p(e^x) = e·ln(u)/(u − 1) with u = 1 + e^x (exact
+    where u rounds to 1, and so accurate for very negative x, where log(1 + e^x) loses digits), with the
+    multi-function unit's log2 and reciprocal under FAST (a GPU): ~10 instructions a value, not ~35."""
+    if SOFTPLUS:
+        e = tl.exp2(tl.minimum(raw, 20.0) * LOG2E)  # (above 20 the input itself: no overflow to compute)
+        u = 1.0 + e
+        den = tl.where(u == 1.0, 1.0, u - 1.0)
+        if FAST:
+            soft = e * (_approx(u, "lg2") * LN2) * _approx(den, "rcp")
+        else:
+            soft = e * tl.log(u) / den
+        raw = tl.where(raw <= 20.0, tl.where(u == 1.0, e, soft), raw)
     return raw
 
 
@@ -236,7 +266,7 @@ def _selective_scan_steps_kernel(
     hl_b, hl_d, hl_n,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_H0: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, SEGMENTS: tl.constexpr,
-    SUMMARY: tl.constexpr, PREFETCH: tl.constexpr,
+    SUMMARY: tl.constexpr, PREFETCH: tl.constexpr, FAST: tl.constexpr,
 ):  # fmt: skip
     # Segments (SEGMENTS > 1): program k of a channel block walks steps [k·segment, (k+1)·segment). With
     # SUMMARY it starts from zeros and keeps only its end state and its Σ Δ (seg_h [B, K, D, N], seg_dt
@@ -319,7 +349,7 @@ def _selective_scan_steps_kernel(
             zv = tl.load(z + tt[None, :] * z_t, mask=m2, other=0.0).to(tl.float32)
         if HAS_BIAS:
             raw += dt_bias[:, None]
-        dt = _timestep(raw, SOFTPLUS)
+        dt = _timestep_fast(raw, SOFTPLUS, FAST)
         if not SOFTPLUS:
             dt = tl.where(m2, dt, 0.0)  # past the end: identity steps
         du = dt * uv
@@ -423,7 +453,7 @@ def _selective_scan_lanes_kernel(
     N: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr, HAS_H0: tl.constexpr, BLOCK_D: tl.constexpr, PAIR: tl.constexpr,
     VEC: tl.constexpr, WIDE: tl.constexpr, SPLIT: tl.constexpr, SUMMARY: tl.constexpr,
-    PREFETCH: tl.constexpr, UNROLL: tl.constexpr,
+    PREFETCH: tl.constexpr, UNROLL: tl.constexpr, DEPTH: tl.constexpr, FAST: tl.constexpr,
 ):  # fmt: skip
     # One thread a channel (BLOCK_D = 32 · warps), or with PAIR two (channels c and c + BLOCK_D, as
     # [BLOCK_D, 2] tensors whose pair stays in the thread; the program's channels then lie in one group of
@@ -487,10 +517,27 @@ def _selective_scan_lanes_kernel(
         cv_next = _lanes_row(C + t1 * c_t, N, PAIR, VEC)
         if HAS_Z:
             zv_next = tl.load(z + t1 * z_t)
+    if DEPTH == 2:  # and the step after it
+        t2 = tl.minimum(first_t + 1, last)
+        if WIDE:
+            t2 = t2.to(tl.int64)
+        raw_far = tl.load(delta + t2 * dl_t)
+        uv_far = tl.load(u + t2 * u_t)
+        bv_far = _lanes_row(B + t2 * b_t, N, PAIR, VEC)
+        if not SUMMARY:
+            cv_far = _lanes_row(C + t2 * c_t, N, PAIR, VEC)
+            if HAS_Z:
+                zv_far = tl.load(z + t2 * z_t)
     # UNROLL > 1: that many steps a loop turn, so that one step's read-out overlaps the next one's updates
     for t in tl.range(first_t, end, loop_unroll_factor=UNROLL):
         raw, uv, bv = raw_next.to(tl.float32), uv_next.to(tl.float32), bv_next
-        t1 = tl.minimum(t + 1, last)
+        if not SUMMARY:
+            cv = cv_next
+            if HAS_Z:
+                zv = zv_next.to(tl.float32)
+        # the inputs of step t + DEPTH load now: the compiler issues them at the end of the turn, so with
+        # DEPTH 1 they would arrive just as the next turn needs them, and with 2 a whole turn earlier
+        t1 = tl.minimum(t + DEPTH, last)
         if WIDE:
             t1 = t1.to(tl.int64)
         if PREFETCH > 0:  # the lines of step t + PREFETCH into L2
@@ -504,18 +551,28 @@ def _selective_scan_lanes_kernel(
                 _prefetch(C + tp * c_t)
                 if HAS_Z:
                     _prefetch(z + tp * z_t)
-        raw_next = tl.load(delta + t1 * dl_t)
-        uv_next = tl.load(u + t1 * u_t)
-        bv_next = _lanes_row(B + t1 * b_t, N, PAIR, VEC)
-        if not SUMMARY:
-            cv = cv_next
-            cv_next = _lanes_row(C + t1 * c_t, N, PAIR, VEC)
-            if HAS_Z:
-                zv = zv_next.to(tl.float32)
-                zv_next = tl.load(z + t1 * z_t)
+        if DEPTH == 2:
+            raw_next, uv_next, bv_next = raw_far, uv_far, bv_far
+            raw_far = tl.load(delta + t1 * dl_t)
+            uv_far = tl.load(u + t1 * u_t)
+            bv_far = _lanes_row(B + t1 * b_t, N, PAIR, VEC)
+            if not SUMMARY:
+                cv_next = cv_far
+                cv_far = _lanes_row(C + t1 * c_t, N, PAIR, VEC)
+                if HAS_Z:
+                    zv_next = zv_far
+                    zv_far = tl.load(z + t1 * z_t)
+        else:
+            raw_next = tl.load(delta + t1 * dl_t)
+            uv_next = tl.load(u + t1 * u_t)
+            bv_next = _lanes_row(B + t1 * b_t, N, PAIR, VEC)
+            if not SUMMARY:
+                cv_next = _lanes_row(C + t1 * c_t, N, PAIR, VEC)
+                if HAS_Z:
+                    zv_next = tl.load(z + t1 * z_t)
         if HAS_BIAS:
             raw += dt_bias
-        dt = _timestep(raw, SOFTPLUS)
+        dt = _timestep_fast(raw, SOFTPLUS, FAST)
         du = dt * uv
         if SUMMARY:
             dt_sum += dt
@@ -1040,6 +1097,8 @@ def _forward(
             SPLIT=segments > 1,
             PREFETCH=tiles.lanes_prefetch if u.is_cuda else 0,
             UNROLL=tiles.lanes_unroll,
+            DEPTH=tiles.lanes_depth,
+            FAST=u.is_cuda,
             num_warps=tiles.lanes_warps,
         )
         if segments > 1:  # the last segment's summary would serve no segment after it
@@ -1056,7 +1115,7 @@ def _forward(
             seg_dt = torch.empty(batch, segments, dim, device=u.device, dtype=torch.float32)
         launch = dict(
             **common, BLOCK_D=block_d, BLOCK_N=block_n, SEGMENTS=segments, num_warps=tiles.steps_warps,
-            PREFETCH=tiles.steps_prefetch if u.is_cuda else 0,
+            PREFETCH=tiles.steps_prefetch if u.is_cuda else 0, FAST=u.is_cuda,
         )  # fmt: skip
         grid = (batch, dim // block_d, segments)
         args = (*inputs, seg_h, seg_dt, dim, length, N, dim // groups, segment, *strides)
