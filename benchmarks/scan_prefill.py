@@ -22,7 +22,8 @@ from mambavl.bench.timing import event_seconds
 
 def candidates() -> list[tuple[str, dict]]:
     """The step-by-step kernel, then the lanes kernel: one and two warps a program, two channels a thread,
-    and fixed segment counts beside the automatic choice."""
+    fixed segment counts beside the automatic choice, prefetch into L2, loads two steps ahead and two
+    steps a loop turn; the step-by-step kernel with prefetch, fixed segments and other channel blocks."""
     out = [("steps", dict(prefill="steps"))]
     shapes = (("lanes", {}), ("lanes w2", dict(lanes_warps=2)), ("lanes pair", dict(lanes_pair=True)))
     for name, tiles in shapes:
@@ -36,6 +37,14 @@ def candidates() -> list[tuple[str, dict]]:
         out.append((f"steps p{ahead}", dict(prefill="steps", steps_prefetch=ahead)))
     for ahead in (0, 32):  # two steps a turn of the lanes kernel's loop
         out.append((f"lanes u2 p{ahead}", dict(prefill="lanes", lanes_unroll=2, lanes_prefetch=ahead)))
+    # the lanes kernel's loads two steps ahead of their use, alone, two steps a turn, with prefetch
+    for name, extra in (
+        ("d2", {}), ("d2 u2", dict(lanes_unroll=2)), ("d2 p16", dict(lanes_prefetch=16)),
+        ("d2 u2 p16", dict(lanes_unroll=2, lanes_prefetch=16)),
+        ("d2 u2 s8", dict(lanes_unroll=2, lanes_segments=8)),
+        ("d2 u2 s16", dict(lanes_unroll=2, lanes_segments=16)),
+    ):  # fmt: skip
+        out.append((f"lanes {name}", dict(prefill="lanes", lanes_depth=2, **extra)))
     for segments in (2, 4, 8):
         out.append((f"steps s{segments}", dict(prefill="steps", steps_segments=segments)))
         ahead = dict(prefill="steps", steps_segments=segments, steps_prefetch=32)

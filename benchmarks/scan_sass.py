@@ -1,7 +1,10 @@
 """Instructions a state and step in the Mamba-1 prefill scan's loops, compiled for a Hopper GPU without
 one: Triton compiles each kernel for sm_90 on the host, its bundled `cuobjdump` disassembles the cubin, and
 the loop bodies (the backward branches' spans) are counted by opcode. Per state and step = the loop's
-instructions / (states a thread holds × steps a loop turn).
+instructions / (states a thread holds × steps a loop turn). Load to use: for each global load in the loop,
+the instructions the warp issues before the first one that reads the loaded register (going round the loop):
+what covers the load's latency (a DRAM access is several hundred cycles); the median over the loads (the
+nearest is blurred where the compiler gives a register a new value within the turn).
 
     python benchmarks/scan_sass.py [--n 16]
 """
@@ -39,8 +42,12 @@ def compile_sm90(fn, constants: dict, num_warps: int):
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps))
 
 
-def loops(kernel) -> list[collections.Counter]:
-    """Opcode counts of each loop body (a span closed by a branch backwards), in address order."""
+def _opcode(text: str) -> str:
+    return re.sub(r"^@!?U?P\w+\s+", "", text).split()[0]
+
+
+def loops(kernel) -> list[list[str]]:
+    """The instructions of each loop body (a span closed by a branch backwards), in address order."""
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])
@@ -56,10 +63,33 @@ def loops(kernel) -> list[collections.Counter]:
         m = re.search(r"BRA\s+(?:`\(\.L_x_\d+\)\s*)?(0x[0-9a-f]+)", text)
         if m and int(m.group(1), 16) < at:
             start = int(m.group(1), 16)
-            body = [t for a, t in code if start <= a <= at]
-            out.append(
-                collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0].split(".")[0] for t in body)
-            )
+            out.append([t for a, t in code if start <= a <= at])
+    return out
+
+
+def load_to_use(body: list[str]) -> list[int]:
+    """For each global load of a loop body, the instructions issued before the first that reads a register
+    it loads (cyclically: a load for the next turn is read in it)."""
+    out = []
+    for i, text in enumerate(body):
+        m = re.match(r"LDG\S*\s+R(\d+)", re.sub(r"^@!?U?P\w+\s+", "", text))
+        if not m:
+            continue
+        first, width = int(m.group(1)), 4 if ".128" in text else 2 if ".64" in text else 1
+        regs = [rf"\bR{first + j}\b" for j in range(width)]
+        for distance in range(1, len(body) + 1):
+            later = re.sub(r"^@!?U?P\w+\s+", "", body[(i + distance) % len(body)]).split(None, 1)
+            if len(later) < 2:
+                continue
+            # an instruction's first operand is its destination, except a store's
+            store = later[0].startswith("ST")
+            read = later[1] if store else later[1].split(",", 1)[-1]
+            if any(re.search(r, read) for r in regs):
+                out.append(distance)
+                break
+            written = "" if store else later[1].split(",", 1)[0]
+            if any(re.search(r, written) for r in regs):  # overwritten unread: a value of another turn's
+                break
     return out
 
 
@@ -97,11 +127,15 @@ def main() -> None:
     ]  # fmt: skip
     print(f"triton {triton.__version__}, sm_90, d_state {n}")
     for name, fn, constants, warps, states, steps in cases:
-        body = max(loops(compile_sm90(fn, constants, warps)), key=lambda c: sum(c.values()))
-        total = sum(body.values())
-        top = ", ".join(f"{op} {count}" for op, count in body.most_common(6))
-        per = total / (states * steps)
-        print(f"{name:<30} loop {total:4d}  per state and step {per:5.2f}  MUFU {body['MUFU']:3d}  ({top})")
+        body = max(loops(compile_sm90(fn, constants, warps)), key=len)
+        ops = collections.Counter(_opcode(t).split(".")[0] for t in body)
+        top = ", ".join(f"{op} {count}" for op, count in ops.most_common(6))
+        per = len(body) / (states * steps)
+        reach = sorted(load_to_use(body))
+        print(
+            f"{name:<32} loop {len(body):4d}  per state and step {per:5.2f}  MUFU {ops['MUFU']:3d}  "
+            f"load to use median {reach[len(reach) // 2]:3d}  ({top})"
+        )
 
 
 if __name__ == "__main__":

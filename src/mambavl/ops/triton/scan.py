@@ -25,7 +25,13 @@ Forward without a gradient (prefill), three kernels (`ScanTiles.prefill`):
   instructions a step for 16 states (10.5 a state and step; 19 MUFU), where "steps" issues about 20 a
   state and step. Segments as above (`lanes_launch` picks them to fill the multiprocessors). With a quarter
   of the threads, it gives a single sequence too few warps to hide its loads: the default ("auto") takes it
-  only for a batch that fills the GPU by itself (BENCHMARKS.md, fourteenth pass).
+  only for a batch that fills the GPU by itself (BENCHMARKS.md, fourteenth pass). Compiled, its loop issues
+  the next step's loads at the end of a turn, so that a load one step ahead is covered by a few dozen
+  instructions: with `lanes_depth=2` the loads run two steps ahead (a turn of cover), with `lanes_unroll`
+  steps a turn and `lanes_prefetch` a hint to L2 further ahead (`benchmarks/scan_sass.py` counts the cover).
+In "steps" and "lanes", Δ's softplus is log1p(e^x) = e·ln(u)/(u − 1), u = 1 + e^x, with the approximate log2
+and reciprocal on a GPU (`_timestep_fast`): a dozen instructions a value where the library's log takes
+about 35, and exact to fp32 rounding for very negative inputs, where ln(1 + e^x) loses its digits.
 Every kernel reads its inputs once and writes y once; the [B, L, D, N] states that the reference
 materialises never leave the chip. In "tiles" and "steps", positions past the end are identity steps
 (Δ = 0), so the carried state is exactly the state after the last real token; "lanes" stops at the end.
