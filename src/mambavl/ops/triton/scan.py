@@ -436,6 +436,23 @@ def _lanes_row(p, N: tl.constexpr, PAIR: tl.constexpr, VEC: tl.constexpr):
 
 
 @triton.jit
+def _lanes_inputs(delta, u, B, C, z, t, strides, N: tl.constexpr, PAIR: tl.constexpr, VEC: tl.constexpr,
+                  SUMMARY: tl.constexpr, HAS_Z: tl.constexpr):  # fmt: skip
+    """Step t's inputs in the lanes kernel: Δ's input, u, the rows of B and C, z (where the pass reads them;
+    else stand-ins that are never read)."""
+    dl_t, u_t, b_t, c_t, z_t = strides
+    raw = tl.load(delta + t * dl_t)
+    uv = tl.load(u + t * u_t)
+    bv = _lanes_row(B + t * b_t, N, PAIR, VEC)
+    cv, zv = bv, uv
+    if not SUMMARY:
+        cv = _lanes_row(C + t * c_t, N, PAIR, VEC)
+        if HAS_Z:
+            zv = tl.load(z + t * z_t)
+    return raw, uv, bv, cv, zv
+
+
+@triton.jit
 def _prefetch(p):
     """Asks the L2 cache for the lines `p` points to, ahead of the loads that read them (no result; a GPU
     only): a sequence's steps lie far apart in memory, and a load one step ahead cannot hide a trip to
@@ -516,31 +533,17 @@ def _selective_scan_lanes_kernel(
     t1 = tl.minimum(first_t, last)
     if WIDE:  # offsets past 2^31 elements (a long sequence of many channels)
         t1 = t1.to(tl.int64)
-    raw_next = tl.load(delta + t1 * dl_t)
-    uv_next = tl.load(u + t1 * u_t)
-    bv_next = _lanes_row(B + t1 * b_t, N, PAIR, VEC)
-    if not SUMMARY:
-        cv_next = _lanes_row(C + t1 * c_t, N, PAIR, VEC)
-        if HAS_Z:
-            zv_next = tl.load(z + t1 * z_t)
+    strides = (dl_t, u_t, b_t, c_t, z_t)
+    nxt = _lanes_inputs(delta, u, B, C, z, t1, strides, N, PAIR, VEC, SUMMARY, HAS_Z)
     if DEPTH == 2:  # and the step after it
         t2 = tl.minimum(first_t + 1, last)
         if WIDE:
             t2 = t2.to(tl.int64)
-        raw_far = tl.load(delta + t2 * dl_t)
-        uv_far = tl.load(u + t2 * u_t)
-        bv_far = _lanes_row(B + t2 * b_t, N, PAIR, VEC)
-        if not SUMMARY:
-            cv_far = _lanes_row(C + t2 * c_t, N, PAIR, VEC)
-            if HAS_Z:
-                zv_far = tl.load(z + t2 * z_t)
+        far = _lanes_inputs(delta, u, B, C, z, t2, strides, N, PAIR, VEC, SUMMARY, HAS_Z)
     # UNROLL > 1: that many steps a loop turn, so that one step's read-out overlaps the next one's updates
     for t in tl.range(first_t, end, loop_unroll_factor=UNROLL):
-        raw, uv, bv = raw_next.to(tl.float32), uv_next.to(tl.float32), bv_next
-        if not SUMMARY:
-            cv = cv_next
-            if HAS_Z:
-                zv = zv_next.to(tl.float32)
+        raw, uv, bv, cv, zv = nxt
+        raw, uv, zv = raw.to(tl.float32), uv.to(tl.float32), zv.to(tl.float32)
         # the inputs of step t + DEPTH load now: the compiler issues them at the end of the turn, so with
         # DEPTH 1 they would arrive just as the next turn needs them, and with 2 a whole turn earlier
         t1 = tl.minimum(t + DEPTH, last)
@@ -558,24 +561,10 @@ def _selective_scan_lanes_kernel(
                 if HAS_Z:
                     _prefetch(z + tp * z_t)
         if DEPTH == 2:
-            raw_next, uv_next, bv_next = raw_far, uv_far, bv_far
-            raw_far = tl.load(delta + t1 * dl_t)
-            uv_far = tl.load(u + t1 * u_t)
-            bv_far = _lanes_row(B + t1 * b_t, N, PAIR, VEC)
-            if not SUMMARY:
-                cv_next = cv_far
-                cv_far = _lanes_row(C + t1 * c_t, N, PAIR, VEC)
-                if HAS_Z:
-                    zv_next = zv_far
-                    zv_far = tl.load(z + t1 * z_t)
+            nxt = far
+            far = _lanes_inputs(delta, u, B, C, z, t1, strides, N, PAIR, VEC, SUMMARY, HAS_Z)
         else:
-            raw_next = tl.load(delta + t1 * dl_t)
-            uv_next = tl.load(u + t1 * u_t)
-            bv_next = _lanes_row(B + t1 * b_t, N, PAIR, VEC)
-            if not SUMMARY:
-                cv_next = _lanes_row(C + t1 * c_t, N, PAIR, VEC)
-                if HAS_Z:
-                    zv_next = tl.load(z + t1 * z_t)
+            nxt = _lanes_inputs(delta, u, B, C, z, t1, strides, N, PAIR, VEC, SUMMARY, HAS_Z)
         if HAS_BIAS:
             raw += dt_bias
         dt = _timestep_fast(raw, SOFTPLUS, FAST)
