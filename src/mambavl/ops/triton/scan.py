@@ -21,14 +21,15 @@ Forward without a gradient (prefill), three kernels (`ScanTiles.prefill`):
 - "lanes": one thread a channel (or two, `lanes_pair`), its N states N separate registers, so that the
   read-out y = Σ_n C h is a sum inside the thread and no values cross threads at all; B and C of a step are a
   row of N fp32 values that every thread of the program loads, four at a time (`lanes_inputs` lays them
-  out), and each step's inputs are loaded one step ahead. Compiled for sm_90 its loop issues 168
-  instructions a step for 16 states (10.5 a state and step; 19 MUFU), where "steps" issues about 20 a
-  state and step. Segments as above (`lanes_launch` picks them to fill the multiprocessors). With a quarter
-  of the threads, it gives a single sequence too few warps to hide its loads: the default ("auto") takes it
-  only for a batch that fills the GPU by itself (BENCHMARKS.md, fourteenth pass). Compiled, its loop issues
-  the next step's loads at the end of a turn, so that a load one step ahead is covered by a few dozen
-  instructions: with `lanes_depth=2` the loads run two steps ahead (a turn of cover), with `lanes_unroll`
-  steps a turn and `lanes_prefetch` a hint to L2 further ahead (`benchmarks/scan_sass.py` counts the cover).
+  out), and each step's inputs are loaded one step ahead. Compiled for sm_90 its loop issues 153
+  instructions a step for 16 states (9.6 a state and step; 21 MUFU), where "steps" issues 19 to 23 a
+  state and step (Triton 3.8 and 3.6; BENCHMARKS.md, fifteenth pass). Segments as above (`lanes_launch`
+  picks them to fill the multiprocessors). With a quarter of the threads, it gives a single sequence too
+  few warps to hide its loads: the default ("auto") takes it only for a batch that fills the GPU by itself
+  (BENCHMARKS.md, fourteenth pass). Compiled, its loop issues the next step's loads at the end of a turn,
+  so that a load one step ahead is covered by a few dozen instructions: with `lanes_depth=2` the loads run
+  two steps ahead (a turn of cover), with `lanes_unroll` steps a turn and `lanes_prefetch` a hint to L2
+  further ahead (`benchmarks/scan_sass.py` counts the cover).
 In "steps" and "lanes", Δ's softplus is log1p(e^x) = e·ln(u)/(u − 1), u = 1 + e^x, with the approximate log2
 and reciprocal on a GPU (`_timestep_fast`): a dozen instructions a value where the library's log takes
 about 35, and exact to fp32 rounding for very negative inputs, where ln(1 + e^x) loses its digits.
@@ -94,7 +95,7 @@ class ScanTiles:
     step-by-step kernel's segments are `steps_segments` (0: `steps_launch` picks them, with the `steps_long*`
     fields). `lanes_prefetch` and `steps_prefetch` (0: off) have each step ask the L2 cache for the inputs of
     the step that many steps later (on a GPU; a hint, which changes no value); `lanes_unroll` steps make one
-    turn of the lanes kernel's loop. Training:
+    turn of the lanes kernel's loop, and its loads run `lanes_depth` (1 or 2) steps ahead. Training:
     the forward keeps the state every `chunk` steps (B·D·N·L/chunk fp32 values a layer), and both it and the
     backward run one program per sequence and `train_block_d` channels (fewer where a group of B/C has
     fewer), on `train_warps` warps, with [train_block_d, chunk] tiles; the backward walks the chunks last to
