@@ -42,8 +42,13 @@ def compile_sm90(fn, constants: dict, num_warps: int):
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps))
 
 
+def _bare(text: str) -> str:
+    """An instruction without its predicate (`@P0 `, `@!UP1 `)."""
+    return re.sub(r"^@!?U?P\w+\s+", "", text)
+
+
 def _opcode(text: str) -> str:
-    return re.sub(r"^@!?U?P\w+\s+", "", text).split()[0]
+    return _bare(text).split()[0]
 
 
 def loops(kernel) -> list[list[str]]:
@@ -72,13 +77,13 @@ def load_to_use(body: list[str]) -> list[int]:
     it loads (cyclically: a load for the next turn is read in it)."""
     out = []
     for i, text in enumerate(body):
-        m = re.match(r"LDG\S*\s+R(\d+)", re.sub(r"^@!?U?P\w+\s+", "", text))
+        m = re.match(r"LDG\S*\s+R(\d+)", _bare(text))
         if not m:
             continue
         first, width = int(m.group(1)), 4 if ".128" in text else 2 if ".64" in text else 1
         regs = [rf"\bR{first + j}\b" for j in range(width)]
         for distance in range(1, len(body) + 1):
-            later = re.sub(r"^@!?U?P\w+\s+", "", body[(i + distance) % len(body)]).split(None, 1)
+            later = _bare(body[(i + distance) % len(body)]).split(None, 1)
             if len(later) < 2:
                 continue
             # an instruction's first operand is its destination, except a store's
