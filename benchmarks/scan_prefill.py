@@ -23,7 +23,8 @@ from mambavl.bench.timing import event_seconds
 def candidates() -> list[tuple[str, dict]]:
     """The step-by-step kernel, then the lanes kernel: one and two warps a program, two channels a thread,
     fixed segment counts beside the automatic choice, prefetch into L2, loads two steps ahead and two
-    steps a loop turn; the step-by-step kernel with prefetch, fixed segments and other channel blocks."""
+    steps a loop turn; the step-by-step kernel with prefetch, loads two blocks ahead, fixed segments and
+    other channel blocks."""
     out = [("steps", dict(prefill="steps"))]
     shapes = (("lanes", {}), ("lanes w2", dict(lanes_warps=2)), ("lanes pair", dict(lanes_pair=True)))
     for name, tiles in shapes:
@@ -45,6 +46,9 @@ def candidates() -> list[tuple[str, dict]]:
         ("d2 u2 s16", dict(lanes_unroll=2, lanes_segments=16)),
     ):  # fmt: skip
         out.append((f"lanes {name}", dict(prefill="lanes", lanes_depth=2, **extra)))
+    # the step-by-step kernel's loads two blocks of eight steps ahead, alone and with prefetch
+    out.append(("steps b2", dict(prefill="steps", steps_depth=2)))
+    out.append(("steps b2 p32", dict(prefill="steps", steps_depth=2, steps_prefetch=32)))
     for segments in (2, 4, 8):
         out.append((f"steps s{segments}", dict(prefill="steps", steps_segments=segments)))
         ahead = dict(prefill="steps", steps_segments=segments, steps_prefetch=32)

@@ -107,12 +107,13 @@ def main() -> None:
     n = args.n
     flags = dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, HAS_H0=True, PREFETCH=0, FAST=True)
     lanes = dict(flags, N=n, BLOCK_D=32, VEC=n % 4 == 0, WIDE=False, SPLIT=True, UNROLL=1, DEPTH=1)
+    steps = dict(flags, BLOCK_D=16, BLOCK_N=n, SEGMENTS=8, DEPTH=1)
     cases = [
         # name, kernel, constants, warps, states a thread, steps a loop turn
         ("steps (16 channels, 2 warps)", scan._selective_scan_steps_kernel,
-         dict(flags, BLOCK_D=16, BLOCK_N=n, SEGMENTS=8, SUMMARY=False), 2, 16 * n // 64, 8),
+         dict(steps, SUMMARY=False), 2, 16 * n // 64, 8),
         ("steps summary", scan._selective_scan_steps_kernel,
-         dict(flags, BLOCK_D=16, BLOCK_N=n, SEGMENTS=8, SUMMARY=True), 2, 16 * n // 64, 8),
+         dict(steps, SUMMARY=True), 2, 16 * n // 64, 8),
         ("lanes (1 warp)", scan._selective_scan_lanes_kernel,
          dict(lanes, PAIR=False, SUMMARY=False), 1, n, 1),
         ("lanes summary", scan._selective_scan_lanes_kernel,
@@ -128,7 +129,9 @@ def main() -> None:
         ("lanes, 2 ahead, 2 steps a turn", scan._selective_scan_lanes_kernel,
          dict(lanes, PAIR=False, SUMMARY=False, DEPTH=2, UNROLL=2), 1, n, 2),
         ("steps, prefetch 32 steps", scan._selective_scan_steps_kernel,
-         dict(flags, BLOCK_D=16, BLOCK_N=n, SEGMENTS=8, SUMMARY=False, PREFETCH=32), 2, 16 * n // 64, 8),
+         dict(steps, SUMMARY=False, PREFETCH=32), 2, 16 * n // 64, 8),
+        ("steps, loads 2 blocks ahead", scan._selective_scan_steps_kernel,
+         dict(steps, SUMMARY=False, DEPTH=2), 2, 16 * n // 64, 8),
     ]  # fmt: skip
     print(f"triton {triton.__version__}, sm_90, d_state {n}")
     for name, fn, constants, warps, states, steps in cases:

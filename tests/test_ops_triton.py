@@ -174,6 +174,7 @@ def test_selective_scan_triton_equals_reference(batch, dim, n, length, groups, d
         dict(prefill="lanes", lanes_segments=3, lanes_prefetch=5),
         dict(prefill="lanes", lanes_unroll=2),  # two steps a loop turn over 29 steps (one left over)
         dict(prefill="lanes", lanes_depth=2, lanes_unroll=2, lanes_segments=3),  # loads two steps ahead
+        dict(prefill="steps", steps_depth=2),  # loads two blocks of eight steps ahead (29 steps: 4 blocks)
     ],
     ids=[
         "steps",
@@ -186,6 +187,7 @@ def test_selective_scan_triton_equals_reference(batch, dim, n, length, groups, d
         "lanes-pf",
         "lanes-unroll",
         "lanes-depth",
+        "steps-depth",
     ],
 )
 @pytest.mark.parametrize("channels_last", [True, False])
@@ -217,12 +219,12 @@ def test_selective_scan_prefill_kernels(tiles, channels_last):
     torch.testing.assert_close(h, ref_h, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("kernel", ["steps", "lanes", "lanes-ahead"])
+@pytest.mark.parametrize("kernel", ["steps", "lanes", "steps-ahead", "lanes-ahead"])
 @pytest.mark.parametrize("segments", [1, 2, 4], ids=["whole", "2-segments", "4-segments"])
 @pytest.mark.parametrize("shape", [(2, 37, 5, 45, None), (1, 16, 32, 9, None), (2, 12, 16, 17, 4)])
 @pytest.mark.parametrize("softplus", [True, False])
 def test_selective_scan_step_kernel_fp32(shape, softplus, segments, kernel):
-    """The step-by-step and the one-thread-a-channel prefill kernels (the latter also with its loads two
+    """The step-by-step and the one-thread-a-channel prefill kernels (also with their loads two blocks or
     steps ahead) in fp32 at odd sizes (37 channels, 5
     states; 32 states; groups of three channels), lengths off blocks of eight steps, from an initial state,
     Δ through softplus or as given, whole or in segments run side by side (9 steps in 4 segments leaves
@@ -235,8 +237,8 @@ def test_selective_scan_step_kernel_fp32(shape, softplus, segments, kernel):
     args = dict(delta_softplus=softplus, return_last_state=True)
     ref_y, ref_h = ops.selective_scan(**kw, **args, backend="torch")
     tiles = dict(prefill=kernel, steps_segments=segments, lanes_segments=segments)
-    if kernel == "lanes-ahead":  # loads two steps ahead (segments of one or two steps included)
-        tiles.update(prefill="lanes", lanes_depth=2)
+    if kernel.endswith("-ahead"):  # loads two steps (blocks) ahead, segments shorter than that included
+        tiles.update(prefill=kernel.split("-")[0], lanes_depth=2, steps_depth=2)
     y, h = selective_scan(**kw, **args, tiles=ScanTiles(**tiles))
     torch.testing.assert_close(y, ref_y, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(h, ref_h, rtol=1e-4, atol=1e-4)

@@ -95,7 +95,8 @@ class ScanTiles:
     step-by-step kernel's segments are `steps_segments` (0: `steps_launch` picks them, with the `steps_long*`
     fields). `lanes_prefetch` and `steps_prefetch` (0: off) have each step ask the L2 cache for the inputs of
     the step that many steps later (on a GPU; a hint, which changes no value); `lanes_unroll` steps make one
-    turn of the lanes kernel's loop, and its loads run `lanes_depth` (1 or 2) steps ahead. Training:
+    turn of the lanes kernel's loop, and its loads run `lanes_depth` (1 or 2) steps ahead; the step-by-step
+    kernel's run `steps_depth` blocks of eight steps ahead. Training:
     the forward keeps the state every `chunk` steps (B·D·N·L/chunk fp32 values a layer), and both it and the
     backward run one program per sequence and `train_block_d` channels (fewer where a group of B/C has
     fewer), on `train_warps` warps, with [train_block_d, chunk] tiles; the backward walks the chunks last to
@@ -135,6 +136,7 @@ class ScanTiles:
     lanes_unroll: int = 1
     lanes_depth: int = 1
     steps_prefetch: int = 0
+    steps_depth: int = 1
 
     def __post_init__(self):
         if self.prefill not in PREFILL_KERNELS:
@@ -148,8 +150,11 @@ class ScanTiles:
             )
         if self.lanes_prefetch < 0 or self.steps_prefetch < 0:
             raise ValueError("ScanTiles: lanes_prefetch and steps_prefetch are step counts ≥ 0 (0: off)")
-        if self.lanes_depth not in (1, 2):
-            raise ValueError("ScanTiles: lanes_depth (steps a load runs ahead of its use) must be 1 or 2")
+        if self.lanes_depth not in (1, 2) or self.steps_depth not in (1, 2):
+            raise ValueError(
+                "ScanTiles: lanes_depth (steps a load runs ahead of its use) and steps_depth (blocks of "
+                "eight steps) must be 1 or 2"
+            )
         if self.lanes_unroll < 1:
             raise ValueError("ScanTiles: lanes_unroll is the steps a loop turn of the lanes kernel, ≥ 1")
         for name in ("block_t", "chunk", "block_d", "train_block_d", "steps_block_d", "steps_long_block_d"):
@@ -259,6 +264,22 @@ def _advance(h, a2, dt, du, bv):
 
 
 @triton.jit
+def _steps_inputs(delta, u, B, C, tt, md, mn, length, strides, pad: tl.constexpr, SUMMARY: tl.constexpr):
+    """A block of eight steps' inputs in the step-by-step kernel: Δ's input and u [BLOCK_D, 8], the rows of B
+    and C [1, BLOCK_N, 8] (C where the pass reads it; else a stand-in that is never read)."""
+    dl_t, u_t, b_t, c_t = strides
+    m2 = md[:, None] & (tt < length)[None, :]
+    mbc = mn[None, :, None] & (tt < length)[None, None, :]
+    raw = tl.load(delta + tt[None, :] * dl_t, mask=m2, other=pad)
+    uv = tl.load(u + tt[None, :] * u_t, mask=m2, other=0.0)
+    bv = tl.load(B + tt[None, None, :] * b_t, mask=mbc, other=0.0)
+    cv = bv
+    if not SUMMARY:
+        cv = tl.load(C + tt[None, None, :] * c_t, mask=mbc, other=0.0)
+    return raw, uv, bv, cv
+
+
+@triton.jit
 def _selective_scan_steps_kernel(
     u, delta, A, B, C, D, z, bias, h0, y, h_last, seg_h, seg_dt,
     dim, length, N, channels_per_group, segment,
@@ -273,7 +294,7 @@ def _selective_scan_steps_kernel(
     hl_b, hl_d, hl_n,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_H0: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, SEGMENTS: tl.constexpr,
-    SUMMARY: tl.constexpr, PREFETCH: tl.constexpr, FAST: tl.constexpr,
+    SUMMARY: tl.constexpr, PREFETCH: tl.constexpr, FAST: tl.constexpr, DEPTH: tl.constexpr,
 ):  # fmt: skip
     # Segments (SEGMENTS > 1): program k of a channel block walks steps [k·segment, (k+1)·segment). With
     # SUMMARY it starts from zeros and keeps only its end state and its Σ Δ (seg_h [B, K, D, N], seg_dt
@@ -318,31 +339,23 @@ def _selective_scan_steps_kernel(
     B += b * b_b + g * b_g + n[None, :, None] * b_n
     C += b * c_b + g * c_g + n[None, :, None] * c_n
 
-    # each block's inputs are loaded one block ahead, so that their latency overlaps the block before
-    t0 = first_t + t
-    m2 = md[:, None] & (t0 < length)[None, :]
-    mbc = mn[None, :, None] & (t0 < length)[None, None, :]
+    # each block's inputs are loaded DEPTH blocks ahead, so that their latency overlaps the blocks before
     # past the end, Δ's input is -inf under softplus, so Δ = 0 there with no select: identity steps
     pad: tl.constexpr = float("-inf") if SOFTPLUS else 0.0
-    raw_next = tl.load(delta + t0[None, :] * dl_t, mask=m2, other=pad)
-    uv_next = tl.load(u + t0[None, :] * u_t, mask=m2, other=0.0)
-    bv_next = tl.load(B + t0[None, None, :] * b_t, mask=mbc, other=0.0)
-    if not SUMMARY:
-        cv_next = tl.load(C + t0[None, None, :] * c_t, mask=mbc, other=0.0)
+    strides = (dl_t, u_t, b_t, c_t)
+    nxt = _steps_inputs(delta, u, B, C, first_t + t, md, mn, length, strides, pad, SUMMARY)
+    if DEPTH == 2:
+        far = _steps_inputs(delta, u, B, C, first_t + 8 + t, md, mn, length, strides, pad, SUMMARY)
     for start in range(first_t, length, 8):
         tt = start + t
         m2 = md[:, None] & (tt < length)[None, :]
-        raw, uv, bv = raw_next.to(tl.float32), uv_next.to(tl.float32), bv_next
-        if not SUMMARY:
-            cv = cv_next
-        nt = tt + 8
-        m2_next = md[:, None] & (nt < length)[None, :]
-        mbc = mn[None, :, None] & (nt < length)[None, None, :]
-        raw_next = tl.load(delta + nt[None, :] * dl_t, mask=m2_next, other=pad)
-        uv_next = tl.load(u + nt[None, :] * u_t, mask=m2_next, other=0.0)
-        bv_next = tl.load(B + nt[None, None, :] * b_t, mask=mbc, other=0.0)
-        if not SUMMARY:
-            cv_next = tl.load(C + nt[None, None, :] * c_t, mask=mbc, other=0.0)
+        raw, uv, bv, cv = nxt
+        raw, uv = raw.to(tl.float32), uv.to(tl.float32)
+        if DEPTH == 2:
+            nxt = far
+            far = _steps_inputs(delta, u, B, C, tt + 16, md, mn, length, strides, pad, SUMMARY)
+        else:
+            nxt = _steps_inputs(delta, u, B, C, tt + 8, md, mn, length, strides, pad, SUMMARY)
         if PREFETCH > 0:  # the lines of the block PREFETCH steps ahead into L2
             tp = tl.minimum(tt + PREFETCH, length - 1)
             _prefetch(delta + tp[None, :] * dl_t)
@@ -1111,7 +1124,7 @@ def _forward(
             seg_dt = torch.empty(batch, segments, dim, device=u.device, dtype=torch.float32)
         launch = dict(
             **common, BLOCK_D=block_d, BLOCK_N=block_n, SEGMENTS=segments, num_warps=tiles.steps_warps,
-            PREFETCH=tiles.steps_prefetch if u.is_cuda else 0, FAST=u.is_cuda,
+            PREFETCH=tiles.steps_prefetch if u.is_cuda else 0, FAST=u.is_cuda, DEPTH=tiles.steps_depth,
         )  # fmt: skip
         grid = (batch, dim // block_d, segments)
         args = (*inputs, seg_h, seg_dt, dim, length, N, dim // groups, segment, *strides)
