@@ -4,7 +4,8 @@ the loop bodies (the backward branches' spans) are counted by opcode. Per state 
 instructions / (states a thread holds × steps a loop turn). Load to use: for each global load in the loop,
 the instructions the warp issues before the first one that reads the loaded register (going round the loop):
 what covers the load's latency (a DRAM access is several hundred cycles); the median over the loads (the
-nearest is blurred where the compiler gives a register a new value within the turn).
+nearest is blurred where the compiler gives a register a new value within the turn). Registers a thread
+bound the warps a multiprocessor holds (65,536 registers).
 
     python benchmarks/scan_sass.py [--n 16]
 """
@@ -51,13 +52,22 @@ def _opcode(text: str) -> str:
     return _bare(text).split()[0]
 
 
-def loops(kernel) -> list[list[str]]:
-    """The instructions of each loop body (a span closed by a branch backwards), in address order."""
+def _cuobjdump(kernel, flag: str) -> str:
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])
         f.flush()
-        sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True).stdout
+        return subprocess.run([tool, flag, f.name], capture_output=True, text=True, check=True).stdout
+
+
+def registers(kernel) -> int:
+    """Registers a thread: with the warps a program, what bounds the programs a multiprocessor holds."""
+    return int(re.search(r"REG:(\d+)", _cuobjdump(kernel, "-res-usage")).group(1))
+
+
+def loops(kernel) -> list[list[str]]:
+    """The instructions of each loop body (a span closed by a branch backwards), in address order."""
+    sass = _cuobjdump(kernel, "-sass")
     code = []
     for line in sass.splitlines():
         m = re.match(r"\s+/\*([0-9a-f]{4})\*/\s+(.*?)\s*;", line)
@@ -135,14 +145,15 @@ def main() -> None:
     ]  # fmt: skip
     print(f"triton {triton.__version__}, sm_90, d_state {n}")
     for name, fn, constants, warps, states, steps in cases:
-        body = max(loops(compile_sm90(fn, constants, warps)), key=len)
+        kernel = compile_sm90(fn, constants, warps)
+        body = max(loops(kernel), key=len)
         ops = collections.Counter(_opcode(t).split(".")[0] for t in body)
         top = ", ".join(f"{op} {count}" for op, count in ops.most_common(6))
         per = len(body) / (states * steps)
         reach = sorted(load_to_use(body))
         print(
             f"{name:<32} loop {len(body):4d}  per state and step {per:5.2f}  MUFU {ops['MUFU']:3d}  "
-            f"load to use median {reach[len(reach) // 2]:3d}  ({top})"
+            f"load to use median {reach[len(reach) // 2]:3d}  registers {registers(kernel):3d}  ({top})"
         )
 
 
