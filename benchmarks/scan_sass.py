@@ -7,7 +7,10 @@ what covers the load's latency (a DRAM access is several hundred cycles); the me
 nearest is blurred where the compiler gives a register a new value within the turn). Registers a thread
 bound the warps a multiprocessor holds (65,536 registers).
 
-    python benchmarks/scan_sass.py [--n 16]
+    python benchmarks/scan_sass.py [--n 16] [--chunk 128] [--block-d 4]
+
+It also counts the training backward's loops, with the adjoint's reverse scan as Triton's reverse scan
+and as a forward scan over reversed inputs (`ScanTiles.bwd_flip`).
 """
 
 from __future__ import annotations
@@ -25,20 +28,35 @@ from triton.compiler import ASTSource
 
 POINTERS = ("u", "delta", "A", "B", "C", "D", "z", "bias", "h0", "y", "h_last", "seg_h", "seg_dt")
 BF16 = ("u", "delta", "z", "y")
+# the training backward's: bf16 [B, D, L] tensors (time-contiguous rows padded to 16 elements, so that their
+# batch and channel strides are multiples of 16 and their time stride 1, as the launch specialises them)
+BWD_POINTERS = (
+    "u", "delta", "A", "BC", "D", "z", "bias", "states", "dout",
+    "du", "ddelta", "dz", "dA", "dBC", "dD", "dbias", "carry",
+)  # fmt: skip
+BWD_BF16 = ("u", "delta", "z", "dout", "du", "ddelta", "dz")
+BWD_ROWS = ("u_", "dl_", "z_", "do_", "du_", "dd_", "dz_")
+BWD_ONES = dict(a_n=1, bc_t=1, **{row + "t": 1 for row in BWD_ROWS})
 
 
-def compile_sm90(fn, constants: dict, num_warps: int):
+def compile_sm90(fn, constants: dict, num_warps: int, pointers=POINTERS, bf16=BF16, aligned=()):
+    """fn compiled for sm_90: `constants` as constexprs, `pointers` (bf16 where named in `bf16`) and the
+    integers named in `aligned` known to be multiples of 16, as a launch would specialise them."""
     names = fn.arg_names
     signature = {}
     for name in names:
         if name in constants:
             signature[name] = "constexpr"
-        elif name in POINTERS:
-            signature[name] = "*bf16" if name in BF16 else "*fp32"
+        elif name in pointers:
+            signature[name] = "*bf16" if name in bf16 else "*fp32"
         else:
             signature[name] = "i32"
+    attrs = {(names.index(k),): [["tt.divisibility", 16]] for k in names if k in pointers or k in aligned}
     source = ASTSource(
-        fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in constants.items()}
+        fn=fn,
+        signature=signature,
+        constexprs={(names.index(k),): v for k, v in constants.items()},
+        attrs=attrs,
     )
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps))
 
@@ -70,7 +88,7 @@ def loops(kernel) -> list[list[str]]:
     sass = _cuobjdump(kernel, "-sass")
     code = []
     for line in sass.splitlines():
-        m = re.match(r"\s+/\*([0-9a-f]{4})\*/\s+(.*?)\s*;", line)
+        m = re.match(r"\s+/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", line)
         if m:
             code.append((int(m.group(1), 16), m.group(2)))
     out = []
@@ -113,6 +131,8 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=16, help="d_state")
+    parser.add_argument("--chunk", type=int, default=128, help="the training backward's chunk")
+    parser.add_argument("--block-d", type=int, default=4, help="the training backward's channels a program")
     args = parser.parse_args()
     n = args.n
     flags = dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, HAS_H0=True, PREFETCH=0, FAST=True)
@@ -147,14 +167,40 @@ def main() -> None:
     for name, fn, constants, warps, states, steps in cases:
         kernel = compile_sm90(fn, constants, warps)
         body = max(loops(kernel), key=len)
-        ops = collections.Counter(_opcode(t).split(".")[0] for t in body)
-        top = ", ".join(f"{op} {count}" for op, count in ops.most_common(6))
-        per = len(body) / (states * steps)
-        reach = sorted(load_to_use(body))
+        report(name, kernel, body, states * steps)
+    # the training backward: its loop over the states inside a chunk (the innermost loop) and the chunk
+    # loop around it, per chunk (the state loop's turns counted N times); a state and step = one element
+    aligned = [row + s for row in BWD_ROWS for s in "bd"]
+    print(f"training backward, a chunk of {args.chunk} steps × {args.block_d} channels a warp:")
+    for flip in (False, True):
+        constants = dict(
+            BWD_ONES, HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, CHUNK=args.chunk,
+            BLOCK_D=args.block_d, FLIP=flip, FAST=True,
+        )  # fmt: skip
+        kernel = compile_sm90(scan._selective_scan_bwd_kernel, constants, 1, BWD_POINTERS, BWD_BF16, aligned)
+        inner, outer = sorted(loops(kernel), key=len)[:2]
+        elements = args.block_d * args.chunk // 32
+        name = "flip" if flip else "reverse scan"
+        report(f"bwd {name}: state loop", kernel, inner, elements)
+        per_chunk = len(outer) - len(inner) + n * len(inner)
         print(
-            f"{name:<32} loop {len(body):4d}  per state and step {per:5.2f}  MUFU {ops['MUFU']:3d}  "
-            f"load to use median {reach[len(reach) // 2]:3d}  registers {registers(kernel):3d}  ({top})"
+            f"bwd {name}: a chunk {per_chunk} instructions, "
+            f"{per_chunk / (n * elements):5.2f} a state and step"
         )
+
+
+def report(name: str, kernel, body: list[str], elements: int) -> None:
+    """One loop's instructions, per state and step (`elements` a turn of a thread), its shuffles and
+    multi-function ops, load-to-use cover, local-memory loads (spills) and the kernel's registers."""
+    ops = collections.Counter(_opcode(t).split(".")[0] for t in body)
+    top = ", ".join(f"{op} {count}" for op, count in ops.most_common(6))
+    reach = sorted(load_to_use(body)) or [0]
+    print(
+        f"{name:<32} loop {len(body):4d}  per state and step {len(body) / elements:5.2f}  "
+        f"MUFU {ops['MUFU']:3d}  "
+        f"SHFL {ops['SHFL']:3d}  LDL {ops['LDL']:2d}  load to use median {reach[len(reach) // 2]:3d}  "
+        f"registers {registers(kernel):3d}  ({top})"
+    )
 
 
 if __name__ == "__main__":

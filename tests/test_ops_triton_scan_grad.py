@@ -111,6 +111,14 @@ def test_selective_scan_gradients_equal_reference(batch, dim, n, length, groups,
     _compare(inputs, tol, softplus=not bare, last_grad=not bare)
 
 
+@pytest.mark.parametrize("flip", [False, True])
+def test_both_ways_of_the_adjoints_scan(monkeypatch, flip):
+    """The adjoint's reverse scan as Triton's reverse scan and as a forward scan over reversed inputs
+    (`bwd_flip`) both give the reference's gradients: ragged last chunk, groups, every option."""
+    monkeypatch.setattr(kernel, "DEFAULT_TILES", dataclasses.replace(SMALL, bwd_flip=flip))
+    _compare(_inputs(2, 8, 5, 19, 2, torch.float32), FP32, softplus=True)
+
+
 def test_gradient_through_the_last_state_alone():
     """Only the last state is used: no output gradient reaches the backward (None), C, D and z get zeros."""
     inputs = _inputs(2, 7, 5, 19, None, torch.float32)

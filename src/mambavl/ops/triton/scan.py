@@ -30,9 +30,10 @@ Forward without a gradient (prefill), three kernels (`ScanTiles.prefill`):
   so that a load one step ahead is covered by a few dozen instructions: with `lanes_depth=2` the loads run
   two steps ahead (a turn of cover), with `lanes_unroll` steps a turn and `lanes_prefetch` a hint to L2
   further ahead (`benchmarks/scan_sass.py` counts the cover).
-In "steps" and "lanes", Δ's softplus is log1p(e^x) = e·ln(u)/(u − 1), u = 1 + e^x, with the approximate log2
-and reciprocal on a GPU (`_timestep_fast`): a dozen instructions a value where the library's log takes
-about 35, and exact to fp32 rounding for very negative inputs, where ln(1 + e^x) loses its digits.
+In "steps", "lanes" and both training kernels, Δ's softplus is log1p(e^x) = e·ln(u)/(u − 1), u = 1 + e^x,
+with the approximate log2 and reciprocal on a GPU (`_timestep_fast`): a dozen instructions a value where the
+library's log takes about 35, and exact to fp32 rounding for very negative inputs, where ln(1 + e^x) loses
+its digits.
 Every kernel reads its inputs once and writes y once; the [B, L, D, N] states that the reference
 materialises never leave the chip. In "tiles" and "steps", positions past the end are identity steps
 (Δ = 0), so the carried state is exactly the state after the last real token; "lanes" stops at the end.
@@ -47,7 +48,10 @@ the adjoint carried between them. Its tiles are [channels, CHUNK steps], and ins
 the state index n: for each n it recomputes the chunk's states h[n] from the saved start state with the
 forward scan, and runs the adjoint
     G_t = C_t·dy_t + exp(Δ_{t+1} A)·G_{t+1}     (d loss / d h_t)
-as a reverse associative scan over the chunk; the adjoint at the chunk's start, exp(Δ_s A)·G_s = d loss /
+as a reverse scan over the chunk (by default, `ScanTiles.bwd_flip`, a forward associative scan over the
+chunk's inputs taken in reverse order, whose result alone is turned back: Triton's reverse scan turns both
+its inputs and both its outputs across the threads, four exchanges a state where this takes one, and they
+were a third of the loop's instructions); the adjoint at the chunk's start, exp(Δ_s A)·G_s = d loss /
 d h_{s-1}, carries to the previous chunk (and is d initial_state after the first). Scans run over time
 alone, first along each thread's own run of steps and then across threads, and every sum over n is a
 running sum in registers. Every gradient is then a local product: d(Δu) = Σ_n G·B, dB = Σ_d G·Δu,
@@ -123,6 +127,7 @@ class ScanTiles:
     train_block_d: int = 4
     train_warps: int = 1
     bwd_slots: int = 1
+    bwd_flip: bool = True
     train_time_major: bool = True
     prefill_time_major: bool = False
     train_maxnreg: int | None = None
@@ -206,7 +211,7 @@ def _approx(x, op: tl.constexpr):
 
 @triton.jit
 def _timestep_fast(raw, SOFTPLUS: tl.constexpr, FAST: tl.constexpr):
-    """`_timestep` for the prefill kernels: softplus as log1p(e^x) = e·ln(u)/(u − 1) with u = 1 + e^x (exact
+    """`_timestep` for the scan kernels: softplus as log1p(e^x) = e·ln(u)/(u − 1) with u = 1 + e^x (exact
     where u rounds to 1, and so accurate for very negative x, where log(1 + e^x) loses digits), with the
     multi-function unit's log2 and reciprocal under FAST (a GPU): ~10 instructions a value, not ~35."""
     if SOFTPLUS:
@@ -721,7 +726,7 @@ def _selective_scan_loop_kernel(
     hl_b, hl_d, hl_n,
     st_b, st_c, st_d, st_n,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    HAS_H0: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_H0: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, FAST: tl.constexpr,
 ):  # fmt: skip
     # [BLOCK_D, CHUNK] tiles, the state index n as the loop inside a chunk (as in the backward); the state at
     # every chunk's start goes to `states` [B, n_chunks, D, N], from which the next chunk starts. Each step
@@ -763,7 +768,7 @@ def _selective_scan_loop_kernel(
         raw = tl.load(delta + d[:, None] * dl_d + tt[None, :] * dl_t, mask=m_dt, other=0.0).to(tl.float32)
         if HAS_BIAS:
             raw += dt_bias[:, None]
-        dt = tl.where(m_dt, _timestep(raw, SOFTPLUS), 0.0)  # past the end: identity steps
+        dt = tl.where(m_dt, _timestep_fast(raw, SOFTPLUS, FAST), 0.0)  # past the end: identity steps
         dtu = dt * uv
         out = tl.zeros([BLOCK_D, CHUNK], dtype=tl.float32)
         for n in range(0, N):
@@ -808,7 +813,7 @@ def _selective_scan_bwd_kernel(
     dd_b, dd_d, dd_t,
     dz_b, dz_d, dz_t,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, FLIP: tl.constexpr, FAST: tl.constexpr,
 ):  # fmt: skip
     # Tiles are [BLOCK_D, CHUNK]: channels × the steps of one chunk, time spread over the program's threads.
     # The state index n is the loop inside a chunk, so the scans run over time alone (within each thread's
@@ -866,9 +871,9 @@ def _selective_scan_bwd_kernel(
             raw += dt_bias[:, None]
             raw_next += dt_bias[:, None]
             raw0 += dt_bias
-        dt = tl.where(m_dt, _timestep(raw, SOFTPLUS), 0.0)
-        dt_next = tl.where(m_next, _timestep(raw_next, SOFTPLUS), 0.0)
-        dt0 = _timestep(raw0, SOFTPLUS)
+        dt = tl.where(m_dt, _timestep_fast(raw, SOFTPLUS, FAST), 0.0)
+        dt_next = tl.where(m_next, _timestep_fast(raw_next, SOFTPLUS, FAST), 0.0)
+        dt0 = _timestep_fast(raw0, SOFTPLUS, FAST)
         uv = tl.load(u + d[:, None] * u_d + tt[None, :] * u_t, mask=m_dt, other=0.0).to(tl.float32)
         dtu = dt * uv
         dy = tl.load(dout + d[:, None] * do_d + tt[None, :] * do_t, mask=m_dt, other=0.0).to(tl.float32)
@@ -880,6 +885,17 @@ def _selective_scan_bwd_kernel(
         adj_a = tl.zeros([BLOCK_D, CHUNK], dtype=tl.float32)  # Σ_n s·A, the decay's share of dΔ
         bc = BC + tt * bc_t  # B's row n at + n·bc_n, C's at + (N + n)·bc_n
         dbc = dBC + tt
+        if FLIP:
+            # the adjoint's scan runs forwards over the chunk's steps in reverse order, on inputs reversed
+            # once a chunk (Δ one step later, dy) or read in reverse (C's rows), and only its result is
+            # turned back, once a state: a reverse scan turns its two inputs and two outputs across the
+            # threads at every state
+            dt_next_r = tl.flip(dt_next, 1)
+            dy_r = tl.flip(dy, 1)
+            tt_r = c * CHUNK + CHUNK - 1 - t
+            bc_r = BC + tt_r * bc_t
+            mt_r = tt_r < length
+            c_next_r = tl.load(bc_r + N * bc_n, mask=mt_r, other=0.0).to(tl.float32)
 
         # each step of the n loop loads the next one's operands before it computes (latency overlap)
         a_next = tl.load(A + d * a_d, mask=md, other=0.0).to(tl.float32)
@@ -901,8 +917,16 @@ def _selective_scan_bwd_kernel(
             decay, hs = tl.associative_scan((tl.exp2(dt * al), dtu * bn), 1, _combine)
             hs += decay * h0[:, None]
             # the adjoint G, backwards through the chunk from the carried one
-            adj_decay, adj = tl.associative_scan((tl.exp2(dt_next * al), cn * dy), 1, _combine, reverse=True)
-            adj += adj_decay * lam[:, None]
+            if FLIP:
+                cn_r = c_next_r[None, :]
+                c_next_r = tl.load(bc_r + (N + n + 1) * bc_n, mask=mt_r & more, other=0.0).to(tl.float32)
+                adj_decay, adj = tl.associative_scan((tl.exp2(dt_next_r * al), cn_r * dy_r), 1, _combine)
+                adj = tl.flip(adj + adj_decay * lam[:, None], 1)
+            else:
+                adj_decay, adj = tl.associative_scan(
+                    (tl.exp2(dt_next * al), cn * dy), 1, _combine, reverse=True
+                )
+                adj += adj_decay * lam[:, None]
             adj_start = tl.sum(tl.where((t == 0)[None, :], adj, 0.0), 1)
             tl.store(lam_out + d * N + n, tl.exp2(dt0 * a_d1 * LOG2E) * adj_start, mask=md)
             tl.atomic_add(dbc + n * length, tl.sum(adj * dtu, 0), mask=mt, sem="relaxed")
@@ -1063,7 +1087,7 @@ def _forward(
             states, dim, length, N, dim // groups,
             *u.stride(), *delta.stride(), *A.stride(), *Bg.stride(), *Cg.stride(), *zt.stride(),
             *h0.stride(), *y.stride(), *h_last.stride(), *states.stride(),
-            **common, CHUNK=tiles.chunk, BLOCK_D=block_d, **tiles.train_launch(),
+            **common, CHUNK=tiles.chunk, BLOCK_D=block_d, FAST=u.is_cuda, **tiles.train_launch(),
         )  # fmt: skip
         return y, h_last, states.permute(0, 2, 3, 1)
     inputs = (
@@ -1189,7 +1213,7 @@ def _backward(u, delta, A, B, C, D, z, delta_bias, states, delta_softplus, tiles
         *u.stride(), *delta.stride(), *A.stride(), *BC.stride(), *zt.stride(),
         *st.stride(), *dout.stride(), *du.stride(), *ddelta.stride(), *dz.stride(),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
-        CHUNK=tiles.chunk, BLOCK_D=block_d, **tiles.train_launch(),
+        CHUNK=tiles.chunk, BLOCK_D=block_d, FLIP=tiles.bwd_flip, FAST=u.is_cuda, **tiles.train_launch(),
     )  # fmt: skip
     dBC = dBC.sum(0)
     dB, dC = dBC[:, :, :N], dBC[:, :, N:]
