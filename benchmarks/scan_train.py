@@ -22,14 +22,15 @@ from mambavl.bench.timing import event_seconds
 
 def candidates() -> list[tuple[str, dict]]:
     """(name, ScanTiles fields): the reverse scan first (the kernel before `bwd_flip`), then the flipped
-    one at the default tile and its neighbours."""
-    out = []
-    for chunk, block_d in ((128, 4), (64, 4), (128, 2), (256, 2)):
-        tile = "" if (chunk, block_d) == (128, 4) else f" c{chunk} d{block_d}"
-        for flip in (False, True):
-            name = ("flip" if flip else "reverse") + tile
-            out.append((name, dict(chunk=chunk, train_block_d=block_d, bwd_flip=flip)))
-    out.append(("flip slots4", dict(bwd_flip=True, bwd_slots=4)))
+    one at the default tile, at shorter chunks and fewer channels a program, under register caps (more
+    warps a multiprocessor; `benchmarks/scan_sass.py` counts what each costs in spills), and with its dB/dC
+    adds spread over four copies."""
+    out = [("reverse", dict(bwd_flip=False)), ("flip", dict(bwd_flip=True))]
+    for chunk, block_d, regs in ((64, 4, None), (64, 4, 168), (64, 4, 128), (128, 4, 168), (128, 2, None)):
+        name = f"flip c{chunk} d{block_d}" + (f" r{regs}" if regs else "")
+        out.append((name, dict(chunk=chunk, train_block_d=block_d, train_maxnreg=regs)))
+    out.append(("reverse c64 d4", dict(chunk=64, bwd_flip=False)))
+    out.append(("flip slots4", dict(bwd_slots=4)))
     return out
 
 
