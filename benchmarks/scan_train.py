@@ -26,7 +26,7 @@ def candidates() -> list[tuple[str, dict]]:
     warps a multiprocessor; `benchmarks/scan_sass.py` counts what each costs in spills), and with its dB/dC
     adds spread over four copies."""
     out = [("reverse", dict(bwd_flip=False)), ("flip", dict(bwd_flip=True))]
-    for chunk, block_d, regs in ((64, 4, None), (64, 4, 168), (64, 4, 128), (128, 4, 168), (128, 2, None)):
+    for chunk, block_d, regs in ((64, 8, None), (64, 8, 168), (64, 4, None), (64, 4, 168), (128, 4, 168)):
         name = f"flip c{chunk} d{block_d}" + (f" r{regs}" if regs else "")
         out.append((name, dict(chunk=chunk, train_block_d=block_d, train_maxnreg=regs)))
     out.append(("reverse c64 d4", dict(chunk=64, bwd_flip=False)))
