@@ -4,7 +4,9 @@ and channel blocks, forward + backward on the inputs laid out as the mixer hands
 channel-contiguous views, B and C slices of x_proj's output), at a preset's sizes (cobra+3b by default),
 batch × length as in `bench --train`; mamba_ssm's CUDA `selective_scan_fn` beside them where it is
 importable. Every candidate's gradients are compared with the first candidate's (the largest difference
-relative to each gradient's largest entry), and its times are medians of CUDA-event timings.
+relative to each gradient's largest entry), and its times are medians of CUDA-event timings: the training
+forward (with gradients enabled: the kernel that keeps the chunk states), and forward + backward; the
+backward's time is their difference.
 
     python benchmarks/scan_train.py [--preset cobra+3b] [--batch 8] [--length 936] [--out FILE]
         [--kernels reverse,flip,...]
@@ -79,9 +81,8 @@ def main() -> None:
         def both(call=call):
             return torch.autograd.grad(call(), leaves, gy)
 
-        def forward(call=call):
-            with torch.no_grad():
-                call()
+        def forward(call=call):  # the training forward: it keeps the chunk states for a backward
+            call()
 
         grads = both()
         if base is None:
