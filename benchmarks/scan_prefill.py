@@ -12,10 +12,10 @@ with the `steps` kernel's, and its time is the median of CUDA-event timings.
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import torch
+from scan_common import chosen, parse
 
 from mambavl.bench.timing import event_seconds
 
@@ -61,17 +61,11 @@ def candidates() -> list[tuple[str, dict]]:
 def main() -> None:
     from mambavl.bench.train_kernels import _scan_inputs_as_mixed
     from mambavl.ops.triton.scan import ScanTiles, selective_scan
-    from mambavl.presets import PRESETS
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="cobra+3b")
-    parser.add_argument("--shapes", default="1x16384,16x768,1x1529")
-    parser.add_argument("--out", default="")
-    parser.add_argument("--kernels", default="", help="candidates to time, by name, comma-separated")
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("this benchmark times CUDA kernels: it needs a GPU")
-    lm = PRESETS[args.preset].lm
+    def extra(parser):
+        parser.add_argument("--shapes", default="1x16384,16x768,1x1529")
+
+    args, lm = parse(__doc__, extra)
     rows = []
     print(f"{torch.cuda.get_device_name()}; {args.preset}: d_inner {lm.d_inner}, d_state {lm.d_state}")
     for shape in args.shapes.split(","):
@@ -82,8 +76,7 @@ def main() -> None:
         kw["initial_state"] = torch.randn(batch, lm.d_inner, lm.d_state, device="cuda") * 0.1
         with torch.no_grad():
             base_y, base_h = None, None
-            chosen = [c for c in candidates() if not args.kernels or c[0] in args.kernels.split(",")]
-            for name, tiles in chosen:
+            for name, tiles in chosen(candidates(), args.kernels):
                 t = ScanTiles(**tiles)
 
                 def call(t=t, kw=kw):

@@ -14,10 +14,10 @@ backward's time is their difference.
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import torch
+from scan_common import chosen, parse
 
 from mambavl.bench.timing import event_seconds
 
@@ -47,25 +47,19 @@ def _peer():
 def main() -> None:
     from mambavl.bench.train_kernels import _scan_inputs_as_mixed
     from mambavl.ops.triton.scan import ScanTiles, selective_scan
-    from mambavl.presets import PRESETS
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="cobra+3b")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--length", type=int, default=936)
-    parser.add_argument("--out", default="")
-    parser.add_argument("--kernels", default="", help="candidates to time, by name, comma-separated")
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("this benchmark times CUDA kernels: it needs a GPU")
-    lm = PRESETS[args.preset].lm
+    def extra(parser):
+        parser.add_argument("--batch", type=int, default=8)
+        parser.add_argument("--length", type=int, default=936)
+
+    args, lm = parse(__doc__, extra)
     print(f"{torch.cuda.get_device_name()}; {args.preset}: d_inner {lm.d_inner}, d_state {lm.d_state}, "
           f"{args.batch} x {args.length}")  # fmt: skip
     torch.manual_seed(0)
     kw = _scan_inputs_as_mixed(args.batch, lm.d_inner, lm.d_state, args.length, lm.dt_rank)
     leaves = list(kw.values())
     gy = torch.randn(args.batch, args.length, lm.d_inner, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
-    impls = [c for c in candidates() if not args.kernels or c[0] in args.kernels.split(",")]
+    impls = chosen(candidates(), args.kernels)
 
     def ours(tiles: ScanTiles):
         return lambda: selective_scan(**kw, delta_softplus=True, tiles=tiles)
