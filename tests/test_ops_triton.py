@@ -268,11 +268,12 @@ def _softplus_kernel(x, y, n, FAST: tl.constexpr, BLOCK: tl.constexpr):
 
 
 def test_prefill_softplus_is_accurate_everywhere():
-    """The prefill kernels' Δ (`_timestep_fast`: log1p(e^x) as e·ln(u)/(u − 1), with the approximate log2 and
-    reciprocal on a GPU) equals torch's softplus to 1e-5 relative from -80 to 40 (x·log2(e) rounds to
-    |x|·2^-24 there), where log(1 + e^x) in fp32 loses most digits below -10 and all below -17; the
-    identity above 20, and 0 at -inf (padding)."""
-    x = torch.cat([torch.linspace(-80, 40, 2001), torch.tensor([20.0, 20.5, -float("inf")])]).to(DEVICE)
+    """The scan kernels' Δ (`_timestep_fast`: log1p(e^x) as a series where e^x < 1/16, as log2(1 + e^x)·ln 2
+    above, with the approximate log2 on a GPU) equals torch's softplus to 1e-5 relative from -80 to 40
+    (x·log2(e) rounds to |x|·2^-24 there), where log(1 + e^x) in fp32 loses most digits below -10 and all
+    below -17; the identity above 20, and 0 at -inf (padding). Dense around the series' edge, x = ln(1/15)."""
+    edge = torch.linspace(-3.2, -2.2, 501)
+    x = torch.cat([torch.linspace(-80, 40, 2001), edge, torch.tensor([20.0, 20.5, -float("inf")])]).to(DEVICE)
     y = torch.empty_like(x)
     _softplus_kernel[(triton.cdiv(x.numel(), 256),)](x, y, x.numel(), FAST=x.is_cuda, BLOCK=256)
     ref = torch.nn.functional.softplus(x.double()).float()
