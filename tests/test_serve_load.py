@@ -200,6 +200,27 @@ def test_serve_bench_measures_each_prefill_budget_and_the_gaps_between_tokens():
     assert rows[0]["peer_offline_tokens_per_s"] == rows[2]["peer_offline_tokens_per_s"]
 
 
+def test_serve_bench_runs_on_the_torch_threads_it_is_given_and_gives_them_back():
+    """`bench --serve --torch-threads 1`: the run (server and its messages) sees one intra-op thread, the
+    setting is in serve.json's config, and the process's own count comes back afterwards."""
+    import torch
+
+    from mambavl.bench.serve import ServeBenchConfig, serve_bench
+    from serving import printable_tiny_cobra
+
+    vlm = printable_tiny_cobra()
+    before = torch.get_num_threads()
+    seen = []
+    cfg = ServeBenchConfig(clients=(1,), requests_per_client=1, max_tokens=3, slots=2, image_size=64,
+                           peer=False, torch_threads=1)  # fmt: skip
+    result = serve_bench(vlm, cfg, say=lambda _: seen.append(torch.get_num_threads()))
+    assert result["config"]["torch_threads"] == 1 and result["results"][0]["failures"] == 0
+    assert seen and set(seen) == {1}
+    assert torch.get_num_threads() == before
+    with pytest.raises(ValueError, match="torch_threads"):
+        ServeBenchConfig(torch_threads=-1)
+
+
 def test_serve_bench_refuses_a_negative_budget():
     from mambavl.bench.serve import ServeBenchConfig
 

@@ -609,6 +609,12 @@ def bench(
     prefill_batch: int = typer.Option(
         0, min=0, help="--serve: waiting requests the engine prefills together (0: the engine's default)."
     ),
+    torch_threads: int = typer.Option(
+        0,
+        min=0,
+        help="--serve: CPU threads torch's operators use (0: torch's default, one a core). The request "
+        "workers' image transforms run on them beside the engine's thread.",
+    ),
     serve_temperature: float = typer.Option(
         0.0,
         "--temperature",
@@ -630,7 +636,7 @@ def bench(
         budgets = _int_list(prefill_tokens, "--prefill-tokens", minimum=0) if prefill_tokens else ()
         _bench_serve(
             model, Path(out), device, dtype, clients, requests_per_client, max_tokens, slots, turns, budgets,
-            prefill_batch or None, profile, serve_temperature,
+            prefill_batch or None, profile, serve_temperature, torch_threads,
         )  # fmt: skip
         return
     if model not in PRESETS:
@@ -706,7 +712,7 @@ def bench(
 
 def _bench_serve(
     model, out, device, dtype, clients, requests_per_client, max_tokens, slots, turns=1, budgets=(),
-    prefill_batch=None, profile=False, temperature=0.0,
+    prefill_batch=None, profile=False, temperature=0.0, torch_threads=0,
 ) -> None:  # fmt: skip
     """`mambavl bench --serve`: a preset (full size, random weights) or a model directory, served in this
     process and loaded over HTTP at each client count, beside `VLM.generate` on the same requests."""
@@ -726,6 +732,7 @@ def _bench_serve(
             prefill_batch=prefill_batch,
             profile=profile,
             temperature=temperature,
+            torch_threads=torch_threads,
         )
         vlm = load_model(model, device, dtype, random_weights=model in PRESETS, log=console.print)
         serve_bench(vlm, cfg, out, say=console.print)
@@ -915,6 +922,13 @@ def serve(
     random_weights: bool = typer.Option(
         False, "--random-weights", help="A preset at full size with random weights (nothing downloaded)."
     ),
+    torch_threads: int = typer.Option(
+        0,
+        min=0,
+        help="CPU threads torch's operators use in this process (0: torch's default, one a core). A model on "
+        "a GPU does little CPU math (the image transforms of the request workers); fewer threads keep them "
+        "from crowding the engine's thread.",
+    ),
 ) -> None:
     """Serve a model over HTTP: OpenAI-compatible /v1/chat/completions (streaming too), /v1/models,
     /health, /metrics and a web chat page at /, with continuous batching over state slots."""
@@ -929,6 +943,10 @@ def serve(
     try:
         # The port first: a busy one is reported before minutes of loading, and nothing says "serving" yet.
         listener = _bind(host, port)
+        if torch_threads:
+            import torch
+
+            torch.set_num_threads(torch_threads)
         if image_dir is not None and not Path(image_dir).is_dir():
             raise ValueError(f"--image-dir {image_dir}: no such directory")
         images = ImagePolicy(

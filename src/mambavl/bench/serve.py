@@ -238,6 +238,9 @@ class ServeBenchConfig:
     prefill_batch: int | None = None  # waiting requests the engine prefills together (None: its default)
     # after the measured runs, the largest load once more under the PyTorch profiler (`serve_profile.txt`)
     profile: bool = False
+    # CPU threads torch's operators use while the bench runs (server and offline batch alike); 0: torch's
+    # default. The process's setting is restored afterwards.
+    torch_threads: int = 0
 
     def __post_init__(self):
         if not 0 <= self.temperature <= 2:
@@ -248,6 +251,8 @@ class ServeBenchConfig:
             raise ValueError(f"prefill_tokens={self.prefill_tokens}: budgets are ≥ 0 (0: no budget)")
         if self.prefill_batch is not None and self.prefill_batch < 1:
             raise ValueError(f"prefill_batch={self.prefill_batch}: at least one request a batch")
+        if self.torch_threads < 0:
+            raise ValueError(f"torch_threads={self.torch_threads}: threads ≥ 1, or 0 for torch's default")
 
     def engine_configs(self, **options) -> list:
         """One engine configuration per prefill budget to measure."""
@@ -271,7 +276,20 @@ def synthetic_image(size: int, seed: int):
 
 
 def serve_bench(vlm, cfg: ServeBenchConfig, out: Path | None = None, say=print) -> dict:
-    """The server at each client count, and the offline batch peer, on the same requests."""
+    """The server at each client count, and the offline batch peer, on the same requests (with
+    `cfg.torch_threads` CPU threads for torch's operators where it is set)."""
+    import torch
+
+    before = torch.get_num_threads()
+    if cfg.torch_threads:
+        torch.set_num_threads(cfg.torch_threads)
+    try:
+        return _serve_bench(vlm, cfg, out, say)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _serve_bench(vlm, cfg: ServeBenchConfig, out: Path | None, say) -> dict:
     from mambavl.serve import Engine, ServeConfig
     from mambavl.serve.thread import ServerThread
 
