@@ -86,8 +86,8 @@ PREFILL_KERNELS = ("auto", "steps", "tiles", "lanes")
 class ScanTiles:
     """Launch parameters, from sweeps on an H100 at Mamba-1 2.8B shapes (`mambavl bench --kernels --train
     --sweep`, `benchmarks/scan_train.py`, `benchmarks/scan_prefill.py`; BENCHMARKS.md). The sixteenth pass
-    set chunk 64 and `bwd_flip` (the backward 18 % faster than at chunk 128 with Triton's reverse scan) and
-    `steps_depth=2` (one image and prompt, 1 × 1,529 steps, 0.69× the time).
+    set chunk 64 and `bwd_flip` (the training scan's forward + backward in 0.86× the time of chunk 128 with
+    Triton's reverse scan) and `steps_depth=2` (one image and prompt, 1 × 1,529 steps, 0.69× the time).
 
     Inference (no gradient): with `prefill="auto"` (the default), "lanes" where a batch alone gives the GPU
     `lanes_auto_fill` warps a multiprocessor or more (one warp per 32 channels of a row), else "steps"
