@@ -23,16 +23,18 @@ from mambavl.bench.timing import event_seconds
 
 
 def candidates() -> list[tuple[str, dict]]:
-    """(name, ScanTiles fields): the reverse scan first (the kernel before `bwd_flip`), then the flipped
-    one at the default tile, at shorter chunks and fewer channels a program, under register caps (more
-    warps a multiprocessor; `benchmarks/scan_sass.py` counts what each costs in spills), and with its dB/dC
-    adds spread over four copies."""
-    out = [("reverse", dict(bwd_flip=False)), ("flip", dict(bwd_flip=True))]
+    """(name, ScanTiles fields), each tile named in full (the defaults move): the kernel before `bwd_flip`
+    first (Triton's reverse scan, chunk 128, 4 channels a program), then the flipped one at that tile, at
+    shorter chunks and more channels a program, under register caps (more warps a multiprocessor;
+    `benchmarks/scan_sass.py` counts what each costs in spills), and with its dB/dC adds spread over four
+    copies. "flip c64 d4" is the default since the sixteenth pass."""
+    before = dict(chunk=128, train_block_d=4, train_maxnreg=None)
+    out = [("reverse", dict(before, bwd_flip=False)), ("flip", dict(before, bwd_flip=True))]
     for chunk, block_d, regs in ((64, 8, None), (64, 8, 168), (64, 4, None), (64, 4, 168), (128, 4, 168)):
         name = f"flip c{chunk} d{block_d}" + (f" r{regs}" if regs else "")
-        out.append((name, dict(chunk=chunk, train_block_d=block_d, train_maxnreg=regs)))
-    out.append(("reverse c64 d4", dict(chunk=64, bwd_flip=False)))
-    out.append(("flip slots4", dict(bwd_slots=4)))
+        out.append((name, dict(chunk=chunk, train_block_d=block_d, train_maxnreg=regs, bwd_flip=True)))
+    out.append(("reverse c64 d4", dict(chunk=64, train_block_d=4, train_maxnreg=None, bwd_flip=False)))
+    out.append(("flip slots4", dict(before, bwd_flip=True, bwd_slots=4)))
     return out
 
 
