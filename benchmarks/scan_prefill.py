@@ -21,11 +21,13 @@ from mambavl.bench.timing import event_seconds
 
 
 def candidates() -> list[tuple[str, dict]]:
-    """The step-by-step kernel, then the lanes kernel: one and two warps a program, two channels a thread,
-    fixed segment counts beside the automatic choice, prefetch into L2, loads two steps ahead and two
-    steps a loop turn; the step-by-step kernel with prefetch, loads two blocks ahead, fixed segments and
-    other channel blocks."""
-    out = [("steps", dict(prefill="steps"))]
+    """The step-by-step kernel with its loads one block ahead (the default before the sixteenth pass), then
+    the lanes kernel: one and two warps a program, two channels a thread, fixed segment counts beside the
+    automatic choice, prefetch into L2, loads two steps ahead and two steps a loop turn; the step-by-step
+    kernel with prefetch, loads two blocks ahead (the default since), fixed segments and other channel
+    blocks."""
+    steps = dict(prefill="steps", steps_depth=1)  # the step-by-step kernel as it was the default before
+    out = [("steps", steps)]
     shapes = (("lanes", {}), ("lanes w2", dict(lanes_warps=2)), ("lanes pair", dict(lanes_pair=True)))
     for name, tiles in shapes:
         out.append((name, dict(prefill="lanes", **tiles)))
@@ -35,7 +37,7 @@ def candidates() -> list[tuple[str, dict]]:
     # prefetching a sequence's later steps into L2 (steps ahead), and the step-by-step kernel's segments
     for ahead in (8, 16, 32, 64):
         out.append((f"lanes p{ahead}", dict(prefill="lanes", lanes_prefetch=ahead)))
-        out.append((f"steps p{ahead}", dict(prefill="steps", steps_prefetch=ahead)))
+        out.append((f"steps p{ahead}", dict(steps, steps_prefetch=ahead)))
     for ahead in (0, 32):  # two steps a turn of the lanes kernel's loop
         out.append((f"lanes u2 p{ahead}", dict(prefill="lanes", lanes_unroll=2, lanes_prefetch=ahead)))
     # the lanes kernel's loads two steps ahead of their use, alone, two steps a turn, with prefetch
@@ -47,14 +49,14 @@ def candidates() -> list[tuple[str, dict]]:
     ):  # fmt: skip
         out.append((f"lanes {name}", dict(prefill="lanes", lanes_depth=2, **extra)))
     # the step-by-step kernel's loads two blocks of eight steps ahead, alone and with prefetch
-    out.append(("steps b2", dict(prefill="steps", steps_depth=2)))
-    out.append(("steps b2 p32", dict(prefill="steps", steps_depth=2, steps_prefetch=32)))
+    out.append(("steps b2", dict(steps, steps_depth=2)))
+    out.append(("steps b2 p32", dict(steps, steps_depth=2, steps_prefetch=32)))
     for segments in (2, 4, 8):
-        out.append((f"steps s{segments}", dict(prefill="steps", steps_segments=segments)))
-        ahead = dict(prefill="steps", steps_segments=segments, steps_prefetch=32)
+        out.append((f"steps s{segments}", dict(steps, steps_segments=segments)))
+        ahead = dict(steps, steps_segments=segments, steps_prefetch=32)
         out.append((f"steps s{segments} p32", ahead))
     for block_d in (4, 16):
-        out.append((f"steps d{block_d}", dict(prefill="steps", steps_block_d=block_d)))
+        out.append((f"steps d{block_d}", dict(steps, steps_block_d=block_d)))
     return out
 
 
