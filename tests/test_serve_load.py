@@ -174,8 +174,8 @@ def test_conversation_bench_resumes_later_turns_from_the_cache():
 
 def test_serve_bench_measures_each_prefill_budget_and_the_gaps_between_tokens():
     """`bench --serve --prefill-tokens 0,64` on the CPU: one row per (budget, client count), each with every
-    request answered in full, its TTFT and its gaps between streamed tokens (one per token after the first
-    text), and the offline peer measured once per client count."""
+    request answered in full, its TTFT (the clients' and the engine's own) and its gaps between streamed
+    tokens (one per token after the first text), and the offline peer measured once per client count."""
     from mambavl.bench.serve import ServeBenchConfig, serve_bench
     from serving import printable_tiny_cobra
 
@@ -187,6 +187,8 @@ def test_serve_bench_measures_each_prefill_budget_and_the_gaps_between_tokens():
     for row in rows:
         assert row["failures"] == 0 and row["completion_tokens"] == 5 * row["clients"]
         assert 0 < row["ttft_p50_s"] <= row["latency_p99_s"]
+        # the engine's own TTFT (submission to the first token) is part of what each client waited
+        assert 0 < row["server_ttft_mean_s"] <= row["ttft_mean_s"] <= row["latency_p99_s"]
         assert 0 < row["gap_p50_s"] <= row["gap_p99_s"] < row["latency_p99_s"]
         assert row["peer_offline_tokens_per_s"] > 0
         # every measured request is new to the server (the warm-up sends others): all of it is prefilled

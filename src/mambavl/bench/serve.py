@@ -198,6 +198,7 @@ def summarize(outcomes: list[Outcome], wall: float, clients: int) -> dict:
         "latency_p99_s": percentile(latency, 99),
         "ttft_p50_s": percentile(ttft, 50),
         "ttft_p99_s": percentile(ttft, 99),
+        "ttft_mean_s": sum(ttft) / len(ttft) if ttft else 0.0,
         # between two streamed texts of one request: a decode step, or longer where prefills came between
         "gap_p50_s": percentile(gaps, 50),
         "gap_p99_s": percentile(gaps, 99),
@@ -313,6 +314,11 @@ def _serve_bench(vlm, cfg: ServeBenchConfig, out: Path | None, say) -> dict:
                 }
                 after = engine_seconds(url)
                 row |= {k: after[k] - before[k] for k in after}  # where the engine's time went
+                # the engine's own TTFT (from a request's submission to the engine): what the client's
+                # mean adds to it was spent before (reading the body, the image, tokenizing) or after
+                # (streaming the text out)
+                total, count = row.pop("server_ttft_sum_s"), row.pop("server_ttft_count")
+                row["server_ttft_mean_s"] = total / count if count else 0.0
                 if cfg.peer:
                     if clients not in offline:
                         offline[clients] = _offline(vlm, images[:clients], cfg)
@@ -487,8 +493,9 @@ def _turn_line(row: dict) -> str:
 
 def engine_seconds(url: str) -> dict:
     """Running totals from the server's /metrics: the engine's time in prefill work and in decode steps,
-    decode steps taken and the sequences they carried, and the engine thread's time by phase
-    (`engine_<phase>_s`, see `mambavl.engine.scheduler.PHASES`)."""
+    decode steps taken and the sequences they carried, the sum and count of the engine's times to first
+    token, and the engine thread's time by phase (`engine_<phase>_s`, see
+    `mambavl.engine.scheduler.PHASES`)."""
     from prometheus_client.parser import text_string_to_metric_families
 
     from mambavl.engine.scheduler import PHASES
@@ -498,6 +505,8 @@ def engine_seconds(url: str) -> dict:
         "mambavl_decode_step_seconds_sum": "decode_s",
         "mambavl_decode_step_seconds_count": "decode_steps",
         "mambavl_decode_batch_size_sum": "decoded_rows",
+        "mambavl_time_to_first_token_seconds_sum": "server_ttft_sum_s",
+        "mambavl_time_to_first_token_seconds_count": "server_ttft_count",
     }
     totals = dict.fromkeys(wanted.values(), 0.0) | {f"engine_{phase}_s": 0.0 for phase in PHASES}
     for family in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=30).text):
@@ -529,13 +538,18 @@ def _offline(vlm, images: list, cfg: ServeBenchConfig) -> float:
     return len(images) * cfg.max_tokens / (time.perf_counter() - start)
 
 
+def _server_ttft(row: dict) -> str:
+    return f" (in the engine {row['server_ttft_mean_s'] * 1e3:.0f} ms)" if "server_ttft_mean_s" in row else ""
+
+
 def _line(row: dict) -> str:
     budget, batch = row.get("prefill_tokens", "default"), row.get("prefill_batch", "default")
     text = (
         f"{row['clients']:>3} clients (prefill budget {budget}, batch {batch}): {row['requests']} requests, "
         f"{row['failures']} failed, "
         f"latency p50 {row['latency_p50_s'] * 1e3:.0f} ms p99 {row['latency_p99_s'] * 1e3:.0f} ms, "
-        f"TTFT p50 {row['ttft_p50_s'] * 1e3:.0f} ms p99 {row['ttft_p99_s'] * 1e3:.0f} ms, "
+        f"TTFT p50 {row['ttft_p50_s'] * 1e3:.0f} ms p99 {row['ttft_p99_s'] * 1e3:.0f} ms "
+        f"mean {row['ttft_mean_s'] * 1e3:.0f} ms{_server_ttft(row)}, "
         f"gap p50 {row['gap_p50_s'] * 1e3:.1f} ms p99 {row['gap_p99_s'] * 1e3:.1f} ms, "
         f"{row['tokens_per_s']:,.0f} tok/s"
     )
