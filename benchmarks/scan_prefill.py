@@ -49,8 +49,9 @@ def candidates() -> list[tuple[str, dict]]:
     ):  # fmt: skip
         out.append((f"lanes {name}", dict(prefill="lanes", lanes_depth=2, **extra)))
     # the step-by-step kernel's loads two blocks of eight steps ahead, alone and with prefetch
-    out.append(("steps b2", dict(steps, steps_depth=2)))
-    out.append(("steps b2 p32", dict(steps, steps_depth=2, steps_prefetch=32)))
+    ahead = dict(steps, steps_depth=2, steps_depth_rows=1 << 20)  # at any batch (the default: one row)
+    out.append(("steps b2", ahead))
+    out.append(("steps b2 p32", dict(ahead, steps_prefetch=32)))
     for segments in (2, 4, 8):
         out.append((f"steps s{segments}", dict(steps, steps_segments=segments)))
         ahead = dict(steps, steps_segments=segments, steps_prefetch=32)

@@ -174,7 +174,8 @@ def test_selective_scan_triton_equals_reference(batch, dim, n, length, groups, d
         dict(prefill="lanes", lanes_segments=3, lanes_prefetch=5),
         dict(prefill="lanes", lanes_unroll=2),  # two steps a loop turn over 29 steps (one left over)
         dict(prefill="lanes", lanes_depth=2, lanes_unroll=2, lanes_segments=3),  # loads two steps ahead
-        dict(prefill="steps", steps_depth=2),  # loads two blocks of eight steps ahead (29 steps: 4 blocks)
+        # loads two blocks of eight steps ahead (29 steps: 4 blocks), for the test's two rows
+        dict(prefill="steps", steps_depth=2, steps_depth_rows=2),
     ],
     ids=[
         "steps",
@@ -238,7 +239,7 @@ def test_selective_scan_step_kernel_fp32(shape, softplus, segments, kernel):
     ref_y, ref_h = ops.selective_scan(**kw, **args, backend="torch")
     tiles = dict(prefill=kernel, steps_segments=segments, lanes_segments=segments)
     if kernel.endswith("-ahead"):  # loads two steps (blocks) ahead, segments shorter than that included
-        tiles.update(prefill=kernel.split("-")[0], lanes_depth=2, steps_depth=2)
+        tiles.update(prefill=kernel.split("-")[0], lanes_depth=2, steps_depth=2, steps_depth_rows=2)
     y, h = selective_scan(**kw, **args, tiles=ScanTiles(**tiles))
     torch.testing.assert_close(y, ref_y, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(h, ref_h, rtol=1e-4, atol=1e-4)
@@ -365,10 +366,16 @@ def test_prefill_kernel_rule(monkeypatch):
 
 def test_step_scan_launch_rule():
     """Segments are asked for explicitly, or chosen for long single sequences on a GPU only; a program's
-    channels stay inside one group of B/C."""
-    from mambavl.ops.triton.scan import ScanTiles, steps_launch
+    channels stay inside one group of B/C; loads run two blocks ahead in batches up to `steps_depth_rows`."""
+    from mambavl.ops.triton.scan import ScanTiles, steps_depth_for, steps_launch
 
     cpu = torch.device("cpu")
     assert steps_launch(ScanTiles(), 1, 5120, 5120, 16384, cpu) == (8, 1)
     assert steps_launch(ScanTiles(steps_segments=4), 1, 5120, 5120, 100, cpu) == (8, 4)
     assert steps_launch(ScanTiles(steps_segments=2), 2, 24, 4, 100, cpu) == (4, 2)  # groups of 4 channels
+    # loads two blocks ahead for one sequence (what was measured), one block ahead for larger batches
+    assert [steps_depth_for(ScanTiles(), rows) for rows in (1, 2, 8)] == [2, 1, 1]
+    assert [steps_depth_for(ScanTiles(steps_depth_rows=8), rows) for rows in (1, 8, 9)] == [2, 2, 1]
+    assert steps_depth_for(ScanTiles(steps_depth=1), 1) == 1
+    with pytest.raises(ValueError, match="steps_depth_rows"):
+        ScanTiles(steps_depth_rows=0)

@@ -102,7 +102,9 @@ class ScanTiles:
     fields). `lanes_prefetch` and `steps_prefetch` (0: off) have each step ask the L2 cache for the inputs of
     the step that many steps later (on a GPU; a hint, which changes no value); `lanes_unroll` steps make one
     turn of the lanes kernel's loop, and its loads run `lanes_depth` (1 or 2) steps ahead; the step-by-step
-    kernel's run `steps_depth` blocks of eight steps ahead. Training:
+    kernel's run `steps_depth` blocks of eight steps ahead in batches of up to `steps_depth_rows` rows
+    (`steps_depth_for`; measured on one sequence, which leaves the GPU room for depth 2's registers, 167 a
+    thread against 128; larger batches load one block ahead). Training:
     the forward keeps the state every `chunk` steps (B·D·N·L/chunk fp32 values a layer), and both it and the
     backward run one program per sequence and `train_block_d` channels (fewer where a group of B/C has
     fewer), on `train_warps` warps, with [train_block_d, chunk] tiles; the backward walks the chunks last to
@@ -144,6 +146,7 @@ class ScanTiles:
     lanes_depth: int = 1
     steps_prefetch: int = 0
     steps_depth: int = 2
+    steps_depth_rows: int = 1
 
     def __post_init__(self):
         if self.prefill not in PREFILL_KERNELS:
@@ -162,6 +165,8 @@ class ScanTiles:
                 "ScanTiles: lanes_depth (steps a load runs ahead of its use) and steps_depth (blocks of "
                 "eight steps) must be 1 or 2"
             )
+        if self.steps_depth_rows < 1:
+            raise ValueError("ScanTiles: steps_depth_rows is the most rows a batch has for steps_depth, ≥ 1")
         if self.lanes_unroll < 1:
             raise ValueError("ScanTiles: lanes_unroll is the steps a loop turn of the lanes kernel, ≥ 1")
         for name in ("block_t", "chunk", "block_d", "train_block_d", "steps_block_d", "steps_long_block_d"):
@@ -1013,6 +1018,11 @@ def steps_launch(
     return _block_in_group(tiles.steps_block_d, per_group), 1
 
 
+def steps_depth_for(tiles: ScanTiles, batch: int) -> int:
+    """Blocks of eight steps the step-by-step kernel loads ahead for a batch of `batch` rows."""
+    return tiles.steps_depth if batch <= tiles.steps_depth_rows else 1
+
+
 def prefill_kernel(tiles: ScanTiles, batch: int, dim: int, device) -> str:
     """The prefill kernel `tiles.prefill` names, "auto" resolved: "lanes" on a GPU where the batch's rows
     alone give `lanes_auto_fill` warps a multiprocessor (a warp per 32 channels a row), else "steps"."""
@@ -1151,7 +1161,8 @@ def _forward(
             seg_dt = torch.empty(batch, segments, dim, device=u.device, dtype=torch.float32)
         launch = dict(
             **common, BLOCK_D=block_d, BLOCK_N=block_n, SEGMENTS=segments, num_warps=tiles.steps_warps,
-            PREFETCH=tiles.steps_prefetch if u.is_cuda else 0, FAST=u.is_cuda, DEPTH=tiles.steps_depth,
+            PREFETCH=tiles.steps_prefetch if u.is_cuda else 0, FAST=u.is_cuda,
+            DEPTH=steps_depth_for(tiles, batch),
         )  # fmt: skip
         grid = (batch, dim // block_d, segments)
         args = (*inputs, seg_h, seg_dt, dim, length, N, dim // groups, segment, *strides)
