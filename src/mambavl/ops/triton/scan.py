@@ -371,13 +371,16 @@ def _selective_scan_steps_kernel(
             nxt = _steps_inputs(delta, u, B, C, tt + 8, md, mn, length, strides, pad, SUMMARY)
         if PREFETCH > 0:  # the lines of the block PREFETCH steps ahead into L2
             tp = tl.minimum(tt + PREFETCH, length - 1)
-            _prefetch(delta + tp[None, :] * dl_t)
-            _prefetch(u + tp[None, :] * u_t)
-            _prefetch(B + tp[None, None, :] * b_t)
-            if not SUMMARY:
-                _prefetch(C + tp[None, None, :] * c_t)
-                if HAS_Z:
-                    _prefetch(z + tp[None, :] * z_t)
+            row, rows = tp[None, :], tp[None, None, :]
+            _prefetch_inputs(
+                delta + row * dl_t,
+                u + row * u_t,
+                B + rows * b_t,
+                C + rows * c_t,
+                z + row * z_t,
+                SUMMARY,
+                HAS_Z,
+            )
         if HAS_Z and not SUMMARY:
             zv = tl.load(z + tt[None, :] * z_t, mask=m2, other=0.0).to(tl.float32)
         if HAS_BIAS:
@@ -488,6 +491,18 @@ def _prefetch(p):
 
 
 @triton.jit
+def _prefetch_inputs(delta, u, B, C, z, SUMMARY: tl.constexpr, HAS_Z: tl.constexpr):
+    """`_prefetch` of a step's (block's) inputs: Δ's input, u and B, and C and z where the pass reads them."""
+    _prefetch(delta)
+    _prefetch(u)
+    _prefetch(B)
+    if not SUMMARY:
+        _prefetch(C)
+        if HAS_Z:
+            _prefetch(z)
+
+
+@triton.jit
 def _selective_scan_lanes_kernel(
     u, delta, A, B, C, D, z, bias, h0, y, h_last, seg_h, seg_dt,
     dim, length, channels_per_group, segment, segments,
@@ -580,13 +595,9 @@ def _selective_scan_lanes_kernel(
             tp = tl.minimum(t + PREFETCH, last)
             if WIDE:
                 tp = tp.to(tl.int64)
-            _prefetch(delta + tp * dl_t)
-            _prefetch(u + tp * u_t)
-            _prefetch(B + tp * b_t)
-            if not SUMMARY:
-                _prefetch(C + tp * c_t)
-                if HAS_Z:
-                    _prefetch(z + tp * z_t)
+            _prefetch_inputs(
+                delta + tp * dl_t, u + tp * u_t, B + tp * b_t, C + tp * c_t, z + tp * z_t, SUMMARY, HAS_Z
+            )
         if DEPTH == 2:
             nxt = far
             far = _lanes_inputs(delta, u, B, C, z, t1, strides, N, PAIR, VEC, SUMMARY, HAS_Z)
